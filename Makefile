@@ -1,0 +1,42 @@
+# The README's two commands: `make test` and `make bench`. Each sets up .venv when missing.
+VENV   ?= .venv
+PYTHON := $(VENV)/bin/python
+DEPS   := $(VENV)/.deps-installed
+BUILT  := $(VENV)/.extension-built
+RUST_SOURCES := $(wildcard rust/*.rs) Cargo.toml Cargo.lock
+
+.PHONY: test bench build lint fmt clean
+
+$(DEPS): requirements-dev.txt
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+# The Rust extension, built in release mode and installed (editable) into the venv.
+$(BUILT): $(DEPS) $(RUST_SOURCES) pyproject.toml
+	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release --quiet
+	touch $@
+
+build: $(BUILT)
+
+test: $(BUILT)
+	cargo test --release --quiet
+	$(PYTHON) -m pytest
+
+# Benchmark on the built-in default model; writes benches/results/. BENCH_ARGS passes options.
+bench: $(BUILT)
+	$(PYTHON) benches/run.py $(BENCH_ARGS)
+
+lint: $(DEPS)
+	cargo fmt --check
+	cargo clippy --release --all-targets --quiet -- -D warnings
+	$(VENV)/bin/ruff check python tests benches
+	$(VENV)/bin/ruff format --check python tests benches
+
+fmt: $(DEPS)
+	cargo fmt
+	$(VENV)/bin/ruff format python tests benches
+
+clean:
+	rm -rf $(VENV) target

@@ -1,0 +1,161 @@
+"""The Keras v3 `.keras` zip: `metadata.json`, `config.json`, `model.weights.h5`, `assets/...`.
+
+Members are framed exactly as `zipfile` frames them for stock Keras (keras/src/saving/saving_lib.py,
+`_save_model_to_fileobj`). `model.weights.h5` is STORED, so its HDF5 bytes sit verbatim in the zip:
+tensors are written to and read from their offsets inside it, with no temporary `.h5` and no copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+import time
+import warnings
+import zipfile
+
+import h5py
+from keras.src.saving import saving_lib
+from keras.src.utils import file_utils
+
+from .._core import KerasSaveError, TensorFile, ZipArchive, ZipMember, ZipWriter
+from ..files import FileRegion, atomic_replace
+from ..keras3 import state
+from .weights_h5 import read_weights, write_weights
+
+CONFIG = saving_lib._CONFIG_FILENAME
+METADATA = saving_lib._METADATA_FILENAME
+WEIGHTS = saving_lib._VARS_FNAME_H5
+ASSETS = saving_lib._ASSETS_DIRNAME
+
+# What `zipfile` records for members written from memory: `ZipInfo`'s default date for
+# `zf.open(name, "w")`, the current time for `zf.writestr(name, data)`, and owner read/write.
+_ZIPINFO_DEFAULT_DATE = (1980, 1, 1, 0, 0, 0)
+_OWNER_RW = 0o600 << 16
+_UTF8_NAME = 0x800
+_EXTRACT_BOMB_FLOOR = saving_lib._ZIP_EXTRACT_BOMB_FLOOR_BYTES
+_MAX_EXPANSION = saving_lib._ZIP_MEMBER_MAX_EXPANSION
+
+
+class _AssetsInto:
+    """The `zf.write(path, arcname)` that Keras' `_write_to_zip_recursively` calls, into our writer."""
+
+    def __init__(self, writer: ZipWriter):
+        self._writer = writer
+
+    def write(self, filename: str, arcname: str) -> None:
+        info = zipfile.ZipInfo.from_file(filename, arcname)
+        with open(filename, "rb") as f:
+            self._writer.add_stored(info.filename, f.read(), info.date_time, info.external_attr)
+
+
+def save(model, filepath: str, include_optimizer: bool = True, threads: int = 0) -> None:
+    """Writes `model` to `filepath` as a `.keras` zip, replacing any previous file only when complete."""
+    config_json, metadata_json = saving_lib._serialize_model_as_json(model)
+    plan, assets = state.plan_model_state(model, include_optimizer)
+    try:
+        with atomic_replace(filepath) as tmp_path:
+            file = TensorFile(tmp_path, writable=True)
+            writer = ZipWriter(file)
+            writer.add_stored(METADATA, metadata_json.encode(), _ZIPINFO_DEFAULT_DATE, _OWNER_RW)
+            writer.add_stored(CONFIG, config_json.encode(), _ZIPINFO_DEFAULT_DATE, _OWNER_RW)
+            start = writer.begin_stored(WEIGHTS, time.localtime()[:6], _OWNER_RW, plan.size_hint())
+            size, crc = write_weights(file, start, plan, threads, crc=True)
+            writer.end_stored(size, crc)
+            saving_lib._write_to_zip_recursively(_AssetsInto(writer), assets.working_dir, ASSETS)
+            writer.finish()
+            del writer, file  # close before the rename
+    finally:
+        assets.close()
+
+
+def member_name(member: ZipMember) -> str:
+    """The name `zipfile` would give the member."""
+    raw: bytes = member.raw_name
+    name = raw.decode("utf-8") if member.flags & _UTF8_NAME else raw.decode("cp437")
+    return name.split("\x00", 1)[0]
+
+
+class KerasArchive:
+    """An open `.keras` file: its members by name (the last one wins, as in `zipfile`)."""
+
+    def __init__(self, filepath: str):
+        self.path = filepath
+        self.file = TensorFile(filepath)
+        self.zip = ZipArchive(self.file)
+        self.members = self.zip.members()
+        self.by_name = {member_name(m): m for m in self.members}
+
+    def read(self, name: str) -> bytes:
+        member = self.by_name.get(name)
+        if member is None:
+            raise KeyError(f"There is no item named {name!r} in the archive {self.path}")
+        return self.zip.read(member.index)
+
+    @contextlib.contextmanager
+    def open_weights(self, threads: int):
+        """Yields (source, start, size, h5py file) for `model.weights.h5`, its CRC-32 already checked.
+
+        A STORED member is read in place; a DEFLATED one (not written by stock Keras) is inflated first.
+        """
+        member = self.by_name[WEIGHTS]
+        if member.method == zipfile.ZIP_STORED:
+            start = self.zip.data_offset(member.index)
+            self.zip.check_crc(member.index, threads)  # before HDF5 parses a byte of it
+            source, size, fileobj = self.file, member.size, FileRegion(self.file.fileno(), start, member.size)
+        else:
+            source = self.zip.read(member.index)
+            start, size, fileobj = 0, len(source), io.BytesIO(source)
+        try:
+            h5 = h5py.File(fileobj, "r")
+        except OSError as e:
+            raise KerasSaveError(f"{self.path}: '{WEIGHTS}' is not a readable HDF5 file: {e}") from e
+        with h5:
+            yield source, start, size, h5
+
+    @contextlib.contextmanager
+    def extracted_assets(self):
+        """Stock's assets store when the zip has more than the three standard members, else None.
+
+        Only `assets/...` members are extracted (stock extracts every member, weights included).
+        """
+        if len(self.members) <= 3:
+            yield None
+            return
+        for m in self.members:  # stock's `_reject_zip_extract_bomb`
+            if m.size > _EXTRACT_BOMB_FLOOR and m.size > _MAX_EXPANSION * m.compressed_size:
+                raise KerasSaveError(
+                    f"{self.path}: Not allowed: archive member '{member_name(m)}' declares {m.size} bytes but "
+                    f"only {m.compressed_size} are stored on disk; refusing to extract a potential "
+                    "decompression bomb."
+                )
+        with tempfile.TemporaryDirectory() as tmp:
+            base = file_utils.resolve_path(tmp)
+            for m in self.members:
+                name = member_name(m)
+                if not name.startswith(f"{ASSETS}/"):
+                    continue
+                target = file_utils.resolve_sub_path(base, name)
+                if target is None:
+                    warnings.warn(f"Skipping invalid path during archive extraction: '{name}'.", stacklevel=2)
+                    continue
+                if name.endswith("/"):
+                    os.makedirs(target, exist_ok=True)
+                    continue
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with open(target, "wb") as f:
+                    f.write(self.zip.read(m.index))
+            yield saving_lib.DiskIOStore(os.path.join(base, ASSETS), mode="r")
+
+
+def load(filepath: str, custom_objects=None, compile: bool = True, safe_mode: bool = True, threads: int = 0):
+    """Reads a `.keras` zip written by us or by stock Keras."""
+    archive = KerasArchive(filepath)
+    if WEIGHTS not in archive.by_name:  # `.npz` weights or none: stock's path and errors
+        return saving_lib.load_model(filepath, custom_objects, compile, safe_mode)
+    built = state.build_model(archive.read(CONFIG), custom_objects, compile, safe_mode)
+    with archive.extracted_assets() as assets, archive.open_weights(threads) as (source, start, size, h5):
+        arrays = read_weights(h5, source, start, size, filepath, threads)
+        state.load_model_state(built, h5, arrays, assets)
+    return built.model

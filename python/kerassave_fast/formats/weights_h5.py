@@ -1,0 +1,200 @@
+"""The `model.weights.h5` payload of Keras 3 (also a `.weights.h5` file on its own).
+
+h5py lays out the HDF5 metadata (groups, attributes, dataset headers) exactly where stock Keras
+would have it; each tensor's bytes are then moved by the Rust core straight to the offset HDF5
+reserved for them, or read from the offset HDF5 recorded. The tensor bytes never pass through h5py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import h5py
+import numpy as np
+from h5py import h5d, h5o, h5s
+from h5py._hl.dataset import make_new_dset
+
+from .._core import KerasSaveError, TensorFile
+from ..files import FileRegion
+from ..tensors import BFLOAT16, aligned_empty, as_bytes, snapshot
+
+# Per-dataset and per-file allowance for HDF5 metadata when sizing a zip member before it exists.
+_METADATA_ALLOWANCE = (4096, 1 << 16)
+
+
+@dataclass
+class PlannedGroup:
+    """A `vars` group, created when stock Keras would create it, with its attributes."""
+
+    path: str
+    attrs: dict | None
+
+
+@dataclass
+class PlannedDataset:
+    """One variable's tensor: dataset `name` of group `group`, bytes from `array`."""
+
+    group: str
+    name: str
+    array: np.ndarray
+
+    @property
+    def reserved(self) -> bool:
+        """Whether HDF5 only reserves room and the Rust core writes the bytes (fixed-size numbers)."""
+        dtype = self.array.dtype
+        return dtype == BFLOAT16 or (dtype.kind in "biufc" and dtype.isnative)
+
+
+@dataclass
+class WeightsPlan:
+    """What stock Keras would write into the weights file, in its order, holding no copies."""
+
+    steps: list[PlannedGroup | PlannedDataset] = field(default_factory=list)
+
+    def add_group(self, path: str, attrs: dict | None) -> None:
+        self.steps.append(PlannedGroup(f"{path}/vars" if path else "vars", attrs))
+
+    def add_dataset(self, path: str, name: str, value) -> PlannedDataset:
+        dataset = PlannedDataset(f"{path}/vars" if path else "vars", name, snapshot(value))
+        self.steps.append(dataset)
+        return dataset
+
+    @property
+    def datasets(self) -> list[PlannedDataset]:
+        return [s for s in self.steps if isinstance(s, PlannedDataset)]
+
+    def size_hint(self) -> int:
+        """An upper bound of the HDF5 file's size (decides ZIP64 before the file exists)."""
+        per_dataset, per_file = _METADATA_ALLOWANCE
+        return sum(d.array.nbytes + per_dataset for d in self.datasets) + per_file * (1 + len(self.steps))
+
+
+def _create_reserved_dataset(group: h5py.Group, name: str, array: np.ndarray, named: bool) -> h5d.DatasetID:
+    """Stock's dataset creation, except only the first element is written through HDF5.
+
+    Like stock, the dataset is created with h5py's defaults and its storage allocated by its first
+    write, so the metadata is byte for byte stock's; the remaining bytes are left to the Rust core.
+    `named` mirrors `create_dataset(name, data=...)`; otherwise `group[name] = ...` (create, then link).
+    """
+    encoded, lcpl = group._e(name, lcpl=True)
+    track_order = h5py.get_config().track_order
+    dsid = make_new_dset(group, array.shape, array.dtype, name=encoded if named else None, track_order=track_order)
+    if array.size:
+        first = (0,) * array.ndim
+        file_space = dsid.get_space()
+        if array.ndim:
+            file_space.select_hyperslab(first, (1,) * array.ndim)
+        memory_space = h5s.create_simple((1,) * array.ndim) if array.ndim else h5s.create(h5s.SCALAR)
+        dsid.write(memory_space, file_space, np.ascontiguousarray(array[first]).reshape((1,) * array.ndim))
+    if not named:
+        h5o.link(dsid, group.id, encoded, lcpl=lcpl)
+    return dsid
+
+
+def write_skeleton(fileobj: FileRegion, plan: WeightsPlan) -> list[tuple[int, np.ndarray]]:
+    """Writes the HDF5 file's metadata through `fileobj`; returns (offset, array) of each reserved tensor."""
+    placed: list[tuple[int, np.ndarray]] = []
+    with h5py.File(fileobj, "w") as f:
+        group = None
+        for step in plan.steps:
+            if isinstance(step, PlannedGroup):
+                parent, _, leaf = step.path.rpartition("/")
+                group = (f.create_group(parent) if parent else f).create_group(leaf)
+                for key, value in (step.attrs or {}).items():
+                    group.attrs[key] = value
+                continue
+            if group is None or group.name != "/" + step.group:
+                group = f[step.group]
+            if not step.reserved:  # strings and other objects: small, written by h5py as stock does
+                group[step.name] = step.array
+                continue
+            bfloat16 = step.array.dtype == BFLOAT16
+            dsid = _create_reserved_dataset(group, step.name, step.array, named=bfloat16)
+            if bfloat16:
+                h5py.Dataset(dsid).attrs["dtype"] = "bfloat16"
+            offset = dsid.get_offset()
+            if offset is not None and step.array.nbytes:
+                placed.append((offset, step.array))
+    return placed
+
+
+def write_weights(file: TensorFile, start: int, plan: WeightsPlan, threads: int, crc: bool) -> tuple[int, int]:
+    """Writes the whole HDF5 file at `start` of `file`; returns its size and (if asked) its CRC-32."""
+    region = FileRegion(file.fileno(), start, writable=True)
+    placed = write_skeleton(region, plan)
+    offsets = [start + offset for offset, _ in placed]
+    crcs = file.write_tensors(offsets, [as_bytes(a) for _, a in placed], threads)
+    if not crc:
+        return region.size, 0
+    known = sorted((o, a.nbytes, c) for o, (_, a), c in zip(offsets, placed, crcs, strict=True))
+    return region.size, file.crc32(start, region.size, known, threads)
+
+
+@dataclass
+class StoredTensor:
+    """A dataset whose bytes lie contiguous and unfiltered in the file, readable by offset."""
+
+    name: str
+    offset: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _as_stored_tensor(dataset: h5py.Dataset) -> StoredTensor | None:
+    dsid = dataset.id
+    plist = dsid.get_create_plist()
+    if plist.get_layout() != h5d.CONTIGUOUS or plist.get_nfilters() or plist.get_external_count():
+        return None
+    dtype = dataset.dtype
+    if dtype.kind == "V" and dtype.itemsize == 2 and dataset.attrs.get("dtype") == "bfloat16":
+        dtype = BFLOAT16
+    elif dtype.kind not in "biufc" or not dtype.isnative:
+        return None
+    offset = dsid.get_offset()
+    if offset is None or dataset.shape is None:
+        return None  # never written (h5py reads fill values) or an empty dataspace
+    tensor = StoredTensor(dataset.name, offset, dataset.shape, dtype)
+    return tensor if dsid.get_storage_size() == tensor.nbytes else None
+
+
+def stored_tensors(h5: h5py.File, size: int, where: str) -> list[StoredTensor]:
+    """Every dataset readable by offset, checked to lie inside the file's `size` bytes without overlap."""
+    found: list[StoredTensor] = []
+
+    def visit(_name: str, obj) -> None:
+        if isinstance(obj, h5py.Dataset):
+            tensor = _as_stored_tensor(obj)
+            if tensor is not None and tensor.nbytes:
+                found.append(tensor)
+
+    h5.visititems(visit)
+    found.sort(key=lambda t: t.offset)
+    end_of_previous, previous = 0, None
+    for tensor in found:
+        if tensor.offset + tensor.nbytes > size:
+            raise KerasSaveError(
+                f"{where}: dataset '{tensor.name}' needs bytes {tensor.offset}..{tensor.offset + tensor.nbytes} "
+                f"but the weights file has {size} bytes (truncated or corrupted)"
+            )
+        if tensor.offset < end_of_previous:
+            raise KerasSaveError(f"{where}: datasets '{previous}' and '{tensor.name}' overlap (corrupted file)")
+        end_of_previous, previous = tensor.offset + tensor.nbytes, tensor.name
+    return found
+
+
+def read_weights(h5: h5py.File, source: TensorFile | bytes, start: int, size: int, where: str, threads: int):
+    """Reads every by-offset dataset into its own aligned array; returns {dataset name: array}."""
+    tensors = stored_tensors(h5, size, where)
+    arrays = {t.name: aligned_empty(t.shape, t.dtype) for t in tensors}
+    buffers = [as_bytes(arrays[t.name]) for t in tensors]
+    if isinstance(source, TensorFile):
+        source.read_tensors([start + t.offset for t in tensors], buffers, threads)
+    else:  # an inflated (DEFLATED) member already in memory
+        for t, buffer in zip(tensors, buffers, strict=True):
+            buffer[:] = np.frombuffer(source, np.uint8, t.nbytes, start + t.offset)
+    return arrays

@@ -1,0 +1,343 @@
+"""Keras 3 glue: Keras walks the model and serializes it; we only change where tensor bytes go.
+
+Saving runs Keras' own `_save_state` walk with a store that records zero-copy views instead of
+writing. Loading builds the model with its variables left uninitialized (their initializers
+would only be overwritten), then runs Keras' own `_load_state` walk with a store that serves
+tensors already read in parallel, which the variables adopt without a copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import json
+from dataclasses import dataclass, field
+
+from keras.src import backend
+from keras.src.backend.common import global_state
+from keras.src.backend.common.stateless_scope import StatelessScope
+from keras.src.optimizers.base_optimizer import BaseOptimizer
+from keras.src.saving import saving_lib
+from keras.src.saving.object_registration import CustomObjectScope
+from keras.src.saving.serialization_lib import ObjectSharingScope, SafeModeScope, deserialize_keras_object
+
+from ..formats.weights_h5 import WeightsPlan
+from ..tensors import adoptable_tensor
+
+
+class _WeightsRecorder(saving_lib.H5IOStore):
+    """Stands in for stock's write-mode `H5IOStore`: records each group and tensor in stock's order."""
+
+    def __init__(self, plan: WeightsPlan):  # no super().__init__: there is no file to open
+        self.mode = "w"
+        self.plan = plan
+        self._path = ""
+        self._group_made = False
+        self._keys: list[str] = []
+
+    def __bool__(self) -> bool:
+        return True
+
+    def make(self, path, metadata=None):
+        if not isinstance(metadata, dict | None):
+            raise ValueError(f"`metadata` should be a dict or `None`. Received: {metadata}")
+        self._path, self._group_made, self._keys = path, bool(metadata), []
+        if metadata:
+            self.plan.add_group(path, metadata)
+        return self
+
+    def __setitem__(self, key, value):
+        if not self._group_made:  # stock creates a group without metadata on its first tensor
+            self.plan.add_group(self._path, None)
+            self._group_made = True
+        self.plan.add_dataset(self._path, key, value)
+        self._keys.append(key)
+
+    def keys(self):
+        return list(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+    def __contains__(self, key):
+        return key in self._keys
+
+    def close(self):
+        pass
+
+
+def _optimizers_of(model) -> list[BaseOptimizer]:
+    optimizer = getattr(model, "optimizer", None)
+    found = []
+    while isinstance(optimizer, BaseOptimizer) and optimizer not in found:
+        found.append(optimizer)
+        optimizer = getattr(optimizer, "inner_optimizer", None)  # LossScaleOptimizer wraps another
+    return found
+
+
+def _save_optimizer_variables(optimizer: BaseOptimizer, store) -> None:
+    """`BaseOptimizer.save_own_variables` without its `.numpy()` copy of every slot."""
+    for i, variable in enumerate(optimizer.variables):
+        store[str(i)] = variable
+
+
+@contextlib.contextmanager
+def _optimizer_state_by_reference(optimizers: list[BaseOptimizer]):
+    shimmed = []
+    try:
+        for optimizer in optimizers:
+            stock_method = type(optimizer).save_own_variables is BaseOptimizer.save_own_variables
+            if stock_method and "save_own_variables" not in vars(optimizer):
+                optimizer.save_own_variables = functools.partial(_save_optimizer_variables, optimizer)
+                shimmed.append(optimizer)
+        yield
+    finally:
+        for optimizer in shimmed:
+            del optimizer.save_own_variables
+
+
+def plan_model_state(model, include_optimizer: bool = True, with_assets: bool = True):
+    """Walks `model` as stock saving does; returns its weights plan and a temporary assets store.
+
+    The caller closes the assets store (it deletes the temporary directory) once the assets are written.
+    """
+    plan = WeightsPlan()
+    assets = saving_lib.DiskIOStore(saving_lib._ASSETS_DIRNAME, mode="w") if with_assets else None
+    optimizers = _optimizers_of(model)
+    skipped = set() if include_optimizer else {id(o) for o in optimizers}
+    try:
+        with _optimizer_state_by_reference(optimizers):
+            saving_lib._save_state(
+                model,
+                weights_store=_WeightsRecorder(plan),
+                assets_store=assets,
+                inner_path="",
+                visited_saveables=skipped,
+            )
+    except BaseException:
+        if assets is not None:
+            assets.close()
+        raise
+    return plan, assets
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+class _CannotDefer(Exception):
+    """The model's build did something that needs real variable values: build it the stock way."""
+
+
+def _can_defer_initialization() -> bool:
+    return (
+        backend.backend() == "tensorflow"
+        and "initialize_variables" in inspect.signature(StatelessScope).parameters
+        and all(hasattr(backend.Variable, a) for a in ("_initialize", "_deferred_initialize", "_direct_assign"))
+    )
+
+
+def _uninitialized_registry() -> list:
+    return global_state.get_global_attribute("uninitialized_variables", [], set_to_default=True)
+
+
+def _compile_without_optimizer_build(model, compile_config: dict):
+    """`Trainer.compile_from_config` minus its last step, `optimizer.build(...)`.
+
+    TensorFlow's optimizer keys its slots by the model's `tf.Variable`s, which do not exist until
+    the weights are loaded; the loader builds it then. Returns the optimizer still to build, if any.
+    """
+    from keras.src.trainers.trainer import Trainer
+
+    cls = type(model)
+    if cls.compile is not Trainer.compile or cls.compile_from_config is not Trainer.compile_from_config:
+        model.compile_from_config(compile_config)
+        return None
+    model.compile(**deserialize_keras_object(compile_config))
+    optimizer = getattr(model, "optimizer", None)
+    return optimizer if model.built and isinstance(optimizer, BaseOptimizer) and not optimizer.built else None
+
+
+@dataclass
+class BuiltModel:
+    """A model built from its config, waiting for its saved state."""
+
+    model: object
+    # Variables created without running their initializers: loading gives them their values.
+    uninitialized: list = field(default_factory=list)
+    # Compiled, but its slot variables not yet created (they need the loaded weights to exist).
+    optimizer_to_build: BaseOptimizer | None = None
+
+
+def build_model(config_json: bytes | str, custom_objects, compile: bool, safe_mode: bool) -> BuiltModel:
+    """Builds the model from its config like stock loading, without running variable initializers.
+
+    Anything this cannot do falls back to stock's build, which initializes everything.
+    """
+    if not _can_defer_initialization():
+        return BuiltModel(saving_lib._model_from_config(config_json, custom_objects, compile, safe_mode))
+    config = json.loads(config_json)
+    compile_config = config.get("compile_config") if compile else None
+    config["compile_config"] = None
+    first_new = len(_uninitialized_registry())
+    optimizer = None
+    try:
+        with ObjectSharingScope():
+            with StatelessScope(initialize_variables=False) as scope:
+                model = deserialize_keras_object(config, custom_objects, safe_mode=safe_mode)
+            if scope.state_mapping:
+                raise _CannotDefer("a layer assigned variables while building")
+            if compile_config:
+                with CustomObjectScope(custom_objects), SafeModeScope(safe_mode):
+                    optimizer = _compile_without_optimizer_build(model, compile_config)
+                model.compiled = True
+    except Exception:
+        del _uninitialized_registry()[first_new:]
+        return BuiltModel(saving_lib._model_from_config(config_json, custom_objects, compile, safe_mode))
+    registry = _uninitialized_registry()
+    uninitialized = registry[first_new:]
+    del registry[first_new:]
+    return BuiltModel(model, uninitialized, optimizer)
+
+
+class _PreloadedWeights(saving_lib.H5IOStore):
+    """Stock's read-mode `H5IOStore` over an open file, serving tensors already read in parallel."""
+
+    def __init__(self, h5_file, arrays: dict):  # no super().__init__: the file is already open
+        self.path_or_io = None
+        self.archive = None
+        self.mode = "r"
+        self.io_file = None
+        self.h5_file = h5_file
+        self._h5_entry_path = None
+        self._h5_entry_group = {}
+        self._h5_entry_metadata = None
+        self._h5_entry_initialized = False
+        self._arrays = arrays
+
+    def __getitem__(self, key):
+        dataset = saving_lib.safe_get_h5_dataset(self._h5_entry_group, key)  # stock's refusals first
+        array = self._arrays.get(dataset.name)
+        return super().__getitem__(key) if array is None else array
+
+    def close(self):
+        pass
+
+
+def _convert_adopting(variable, loaded: dict, value, dtype=None):
+    """`Variable._convert_to_tensor`, except a loaded array becomes a tensor over the same memory."""
+    if loaded.get(id(value)) is value:
+        tensor = adoptable_tensor(value)
+        if dtype is None or backend.standardize_dtype(dtype) == backend.standardize_dtype(tensor.dtype):
+            return tensor
+        return backend.cast(tensor, dtype)
+    return type(variable)._convert_to_tensor(variable, value, dtype=dtype)
+
+
+def _initialize_with(variable, value) -> None:
+    """First assignment of a variable built uninitialized: its value becomes the variable's buffer."""
+    variable._initialize(value)
+    variable._initializer = None
+
+
+@contextlib.contextmanager
+def _adopting(variables, arrays):
+    loaded = {id(a): a for a in arrays}
+    hooked = []
+    try:
+        for v in variables:
+            if "_convert_to_tensor" in vars(v) or "_direct_assign" in vars(v):
+                continue
+            v._convert_to_tensor = functools.partial(_convert_adopting, v, loaded)
+            if v._value is None:
+                v._direct_assign = functools.partial(_initialize_with, v)
+            hooked.append(v)
+        yield
+    finally:
+        for v in hooked:
+            vars(v).pop("_convert_to_tensor", None)
+            vars(v).pop("_direct_assign", None)
+
+
+def _variables_of(built: BuiltModel) -> list:
+    seen, found = set(), []
+    candidates = [*built.uninitialized, *built.model.variables]
+    for optimizer in _optimizers_of(built.model):
+        candidates += optimizer.variables
+    for v in candidates:
+        if id(v) not in seen and hasattr(v, "_value"):
+            seen.add(id(v))
+            found.append(v)
+    return found
+
+
+def _initialize_leftovers(built: BuiltModel) -> None:
+    """Variables the file did not provide get their initializers' values, as in a stock build."""
+    for v in built.uninitialized:
+        if v._value is None:
+            v._deferred_initialize()
+
+
+def _build_optimizer(built: BuiltModel) -> None:
+    """The optimizer build stock does at compile time, with its slots left uninitialized when possible."""
+    optimizer, model = built.optimizer_to_build, built.model
+    first_new = len(_uninitialized_registry())
+    try:
+        with StatelessScope(initialize_variables=False) as scope:
+            optimizer.build(model.trainable_variables)
+        if scope.state_mapping:
+            raise _CannotDefer("the optimizer assigned variables while building")
+    except Exception:
+        del _uninitialized_registry()[first_new:]
+        if optimizer.built:  # a half-built optimizer cannot be rebuilt: let stock's error show
+            raise
+        optimizer.build(model.trainable_variables)
+        return
+    registry = _uninitialized_registry()
+    built.uninitialized += registry[first_new:]
+    del registry[first_new:]
+
+
+def _path_of(model, child) -> str:
+    """The attribute path under which Keras' walk reaches `child` of `model`."""
+    for attr, obj in saving_lib._walk_saveable(model):
+        if obj is child:
+            return attr
+    return "optimizer"
+
+
+def load_model_state(built: BuiltModel, h5_file, arrays: dict, assets_store, skip_mismatch=False) -> None:
+    """Keras' own `_load_state` walk over preloaded tensors, which the variables adopt.
+
+    An optimizer still to build is walked last: built once the weights exist, then given its state.
+    Failures are collected and raised (or warned, with `skip_mismatch`) as stock does.
+    """
+    store = _PreloadedWeights(h5_file, arrays)
+    model, optimizer = built.model, built.optimizer_to_build
+    failed, errors = set(), {}
+    visited = {id(optimizer)} if optimizer is not None else set()
+    walks = [(model, "")]
+    try:
+        while walks:
+            saveable, inner_path = walks.pop(0)
+            with _adopting(_variables_of(built), arrays.values()):
+                saving_lib._load_state(
+                    saveable,
+                    weights_store=store,
+                    assets_store=assets_store,
+                    inner_path=inner_path,
+                    skip_mismatch=skip_mismatch,
+                    visited_saveables=visited,
+                    failed_saveables=failed,
+                    error_msgs=errors,
+                )
+            _initialize_leftovers(built)
+            if saveable is model and optimizer is not None:
+                _build_optimizer(built)
+                visited.discard(id(optimizer))
+                walks.append((optimizer, _path_of(model, optimizer)))
+    finally:
+        _initialize_leftovers(built)
+    if failed:
+        saving_lib._raise_loading_failure(errors, warn_only=skip_mismatch)

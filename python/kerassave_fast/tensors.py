@@ -1,0 +1,62 @@
+"""Tensor bytes in and out of TensorFlow without copies.
+
+Saving reads each variable through a read-only view of its buffer (`v.numpy()` would copy it);
+loading reads file bytes into 64-byte-aligned arrays that TensorFlow then adopts through DLPack.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_dtypes
+import numpy as np
+
+# TensorFlow's EIGEN_MAX_ALIGN_BYTES: it aborts the process on a less aligned buffer it adopted.
+ALIGNMENT = 64
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialized C-contiguous array whose data starts on an `ALIGNMENT` boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def as_bytes(array: np.ndarray) -> np.ndarray:
+    """The array's memory as a flat uint8 view (any dtype, bfloat16 included)."""
+    return array.reshape(-1).view(np.uint8)
+
+
+def snapshot(value) -> np.ndarray:
+    """A C-contiguous array of `value`'s current bytes, sharing the variable's buffer when it can.
+
+    For a TensorFlow variable the view stays valid and unchanged even if the variable is assigned
+    afterwards: TensorFlow copies on write while a reader holds the buffer.
+    """
+    import tensorflow as tf
+    from keras.src import backend
+
+    inner = getattr(value, "_value", None)  # a Keras 3 variable's backing tf.Variable
+    if isinstance(inner, tf.Variable):
+        value = inner
+    if isinstance(value, tf.Variable):
+        value = value.value()
+    if isinstance(value, tf.Tensor) and hasattr(value, "numpy"):
+        array = np.asarray(value)
+    else:
+        array = np.asarray(backend.convert_to_numpy(value))
+    return array if array.flags.c_contiguous else np.ascontiguousarray(array).reshape(array.shape)
+
+
+def adoptable_tensor(array: np.ndarray):
+    """A TensorFlow tensor over `array`'s memory (no copy) when it is aligned, else a copy."""
+    import tensorflow as tf
+
+    if array.nbytes and array.ctypes.data % ALIGNMENT:
+        return tf.convert_to_tensor(array)
+    if array.dtype == BFLOAT16:  # DLPack has no bfloat16: move the bits as uint16, relabel in place
+        return tf.bitcast(tf.experimental.dlpack.from_dlpack(array.view(np.uint16).__dlpack__()), tf.bfloat16)
+    return tf.experimental.dlpack.from_dlpack(array.__dlpack__())

@@ -1,0 +1,308 @@
+//! Positioned, parallel reads and writes of tensor bytes, each checksummed (CRC-32) on the way.
+//! Every container (zip member, HDF5 file, tensor bundle) moves its tensors through here: the
+//! Python side plans where each tensor goes, this module moves the bytes.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use crc32fast::Hasher;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// Bytes per unit of parallel work: small enough that the CRC pass leaves the chunk in L2 for the copy.
+pub const CHUNK: usize = 1 << 20;
+
+/// A stretch of a file whose CRC-32 is already known (because its bytes went through this module).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KnownCrc {
+    pub offset: u64,
+    pub len: u64,
+    pub crc: u32,
+}
+
+/// Runs `f` on a pool of `threads` workers (0 = one per core); 1 thread runs inline.
+fn run_on_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> Result<T> {
+    if threads == 1 {
+        return Ok(f());
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| Error::Argument(format!("cannot start {threads} I/O threads: {e}")))?;
+    Ok(pool.install(f))
+}
+
+fn end_of(path: &str, offset: u64, len: usize) -> Result<u64> {
+    offset
+        .checked_add(len as u64)
+        .ok_or_else(|| Error::Argument(format!("{path}: tensor at offset {offset} of {len} bytes overflows")))
+}
+
+fn read_error(path: &str, offset: u64, len: usize, e: io::Error) -> Error {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        Error::format(
+            path,
+            format!("file is truncated: {len} bytes expected at offset {offset}"),
+        )
+    } else {
+        Error::io(path, "read", e)
+    }
+}
+
+/// Splits every tensor into `CHUNK`-sized jobs: (tensor index, file offset, bytes).
+fn chunk_jobs<B, C>(tensors: impl IntoIterator<Item = (u64, B)>, split: impl Fn(B) -> Vec<C>) -> Vec<(usize, u64, C)> {
+    let mut jobs = Vec::new();
+    for (index, (offset, bytes)) in tensors.into_iter().enumerate() {
+        for (k, chunk) in split(bytes).into_iter().enumerate() {
+            jobs.push((index, offset + (k * CHUNK) as u64, chunk));
+        }
+    }
+    jobs
+}
+
+/// Folds per-chunk CRCs (in job order) into one CRC per tensor.
+fn combine_per_tensor(count: usize, jobs: impl IntoIterator<Item = (usize, Result<Hasher>)>) -> Result<Vec<u32>> {
+    let mut hashers = vec![Hasher::new(); count];
+    for (index, hasher) in jobs {
+        hashers[index].combine(&hasher?);
+    }
+    Ok(hashers.into_iter().map(Hasher::finalize).collect())
+}
+
+/// Writes each `(offset, bytes)` at its offset and returns each tensor's CRC-32.
+pub fn write_tensors(file: &File, path: &str, tensors: &[(u64, &[u8])], threads: usize) -> Result<Vec<u32>> {
+    for (offset, bytes) in tensors {
+        end_of(path, *offset, bytes.len())?;
+    }
+    let jobs = chunk_jobs(tensors.iter().copied(), |b: &[u8]| b.chunks(CHUNK).collect());
+    let results: Vec<Result<Hasher>> = run_on_pool(threads, || {
+        jobs.par_iter()
+            .map(|(_, offset, chunk)| {
+                let mut hasher = Hasher::new();
+                hasher.update(chunk);
+                file.write_all_at(chunk, *offset)
+                    .map_err(|e| Error::io(path, "write", e))?;
+                Ok(hasher)
+            })
+            .collect()
+    })?;
+    combine_per_tensor(tensors.len(), jobs.iter().map(|j| j.0).zip(results))
+}
+
+/// Fills each `(offset, buffer)` from the file and returns each tensor's CRC-32.
+/// The buffers must not overlap (the caller checks); a short file is a format error.
+pub fn read_tensors(file: &File, path: &str, tensors: &mut [(u64, &mut [u8])], threads: usize) -> Result<Vec<u32>> {
+    for (offset, bytes) in tensors.iter() {
+        end_of(path, *offset, bytes.len())?;
+    }
+    let count = tensors.len();
+    let mut jobs = chunk_jobs(tensors.iter_mut().map(|(o, b)| (*o, &mut **b)), |b: &mut [u8]| {
+        b.chunks_mut(CHUNK).collect()
+    });
+    let results: Vec<Result<Hasher>> = run_on_pool(threads, || {
+        jobs.par_iter_mut()
+            .map(|(_, offset, chunk)| {
+                file.read_exact_at(chunk, *offset)
+                    .map_err(|e| read_error(path, *offset, chunk.len(), e))?;
+                let mut hasher = Hasher::new();
+                hasher.update(chunk);
+                Ok(hasher)
+            })
+            .collect()
+    })?;
+    combine_per_tensor(count, jobs.iter().map(|j| j.0).zip(results))
+}
+
+/// CRC-32 of `len` bytes of the file from `start`. Stretches listed in `known` (sorted, disjoint,
+/// inside the range) are not read again: their CRCs are joined with those of the bytes between them.
+pub fn crc32_of_range(
+    file: &File,
+    path: &str,
+    start: u64,
+    len: u64,
+    known: &[KnownCrc],
+    threads: usize,
+) -> Result<u32> {
+    let end = start
+        .checked_add(len)
+        .ok_or_else(|| Error::Argument(format!("{path}: range at {start} of {len} bytes overflows")))?;
+    // Pieces in file order: Ok(known hasher) or Err((gap offset, gap length)).
+    let mut pieces: Vec<std::result::Result<Hasher, (u64, u64)>> = Vec::new();
+    let mut cursor = start;
+    for k in known {
+        let k_end = k
+            .offset
+            .checked_add(k.len)
+            .filter(|&e| k.offset >= cursor && e <= end)
+            .ok_or_else(|| {
+                Error::Argument(format!(
+                    "{path}: known stretch {k:?} is unsorted, overlapping or outside {start}..{end}"
+                ))
+            })?;
+        if k.offset > cursor {
+            pieces.push(Err((cursor, k.offset - cursor)));
+        }
+        pieces.push(Ok(Hasher::new_with_initial_len(k.crc, k.len)));
+        cursor = k_end;
+    }
+    if end > cursor {
+        pieces.push(Err((cursor, end - cursor)));
+    }
+
+    // Gaps are read back in chunks, in parallel, each into a worker-local buffer.
+    let mut gap_jobs: Vec<(u64, usize)> = Vec::new();
+    for piece in &pieces {
+        if let Err((offset, gap_len)) = *piece {
+            let mut at = offset;
+            while at < offset + gap_len {
+                let n = (offset + gap_len - at).min(CHUNK as u64) as usize;
+                gap_jobs.push((at, n));
+                at += n as u64;
+            }
+        }
+    }
+    let gap_hashers: Vec<Result<Hasher>> = run_on_pool(threads, || {
+        gap_jobs
+            .par_iter()
+            .map_init(
+                || vec![0u8; CHUNK],
+                |buf, &(offset, n)| {
+                    file.read_exact_at(&mut buf[..n], offset)
+                        .map_err(|e| read_error(path, offset, n, e))?;
+                    let mut hasher = Hasher::new();
+                    hasher.update(&buf[..n]);
+                    Ok(hasher)
+                },
+            )
+            .collect()
+    })?;
+
+    let mut total = Hasher::new();
+    let mut gaps = gap_hashers.into_iter();
+    for piece in pieces {
+        match piece {
+            Ok(hasher) => total.combine(&hasher),
+            Err((offset, gap_len)) => {
+                let mut at = offset;
+                while at < offset + gap_len {
+                    let hasher = gaps.next().expect("one gap job per chunk of every gap")?;
+                    total.combine(&hasher);
+                    at += (offset + gap_len - at).min(CHUNK as u64);
+                }
+            }
+        }
+    }
+    Ok(total.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    #[test]
+    fn write_then_read_round_trips_with_matching_crcs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.bin");
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let a = pattern(3 * CHUNK + 17, 1);
+        let b = pattern(5, 2);
+        let empty: Vec<u8> = Vec::new();
+        let tensors = [(100u64, &a[..]), (100 + a.len() as u64 + 3, &b[..]), (7, &empty[..])];
+        let crcs = write_tensors(&file, "t.bin", &tensors, 2).unwrap();
+        assert_eq!(crcs, vec![crc32fast::hash(&a), crc32fast::hash(&b), 0]);
+
+        let mut ra = vec![0u8; a.len()];
+        let mut rb = vec![0u8; b.len()];
+        let mut targets = [(100u64, &mut ra[..]), (100 + a.len() as u64 + 3, &mut rb[..])];
+        let read_crcs = read_tensors(&file, "t.bin", &mut targets, 2).unwrap();
+        assert_eq!(read_crcs[..], crcs[..2]);
+        assert_eq!(ra, a);
+        assert_eq!(rb, b);
+    }
+
+    #[test]
+    fn reading_past_the_end_is_a_truncation_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("short.bin");
+        std::fs::write(&path, [1u8; 10]).unwrap();
+        let file = File::open(&path).unwrap();
+        let mut buf = vec![0u8; 20];
+        let err = read_tensors(&file, "short.bin", &mut [(0, &mut buf[..])], 1).unwrap_err();
+        assert!(matches!(err, Error::Format { .. }), "{err}");
+        assert!(err.to_string().contains("truncated"));
+    }
+
+    #[test]
+    fn bad_known_stretches_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.bin");
+        std::fs::write(&path, pattern(100, 0)).unwrap();
+        let file = File::open(&path).unwrap();
+        let overlapping = [
+            KnownCrc {
+                offset: 10,
+                len: 20,
+                crc: 0,
+            },
+            KnownCrc {
+                offset: 15,
+                len: 5,
+                crc: 0,
+            },
+        ];
+        assert!(crc32_of_range(&file, "k", 0, 100, &overlapping, 1).is_err());
+        let outside = [KnownCrc {
+            offset: 90,
+            len: 20,
+            crc: 0,
+        }];
+        assert!(crc32_of_range(&file, "k", 0, 100, &outside, 1).is_err());
+        assert!(crc32_of_range(&file, "k", u64::MAX, 2, &[], 1).is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// Joining known CRCs with read-back gaps gives the CRC of the whole range.
+        #[test]
+        fn crc_of_range_matches_direct_hash(
+            len in 1usize..(3 * CHUNK),
+            cuts in proptest::collection::vec(0usize..(3 * CHUNK), 0..8),
+            start in 0usize..64,
+            threads in 1usize..3,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("r.bin");
+            let data = pattern(start + len, 9);
+            std::fs::write(&path, &data).unwrap();
+            let file = File::open(&path).unwrap();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % len).collect();
+            cuts.sort_unstable();
+            cuts.dedup();
+            // Every other stretch between cuts is "known".
+            let mut known = Vec::new();
+            for (i, w) in cuts.windows(2).enumerate() {
+                if i % 2 == 0 {
+                    let (a, b) = (start + w[0], start + w[1]);
+                    known.push(KnownCrc { offset: a as u64, len: (b - a) as u64, crc: crc32fast::hash(&data[a..b]) });
+                }
+            }
+            let got = crc32_of_range(&file, "r", start as u64, len as u64, &known, threads).unwrap();
+            prop_assert_eq!(got, crc32fast::hash(&data[start..]));
+        }
+    }
+}

@@ -1,0 +1,133 @@
+"""Interop with stock Keras 3, bitwise, in all three directions: ours->stock, stock->ours, ours->ours."""
+
+from __future__ import annotations
+
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+from conftest import CUSTOM_OBJECTS, MODELS, _batch, assert_same_state, h5_tree, member
+
+import kerassave_fast as ksf
+
+WEIGHTS = "model.weights.h5"
+
+
+@pytest.fixture(scope="module")
+def saved(model_zoo, tmp_path_factory):
+    """(model, our file, stock's file) per model name, saved once."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            model = model_zoo(name)
+            d = tmp_path_factory.mktemp(name)
+            ours, stock = d / "ours.keras", d / "stock.keras"
+            ksf.save_model(model, ours)
+            keras.saving.save_model(model, stock)
+            cache[name] = (model, ours, stock)
+        return cache[name]
+
+    return get
+
+
+def _custom_objects(name):
+    return CUSTOM_OBJECTS if name == "custom_layers" else None
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_weights_member_is_stocks_byte_for_byte(saved, name):
+    _, ours, stock = saved(name)
+    assert member(ours, WEIGHTS) == member(stock, WEIGHTS)
+    assert member(ours, "config.json") == member(stock, "config.json")
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_zip_layout_matches_stock(saved, name):
+    _, ours, stock = saved(name)
+    with zipfile.ZipFile(ours) as a, zipfile.ZipFile(stock) as b:
+        assert a.testzip() is None
+        fields = ("filename", "compress_type", "file_size", "compress_size", "external_attr", "create_system")
+        for x, y in zip(a.infolist(), b.infolist(), strict=True):
+            assert [getattr(x, f) for f in fields] == [getattr(y, f) for f in fields]
+            assert x.header_offset == y.header_offset
+            assert x.flag_bits == y.flag_bits and x.extract_version == y.extract_version
+    assert h5_tree(member(ours, WEIGHTS)) == h5_tree(member(stock, WEIGHTS))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("direction", ["ours_to_stock", "stock_to_ours", "ours_to_ours"])
+def test_state_round_trips_bitwise(saved, name, direction):
+    model, ours, stock = saved(name)
+    kwargs = {"custom_objects": _custom_objects(name)}
+    if direction == "ours_to_stock":
+        loaded = keras.saving.load_model(ours, **kwargs)
+    elif direction == "stock_to_ours":
+        loaded = ksf.load_model(stock, **kwargs)
+    else:
+        loaded = ksf.load_model(ours, **kwargs)
+    assert_same_state(model, loaded)
+    x, _ = _batch(model, seed=7)
+    np.testing.assert_array_equal(model.predict(x, verbose=0), loaded.predict(x, verbose=0))
+
+
+@pytest.mark.parametrize("name", ["seed_example", "low_precision", "optimizer_adamw", "optimizer_sgd_momentum"])
+def test_loaded_model_keeps_training_like_stocks(saved, name):
+    """One more training step on our load equals the same step on stock's load, bitwise."""
+    model, ours, stock = saved(name)
+    ours_loaded = ksf.load_model(ours)
+    stock_loaded = keras.saving.load_model(stock)
+    x, y = _batch(model, seed=3)
+    ours_loaded.train_on_batch(x, y)
+    stock_loaded.train_on_batch(x, y)
+    assert_same_state(stock_loaded, ours_loaded)
+    assert int(ours_loaded.optimizer.iterations.numpy()) == int(model.optimizer.iterations.numpy()) + 1
+
+
+def test_seed_example_predictions(saved):
+    """The docstring example of stock `save_model`, through our save and load."""
+    model, ours, _ = saved("seed_example")
+    loaded = ksf.load_model(ours)
+    x = keras.random.uniform((10, 3))
+    assert np.allclose(model.predict(x, verbose=0), loaded.predict(x, verbose=0))
+
+
+def test_unregistered_custom_layer_needs_custom_objects(saved):
+    _, ours, stock = saved("custom_layers")
+    with pytest.raises(TypeError) as stock_error:
+        keras.saving.load_model(stock)
+    with pytest.raises(type(stock_error.value)):
+        ksf.load_model(ours)
+
+
+def test_include_optimizer_false_omits_optimizer_state(model_zoo, tmp_path):
+    model = model_zoo("optimizer_adam")
+    path = tmp_path / "no_opt.keras"
+    ksf.save_model(model, path, include_optimizer=False)
+    assert "optimizer/vars" not in h5_tree(member(path, WEIGHTS))
+    for load in (ksf.load_model, keras.saving.load_model):
+        with pytest.warns(UserWarning, match="Skipping variable loading for optimizer"):
+            loaded = load(path)
+        for a, b in zip(model.weights, loaded.weights, strict=True):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+        assert int(loaded.optimizer.iterations.numpy()) == 0
+        loaded.train_on_batch(*_batch(model))  # a fresh optimizer that still trains
+
+
+def test_compile_false_leaves_model_uncompiled(saved):
+    model, ours, _ = saved("seed_example")
+    loaded = ksf.load_model(ours, compile=False)
+    assert not loaded.compiled
+    for a, b in zip(model.weights, loaded.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_lambda_refused_in_safe_mode(tmp_path):
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Lambda(lambda t: t * 2)])
+    path = tmp_path / "lambda.keras"
+    ksf.save_model(model, path)
+    with pytest.raises(ValueError, match="unsafe|lambda|Lambda"):
+        ksf.load_model(path)
+    loaded = ksf.load_model(path, safe_mode=False)
+    np.testing.assert_array_equal(loaded.predict(np.ones((1, 2)), verbose=0), [[2.0, 2.0]])
