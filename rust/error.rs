@@ -1,5 +1,5 @@
-//! The one error type of the Rust core. `lib.rs` maps it to Python: I/O -> `OSError`,
-//! malformed files -> `KerasSaveError` (a `ValueError`), bad calls -> `ValueError`.
+//! The one error type of the Rust core. `lib.rs` maps it to Python: I/O -> `OSError`, malformed
+//! files -> `KerasSaveError` (a `ValueError`; `BadKerasZipFile` for the zip itself), bad calls -> `ValueError`.
 
 use std::io;
 
@@ -16,6 +16,9 @@ pub enum Error {
     /// The file's bytes are not what the container format requires: truncated, corrupted or hostile.
     #[error("{path}: {msg}")]
     Format { path: String, msg: String },
+    /// The zip container itself is malformed (stock Keras raises `zipfile.BadZipFile` for these).
+    #[error("{path}: {msg}")]
+    Zip { path: String, msg: String },
     /// The caller asked for something that cannot be done (overlapping buffers, a member still open, ...).
     #[error("{0}")]
     Argument(String),
@@ -34,6 +37,13 @@ impl Error {
 
     pub fn format(path: &str, msg: impl Into<String>) -> Self {
         Error::Format {
+            path: path.to_owned(),
+            msg: msg.into(),
+        }
+    }
+
+    pub fn zip(path: &str, msg: impl Into<String>) -> Self {
+        Error::Zip {
             path: path.to_owned(),
             msg: msg.into(),
         }

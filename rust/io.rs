@@ -241,7 +241,7 @@ mod tests {
         let path = dir.path().join("short.bin");
         std::fs::write(&path, [1u8; 10]).unwrap();
         let file = File::open(&path).unwrap();
-        let mut buf = vec![0u8; 20];
+        let mut buf = [0u8; 20];
         let err = read_tensors(&file, "short.bin", &mut [(0, &mut buf[..])], 1).unwrap_err();
         assert!(matches!(err, Error::Format { .. }), "{err}");
         assert!(err.to_string().contains("truncated"));

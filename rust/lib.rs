@@ -8,7 +8,8 @@ use std::sync::Arc;
 use pyo3::buffer::PyUntypedBuffer;
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBytes, PyDict, PyTuple, PyType};
 
 pub mod error;
 pub mod io;
@@ -23,10 +24,31 @@ pyo3::create_exception!(
     "A saved-model file is malformed: truncated, corrupted, hostile or not the format its name says."
 );
 
+static BAD_KERAS_ZIP_FILE: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+
+/// `BadKerasZipFile(KerasSaveError, zipfile.BadZipFile)`: code written for stock, which raises
+/// `zipfile.BadZipFile` for a broken zip, keeps catching it.
+fn bad_keras_zip_file(py: Python<'_>) -> PyResult<Bound<'_, PyType>> {
+    let cls = BAD_KERAS_ZIP_FILE.get_or_try_init(py, || -> PyResult<Py<PyType>> {
+        let bad_zip_file = py.import("zipfile")?.getattr("BadZipFile")?;
+        let bases = PyTuple::new(py, [py.get_type::<KerasSaveError>().into_any(), bad_zip_file])?;
+        let namespace = PyDict::new(py);
+        namespace.set_item("__module__", "kerassave_fast._core")?;
+        namespace.set_item("__doc__", "A `.keras` file whose zip container is malformed.")?;
+        let cls = py.get_type::<PyType>().call1(("BadKerasZipFile", bases, namespace))?;
+        Ok(cls.cast_into::<PyType>()?.unbind())
+    })?;
+    Ok(cls.bind(py).clone())
+}
+
 impl From<Error> for PyErr {
     fn from(e: Error) -> PyErr {
         let message = e.to_string();
         match e {
+            Error::Zip { .. } => Python::attach(|py| match bad_keras_zip_file(py) {
+                Ok(cls) => PyErr::from_type(cls, message),
+                Err(_) => KerasSaveError::new_err(message),
+            }),
             Error::Io { path, source, .. } => match source.raw_os_error() {
                 // OSError(errno, strerror, filename) picks the matching subclass (FileNotFoundError, ...).
                 Some(code) => PyOSError::new_err((code, message, path)),
@@ -321,7 +343,7 @@ impl ZipArchive {
         let crc = py.detach(|| io::crc32_of_range(&self.file, &self.path, start, m.compressed_size, &[], threads))?;
         if crc != m.crc32 {
             let name = String::from_utf8_lossy(&m.name);
-            return Err(Error::format(&self.path, format!("Bad CRC-32 for file '{name}'")).into());
+            return Err(Error::zip(&self.path, format!("Bad CRC-32 for file '{name}'")).into());
         }
         Ok(())
     }
@@ -330,6 +352,7 @@ impl ZipArchive {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("KerasSaveError", m.py().get_type::<KerasSaveError>())?;
+    m.add("BadKerasZipFile", bad_keras_zip_file(m.py())?)?;
     m.add("ZIP64_LIMIT", zip::ZIP64_LIMIT)?;
     m.add("CHUNK_BYTES", io::CHUNK)?;
     m.add_class::<TensorFile>()?;

@@ -58,8 +58,8 @@ impl DosDateTime {
             )));
         }
         Ok(DosDateTime {
-            time: (hour as u16) << 11 | (minute as u16) << 5 | (second as u16) / 2,
-            date: (year - 1980) << 9 | (month as u16) << 5 | day as u16,
+            time: ((hour as u16) << 11) | ((minute as u16) << 5) | ((second as u16) / 2),
+            date: ((year - 1980) << 9) | ((month as u16) << 5) | day as u16,
         })
     }
 
@@ -379,7 +379,7 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 fn pread(file: &File, path: &str, offset: u64, len: u64, what: &str) -> Result<Vec<u8>> {
     let file_len = file.metadata().map_err(|e| Error::io(path, "stat", e))?.len();
     if offset.checked_add(len).is_none_or(|end| end > file_len) {
-        return Err(Error::format(
+        return Err(Error::zip(
             path,
             format!("truncated {what}: {len} bytes at offset {offset} pass the end of the {file_len}-byte file"),
         ));
@@ -393,7 +393,7 @@ fn pread(file: &File, path: &str, offset: u64, len: u64, what: &str) -> Result<V
 /// Finds the end-of-central-directory record like `zipfile._EndRecData`; returns its offset and bytes.
 fn find_eocd(file: &File, path: &str, file_len: u64) -> Result<(u64, Vec<u8>)> {
     if file_len < EOCD_LEN {
-        return Err(Error::format(
+        return Err(Error::zip(
             path,
             "not a zip file: too short for an end-of-central-directory record",
         ));
@@ -409,10 +409,7 @@ fn find_eocd(file: &File, path: &str, file_len: u64) -> Result<(u64, Vec<u8>)> {
     }
     match (0..=last).rev().find(|&i| tail[i..i + 4] == sig) {
         Some(i) => Ok((tail_start + i as u64, tail[i..i + EOCD_LEN as usize].to_vec())),
-        None => Err(Error::format(
-            path,
-            "not a zip file: no end-of-central-directory record",
-        )),
+        None => Err(Error::zip(path, "not a zip file: no end-of-central-directory record")),
     }
 }
 
@@ -429,10 +426,7 @@ pub fn read_directory(file: &File, path: &str) -> Result<Vec<Member>> {
         let locator = pread(file, path, eocd_at - LOCATOR_LEN, LOCATOR_LEN, "ZIP64 locator")?;
         if u32_at(&locator, 0) == LOCATOR_SIG {
             if u32_at(&locator, 4) != 0 || u32_at(&locator, 16) > 1 {
-                return Err(Error::format(
-                    path,
-                    "zip files that span multiple disks are not supported",
-                ));
+                return Err(Error::zip(path, "zip files that span multiple disks are not supported"));
             }
             if eocd_at >= LOCATOR_LEN + EOCD64_LEN {
                 let rec = pread(
@@ -455,7 +449,7 @@ pub fn read_directory(file: &File, path: &str) -> Result<Vec<Member>> {
     let concat = (eocd_at as i128) - (cd_size as i128) - (cd_offset as i128) - (records_len as i128);
     let start = cd_offset as i128 + concat;
     if concat < 0 || start < 0 {
-        return Err(Error::format(path, "bad offset for the central directory"));
+        return Err(Error::zip(path, "bad offset for the central directory"));
     }
     let (start, concat) = (start as u64, concat as u64);
     let cd = pread(file, path, start, cd_size, "central directory")?;
@@ -465,9 +459,9 @@ pub fn read_directory(file: &File, path: &str) -> Result<Vec<Member>> {
     while at < cd.len() {
         let fixed = cd
             .get(at..at + CENTRAL_HEADER_LEN)
-            .ok_or_else(|| Error::format(path, "truncated central directory"))?;
+            .ok_or_else(|| Error::zip(path, "truncated central directory"))?;
         if u32_at(fixed, 0) != CENTRAL_SIG {
-            return Err(Error::format(path, "bad magic number for central directory"));
+            return Err(Error::zip(path, "bad magic number for central directory"));
         }
         let (name_len, extra_len, comment_len) = (
             u16_at(fixed, 28) as usize,
@@ -477,7 +471,7 @@ pub fn read_directory(file: &File, path: &str) -> Result<Vec<Member>> {
         let var_end = at + CENTRAL_HEADER_LEN + name_len + extra_len + comment_len;
         let var = cd
             .get(at + CENTRAL_HEADER_LEN..var_end)
-            .ok_or_else(|| Error::format(path, "truncated central directory"))?;
+            .ok_or_else(|| Error::zip(path, "truncated central directory"))?;
         let mut m = Member {
             name: var[..name_len].to_vec(),
             flags: u16_at(fixed, 8),
@@ -497,7 +491,7 @@ pub fn read_directory(file: &File, path: &str) -> Result<Vec<Member>> {
         m.header_offset = m
             .header_offset
             .checked_add(concat)
-            .ok_or_else(|| Error::format(path, "bad member header offset"))?;
+            .ok_or_else(|| Error::zip(path, "bad member header offset"))?;
         members.push(m);
         at = var_end;
     }
@@ -511,14 +505,14 @@ fn apply_zip64_extra(m: &mut Member, mut extra: &[u8], path: &str) -> Result<()>
         let (kind, len) = (u16_at(extra, 0), u16_at(extra, 2) as usize);
         let body = extra
             .get(4..4 + len)
-            .ok_or_else(|| Error::format(path, format!("corrupt extra field {kind:04x} of member '{name}'")))?;
+            .ok_or_else(|| Error::zip(path, format!("corrupt extra field {kind:04x} of member '{name}'")))?;
         if kind == 1 {
             let mut values = body
                 .chunks_exact(8)
                 .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")));
             let mut take = |field: &str| {
                 values.next().ok_or_else(|| {
-                    Error::format(
+                    Error::zip(
                         path,
                         format!("corrupt zip64 extra field of member '{name}': {field} not found"),
                     )
@@ -544,17 +538,14 @@ fn apply_zip64_extra(m: &mut Member, mut extra: &[u8], path: &str) -> Result<()>
 pub fn data_offset(file: &File, path: &str, m: &Member) -> Result<u64> {
     let name = String::from_utf8_lossy(&m.name);
     if m.flags & (FLAG_ENCRYPTED | FLAG_STRONG_ENCRYPTION) != 0 {
-        return Err(Error::format(path, format!("member '{name}' is encrypted")));
+        return Err(Error::zip(path, format!("member '{name}' is encrypted")));
     }
     if m.flags & FLAG_COMPRESSED_PATCH != 0 {
-        return Err(Error::format(
-            path,
-            format!("member '{name}' is compressed patched data"),
-        ));
+        return Err(Error::zip(path, format!("member '{name}' is compressed patched data")));
     }
     let header = pread(file, path, m.header_offset, LOCAL_HEADER_LEN, "local file header")?;
     if u32_at(&header, 0) != LOCAL_SIG {
-        return Err(Error::format(
+        return Err(Error::zip(
             path,
             format!("bad magic number for the file header of member '{name}'"),
         ));
@@ -568,7 +559,7 @@ pub fn data_offset(file: &File, path: &str, m: &Member) -> Result<u64> {
         "local file name",
     )?;
     if local_name != m.name {
-        return Err(Error::format(
+        return Err(Error::zip(
             path,
             format!(
                 "file name in directory '{name}' and header '{}' differ",
@@ -579,7 +570,7 @@ pub fn data_offset(file: &File, path: &str, m: &Member) -> Result<u64> {
     let start = m.header_offset + LOCAL_HEADER_LEN + name_len + extra_len;
     let file_len = file.metadata().map_err(|e| Error::io(path, "stat", e))?.len();
     if start.checked_add(m.compressed_size).is_none_or(|end| end > file_len) {
-        return Err(Error::format(
+        return Err(Error::zip(
             path,
             format!(
                 "file is truncated: member '{name}' needs {} bytes at offset {start}",
@@ -593,7 +584,7 @@ pub fn data_offset(file: &File, path: &str, m: &Member) -> Result<u64> {
 /// Stock Keras' `_reject_zip_bomb`: refuses a member declaring far more bytes than it stores.
 pub fn check_not_bomb(path: &str, m: &Member) -> Result<()> {
     if m.size > BOMB_FLOOR_BYTES && m.size > BOMB_MAX_EXPANSION.saturating_mul(m.compressed_size) {
-        return Err(Error::format(
+        return Err(Error::zip(
             path,
             format!(
                 "Not allowed: ZIP member '{}' declares {} bytes but only {} are stored on disk; refusing to load a potential decompression bomb",
@@ -604,7 +595,7 @@ pub fn check_not_bomb(path: &str, m: &Member) -> Result<()> {
         ));
     }
     if m.method == STORED && m.size != m.compressed_size {
-        return Err(Error::format(
+        return Err(Error::zip(
             path,
             format!(
                 "STORED member '{}' has size {} but stores {} bytes",
@@ -631,18 +622,18 @@ pub fn read_member(file: &File, path: &str, m: &Member) -> Result<Vec<u8>> {
             flate2::read::DeflateDecoder::new(&stored[..])
                 .take(m.size.saturating_add(1))
                 .read_to_end(&mut out)
-                .map_err(|e| Error::format(path, format!("member '{name}' is not valid deflate data: {e}")))?;
+                .map_err(|e| Error::zip(path, format!("member '{name}' is not valid deflate data: {e}")))?;
             out
         }
         other => {
-            return Err(Error::format(
+            return Err(Error::zip(
                 path,
                 format!("member '{name}' uses unsupported compression method {other}"),
             ))
         }
     };
     if data.len() as u64 != m.size {
-        return Err(Error::format(
+        return Err(Error::zip(
             path,
             format!(
                 "member '{name}' holds {} bytes, the directory says {}",
@@ -652,7 +643,7 @@ pub fn read_member(file: &File, path: &str, m: &Member) -> Result<Vec<u8>> {
         ));
     }
     if crc32fast::hash(&data) != m.crc32 {
-        return Err(Error::format(path, format!("Bad CRC-32 for file '{name}'")));
+        return Err(Error::zip(path, format!("Bad CRC-32 for file '{name}'")));
     }
     Ok(data)
 }
@@ -714,9 +705,19 @@ mod tests {
         assert!(w.members()[1].zip64_local);
         let members = read_directory(&file, "b.zip").unwrap();
         // The directory cannot tell which local headers had ZIP64 fields.
-        let written: Vec<Member> = w.members().iter().map(|m| Member { zip64_local: false, ..m.clone() }).collect();
+        let written: Vec<Member> = w
+            .members()
+            .iter()
+            .map(|m| Member {
+                zip64_local: false,
+                ..m.clone()
+            })
+            .collect();
         assert_eq!(members, written);
-        assert!(members[2].header_offset > 64, "offset past the limit went through the ZIP64 field");
+        assert!(
+            members[2].header_offset > 64,
+            "offset past the limit went through the ZIP64 field"
+        );
         assert_eq!(read_member(&file, "b.zip", &members[2]).unwrap(), b"x");
     }
 

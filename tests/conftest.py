@@ -13,10 +13,10 @@ import zipfile
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
 
 tf.config.experimental.enable_op_determinism()
 keras.utils.set_random_seed(1234)
@@ -77,7 +77,12 @@ def convnet():
 
 def embedding_lstm():
     m = keras.Sequential(
-        [keras.Input((6,), dtype="int32"), keras.layers.Embedding(50, 8), keras.layers.LSTM(4), keras.layers.Dense(2)]
+        [
+            keras.Input((6,), dtype="int32"),
+            keras.layers.Embedding(50, 8),
+            keras.layers.LSTM(4),
+            keras.layers.Dense(2),
+        ]
     )
     return _trained(m, *_batch(m))
 

@@ -7,9 +7,9 @@ import zipfile
 import keras
 import numpy as np
 import pytest
-from conftest import CUSTOM_OBJECTS, MODELS, _batch, assert_same_state, h5_tree, member
 
 import kerassave_fast as ksf
+from conftest import CUSTOM_OBJECTS, MODELS, _batch, assert_same_state, h5_tree, member
 
 WEIGHTS = "model.weights.h5"
 
@@ -48,7 +48,14 @@ def test_zip_layout_matches_stock(saved, name):
     _, ours, stock = saved(name)
     with zipfile.ZipFile(ours) as a, zipfile.ZipFile(stock) as b:
         assert a.testzip() is None
-        fields = ("filename", "compress_type", "file_size", "compress_size", "external_attr", "create_system")
+        fields = (
+            "filename",
+            "compress_type",
+            "file_size",
+            "compress_size",
+            "external_attr",
+            "create_system",
+        )
         for x, y in zip(a.infolist(), b.infolist(), strict=True):
             assert [getattr(x, f) for f in fields] == [getattr(y, f) for f in fields]
             assert x.header_offset == y.header_offset
@@ -127,7 +134,7 @@ def test_lambda_refused_in_safe_mode(tmp_path):
     model = keras.Sequential([keras.Input((2,)), keras.layers.Lambda(lambda t: t * 2)])
     path = tmp_path / "lambda.keras"
     ksf.save_model(model, path)
-    with pytest.raises(ValueError, match="unsafe|lambda|Lambda"):
+    with pytest.raises(ValueError, match=r"unsafe|lambda|Lambda"):
         ksf.load_model(path)
     loaded = ksf.load_model(path, safe_mode=False)
     np.testing.assert_array_equal(loaded.predict(np.ones((1, 2)), verbose=0), [[2.0, 2.0]])

@@ -6,6 +6,7 @@ else goes to the stock implementation of the model's flavour, with stock behavio
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
@@ -71,6 +72,21 @@ def _may_write(filepath, overwrite: bool) -> bool:
     )
 
 
+@contextlib.contextmanager
+def _compile_config_kept(model):
+    """Undoes a stock side effect: Keras 3's legacy `.h5` save pops "optimizer" out of the model's
+    compile config in place (legacy/saving/saving_utils.py `model_metadata`), so every later save
+    of the model would record no optimizer."""
+    compile_config = getattr(model, "_compile_config", None)
+    kept = dict(compile_config.config) if compile_config is not None else None
+    try:
+        yield
+    finally:
+        if kept is not None:
+            compile_config.config.clear()
+            compile_config.config.update(kept)
+
+
 def save_model(model, filepath, overwrite=True, save_format=None, **kwargs):
     """Saves a model (architecture, weights, optimizer state) as stock Keras does, faster.
 
@@ -115,7 +131,8 @@ def save_model(model, filepath, overwrite=True, save_format=None, **kwargs):
     if not fast:
         if save_format:
             kwargs["save_format"] = save_format
-        return keras.saving.save_model(model, filepath, overwrite=True, **kwargs)
+        with _compile_config_kept(model):
+            return keras.saving.save_model(model, filepath, overwrite=True, **kwargs)
     if not model.built:
         warnings.warn(
             "You are saving a model that has not yet been built. It might not contain any weights yet. "

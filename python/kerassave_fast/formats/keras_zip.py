@@ -19,7 +19,7 @@ import h5py
 from keras.src.saving import saving_lib
 from keras.src.utils import file_utils
 
-from .._core import KerasSaveError, TensorFile, ZipArchive, ZipMember, ZipWriter
+from .._core import ZIP64_LIMIT, KerasSaveError, TensorFile, ZipArchive, ZipMember, ZipWriter
 from ..files import FileRegion, atomic_replace
 from ..keras3 import state
 from .weights_h5 import read_weights, write_weights
@@ -50,18 +50,27 @@ class _AssetsInto:
             self._writer.add_stored(info.filename, f.read(), info.date_time, info.external_attr)
 
 
-def save(model, filepath: str, include_optimizer: bool = True, threads: int = 0) -> None:
-    """Writes `model` to `filepath` as a `.keras` zip, replacing any previous file only when complete."""
+def save(
+    model,
+    filepath: str,
+    include_optimizer: bool = True,
+    threads: int = 0,
+    zip64_limit: int = ZIP64_LIMIT,
+) -> None:
+    """Writes `model` to `filepath` as a `.keras` zip, replacing any previous file only when complete.
+
+    `zip64_limit` is `zipfile`'s; tests lower it to exercise ZIP64 framing on small models.
+    """
     config_json, metadata_json = saving_lib._serialize_model_as_json(model)
     plan, assets = state.plan_model_state(model, include_optimizer)
     try:
         with atomic_replace(filepath) as tmp_path:
             file = TensorFile(tmp_path, writable=True)
-            writer = ZipWriter(file)
+            writer = ZipWriter(file, zip64_limit)
             writer.add_stored(METADATA, metadata_json.encode(), _ZIPINFO_DEFAULT_DATE, _OWNER_RW)
             writer.add_stored(CONFIG, config_json.encode(), _ZIPINFO_DEFAULT_DATE, _OWNER_RW)
             start = writer.begin_stored(WEIGHTS, time.localtime()[:6], _OWNER_RW, plan.size_hint())
-            size, crc = write_weights(file, start, plan, threads, crc=True)
+            size, crc = write_weights(file, start, plan, threads)
             writer.end_stored(size, crc)
             saving_lib._write_to_zip_recursively(_AssetsInto(writer), assets.working_dir, ASSETS)
             writer.finish()
@@ -103,7 +112,11 @@ class KerasArchive:
         if member.method == zipfile.ZIP_STORED:
             start = self.zip.data_offset(member.index)
             self.zip.check_crc(member.index, threads)  # before HDF5 parses a byte of it
-            source, size, fileobj = self.file, member.size, FileRegion(self.file.fileno(), start, member.size)
+            source, size, fileobj = (
+                self.file,
+                member.size,
+                FileRegion(self.file.fileno(), start, member.size),
+            )
         else:
             source = self.zip.read(member.index)
             start, size, fileobj = 0, len(source), io.BytesIO(source)
@@ -149,13 +162,23 @@ class KerasArchive:
             yield saving_lib.DiskIOStore(os.path.join(base, ASSETS), mode="r")
 
 
-def load(filepath: str, custom_objects=None, compile: bool = True, safe_mode: bool = True, threads: int = 0):
+def load(
+    filepath: str,
+    custom_objects=None,
+    compile: bool = True,
+    safe_mode: bool = True,
+    threads: int = 0,
+):
     """Reads a `.keras` zip written by us or by stock Keras."""
     archive = KerasArchive(filepath)
     if WEIGHTS not in archive.by_name:  # `.npz` weights or none: stock's path and errors
         return saving_lib.load_model(filepath, custom_objects, compile, safe_mode)
-    built = state.build_model(archive.read(CONFIG), custom_objects, compile, safe_mode)
-    with archive.extracted_assets() as assets, archive.open_weights(threads) as (source, start, size, h5):
+    config_json = archive.read(CONFIG)
+    with (
+        archive.open_weights(threads) as (source, start, size, h5),
+        archive.extracted_assets() as assets,
+    ):
+        built = state.build_model(config_json, custom_objects, compile, safe_mode)
         arrays = read_weights(h5, source, start, size, filepath, threads)
         state.load_model_state(built, h5, arrays, assets)
     return built.model

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import h5py
 
 from .._core import TensorFile
@@ -27,8 +25,7 @@ def save(model, filepath: str, threads: int = 0) -> None:
     plan, _ = state.plan_model_state(model, with_assets=False)
     with atomic_replace(filepath) as tmp_path:
         file = TensorFile(tmp_path, writable=True)
-        size, _ = write_weights(file, 0, plan, threads, crc=False)
-        os.ftruncate(file.fileno(), size)  # HDF5 needs the file to reach its declared end
+        write_weights(file, None, plan, threads)
         del file
 
 

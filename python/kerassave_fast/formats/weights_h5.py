@@ -92,10 +92,14 @@ def _create_reserved_dataset(group: h5py.Group, name: str, array: np.ndarray, na
     return dsid
 
 
-def write_skeleton(fileobj: FileRegion, plan: WeightsPlan) -> list[tuple[int, np.ndarray]]:
-    """Writes the HDF5 file's metadata through `fileobj`; returns (offset, array) of each reserved tensor."""
+def write_skeleton(target: str | FileRegion, plan: WeightsPlan) -> list[tuple[int, np.ndarray]]:
+    """Writes the HDF5 file's metadata to `target`; returns (offset, array) of each reserved tensor.
+
+    `target` is what stock gives h5py: a path for a `.weights.h5` file (HDF5's POSIX driver), a file
+    object for the member of a `.keras` zip (h5py's file-object driver) -- the two lay files out differently.
+    """
     placed: list[tuple[int, np.ndarray]] = []
-    with h5py.File(fileobj, "w") as f:
+    with h5py.File(target, "w") as f:
         group = None
         for step in plan.steps:
             if isinstance(step, PlannedGroup):
@@ -119,14 +123,19 @@ def write_skeleton(fileobj: FileRegion, plan: WeightsPlan) -> list[tuple[int, np
     return placed
 
 
-def write_weights(file: TensorFile, start: int, plan: WeightsPlan, threads: int, crc: bool) -> tuple[int, int]:
-    """Writes the whole HDF5 file at `start` of `file`; returns its size and (if asked) its CRC-32."""
-    region = FileRegion(file.fileno(), start, writable=True)
-    placed = write_skeleton(region, plan)
-    offsets = [start + offset for offset, _ in placed]
+def write_weights(file: TensorFile, start: int | None, plan: WeightsPlan, threads: int) -> tuple[int, int]:
+    """Writes the whole HDF5 file into `file`; returns its size and CRC-32.
+
+    With `start`, the HDF5 file is the stretch of `file` from there (a zip member); with None, it
+    is the whole of `file` (a `.weights.h5`, whose CRC is not needed and returned as 0).
+    """
+    region = FileRegion(file.fileno(), start, writable=True) if start is not None else None
+    placed = write_skeleton(region if region is not None else file.path, plan)
+    base = start or 0
+    offsets = [base + offset for offset, _ in placed]
     crcs = file.write_tensors(offsets, [as_bytes(a) for _, a in placed], threads)
-    if not crc:
-        return region.size, 0
+    if region is None:
+        return file.size(), 0
     known = sorted((o, a.nbytes, c) for o, (_, a), c in zip(offsets, placed, crcs, strict=True))
     return region.size, file.crc32(start, region.size, known, threads)
 

@@ -20,7 +20,11 @@ from keras.src.backend.common.stateless_scope import StatelessScope
 from keras.src.optimizers.base_optimizer import BaseOptimizer
 from keras.src.saving import saving_lib
 from keras.src.saving.object_registration import CustomObjectScope
-from keras.src.saving.serialization_lib import ObjectSharingScope, SafeModeScope, deserialize_keras_object
+from keras.src.saving.serialization_lib import (
+    ObjectSharingScope,
+    SafeModeScope,
+    deserialize_keras_object,
+)
 
 from ..formats.weights_h5 import WeightsPlan
 from ..tensors import adoptable_tensor

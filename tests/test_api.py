@@ -1,0 +1,188 @@
+"""The public API: stock's arguments, errors, overwrite rule, atomic saves, flavour dispatch."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import kerassave_fast as ksf
+from conftest import assert_same_state
+from kerassave_fast.formats import keras_zip
+
+
+@pytest.fixture
+def model(model_zoo):
+    return model_zoo("seed_example")
+
+
+@pytest.fixture
+def no_terminal(monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+
+
+def _same_error(call_stock, call_ours):
+    """Both calls raise; ours raises stock's exception type with stock's message."""
+    with pytest.raises(Exception) as stock:
+        call_stock()
+    with pytest.raises(type(stock.value)) as ours:
+        call_ours()
+    assert str(ours.value) == str(stock.value)
+
+
+@pytest.mark.parametrize(
+    "filename, kwargs",
+    [
+        ("m.txt", {}),
+        ("m.keras", {"signatures": None}),
+        ("m.keras", {"save_traces": False}),
+        ("m", {"save_format": "tf"}),
+    ],
+)
+def test_argument_errors_are_stocks(model, tmp_path, filename, kwargs):
+    path = tmp_path / filename
+    _same_error(lambda: keras.saving.save_model(model, path, **kwargs), lambda: ksf.save_model(model, path, **kwargs))
+    assert not path.exists()
+
+
+def test_our_own_arguments_are_checked(model, tmp_path):
+    with pytest.raises(ValueError, match="threads"):
+        ksf.save_model(model, tmp_path / "m.keras", threads=0)
+    with pytest.raises(ValueError, match="compression"):
+        ksf.save_model(model, tmp_path / "m.keras", compression="gzip")
+    with pytest.raises(TypeError, match="Keras model"):
+        ksf.save_model(object(), tmp_path / "m.keras")
+    with pytest.raises(ValueError, match="not supported"):
+        ksf.load_model(tmp_path / "m.keras", options=None)
+
+
+def test_threads_argument_gives_the_same_file(model, tmp_path):
+    one, two = tmp_path / "one.keras", tmp_path / "two.keras"
+    ksf.save_model(model, one, threads=1)
+    ksf.save_model(model, two, threads=2)
+    assert keras_zip.KerasArchive(str(one)).read("model.weights.h5") == keras_zip.KerasArchive(str(two)).read(
+        "model.weights.h5"
+    )
+    assert_same_state(model, ksf.load_model(two, threads=1))
+
+
+def test_overwrite_false_without_terminal_never_clobbers(model, tmp_path, no_terminal):
+    path = tmp_path / "m.keras"
+    path.write_bytes(b"previous")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        ksf.save_model(model, path, overwrite=False)
+    assert path.read_bytes() == b"previous"
+    fresh = tmp_path / "fresh.keras"
+    ksf.save_model(model, fresh, overwrite=False)
+    assert_same_state(model, ksf.load_model(fresh))
+
+
+@pytest.mark.parametrize("answer", [True, False])
+def test_overwrite_false_on_a_terminal_asks(model, tmp_path, monkeypatch, answer):
+    from keras.src.utils import io_utils
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal())
+    asked = []
+    monkeypatch.setattr(io_utils, "ask_to_proceed_with_overwrite", lambda p: asked.append(p) or answer)
+    path = tmp_path / "m.keras"
+    path.write_bytes(b"previous")
+    ksf.save_model(model, path, overwrite=False)
+    assert asked == [path]
+    assert (path.read_bytes() != b"previous") == answer
+
+
+def test_failed_save_keeps_the_previous_file(model, tmp_path, monkeypatch):
+    path = tmp_path / "m.keras"
+    ksf.save_model(model, path)
+    before = path.read_bytes()
+
+    def fail_midway(*args, **kwargs):
+        keras_zip.write_weights.__wrapped__(*args, **kwargs)
+        raise RuntimeError("disk on fire")
+
+    fail_midway.__wrapped__ = keras_zip.write_weights
+    monkeypatch.setattr(keras_zip, "write_weights", fail_midway)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        ksf.save_model(model, path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["m.keras"], "a temporary file was left behind"
+
+
+def test_missing_directory_is_stocks_error(model, tmp_path):
+    path = tmp_path / "no" / "such" / "m.keras"
+    with pytest.raises(FileNotFoundError):
+        keras.saving.save_model(model, path)
+    with pytest.raises(FileNotFoundError):
+        ksf.save_model(model, path)
+
+
+def test_symlink_is_followed_and_mode_kept(model, tmp_path):
+    target, link = tmp_path / "real.keras", tmp_path / "link.keras"
+    target.write_bytes(b"old")
+    target.chmod(0o640)
+    link.symlink_to(target)
+    ksf.save_model(model, link)
+    assert link.is_symlink()
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert_same_state(model, ksf.load_model(link))
+
+
+def test_new_file_mode_follows_umask(model, tmp_path):
+    old = os.umask(0o027)
+    try:
+        ksf.save_model(model, tmp_path / "m.keras")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.keras").stat().st_mode) == 0o640
+
+
+def test_unbuilt_model_warns_like_stock(tmp_path):
+    model = keras.Sequential([keras.layers.Dense(2)])
+    with pytest.warns(UserWarning, match="not yet been built"):
+        ksf.save_model(model, tmp_path / "m.keras")
+    loaded = ksf.load_model(tmp_path / "m.keras")
+    assert not loaded.built
+
+
+def test_legacy_h5_is_delegated_to_stock(model, tmp_path):
+    path = tmp_path / "m.h5"
+    ksf.save_model(model, path)
+    for load in (keras.saving.load_model, ksf.load_model):
+        loaded = load(path, compile=False)
+        for a, b in zip(model.weights, loaded.weights, strict=True):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # Stock's .h5 save drops the optimizer from the model's compile config; ours puts it back.
+    ksf.save_model(model, tmp_path / "after.keras")
+    assert_same_state(model, ksf.load_model(tmp_path / "after.keras"))
+
+
+@pytest.mark.parametrize("value, legacy", [("1", True), ("true", True), ("True", True), ("0", False), ("yes", False)])
+def test_flavour_rule_is_tensorflows(monkeypatch, value, legacy):
+    monkeypatch.setenv("TF_USE_LEGACY_KERAS", value)
+    assert ksf.legacy_keras_requested() is legacy
+
+
+def test_tf_keras_models_go_to_tf_keras(tmp_path, monkeypatch):
+    tf_keras = pytest.importorskip("tf_keras")
+    model = tf_keras.Sequential([tf_keras.layers.Dense(3, input_shape=(2,))])
+    model.compile(optimizer="adam", loss="mse")
+    model.train_on_batch(np.ones((2, 2)), np.ones((2, 3)))
+    for name in ("m.keras", "m.h5", "saved_model"):
+        path = tmp_path / name
+        ksf.save_model(model, path)
+        monkeypatch.setenv("TF_USE_LEGACY_KERAS", "1")
+        loaded = ksf.load_model(path)
+        monkeypatch.delenv("TF_USE_LEGACY_KERAS")
+        assert isinstance(loaded, tf_keras.Model)
+        for a, b in zip(model.weights, loaded.weights, strict=True):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert (tmp_path / "saved_model" / "variables" / "variables.index").exists()
