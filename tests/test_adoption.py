@@ -43,9 +43,9 @@ def test_loaded_variables_adopt_the_read_buffers(model_zoo, tmp_path, monkeypatc
     read = {}
 
     def capture(*args, **kwargs):
-        arrays = keras_zip.read_weights.__wrapped__(*args, **kwargs)
-        read.update(arrays)
-        return arrays
+        reading = keras_zip.read_weights.__wrapped__(*args, **kwargs)
+        reading.add_done_callback(lambda f: read.update(f.result()))
+        return reading
 
     capture.__wrapped__ = keras_zip.read_weights
     monkeypatch.setattr(keras_zip, "read_weights", capture)

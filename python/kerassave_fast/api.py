@@ -7,6 +7,7 @@ else goes to the stock implementation of the model's flavour, with stock behavio
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 import warnings
@@ -44,6 +45,19 @@ def _local_path(filepath) -> str | None:
     if not isinstance(path, str) or "://" in path:
         return None
     return path
+
+
+@contextlib.contextmanager
+def _no_gc_pauses():
+    """Keeps Python's cyclic GC from pausing inside a save or load (a full collection of a process
+    holding TensorFlow and a big model took 0.66 s in one ResNet50 load). It runs again afterwards."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _threads(value) -> int:
@@ -139,7 +153,8 @@ def save_model(model, filepath, overwrite=True, save_format=None, **kwargs):
             "Consider building the model first by calling it on some data.",
             stacklevel=2,
         )
-    keras_zip.save(model, path, include_optimizer=include_optimizer, threads=threads)
+    with _no_gc_pauses():
+        keras_zip.save(model, path, include_optimizer=include_optimizer, threads=threads)
     return None
 
 
@@ -176,7 +191,8 @@ def load_model(filepath, custom_objects=None, compile=True, safe_mode=True, **kw
         raise ValueError(
             f"File not found: filepath={filepath}. Please ensure the file is an accessible `.keras` zip file."
         )
-    return keras_zip.load(path, custom_objects, compile, safe_mode, threads)
+    with _no_gc_pauses():
+        return keras_zip.load(path, custom_objects, compile, safe_mode, threads)
 
 
 def save_weights(model, filepath, overwrite=True, **kwargs):
@@ -196,7 +212,8 @@ def save_weights(model, filepath, overwrite=True, **kwargs):
     path = _local_path(filepath)
     if path is None or not path.endswith(".weights.h5") or kwargs:
         return keras.saving.save_weights(model, filepath, overwrite=True, **kwargs)
-    weights_file.save(model, path, threads=threads)
+    with _no_gc_pauses():
+        weights_file.save(model, path, threads=threads)
     return None
 
 
@@ -215,5 +232,6 @@ def load_weights(model, filepath, skip_mismatch=False, **kwargs):
     path = _local_path(filepath)
     if path is None or kwargs or not path.endswith((".keras", ".weights.h5")):
         return keras.saving.load_weights(model, filepath, skip_mismatch=skip_mismatch, **kwargs)
-    weights_file.load(model, path, skip_mismatch=skip_mismatch, threads=threads)
+    with _no_gc_pauses():
+        weights_file.load(model, path, skip_mismatch=skip_mismatch, threads=threads)
     return None

@@ -14,6 +14,7 @@ import tempfile
 import time
 import warnings
 import zipfile
+from concurrent import futures
 
 import h5py
 from keras.src.saving import saving_lib
@@ -178,7 +179,10 @@ def load(
         archive.open_weights(threads) as (source, start, size, h5),
         archive.extracted_assets() as assets,
     ):
-        built = state.build_model(config_json, custom_objects, compile, safe_mode)
-        arrays = read_weights(h5, source, start, size, filepath, threads)
-        state.load_model_state(built, h5, arrays, assets)
+        reading = read_weights(h5, source, start, size, filepath, threads)
+        try:  # the model is built while the tensors are read
+            built = state.build_model(config_json, custom_objects, compile, safe_mode)
+        finally:
+            futures.wait([reading])
+        state.load_model_state(built, h5, reading.result(), assets)
     return built.model

@@ -25,7 +25,7 @@ def save(model, filepath: str, threads: int = 0) -> None:
     plan, _ = state.plan_model_state(model, with_assets=False)
     with atomic_replace(filepath) as tmp_path:
         file = TensorFile(tmp_path, writable=True)
-        write_weights(file, None, plan, threads)
+        write_weights(file, None, plan)
         del file
 
 
@@ -34,11 +34,11 @@ def load(model, filepath: str, skip_mismatch: bool = False, threads: int = 0) ->
     _require_built(model, "loading weights into")
     if filepath.endswith(".keras"):
         with KerasArchive(filepath).open_weights(threads) as (source, start, size, h5):
-            arrays = read_weights(h5, source, start, size, filepath, threads)
+            arrays = read_weights(h5, source, start, size, filepath, threads).result()
             state.load_model_state(state.BuiltModel(model), h5, arrays, None, skip_mismatch=skip_mismatch)
         return
     file = TensorFile(filepath)
     size = file.size()
     with h5py.File(FileRegion(file.fileno(), 0, size), "r") as h5:
-        arrays = read_weights(h5, file, 0, size, filepath, threads)
+        arrays = read_weights(h5, file, 0, size, filepath, threads).result()
         state.load_model_state(state.BuiltModel(model), h5, arrays, None, skip_mismatch=skip_mismatch)

@@ -7,7 +7,11 @@ reserved for them, or read from the offset HDF5 recorded. The tensor bytes never
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import h5py
@@ -15,7 +19,7 @@ import numpy as np
 from h5py import h5d, h5o, h5s
 from h5py._hl.dataset import make_new_dset
 
-from .._core import KerasSaveError, TensorFile
+from .._core import KerasSaveError, TensorFile, TensorWriter
 from ..files import FileRegion
 from ..tensors import BFLOAT16, aligned_empty, as_bytes, snapshot
 
@@ -92,13 +96,13 @@ def _create_reserved_dataset(group: h5py.Group, name: str, array: np.ndarray, na
     return dsid
 
 
-def write_skeleton(target: str | FileRegion, plan: WeightsPlan) -> list[tuple[int, np.ndarray]]:
-    """Writes the HDF5 file's metadata to `target`; returns (offset, array) of each reserved tensor.
+def write_skeleton(target: str | FileRegion, plan: WeightsPlan, place: Callable[[int, np.ndarray], None]) -> None:
+    """Writes the HDF5 file's metadata to `target`, calling `place(offset, array)` for each tensor
+    as soon as HDF5 has reserved its bytes.
 
     `target` is what stock gives h5py: a path for a `.weights.h5` file (HDF5's POSIX driver), a file
     object for the member of a `.keras` zip (h5py's file-object driver) -- the two lay files out differently.
     """
-    placed: list[tuple[int, np.ndarray]] = []
     with h5py.File(target, "w") as f:
         group = None
         for step in plan.steps:
@@ -119,24 +123,44 @@ def write_skeleton(target: str | FileRegion, plan: WeightsPlan) -> list[tuple[in
                 h5py.Dataset(dsid).attrs["dtype"] = "bfloat16"
             offset = dsid.get_offset()
             if offset is not None and step.array.nbytes:
-                placed.append((offset, step.array))
-    return placed
+                place(offset, step.array)
 
 
-def write_weights(file: TensorFile, start: int | None, plan: WeightsPlan, threads: int) -> tuple[int, int]:
+def write_weights(file: TensorFile, start: int | None, plan: WeightsPlan, threads: int = 0) -> tuple[int, int]:
     """Writes the whole HDF5 file into `file`; returns its size and CRC-32.
 
-    With `start`, the HDF5 file is the stretch of `file` from there (a zip member); with None, it
-    is the whole of `file` (a `.weights.h5`, whose CRC is not needed and returned as 0).
+    With `start`, the HDF5 file is the stretch of `file` from there (a zip member): each tensor is
+    queued to the Rust writer as soon as HDF5 has placed it, so bytes move while h5py lays out the
+    rest. With None, it is the whole of `file` (a `.weights.h5`): HDF5's POSIX driver may still
+    hold a tensor's first bytes in its sieve buffer, so tensors are written once h5py is done, and
+    the CRC (not needed) is returned as 0.
     """
-    region = FileRegion(file.fileno(), start, writable=True) if start is not None else None
-    placed = write_skeleton(region if region is not None else file.path, plan)
+    writer = TensorWriter(file)
+    placed: list[tuple[int, int]] = []
+    region = FileRegion(file.fileno(), start, writable=True, deferred=True) if start is not None else None
     base = start or 0
-    offsets = [base + offset for offset, _ in placed]
-    crcs = file.write_tensors(offsets, [as_bytes(a) for _, a in placed], threads)
+
+    def place(offset: int, array: np.ndarray) -> None:
+        placed.append((base + offset, array))
+        if region is not None:
+            region.reserve(offset, offset + array.nbytes)
+            writer.submit(base + offset, as_bytes(array))
+
+    try:
+        write_skeleton(region if region is not None else file.path, plan, place)
+        if region is None:
+            for offset, array in placed:
+                writer.submit(offset, as_bytes(array))
+    except BaseException:
+        with contextlib.suppress(Exception):
+            writer.finish()  # the worker must be done with the arrays before they may go
+        raise
+    crcs = writer.finish()
+    if region is not None:
+        region.flush_deferred()
     if region is None:
         return file.size(), 0
-    known = sorted((o, a.nbytes, c) for o, (_, a), c in zip(offsets, placed, crcs, strict=True))
+    known = sorted((o, a.nbytes, c) for (o, a), c in zip(placed, crcs, strict=True))
     return region.size, file.crc32(start, region.size, known, threads)
 
 
@@ -154,34 +178,36 @@ class StoredTensor:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-def _as_stored_tensor(dataset: h5py.Dataset) -> StoredTensor | None:
-    dsid = dataset.id
+def _as_stored_tensor(h5: h5py.File, name: bytes) -> StoredTensor | None:
+    dsid = h5d.open(h5.id, name)
     plist = dsid.get_create_plist()
     if plist.get_layout() != h5d.CONTIGUOUS or plist.get_nfilters() or plist.get_external_count():
         return None
-    dtype = dataset.dtype
-    if dtype.kind == "V" and dtype.itemsize == 2 and dataset.attrs.get("dtype") == "bfloat16":
+    space = dsid.get_space()
+    if space.get_simple_extent_type() == h5s.NULL:
+        return None
+    dtype = dsid.dtype
+    if dtype.kind == "V" and dtype.itemsize == 2 and h5py.Dataset(dsid).attrs.get("dtype") == "bfloat16":
         dtype = BFLOAT16
     elif dtype.kind not in "biufc" or not dtype.isnative:
         return None
     offset = dsid.get_offset()
-    if offset is None or dataset.shape is None:
-        return None  # never written (h5py reads fill values) or an empty dataspace
-    tensor = StoredTensor(dataset.name, offset, dataset.shape, dtype)
+    if offset is None:
+        return None  # never written: h5py reads fill values
+    tensor = StoredTensor("/" + name.decode("utf-8", "surrogateescape"), offset, space.shape, dtype)
     return tensor if dsid.get_storage_size() == tensor.nbytes else None
 
 
 def stored_tensors(h5: h5py.File, size: int, where: str) -> list[StoredTensor]:
     """Every dataset readable by offset, checked to lie inside the file's `size` bytes without overlap."""
-    found: list[StoredTensor] = []
+    names: list[bytes] = []
 
-    def visit(_name: str, obj) -> None:
-        if isinstance(obj, h5py.Dataset):
-            tensor = _as_stored_tensor(obj)
-            if tensor is not None and tensor.nbytes:
-                found.append(tensor)
+    def visit(name: bytes, info) -> None:
+        if info.type == h5o.TYPE_DATASET:
+            names.append(name)
 
-    h5.visititems(visit)
+    h5o.visit(h5.id, visit, info=True)  # each object once, through hard links only
+    found = [t for t in (_as_stored_tensor(h5, n) for n in names) if t is not None and t.nbytes]
     found.sort(key=lambda t: t.offset)
     end_of_previous, previous = 0, None
     for tensor in found:
@@ -196,14 +222,29 @@ def stored_tensors(h5: h5py.File, size: int, where: str) -> list[StoredTensor]:
     return found
 
 
-def read_weights(h5: h5py.File, source: TensorFile | bytes, start: int, size: int, where: str, threads: int):
-    """Reads every by-offset dataset into its own aligned array; returns {dataset name: array}."""
+def read_weights(
+    h5: h5py.File, source: TensorFile | bytes, start: int, size: int, where: str, threads: int
+) -> Future[dict[str, np.ndarray]]:
+    """Reads every by-offset dataset into its own aligned array, in the background.
+
+    Lists the datasets now (h5py), then moves the bytes on a thread (the Rust core releases the
+    GIL), so the caller can build the model meanwhile. The future gives {dataset name: array}.
+    """
     tensors = stored_tensors(h5, size, where)
     arrays = {t.name: aligned_empty(t.shape, t.dtype) for t in tensors}
     buffers = [as_bytes(arrays[t.name]) for t in tensors]
-    if isinstance(source, TensorFile):
-        source.read_tensors([start + t.offset for t in tensors], buffers, threads)
-    else:  # an inflated (DEFLATED) member already in memory
-        for t, buffer in zip(tensors, buffers, strict=True):
-            buffer[:] = np.frombuffer(source, np.uint8, t.nbytes, start + t.offset)
-    return arrays
+    future: Future[dict[str, np.ndarray]] = Future()
+
+    def read() -> None:
+        try:
+            if isinstance(source, TensorFile):
+                source.read_tensors([start + t.offset for t in tensors], buffers, threads)
+            else:  # an inflated (DEFLATED) member already in memory
+                for t, buffer in zip(tensors, buffers, strict=True):
+                    buffer[:] = np.frombuffer(source, np.uint8, t.nbytes, start + t.offset)
+            future.set_result(arrays)
+        except BaseException as e:
+            future.set_exception(e)
+
+    threading.Thread(target=read, name="kerassave-reader", daemon=True).start()
+    return future

@@ -1,0 +1,144 @@
+"""What the benchmark measures, all in one process and one run: the floor (raw I/O of the same
+bytes, the stock build from config), stock Keras, and us. Times are medians of repeats."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import keras
+import numpy as np
+from keras.src.saving import saving_lib
+
+import kerassave_fast as ksf
+from kerassave_fast.tensors import snapshot
+
+
+def _status(key: str) -> int:
+    """A /proc/self/status field in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def extra_peak_rss(action: Callable[[], object]) -> int:
+    """Bytes the process's resident set grew to, above where it stood, while `action` ran."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current VmRSS
+    before = _status("VmRSS")
+    result = action()
+    peak = _status("VmHWM")
+    del result
+    return max(0, peak - before)
+
+
+def model_arrays(model) -> list[np.ndarray]:
+    """The bytes a save writes: every weight and optimizer variable (views, no copies)."""
+    variables = list(model.weights) + list(model.optimizer.variables)
+    return [snapshot(v) for v in variables]
+
+
+def raw_write(arrays: list[np.ndarray], path: str) -> None:
+    """The save floor: one thread writing the same bytes to a new file, sequentially."""
+    with open(path, "wb") as f:
+        for a in arrays:
+            f.write(a.reshape(-1).view(np.uint8))
+
+
+def raw_read(path: str) -> np.ndarray:
+    """The load floor's I/O: one thread reading the file into fresh memory, 16 MiB at a time
+    (a single 800 MB `readinto` is up to 5x slower here, so the floor uses the faster way)."""
+    buffer = np.empty(os.path.getsize(path), np.uint8)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        done = 0
+        while done < len(buffer):
+            done += f.readinto(view[done : done + (16 << 20)])
+    return buffer
+
+
+def stock_build(path: str):
+    """The load floor's rest: stock building the model from its config (initializers run)."""
+    with zipfile.ZipFile(path) as zf:
+        config = zf.read("config.json")
+    return saving_lib._model_from_config(config, None, True, True)
+
+
+@dataclass
+class Result:
+    """Medians (seconds) and single values of one model in one directory."""
+
+    model: str
+    directory: str
+    nbytes: int
+    variables: int
+    times: dict[str, float] = field(default_factory=dict)
+    spread: dict[str, tuple[float, float]] = field(default_factory=dict)
+    extra_rss: dict[str, int] = field(default_factory=dict)
+    file_size: dict[str, int] = field(default_factory=dict)
+
+    def ratio(self, op: str, floor: str) -> float:
+        return self.times[op] / self.floor(floor)
+
+    def floor(self, name: str) -> float:
+        if name == "read+build":
+            return self.times["raw_read"] + self.times["stock_build"]
+        return self.times[name]
+
+    def to_json(self) -> dict:
+        return self.__dict__
+
+
+def run(model_name: str, model, directory: str, repeats: int, log: Callable[[str], None]) -> Result:
+    arrays = model_arrays(model)
+    result = Result(model_name, directory, sum(a.nbytes for a in arrays), len(arrays))
+    paths = {n: os.path.join(directory, f"ksf-bench-{model_name}-{n}") for n in ("raw", "stock", "ours")}
+    paths["stock"] += ".keras"
+    paths["ours"] += ".keras"
+    ops: dict[str, Callable[[], object]] = {
+        "raw_write": lambda: raw_write(arrays, paths["raw"]),
+        "stock_save": lambda: keras.saving.save_model(model, paths["stock"]),
+        "ours_save": lambda: ksf.save_model(model, paths["ours"]),
+        "raw_read": lambda: raw_read(paths["raw"]),
+        "stock_build": lambda: stock_build(paths["ours"]),
+        "stock_load": lambda: keras.saving.load_model(paths["stock"]),
+        "ours_load": lambda: ksf.load_model(paths["ours"]),
+    }
+    try:
+        for name, op in ops.items():  # warm-up: first calls trace functions and fill caches
+            op()
+            gc.collect()
+        samples: dict[str, list[float]] = {name: [] for name in ops}
+        for rep in range(repeats):
+            for name, op in ops.items():  # interleaved, so a noisy moment hits every column
+                gc.collect()
+                start = time.perf_counter()
+                kept = op()
+                samples[name].append(time.perf_counter() - start)
+                del kept
+            log(f"  {model_name} in {directory}: repeat {rep + 1}/{repeats} done")
+        for name, values in samples.items():
+            result.times[name] = statistics.median(values)
+            result.spread[name] = (min(values), max(values))
+        for name in ("stock_save", "ours_save", "stock_load", "ours_load"):
+            result.extra_rss[name] = extra_peak_rss(ops[name])
+        result.file_size = {n: os.path.getsize(paths[n]) for n in ("stock", "ours")}
+    finally:
+        for path in paths.values():
+            if os.path.exists(path):
+                os.unlink(path)
+    return result
+
+
+def save_json(results: list[Result], machine: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump({"machine": machine, "results": [r.to_json() for r in results]}, f, indent=1)

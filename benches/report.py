@@ -1,0 +1,164 @@
+"""The benchmark's table (Markdown), target checks and bar chart (PNG)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from datetime import datetime, timezone
+
+from measure import Result
+
+MIB = 1 << 20
+# The issue's targets: save within this many raw writes; load within raw read + stock build.
+SAVE_LIMIT = {"resnet50": 3.0}
+DEFAULT_SAVE_LIMIT = 1.25
+LOAD_LIMIT = 1.0
+
+
+def rss_budget(nbytes: int) -> int:
+    return 64 * MIB + nbytes // 50
+
+
+def _filesystem(directory: str) -> str:
+    try:
+        out = subprocess.run(["df", "-T", directory], capture_output=True, text=True, check=True).stdout
+        return out.splitlines()[1].split()[1]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return "?"
+
+
+def machine(directories: list[str]) -> dict:
+    import h5py
+    import keras
+    import numpy
+    import tensorflow
+
+    cpu = "?"
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                cpu = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    with open("/proc/meminfo") as f:
+        memory = int(f.readline().split()[1]) * 1024
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(memory / (1 << 30), 1),
+        "kernel": platform.release(),
+        "filesystems": {d: _filesystem(d) for d in directories},
+        "versions": {
+            "tensorflow": tensorflow.__version__,
+            "keras": keras.__version__,
+            "h5py": h5py.__version__,
+            "numpy": numpy.__version__,
+            "python": platform.python_version(),
+        },
+    }
+
+
+def _s(seconds: float) -> str:
+    return f"{seconds:.3f}"
+
+
+def _check(ok: bool) -> str:
+    return "ok" if ok else "**MISSED**"
+
+
+def targets(r: Result) -> list[tuple[str, bool]]:
+    save_limit = SAVE_LIMIT.get(r.model, DEFAULT_SAVE_LIMIT)
+    return [
+        (f"save ≤ {save_limit}× raw write", r.ratio("ours_save", "raw_write") <= save_limit),
+        (f"load ≤ {LOAD_LIMIT}× (raw read + build)", r.ratio("ours_load", "read+build") <= LOAD_LIMIT),
+        ("extra RSS while saving ≤ 64 MiB + 2 %", r.extra_rss["ours_save"] <= rss_budget(r.nbytes)),
+    ]
+
+
+def markdown(results: list[Result], info: dict, repeats: int) -> str:
+    lines = [
+        f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, Linux {info['kernel']}; "
+        + ", ".join(f"`{d}` is {fs}" for d, fs in info["filesystems"].items())
+        + f". {info['date']}. Medians of {repeats} interleaved repeats, all in one run.",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + ".",
+        "",
+        "**Save** (floor: one thread writing the same bytes to a new file)",
+        "",
+        "| model | dir | MB | vars | raw write s | stock s | ours s | ours/raw | stock/raw | speed-up | "
+        "extra RSS stock MiB | extra RSS ours MiB (budget) |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in results:
+        t = r.times
+        lines.append(
+            f"| {r.model} | `{r.directory}` | {r.nbytes / 1e6:.0f} | {r.variables} | {_s(t['raw_write'])} | "
+            f"{_s(t['stock_save'])} | {_s(t['ours_save'])} | {r.ratio('ours_save', 'raw_write'):.2f}× | "
+            f"{r.ratio('stock_save', 'raw_write'):.2f}× | {t['stock_save'] / t['ours_save']:.1f}× | "
+            f"{r.extra_rss['stock_save'] / MIB:.0f} | {r.extra_rss['ours_save'] / MIB:.0f} "
+            f"({rss_budget(r.nbytes) / MIB:.0f}) |"
+        )
+    lines += [
+        "",
+        "**Load** (floor: one thread reading the file into fresh memory + stock building the model from its config)",
+        "",
+        "| model | dir | raw read s | stock build s | floor s | stock s | ours s | ours/floor | stock/floor | "
+        "speed-up | file MB stock / ours |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in results:
+        t = r.times
+        lines.append(
+            f"| {r.model} | `{r.directory}` | {_s(t['raw_read'])} | {_s(t['stock_build'])} | "
+            f"{_s(r.floor('read+build'))} | {_s(t['stock_load'])} | {_s(t['ours_load'])} | "
+            f"{r.ratio('ours_load', 'read+build'):.2f}× | {r.ratio('stock_load', 'read+build'):.2f}× | "
+            f"{t['stock_load'] / t['ours_load']:.1f}× | "
+            f"{r.file_size['stock'] / 1e6:.1f} / {r.file_size['ours'] / 1e6:.1f} |"
+        )
+    lines += [
+        "",
+        "**Targets** (from the measurements above)",
+        "",
+        "| model | dir | target | result |",
+        "|---|---|---|---|",
+    ]
+    for r in results:
+        for name, ok in targets(r):
+            lines.append(f"| {r.model} | `{r.directory}` | {name} | {_check(ok)} |")
+    lines += ["", "Spread (min–max seconds) of each median:", ""]
+    for r in results:
+        spread = ", ".join(f"{k} {lo:.3f}–{hi:.3f}" for k, (lo, hi) in r.spread.items())
+        lines.append(f"- {r.model} `{r.directory}`: {spread}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[Result], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.9 * len(results) + 2.5))
+    labels = [f"{r.model}\n{r.directory}" for r in results]
+    for ax, (title, floor, stock, ours, floor_label) in zip(
+        axes,
+        [
+            ("save", "raw_write", "stock_save", "ours_save", "raw write"),
+            ("load", "read+build", "stock_load", "ours_load", "raw read + build"),
+        ],
+        strict=True,
+    ):
+        rows = range(len(results))
+        height = 0.27
+        ax.barh([i - height for i in rows], [1.0] * len(results), height, label=floor_label, color="#bbbbbb")
+        ax.barh(rows, [r.ratio(stock, floor) for r in results], height, label="stock Keras", color="#d9534f")
+        ax.barh([i + height for i in rows], [r.ratio(ours, floor) for r in results], height, label="kerassave_fast")
+        ax.set_yticks(list(rows), labels)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"time / floor ({floor_label}), lower is better")
+        ax.set_title(title)
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
