@@ -114,7 +114,7 @@ def run(model_name: str, model, directory: str, repeats: int, log: Callable[[str
         "ours_load": lambda: ksf.load_model(paths["ours"]),
     }
     try:
-        for name, op in ops.items():  # warm-up: first calls trace functions and fill caches
+        for op in ops.values():  # warm-up: first calls trace functions and fill caches
             op()
             gc.collect()
         samples: dict[str, list[float]] = {name: [] for name in ops}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from measure import Result
 
@@ -44,7 +44,7 @@ def machine(directories: list[str]) -> dict:
     with open("/proc/meminfo") as f:
         memory = int(f.readline().split()[1]) * 1024
     return {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu,
         "cores": os.cpu_count(),
         "memory_gib": round(memory / (1 << 30), 1),

@@ -14,10 +14,11 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import report  # noqa: E402
-from measure import Result, run, save_json  # noqa: E402
+import keras
+import numpy as np
+
+import report
+from measure import Result, run, save_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
