@@ -54,6 +54,14 @@ def raw_write(arrays: list[np.ndarray], path: str) -> None:
             f.write(a.reshape(-1).view(np.uint8))
 
 
+def raw_write_atomic(arrays: list[np.ndarray], path: str) -> None:
+    """The same write to a new file renamed over the old one, as an atomic save must do: the new
+    file needs fresh pages while the old one still holds its own (raw_write recycles them)."""
+    tmp = path + ".tmp"
+    raw_write(arrays, tmp)
+    os.replace(tmp, path)
+
+
 def raw_read(path: str) -> np.ndarray:
     """The load floor's I/O: one thread reading the file into fresh memory, 16 MiB at a time
     (a single 800 MB `readinto` is up to 5x slower here, so the floor uses the faster way)."""
@@ -101,11 +109,12 @@ class Result:
 def run(model_name: str, model, directory: str, repeats: int, log: Callable[[str], None]) -> Result:
     arrays = model_arrays(model)
     result = Result(model_name, directory, sum(a.nbytes for a in arrays), len(arrays))
-    paths = {n: os.path.join(directory, f"ksf-bench-{model_name}-{n}") for n in ("raw", "stock", "ours")}
+    paths = {n: os.path.join(directory, f"ksf-bench-{model_name}-{n}") for n in ("raw", "raw_atomic", "stock", "ours")}
     paths["stock"] += ".keras"
     paths["ours"] += ".keras"
     ops: dict[str, Callable[[], object]] = {
         "raw_write": lambda: raw_write(arrays, paths["raw"]),
+        "raw_write_atomic": lambda: raw_write_atomic(arrays, paths["raw_atomic"]),
         "stock_save": lambda: keras.saving.save_model(model, paths["stock"]),
         "ours_save": lambda: ksf.save_model(model, paths["ours"]),
         "raw_read": lambda: raw_read(paths["raw"]),

@@ -5,8 +5,6 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::{mpsc, Arc};
-use std::thread;
 
 use crc32fast::Hasher;
 use rayon::prelude::*;
@@ -91,87 +89,6 @@ pub fn write_tensors(file: &File, path: &str, tensors: &[(u64, &[u8])], threads:
             .collect()
     })?;
     combine_per_tensor(tensors.len(), jobs.iter().map(|j| j.0).zip(results))
-}
-
-/// One tensor for the background writer: bytes the caller keeps alive and unchanged until
-/// `BackgroundWriter::finish` returns (or the writer is dropped).
-struct Job {
-    offset: u64,
-    ptr: *const u8,
-    len: usize,
-}
-
-// SAFETY: a `Job` only carries the address of bytes that `BackgroundWriter::submit`'s caller
-// guarantees stay valid and unmodified until the worker is joined.
-unsafe impl Send for Job {}
-
-/// Writes tensors on a worker thread, in submission order, while the caller goes on laying out
-/// the rest of the file. Returns each tensor's CRC-32 from `finish`.
-pub struct BackgroundWriter {
-    jobs: Option<mpsc::Sender<Job>>,
-    worker: Option<thread::JoinHandle<Result<Vec<u32>>>>,
-}
-
-impl BackgroundWriter {
-    pub fn start(file: Arc<File>, path: &str) -> Result<Self> {
-        let (jobs, queue) = mpsc::channel::<Job>();
-        let path = path.to_owned();
-        let worker = thread::Builder::new()
-            .name("kerassave-writer".into())
-            .spawn(move || {
-                let mut crcs = Vec::new();
-                for job in queue {
-                    // SAFETY: see `Job`; zero-length tensors never dereference their address.
-                    let bytes = if job.len == 0 {
-                        &[][..]
-                    } else {
-                        unsafe { std::slice::from_raw_parts(job.ptr, job.len) }
-                    };
-                    crcs.extend(write_tensors(&file, &path, &[(job.offset, bytes)], 1)?);
-                }
-                Ok(crcs)
-            })
-            .map_err(|e| Error::io("writer thread", "start", e))?;
-        Ok(BackgroundWriter {
-            jobs: Some(jobs),
-            worker: Some(worker),
-        })
-    }
-
-    /// Queues `len` bytes at `ptr` to be written at `offset`.
-    ///
-    /// # Safety
-    /// The bytes must stay valid and unmodified until `finish` returns or the writer is dropped.
-    pub unsafe fn submit(&self, offset: u64, ptr: *const u8, len: usize) -> Result<()> {
-        let sent = self.jobs.as_ref().map(|jobs| jobs.send(Job { offset, ptr, len }));
-        match sent {
-            Some(Ok(())) => Ok(()),
-            // The worker stopped at an error: `finish` reports it.
-            Some(Err(_)) => Ok(()),
-            None => Err(Error::Argument("the writer is already finished".into())),
-        }
-    }
-
-    /// Waits for every queued tensor; returns their CRC-32s in submission order, or the first error.
-    pub fn finish(&mut self) -> Result<Vec<u32>> {
-        self.jobs.take();
-        match self.worker.take() {
-            Some(worker) => worker
-                .join()
-                .unwrap_or_else(|_| Err(Error::Argument("the writer thread panicked".into()))),
-            None => Err(Error::Argument("the writer is already finished".into())),
-        }
-    }
-}
-
-impl Drop for BackgroundWriter {
-    fn drop(&mut self) {
-        // The submitted bytes may be freed after this: the worker must be done with them.
-        self.jobs.take();
-        if let Some(worker) = self.worker.take() {
-            let _ = worker.join();
-        }
-    }
 }
 
 /// Fills each `(offset, buffer)` from the file and returns each tensor's CRC-32.
@@ -316,48 +233,6 @@ mod tests {
         assert_eq!(read_crcs[..], crcs[..2]);
         assert_eq!(ra, a);
         assert_eq!(rb, b);
-    }
-
-    #[test]
-    fn background_writer_writes_in_order_and_reports_crcs() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("bg.bin");
-        let file = Arc::new(
-            File::options()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)
-                .unwrap(),
-        );
-        let parts: Vec<Vec<u8>> = (0..20).map(|i| pattern(1000 * i + 3, i as u8)).collect();
-        let mut writer = BackgroundWriter::start(file.clone(), "bg.bin").unwrap();
-        let mut offset = 0u64;
-        for p in &parts {
-            // SAFETY: `parts` outlives `finish`.
-            unsafe { writer.submit(offset, p.as_ptr(), p.len()).unwrap() };
-            offset += p.len() as u64;
-        }
-        let crcs = writer.finish().unwrap();
-        assert_eq!(crcs, parts.iter().map(|p| crc32fast::hash(p)).collect::<Vec<_>>());
-        assert_eq!(std::fs::read(&path).unwrap(), parts.concat());
-        assert!(writer.finish().is_err());
-    }
-
-    #[test]
-    fn background_writer_reports_the_first_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ro.bin");
-        std::fs::write(&path, b"x").unwrap();
-        let file = Arc::new(File::open(&path).unwrap()); // read-only: every write fails
-        let data = [1u8; 10];
-        let mut writer = BackgroundWriter::start(file, "ro.bin").unwrap();
-        for _ in 0..3 {
-            // SAFETY: `data` outlives `finish`.
-            unsafe { writer.submit(0, data.as_ptr(), data.len()).unwrap() };
-        }
-        assert!(matches!(writer.finish(), Err(Error::Io { .. })));
     }
 
     #[test]

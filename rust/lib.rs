@@ -218,57 +218,6 @@ impl TensorFile {
     }
 }
 
-/// Writes tensors of a `TensorFile` on a background thread while Python lays out the rest.
-#[pyclass(module = "kerassave_fast._core")]
-struct TensorWriter {
-    writer: Option<io::BackgroundWriter>,
-    // Held (exported) until the worker is joined, so the memory cannot move or be freed.
-    buffers: Vec<PyUntypedBuffer>,
-}
-
-#[pymethods]
-impl TensorWriter {
-    #[new]
-    fn new(file: &TensorFile) -> PyResult<Self> {
-        let writer = io::BackgroundWriter::start(file.file.clone(), &file.path)?;
-        Ok(TensorWriter {
-            writer: Some(writer),
-            buffers: Vec::new(),
-        })
-    }
-
-    /// Queues a C-contiguous buffer to be written at `offset`; it must not change until `finish`.
-    fn submit(&mut self, offset: u64, buffer: &Bound<'_, PyAny>) -> PyResult<()> {
-        let buffer = PyUntypedBuffer::get(buffer)?;
-        let (ptr, len) = buffer_spans(std::slice::from_ref(&buffer), false)?[0];
-        let writer = self
-            .writer
-            .as_ref()
-            .ok_or_else(|| PyValueError::new_err("the writer is already finished"))?;
-        // SAFETY: `buffer` is kept in `self.buffers` until the worker has been joined (in `finish` or `drop`).
-        unsafe { writer.submit(offset, ptr as *const u8, len)? };
-        self.buffers.push(buffer);
-        Ok(())
-    }
-
-    /// Waits for every queued tensor; returns their CRC-32s in submission order.
-    fn finish(&mut self, py: Python<'_>) -> PyResult<Vec<u32>> {
-        let mut writer = self
-            .writer
-            .take()
-            .ok_or_else(|| PyValueError::new_err("the writer is already finished"))?;
-        let crcs = py.detach(|| writer.finish());
-        self.buffers.clear();
-        Ok(crcs?)
-    }
-}
-
-impl Drop for TensorWriter {
-    fn drop(&mut self) {
-        self.writer.take(); // joins the worker before `buffers` are released
-    }
-}
-
 type DateTime = (u16, u8, u8, u8, u8, u8);
 
 /// Frames STORED zip members in a `TensorFile`, the way `zipfile` frames stock `.keras` files.
@@ -407,7 +356,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ZIP64_LIMIT", zip::ZIP64_LIMIT)?;
     m.add("CHUNK_BYTES", io::CHUNK)?;
     m.add_class::<TensorFile>()?;
-    m.add_class::<TensorWriter>()?;
     m.add_class::<ZipWriter>()?;
     m.add_class::<ZipArchive>()?;
     m.add_class::<ZipMember>()?;

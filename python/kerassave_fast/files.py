@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import io
 import os
@@ -48,51 +47,16 @@ class FileRegion(io.RawIOBase):
 
     h5py reads and writes HDF5 metadata through it, so an HDF5 file can live inside a zip member
     without being copied out. Reads past the region's end see zeros, as HDF5's own POSIX driver
-    gives them; `truncate` only records where HDF5 says its file ends. Stretches `reserve`d for
-    the Rust core's tensor writes are never written here: whatever HDF5 writes there is dropped.
+    gives them; `truncate` only records where HDF5 says its file ends.
     """
 
-    def __init__(self, fd: int, start: int, size: int = 0, writable: bool = False, deferred: bool = False):
+    def __init__(self, fd: int, start: int, size: int = 0, writable: bool = False):
         super().__init__()
         self._fd = fd
         self._start = start
         self._size = size
         self._writable = writable
         self._pos = 0
-        self._reserved: list[tuple[int, int]] = []  # disjoint [start, end) stretches, sorted
-        # With `deferred`, writes wait here (in order) until `flush_deferred`: no contention on the
-        # file with the tensor writer while HDF5 lays out its metadata.
-        self._deferred: list[tuple[int, bytes]] | None = [] if deferred else None
-
-    def flush_deferred(self) -> None:
-        pending, self._deferred = self._deferred or [], None
-        for offset, data in pending:
-            self._pwrite(offset, memoryview(data))
-        self._deferred = [] if pending is not None else None
-
-    def _pwrite(self, offset: int, view: memoryview) -> None:
-        done = 0
-        while done < len(view):
-            done += os.pwrite(self._fd, view[done:], self._start + offset + done)
-
-    def reserve(self, start: int, end: int) -> None:
-        bisect.insort(self._reserved, (start, end))
-
-    def _unreserved(self, start: int, end: int) -> list[tuple[int, int]]:
-        """The parts of [start, end) outside every reserved stretch."""
-        parts, cursor = [], start
-        first = max(0, bisect.bisect_right(self._reserved, (start, start)) - 1)
-        for r_start, r_end in self._reserved[first:]:
-            if r_start >= end:
-                break
-            if r_end <= cursor:
-                continue
-            if r_start > cursor:
-                parts.append((cursor, r_start))
-            cursor = max(cursor, r_end)
-        if cursor < end:
-            parts.append((cursor, end))
-        return parts
 
     @property
     def size(self) -> int:
@@ -128,10 +92,6 @@ class FileRegion(io.RawIOBase):
                 break
             done += n
         view[done:] = bytes(wanted - done)
-        for offset, data in self._deferred or ():  # later writes win, as they would on disk
-            lo, hi = max(offset, self._pos), min(offset + len(data), self._pos + wanted)
-            if lo < hi:
-                view[lo - self._pos : hi - self._pos] = data[lo - offset : hi - offset]
         self._pos += wanted
         return wanted
 
@@ -139,15 +99,12 @@ class FileRegion(io.RawIOBase):
         if not self._writable:
             raise io.UnsupportedOperation("this file region is read-only")
         view = memoryview(buffer).cast("B")
-        for a, b in self._unreserved(self._pos, self._pos + len(view)):
-            part = view[a - self._pos : b - self._pos]
-            if self._deferred is not None:
-                self._deferred.append((a, bytes(part)))
-            else:
-                self._pwrite(a, part)
-        self._pos += len(view)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:], self._start + self._pos + done)
+        self._pos += done
         self._size = max(self._size, self._pos)
-        return len(view)
+        return done
 
     def truncate(self, size: int | None = None) -> int:
         self._size = self._pos if size is None else size

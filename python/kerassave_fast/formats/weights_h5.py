@@ -7,10 +7,8 @@ reserved for them, or read from the offset HDF5 recorded. The tensor bytes never
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -19,7 +17,7 @@ import numpy as np
 from h5py import h5d, h5o, h5s
 from h5py._hl.dataset import make_new_dset
 
-from .._core import KerasSaveError, TensorFile, TensorWriter
+from .._core import KerasSaveError, TensorFile
 from ..files import FileRegion
 from ..tensors import BFLOAT16, aligned_empty, as_bytes, snapshot
 
@@ -96,13 +94,13 @@ def _create_reserved_dataset(group: h5py.Group, name: str, array: np.ndarray, na
     return dsid
 
 
-def write_skeleton(target: str | FileRegion, plan: WeightsPlan, place: Callable[[int, np.ndarray], None]) -> None:
-    """Writes the HDF5 file's metadata to `target`, calling `place(offset, array)` for each tensor
-    as soon as HDF5 has reserved its bytes.
+def write_skeleton(target: str | FileRegion, plan: WeightsPlan) -> list[tuple[int, np.ndarray]]:
+    """Writes the HDF5 file's metadata to `target`; returns (offset, array) of each reserved tensor.
 
     `target` is what stock gives h5py: a path for a `.weights.h5` file (HDF5's POSIX driver), a file
     object for the member of a `.keras` zip (h5py's file-object driver) -- the two lay files out differently.
     """
+    placed: list[tuple[int, np.ndarray]] = []
     with h5py.File(target, "w") as f:
         group = None
         for step in plan.steps:
@@ -123,44 +121,26 @@ def write_skeleton(target: str | FileRegion, plan: WeightsPlan, place: Callable[
                 h5py.Dataset(dsid).attrs["dtype"] = "bfloat16"
             offset = dsid.get_offset()
             if offset is not None and step.array.nbytes:
-                place(offset, step.array)
+                placed.append((offset, step.array))
+    return placed
 
 
 def write_weights(file: TensorFile, start: int | None, plan: WeightsPlan, threads: int = 0) -> tuple[int, int]:
     """Writes the whole HDF5 file into `file`; returns its size and CRC-32.
 
-    With `start`, the HDF5 file is the stretch of `file` from there (a zip member): each tensor is
-    queued to the Rust writer as soon as HDF5 has placed it, so bytes move while h5py lays out the
-    rest. With None, it is the whole of `file` (a `.weights.h5`): HDF5's POSIX driver may still
-    hold a tensor's first bytes in its sieve buffer, so tensors are written once h5py is done, and
-    the CRC (not needed) is returned as 0.
+    With `start`, the HDF5 file is the stretch of `file` from there (a zip member); with None, it
+    is the whole of `file` (a `.weights.h5`, whose CRC is not needed and returned as 0). h5py lays
+    out the metadata first; the tensors are written once it is done (HDF5 may still be holding a
+    tensor's first bytes in a buffer until it closes the file).
     """
-    writer = TensorWriter(file)
-    placed: list[tuple[int, int]] = []
-    region = FileRegion(file.fileno(), start, writable=True, deferred=True) if start is not None else None
+    region = FileRegion(file.fileno(), start, writable=True) if start is not None else None
+    placed = write_skeleton(region if region is not None else file.path, plan)
     base = start or 0
-
-    def place(offset: int, array: np.ndarray) -> None:
-        placed.append((base + offset, array))
-        if region is not None:
-            region.reserve(offset, offset + array.nbytes)
-            writer.submit(base + offset, as_bytes(array))
-
-    try:
-        write_skeleton(region if region is not None else file.path, plan, place)
-        if region is None:
-            for offset, array in placed:
-                writer.submit(offset, as_bytes(array))
-    except BaseException:
-        with contextlib.suppress(Exception):
-            writer.finish()  # the worker must be done with the arrays before they may go
-        raise
-    crcs = writer.finish()
-    if region is not None:
-        region.flush_deferred()
+    offsets = [base + offset for offset, _ in placed]
+    crcs = file.write_tensors(offsets, [as_bytes(a) for _, a in placed], threads)
     if region is None:
         return file.size(), 0
-    known = sorted((o, a.nbytes, c) for (o, a), c in zip(placed, crcs, strict=True))
+    known = sorted((o, a.nbytes, c) for o, (_, a), c in zip(offsets, placed, crcs, strict=True))
     return region.size, file.crc32(start, region.size, known, threads)
 
 

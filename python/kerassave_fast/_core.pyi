@@ -1,0 +1,56 @@
+"""Typed stubs of the Rust core (rust/lib.rs)."""
+
+from collections.abc import Buffer, Sequence
+
+ZIP64_LIMIT: int
+CHUNK_BYTES: int
+
+class KerasSaveError(ValueError):
+    """A saved-model file is malformed: truncated, corrupted, hostile or not the format its name says."""
+
+class BadKerasZipFile(KerasSaveError):  # also a zipfile.BadZipFile
+    """A `.keras` file whose zip container is malformed."""
+
+class TensorFile:
+    """An open file whose tensors are written or read at planned offsets."""
+
+    def __init__(self, path: str, writable: bool = False) -> None: ...
+    @property
+    def path(self) -> str: ...
+    def fileno(self) -> int: ...
+    def size(self) -> int: ...
+    def write_tensors(self, offsets: Sequence[int], buffers: Sequence[Buffer], threads: int = 0) -> list[int]: ...
+    def read_tensors(self, offsets: Sequence[int], buffers: Sequence[Buffer], threads: int = 0) -> list[int]: ...
+    def crc32(self, start: int, length: int, known: Sequence[tuple[int, int, int]] = (), threads: int = 0) -> int: ...
+
+DateTime = tuple[int, int, int, int, int, int]
+
+class ZipWriter:
+    """Frames STORED zip members in a `TensorFile` the way `zipfile` does."""
+
+    def __init__(self, file: TensorFile, zip64_limit: int = ...) -> None: ...
+    def add_stored(self, name: str, data: bytes, date_time: DateTime, external_attr: int) -> None: ...
+    def begin_stored(self, name: str, date_time: DateTime, external_attr: int, size_hint: int) -> int: ...
+    def end_stored(self, size: int, crc32: int) -> None: ...
+    def finish(self) -> int: ...
+
+class ZipMember:
+    index: int
+    raw_name: bytes
+    flags: int
+    method: int
+    crc32: int
+    compressed_size: int
+    size: int
+    header_offset: int
+    external_attr: int
+    date_time: DateTime
+
+class ZipArchive:
+    """The directory of a zip file, read without trusting it."""
+
+    def __init__(self, file: TensorFile) -> None: ...
+    def members(self) -> list[ZipMember]: ...
+    def data_offset(self, index: int) -> int: ...
+    def read(self, index: int) -> bytes: ...
+    def check_crc(self, index: int, threads: int = 0) -> None: ...
