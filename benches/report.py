@@ -81,20 +81,23 @@ def markdown(results: list[Result], info: dict, repeats: int) -> str:
     lines = [
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, Linux {info['kernel']}; "
         + ", ".join(f"`{d}` is {fs}" for d, fs in info["filesystems"].items())
-        + f". {info['date']}. Medians of {repeats} interleaved repeats, all in one run.",
+        + f". {info['date']}. Medians of {repeats} repeats, interleaved in a shuffled order, all in one run.",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + ".",
         "",
-        "**Save** (floor: one thread writing the same bytes to a new file)",
+        "**Save** (floor: one thread writing the same bytes over the previous file; the atomic raw write "
+        "writes a new file and renames it over the previous one, as a save that never destroys the old "
+        "file must)",
         "",
-        "| model | dir | MB | vars | raw write s | stock s | ours s | ours/raw | stock/raw | speed-up | "
-        "extra RSS stock MiB | extra RSS ours MiB (budget) |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| model | dir | MB | vars | raw write s | atomic raw write s | stock s | ours s | ours/raw | "
+        "ours/atomic raw | stock/raw | speed-up | extra RSS stock MiB | extra RSS ours MiB (budget) |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in results:
         t = r.times
         lines.append(
             f"| {r.model} | `{r.directory}` | {r.nbytes / 1e6:.0f} | {r.variables} | {_s(t['raw_write'])} | "
-            f"{_s(t['stock_save'])} | {_s(t['ours_save'])} | {r.ratio('ours_save', 'raw_write'):.2f}× | "
+            f"{_s(t['raw_write_atomic'])} | {_s(t['stock_save'])} | {_s(t['ours_save'])} | "
+            f"{r.ratio('ours_save', 'raw_write'):.2f}× | {r.ratio('ours_save', 'raw_write_atomic'):.2f}× | "
             f"{r.ratio('stock_save', 'raw_write'):.2f}× | {t['stock_save'] / t['ours_save']:.1f}× | "
             f"{r.extra_rss['stock_save'] / MIB:.0f} | {r.extra_rss['ours_save'] / MIB:.0f} "
             f"({rss_budget(r.nbytes) / MIB:.0f}) |"

@@ -50,7 +50,7 @@ def main() -> None:
         default=f"/dev/shm,{os.path.join(HERE, 'scratch')}",
         help="comma-separated directories to save into (default: /dev/shm and a disk directory)",
     )
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     parser.add_argument("--name", default="latest", help="basename of the files written to --out")
     args = parser.parse_args()

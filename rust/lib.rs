@@ -60,31 +60,11 @@ impl From<Error> for PyErr {
     }
 }
 
-/// Address and length of each buffer, checked to be C-contiguous (and writable, for reads).
-fn buffer_spans(buffers: &[PyUntypedBuffer], writable: bool) -> PyResult<Vec<(usize, usize)>> {
-    let mut spans = Vec::with_capacity(buffers.len());
-    for (i, b) in buffers.iter().enumerate() {
-        if !b.is_c_contiguous() {
-            return Err(PyValueError::new_err(format!("buffer {i} is not C-contiguous")));
-        }
-        if writable && b.readonly() {
-            return Err(PyValueError::new_err(format!("buffer {i} is read-only")));
-        }
-        spans.push((b.buf_ptr() as usize, b.len_bytes()));
-    }
-    if writable {
-        // Two tensors read into the same memory would be two `&mut` to it.
-        let mut sorted: Vec<_> = spans.iter().copied().filter(|s| s.1 > 0).collect();
-        sorted.sort_unstable();
-        if sorted.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
-            return Err(PyValueError::new_err("destination buffers overlap"));
-        }
-    }
-    Ok(spans)
-}
+/// The objects' buffers (kept exported while held) and each one's (file offset, address, length),
+/// checked to be C-contiguous, one per offset, and for reads writable and non-overlapping.
+type Spans = (Vec<PyUntypedBuffer>, Vec<(u64, usize, usize)>);
 
-/// Takes a buffer of every object, after checking there is one offset per object.
-fn get_buffers(offsets: &[u64], objects: &[Bound<'_, PyAny>]) -> PyResult<Vec<PyUntypedBuffer>> {
+fn tensor_spans(offsets: Vec<u64>, objects: &[Bound<'_, PyAny>], writable: bool) -> PyResult<Spans> {
     if offsets.len() != objects.len() {
         return Err(PyValueError::new_err(format!(
             "{} offsets for {} buffers",
@@ -92,7 +72,46 @@ fn get_buffers(offsets: &[u64], objects: &[Bound<'_, PyAny>]) -> PyResult<Vec<Py
             objects.len()
         )));
     }
-    objects.iter().map(PyUntypedBuffer::get).collect()
+    let buffers: Vec<PyUntypedBuffer> = objects.iter().map(PyUntypedBuffer::get).collect::<PyResult<_>>()?;
+    let mut spans = Vec::with_capacity(buffers.len());
+    for (i, (b, offset)) in buffers.iter().zip(offsets).enumerate() {
+        if !b.is_c_contiguous() {
+            return Err(PyValueError::new_err(format!("buffer {i} is not C-contiguous")));
+        }
+        if writable && b.readonly() {
+            return Err(PyValueError::new_err(format!("buffer {i} is read-only")));
+        }
+        spans.push((offset, b.buf_ptr() as usize, b.len_bytes()));
+    }
+    if writable {
+        // Two tensors read into the same memory would be two `&mut` to it.
+        let mut sorted: Vec<(usize, usize)> = spans.iter().filter(|s| s.2 > 0).map(|s| (s.1, s.2)).collect();
+        sorted.sort_unstable();
+        if sorted.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
+            return Err(PyValueError::new_err("destination buffers overlap"));
+        }
+    }
+    Ok((buffers, spans))
+}
+
+/// # Safety
+/// `ptr` must point to `len` readable bytes that stay valid for `'a` (unless `len` is 0).
+unsafe fn bytes<'a>(ptr: usize, len: usize) -> &'a [u8] {
+    if len == 0 {
+        &[]
+    } else {
+        unsafe { std::slice::from_raw_parts(ptr as *const u8, len) }
+    }
+}
+
+/// # Safety
+/// As `bytes`, and nothing else may access the bytes for `'a`.
+unsafe fn bytes_mut<'a>(ptr: usize, len: usize) -> &'a mut [u8] {
+    if len == 0 {
+        &mut []
+    } else {
+        unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) }
+    }
 }
 
 /// An open file whose tensors are written or read at planned offsets.
@@ -145,23 +164,10 @@ impl TensorFile {
         buffers: Vec<Bound<'_, PyAny>>,
         threads: usize,
     ) -> PyResult<Vec<u32>> {
-        let buffers = get_buffers(&offsets, &buffers)?;
-        let spans = buffer_spans(&buffers, false)?;
+        let (buffers, spans) = tensor_spans(offsets, &buffers, false)?;
         let crcs = py.detach(|| {
-            let tensors: Vec<(u64, &[u8])> = offsets
-                .iter()
-                .zip(&spans)
-                .map(|(&offset, &(ptr, len))| {
-                    // SAFETY: `buffers` holds every Py_buffer (so the memory stays valid and C-contiguous)
-                    // until this call returns; zero-length buffers never dereference their pointer.
-                    let bytes = if len == 0 {
-                        &[][..]
-                    } else {
-                        unsafe { std::slice::from_raw_parts(ptr as *const u8, len) }
-                    };
-                    (offset, bytes)
-                })
-                .collect();
+            // SAFETY: `buffers` keeps every Py_buffer exported (memory valid, C-contiguous) until this returns.
+            let tensors: Vec<(u64, &[u8])> = spans.iter().map(|&(o, p, n)| (o, unsafe { bytes(p, n) })).collect();
             io::write_tensors(&self.file, &self.path, &tensors, threads)
         })?;
         drop(buffers);
@@ -177,23 +183,12 @@ impl TensorFile {
         buffers: Vec<Bound<'_, PyAny>>,
         threads: usize,
     ) -> PyResult<Vec<u32>> {
-        let buffers = get_buffers(&offsets, &buffers)?;
-        let spans = buffer_spans(&buffers, true)?;
+        let (buffers, spans) = tensor_spans(offsets, &buffers, true)?;
         let crcs = py.detach(|| {
-            let mut tensors: Vec<(u64, &mut [u8])> = offsets
-                .iter()
-                .zip(&spans)
-                .map(|(&offset, &(ptr, len))| {
-                    // SAFETY: as in `write_tensors`; the buffers are writable and `buffer_spans` checked
-                    // that no two overlap, so each `&mut` is unique.
-                    let bytes = if len == 0 {
-                        &mut [][..]
-                    } else {
-                        unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) }
-                    };
-                    (offset, bytes)
-                })
-                .collect();
+            // SAFETY: as in `write_tensors`; the buffers are writable and `tensor_spans` checked that
+            // no two overlap, so each `&mut` is unique.
+            let mut tensors: Vec<(u64, &mut [u8])> =
+                spans.iter().map(|&(o, p, n)| (o, unsafe { bytes_mut(p, n) })).collect();
             io::read_tensors(&self.file, &self.path, &mut tensors, threads)
         })?;
         drop(buffers);
