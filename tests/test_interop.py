@@ -7,6 +7,7 @@ import zipfile
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import kerassave_fast as ksf
 from conftest import CUSTOM_OBJECTS, MODELS, _batch, assert_same_state, h5_tree, member
@@ -138,3 +139,25 @@ def test_lambda_refused_in_safe_mode(tmp_path):
         ksf.load_model(path)
     loaded = ksf.load_model(path, safe_mode=False)
     np.testing.assert_array_equal(loaded.predict(np.ones((1, 2)), verbose=0), [[2.0, 2.0]])
+
+
+def test_assets_round_trip(tmp_path):
+    """A layer with assets (an adapted vocabulary) saves `assets/...` members as stock does."""
+    lookup = keras.layers.StringLookup()
+    lookup.adapt(np.array(["alpha", "beta", "gamma", "beta"]))
+    inputs = keras.Input((1,), dtype="string")
+    model = keras.Model(inputs, keras.layers.Embedding(8, 2)(lookup(inputs)))
+    ours, stock = tmp_path / "ours.keras", tmp_path / "stock.keras"
+    ksf.save_model(model, ours)
+    keras.saving.save_model(model, stock)
+    with zipfile.ZipFile(ours) as a, zipfile.ZipFile(stock) as b:
+        assert [(i.filename, i.file_size) for i in a.infolist()] == [(i.filename, i.file_size) for i in b.infolist()]
+        assert any(name.startswith("assets/") for name in a.namelist())
+        assets = [n for n in a.namelist() if n.startswith("assets/")]
+        assert [a.read(n) for n in assets] == [b.read(n) for n in assets]
+    words = tf.constant([["gamma"], ["alpha"], ["unknown"]])
+    expected = model.predict(words, verbose=0)
+    for path, load in ((ours, keras.saving.load_model), (stock, ksf.load_model), (ours, ksf.load_model)):
+        loaded = load(path)
+        np.testing.assert_array_equal(loaded.predict(words, verbose=0), expected)
+        assert loaded.layers[1].get_vocabulary() == lookup.get_vocabulary()
