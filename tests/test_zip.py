@@ -8,10 +8,10 @@ import zipfile
 import keras
 import numpy as np
 import pytest
-from kerassave_fast._core import ZIP64_LIMIT, TensorFile, ZipArchive, ZipWriter
 
 import kerassave_fast as ksf
 from conftest import assert_same_state, member
+from kerassave_fast._core import ZIP64_LIMIT, TensorFile, ZipArchive, ZipWriter
 from kerassave_fast.formats import keras_zip
 
 WHEN = (2026, 11, 25, 18, 4, 30)
