@@ -72,6 +72,10 @@ def targets(r: Result) -> list[tuple[str, bool]]:
     save_limit = SAVE_LIMIT.get(r.model, DEFAULT_SAVE_LIMIT)
     return [
         (f"save ≤ {save_limit}× raw write", r.ratio("ours_save", "raw_write") <= save_limit),
+        (
+            f"first save of the architecture ≤ {save_limit}× raw write",
+            r.ratio("ours_save_first", "raw_write") <= save_limit,
+        ),
         (f"load ≤ {LOAD_LIMIT}× (raw read + build)", r.ratio("ours_load", "read+build") <= LOAD_LIMIT),
         ("extra RSS while saving ≤ 64 MiB + 2 %", r.extra_rss["ours_save"] <= rss_budget(r.nbytes)),
     ]
@@ -86,11 +90,13 @@ def markdown(results: list[Result], info: dict, repeats: int) -> str:
         "",
         "**Save** (floor: one thread writing the same bytes over the previous file; the atomic raw write "
         "writes a new file and renames it over the previous one, as a save that never destroys the old "
-        "file must)",
+        'file must; "ours" is a repeated save, which reuses the HDF5 layout of the first save of the '
+        "same architecture; the first save is timed separately)",
         "",
         "| model | dir | MB | vars | raw write s | atomic raw write s | stock s | ours s | ours/raw | "
-        "ours/atomic raw | stock/raw | speed-up | extra RSS stock MiB | extra RSS ours MiB (budget) |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "ours/atomic raw | ours first save s (/raw) | stock/raw | speed-up | extra RSS stock MiB | "
+        "extra RSS ours MiB (budget) |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in results:
         t = r.times
@@ -98,6 +104,7 @@ def markdown(results: list[Result], info: dict, repeats: int) -> str:
             f"| {r.model} | `{r.directory}` | {r.nbytes / 1e6:.0f} | {r.variables} | {_s(t['raw_write'])} | "
             f"{_s(t['raw_write_atomic'])} | {_s(t['stock_save'])} | {_s(t['ours_save'])} | "
             f"{r.ratio('ours_save', 'raw_write'):.2f}× | {r.ratio('ours_save', 'raw_write_atomic'):.2f}× | "
+            f"{_s(t['ours_save_first'])} ({r.ratio('ours_save_first', 'raw_write'):.2f}×) | "
             f"{r.ratio('stock_save', 'raw_write'):.2f}× | {t['stock_save'] / t['ours_save']:.1f}× | "
             f"{r.extra_rss['stock_save'] / MIB:.0f} | {r.extra_rss['ours_save'] / MIB:.0f} "
             f"({rss_budget(r.nbytes) / MIB:.0f}) |"

@@ -161,3 +161,30 @@ def test_assets_round_trip(tmp_path):
         loaded = load(path)
         np.testing.assert_array_equal(loaded.predict(words, verbose=0), expected)
         assert loaded.layers[1].get_vocabulary() == lookup.get_vocabulary()
+
+
+def test_repeated_saves_reuse_the_layout_and_stay_stocks(tmp_path, monkeypatch):
+    """The second save of an architecture skips h5py (its layout is reused) and is still stock's file."""
+    from conftest import low_precision
+    from kerassave_fast.formats import weights_h5
+
+    model = low_precision()
+    weights_h5._LAYOUTS.clear()
+    ksf.save_model(model, tmp_path / "first.keras")
+    assert len(weights_h5._LAYOUTS) == 1
+
+    def no_h5py(*args, **kwargs):
+        raise AssertionError("the layout should have been reused")
+
+    monkeypatch.setattr(weights_h5, "write_skeleton", no_h5py)
+    for step in range(2):
+        model.train_on_batch(*_batch(model, seed=step))  # new values, same layout
+        ksf.save_model(model, tmp_path / "ours.keras")
+        keras.saving.save_model(model, tmp_path / "stock.keras")
+        assert member(tmp_path / "ours.keras", WEIGHTS) == member(tmp_path / "stock.keras", WEIGHTS)
+        assert_same_state(model, keras.saving.load_model(tmp_path / "ours.keras"))
+    renamed = low_precision()  # same shapes, other layer names: another layout
+    monkeypatch.undo()
+    ksf.save_model(renamed, tmp_path / "renamed.keras")
+    assert len(weights_h5._LAYOUTS) == 2
+    assert_same_state(renamed, ksf.load_model(tmp_path / "renamed.keras"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -125,23 +126,96 @@ def write_skeleton(target: str | FileRegion, plan: WeightsPlan) -> list[tuple[in
     return placed
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where a plan's bytes go in its HDF5 file: each tensor's offset, and every other byte (the
+    metadata h5py wrote) with its CRC-32. The same plan always gets the same layout."""
+
+    size: int
+    tensor_offsets: tuple[int, ...]
+    metadata: tuple[tuple[int, bytes, int], ...]  # (offset, bytes, crc32)
+
+
+# Repeated checkpoints of one architecture reuse its layout instead of running h5py again.
+_LAYOUTS: OrderedDict[tuple, Layout] = OrderedDict()
+_LAYOUTS_LOCK = threading.Lock()
+_MAX_LAYOUTS = 8
+
+
+def _layout_key(plan: WeightsPlan) -> tuple | None:
+    """Everything h5py's layout depends on, or None when h5py writes bytes of its own (strings)."""
+    key: list = [h5py.version.version, h5py.version.hdf5_version, h5py.get_config().track_order]
+    for step in plan.steps:
+        if isinstance(step, PlannedGroup):
+            attrs = tuple((k, type(v).__name__, repr(v)) for k, v in (step.attrs or {}).items())
+            key.append(("group", step.path, attrs))
+        elif step.reserved:
+            key.append(
+                ("dataset", step.group, step.name, step.array.shape, step.array.dtype.str, step.array.dtype.name)
+            )
+        else:
+            return None
+    return tuple(key)
+
+
+def _tensors(plan: WeightsPlan) -> list[np.ndarray]:
+    """The arrays whose bytes the Rust core writes, in plan order (as `write_skeleton` places them)."""
+    return [d.array for d in plan.datasets if d.reserved and d.array.nbytes]
+
+
+def _read_back_layout(file: TensorFile, start: int, size: int, placed: list[tuple[int, np.ndarray]]) -> Layout:
+    """The layout h5py just wrote: every byte between the tensors, read back with its CRC-32."""
+    gaps, cursor = [], 0
+    for offset, array in sorted(placed, key=lambda p: p[0]):
+        if offset > cursor:
+            gaps.append((cursor, offset - cursor))
+        cursor = max(cursor, offset + array.nbytes)
+    if size > cursor:
+        gaps.append((cursor, size - cursor))
+    buffers = [bytearray(n) for _, n in gaps]
+    crcs = file.read_tensors([start + o for o, _ in gaps], buffers)
+    metadata = tuple((o, bytes(b), c) for (o, _), b, c in zip(gaps, buffers, crcs, strict=True))
+    return Layout(size, tuple(o for o, _ in placed), metadata)
+
+
 def write_weights(file: TensorFile, start: int | None, plan: WeightsPlan, threads: int = 0) -> tuple[int, int]:
     """Writes the whole HDF5 file into `file`; returns its size and CRC-32.
 
     With `start`, the HDF5 file is the stretch of `file` from there (a zip member); with None, it
     is the whole of `file` (a `.weights.h5`, whose CRC is not needed and returned as 0). h5py lays
-    out the metadata first; the tensors are written once it is done (HDF5 may still be holding a
-    tensor's first bytes in a buffer until it closes the file).
+    out the metadata first (or a layout it made before for the same plan is reused); the tensors
+    are written once it is done (HDF5 may hold a tensor's first bytes in a buffer until it closes).
     """
-    region = FileRegion(file.fileno(), start, writable=True) if start is not None else None
-    placed = write_skeleton(region if region is not None else file.path, plan)
-    base = start or 0
-    offsets = [base + offset for offset, _ in placed]
-    crcs = file.write_tensors(offsets, [as_bytes(a) for _, a in placed], threads)
-    if region is None:
+    if start is None:
+        placed = write_skeleton(file.path, plan)
+        file.write_tensors([o for o, _ in placed], [as_bytes(a) for _, a in placed], threads)
         return file.size(), 0
-    known = sorted((o, a.nbytes, c) for o, (_, a), c in zip(offsets, placed, crcs, strict=True))
-    return region.size, file.crc32(start, region.size, known, threads)
+    tensors = _tensors(plan)
+    key = _layout_key(plan)
+    with _LAYOUTS_LOCK:
+        layout = _LAYOUTS.get(key) if key is not None else None
+        if layout is not None:
+            _LAYOUTS.move_to_end(key)
+    metadata_to_write: tuple[tuple[int, bytes, int], ...] = ()
+    if layout is None:
+        region = FileRegion(file.fileno(), start, writable=True)
+        placed = write_skeleton(region, plan)
+        layout = _read_back_layout(file, start, region.size, placed)
+        if key is not None and [id(a) for _, a in placed] == [id(a) for a in tensors]:
+            with _LAYOUTS_LOCK:
+                _LAYOUTS[key] = layout
+                while len(_LAYOUTS) > _MAX_LAYOUTS:
+                    _LAYOUTS.popitem(last=False)
+        tensors = [a for _, a in placed]
+    else:
+        metadata_to_write = layout.metadata
+    segments = [(o, as_bytes(a)) for o, a in zip(layout.tensor_offsets, tensors, strict=True)]
+    segments += [(o, np.frombuffer(data, np.uint8)) for o, data, _ in metadata_to_write]
+    crcs = file.write_tensors([start + o for o, _ in segments], [b for _, b in segments], threads)
+    known = [(start + o, b.nbytes, c) for (o, b), c in zip(segments, crcs, strict=True)]
+    if not metadata_to_write:  # read back from the file, CRCs already known
+        known += [(start + o, len(data), c) for o, data, c in layout.metadata]
+    return layout.size, file.crc32(start, layout.size, sorted(known), threads)
 
 
 @dataclass
