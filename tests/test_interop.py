@@ -188,3 +188,16 @@ def test_repeated_saves_reuse_the_layout_and_stay_stocks(tmp_path, monkeypatch):
     ksf.save_model(renamed, tmp_path / "renamed.keras")
     assert len(weights_h5._LAYOUTS) == 2
     assert_same_state(renamed, ksf.load_model(tmp_path / "renamed.keras"))
+
+
+def test_registered_custom_layer_loads_with_or_without_custom_objects(tmp_path):
+    from conftest import Scale
+
+    model = keras.Sequential([keras.Input((4,)), Scale(), keras.layers.Dense(2)])
+    model.compile(optimizer="adam", loss="mse")
+    model.train_on_batch(*_batch(model))
+    path = tmp_path / "registered.keras"
+    ksf.save_model(model, path)
+    for custom_objects in (None, {"ksf_tests>Scale": Scale}, {"Scale": Scale}):
+        for load in (ksf.load_model, keras.saving.load_model):
+            assert_same_state(model, load(path, custom_objects=custom_objects))

@@ -42,20 +42,12 @@ def _mode_for(target: str) -> int:
         return 0o666 & ~umask
 
 
-class FileRegion(io.RawIOBase):
-    """A stretch of an open file, seen as a whole file.
+class _Seekable(io.RawIOBase):
+    """Position bookkeeping shared by the file objects h5py is given."""
 
-    h5py reads and writes HDF5 metadata through it, so an HDF5 file can live inside a zip member
-    without being copied out. Reads past the region's end see zeros, as HDF5's own POSIX driver
-    gives them; `truncate` only records where HDF5 says its file ends.
-    """
-
-    def __init__(self, fd: int, start: int, size: int = 0, writable: bool = False):
+    def __init__(self, size: int = 0):
         super().__init__()
-        self._fd = fd
-        self._start = start
         self._size = size
-        self._writable = writable
         self._pos = 0
 
     @property
@@ -64,9 +56,6 @@ class FileRegion(io.RawIOBase):
 
     def readable(self) -> bool:
         return True
-
-    def writable(self) -> bool:
-        return self._writable
 
     def seekable(self) -> bool:
         return True
@@ -80,6 +69,19 @@ class FileRegion(io.RawIOBase):
             raise OSError(f"negative seek position {base + offset}")
         self._pos = base + offset
         return self._pos
+
+
+class FileRegion(_Seekable):
+    """A stretch of an open file, seen as a whole read-only file.
+
+    h5py reads an HDF5 file through it where it sits inside a zip member, without copying it out.
+    Reads past the region's end see zeros, as HDF5's own POSIX driver gives them.
+    """
+
+    def __init__(self, fd: int, start: int, size: int):
+        super().__init__(size)
+        self._fd = fd
+        self._start = start
 
     def readinto(self, buffer) -> int:
         view = memoryview(buffer).cast("B")
@@ -95,19 +97,37 @@ class FileRegion(io.RawIOBase):
         self._pos += wanted
         return wanted
 
+
+class SparseImage(_Seekable):
+    """An HDF5 file laid out in memory: h5py writes its metadata here, scattered over an address
+    space that is mostly the tensors' (never allocated); `writes` keeps them in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes: list[tuple[int, bytes]] = []
+
+    def writable(self) -> bool:
+        return True
+
     def write(self, buffer) -> int:
-        if not self._writable:
-            raise io.UnsupportedOperation("this file region is read-only")
-        view = memoryview(buffer).cast("B")
-        done = 0
-        while done < len(view):
-            done += os.pwrite(self._fd, view[done:], self._start + self._pos + done)
-        self._pos += done
+        data = bytes(memoryview(buffer).cast("B"))
+        self.writes.append((self._pos, data))
+        self._pos += len(data)
         self._size = max(self._size, self._pos)
-        return done
+        return len(data)
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        view[:] = bytes(len(view))
+        for offset, data in self.writes:  # later writes win, as on disk
+            lo, hi = max(offset, self._pos), min(offset + len(data), self._pos + len(view))
+            if lo < hi:
+                view[lo - self._pos : hi - self._pos] = data[lo - offset : hi - offset]
+        self._pos += len(view)
+        return len(view)
 
     def truncate(self, size: int | None = None) -> int:
-        self._size = self._pos if size is None else size
+        self._size = self._pos if size is None else size  # HDF5 saying where its file ends
         return self._size
 
     def flush(self) -> None:

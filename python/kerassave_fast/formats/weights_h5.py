@@ -7,6 +7,7 @@ reserved for them, or read from the offset HDF5 recorded. The tensor bytes never
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 from collections import OrderedDict
@@ -19,7 +20,7 @@ from h5py import h5d, h5o, h5s
 from h5py._hl.dataset import make_new_dset
 
 from .._core import KerasSaveError, TensorFile
-from ..files import FileRegion
+from ..files import SparseImage
 from ..tensors import BFLOAT16, aligned_empty, as_bytes, snapshot
 
 # Per-dataset and per-file allowance for HDF5 metadata when sizing a zip member before it exists.
@@ -95,7 +96,7 @@ def _create_reserved_dataset(group: h5py.Group, name: str, array: np.ndarray, na
     return dsid
 
 
-def write_skeleton(target: str | FileRegion, plan: WeightsPlan) -> list[tuple[int, np.ndarray]]:
+def write_skeleton(target: str | SparseImage, plan: WeightsPlan) -> list[tuple[int, np.ndarray]]:
     """Writes the HDF5 file's metadata to `target`; returns (offset, array) of each reserved tensor.
 
     `target` is what stock gives h5py: a path for a `.weights.h5` file (HDF5's POSIX driver), a file
@@ -129,11 +130,11 @@ def write_skeleton(target: str | FileRegion, plan: WeightsPlan) -> list[tuple[in
 @dataclass(frozen=True)
 class Layout:
     """Where a plan's bytes go in its HDF5 file: each tensor's offset, and every other byte (the
-    metadata h5py wrote) with its CRC-32. The same plan always gets the same layout."""
+    metadata h5py wrote, zeros where it wrote nothing). The same plan always gets the same layout."""
 
     size: int
     tensor_offsets: tuple[int, ...]
-    metadata: tuple[tuple[int, bytes, int], ...]  # (offset, bytes, crc32)
+    metadata: tuple[tuple[int, bytes], ...]  # (offset, bytes): everything between the tensors
 
 
 # Repeated checkpoints of one architecture reuse its layout instead of running h5py again.
@@ -158,64 +159,65 @@ def _layout_key(plan: WeightsPlan) -> tuple | None:
     return tuple(key)
 
 
-def _tensors(plan: WeightsPlan) -> list[np.ndarray]:
-    """The arrays whose bytes the Rust core writes, in plan order (as `write_skeleton` places them)."""
-    return [d.array for d in plan.datasets if d.reserved and d.array.nbytes]
+def _lay_out(plan: WeightsPlan) -> tuple[Layout, list[np.ndarray]]:
+    """Runs h5py over an in-memory image; returns the layout and the tensors in its order.
 
-
-def _read_back_layout(file: TensorFile, start: int, size: int, placed: list[tuple[int, np.ndarray]]) -> Layout:
-    """The layout h5py just wrote: every byte between the tensors, read back with its CRC-32."""
+    The bytes between the tensors are HDF5's writes replayed in order; writes inside a tensor's
+    stretch (the element that made HDF5 allocate it) are dropped: the tensor's own bytes go there.
+    """
+    image = SparseImage()
+    placed = write_skeleton(image, plan)
     gaps, cursor = [], 0
-    for offset, array in sorted(placed, key=lambda p: p[0]):
-        if offset > cursor:
-            gaps.append((cursor, offset - cursor))
-        cursor = max(cursor, offset + array.nbytes)
-    if size > cursor:
-        gaps.append((cursor, size - cursor))
-    buffers = [bytearray(n) for _, n in gaps]
-    crcs = file.read_tensors([start + o for o, _ in gaps], buffers)
-    metadata = tuple((o, bytes(b), c) for (o, _), b, c in zip(gaps, buffers, crcs, strict=True))
-    return Layout(size, tuple(o for o, _ in placed), metadata)
+    for start, end in sorted((o, o + a.nbytes) for o, a in placed):
+        if start > cursor:
+            gaps.append((cursor, start))
+        cursor = max(cursor, end)
+    if image.size > cursor:
+        gaps.append((cursor, image.size))
+    starts = [g for g, _ in gaps]
+    contents = [bytearray(end - start) for start, end in gaps]
+    for offset, data in image.writes:
+        i = max(0, bisect.bisect_right(starts, offset) - 1)
+        while i < len(gaps) and gaps[i][0] < offset + len(data):
+            lo, hi = max(gaps[i][0], offset), min(gaps[i][1], offset + len(data))
+            if lo < hi:
+                contents[i][lo - gaps[i][0] : hi - gaps[i][0]] = data[lo - offset : hi - offset]
+            i += 1
+    metadata = tuple((start, bytes(c)) for (start, _), c in zip(gaps, contents, strict=True))
+    return Layout(image.size, tuple(o for o, _ in placed), metadata), [a for _, a in placed]
 
 
 def write_weights(file: TensorFile, start: int | None, plan: WeightsPlan, threads: int = 0) -> tuple[int, int]:
     """Writes the whole HDF5 file into `file`; returns its size and CRC-32.
 
-    With `start`, the HDF5 file is the stretch of `file` from there (a zip member); with None, it
-    is the whole of `file` (a `.weights.h5`, whose CRC is not needed and returned as 0). h5py lays
-    out the metadata first (or a layout it made before for the same plan is reused); the tensors
-    are written once it is done (HDF5 may hold a tensor's first bytes in a buffer until it closes).
+    With `start`, the HDF5 file is the stretch of `file` from there (a zip member): its layout
+    comes from h5py run over memory (or from the first save of the same plan), then metadata and
+    tensors are written together in one parallel call. With None, it is the whole of `file` (a
+    `.weights.h5`, laid out by h5py's POSIX driver as stock's is; its CRC is returned as 0).
     """
     if start is None:
         placed = write_skeleton(file.path, plan)
         file.write_tensors([o for o, _ in placed], [as_bytes(a) for _, a in placed], threads)
         return file.size(), 0
-    tensors = _tensors(plan)
     key = _layout_key(plan)
     with _LAYOUTS_LOCK:
         layout = _LAYOUTS.get(key) if key is not None else None
         if layout is not None:
             _LAYOUTS.move_to_end(key)
-    metadata_to_write: tuple[tuple[int, bytes, int], ...] = ()
-    if layout is None:
-        region = FileRegion(file.fileno(), start, writable=True)
-        placed = write_skeleton(region, plan)
-        layout = _read_back_layout(file, start, region.size, placed)
-        if key is not None and [id(a) for _, a in placed] == [id(a) for a in tensors]:
+    if layout is not None:
+        tensors = [d.array for d in plan.datasets if d.reserved and d.array.nbytes]
+    else:
+        layout, tensors = _lay_out(plan)
+        if key is not None:
             with _LAYOUTS_LOCK:
                 _LAYOUTS[key] = layout
                 while len(_LAYOUTS) > _MAX_LAYOUTS:
                     _LAYOUTS.popitem(last=False)
-        tensors = [a for _, a in placed]
-    else:
-        metadata_to_write = layout.metadata
     segments = [(o, as_bytes(a)) for o, a in zip(layout.tensor_offsets, tensors, strict=True)]
-    segments += [(o, np.frombuffer(data, np.uint8)) for o, data, _ in metadata_to_write]
+    segments += [(o, np.frombuffer(data, np.uint8)) for o, data in layout.metadata]
     crcs = file.write_tensors([start + o for o, _ in segments], [b for _, b in segments], threads)
-    known = [(start + o, b.nbytes, c) for (o, b), c in zip(segments, crcs, strict=True)]
-    if not metadata_to_write:  # read back from the file, CRCs already known
-        known += [(start + o, len(data), c) for o, data, c in layout.metadata]
-    return layout.size, file.crc32(start, layout.size, sorted(known), threads)
+    known = sorted((start + o, b.nbytes, c) for (o, b), c in zip(segments, crcs, strict=True))
+    return layout.size, file.crc32(start, layout.size, known, threads)
 
 
 @dataclass
