@@ -1,6 +1,6 @@
 //! Positioned, parallel reads and writes of tensor bytes, each checksummed (CRC-32) on the way.
-//! Every container (zip member, HDF5 file, tensor bundle) moves its tensors through here: the
-//! Python side plans where each tensor goes, this module moves the bytes.
+//! Every container (a zip member, an HDF5 file; later the tensor bundle) moves its tensors through
+//! here: the Python side plans where each tensor goes, this module moves the bytes.
 
 use std::fs::File;
 use std::io;

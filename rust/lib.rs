@@ -349,7 +349,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("KerasSaveError", m.py().get_type::<KerasSaveError>())?;
     m.add("BadKerasZipFile", bad_keras_zip_file(m.py())?)?;
     m.add("ZIP64_LIMIT", zip::ZIP64_LIMIT)?;
-    m.add("CHUNK_BYTES", io::CHUNK)?;
     m.add_class::<TensorFile>()?;
     m.add_class::<ZipWriter>()?;
     m.add_class::<ZipArchive>()?;

@@ -44,7 +44,7 @@ def test_loaded_variables_adopt_the_read_buffers(model_zoo, tmp_path, monkeypatc
 
     def capture(*args, **kwargs):
         reading = keras_zip.read_weights.__wrapped__(*args, **kwargs)
-        reading.add_done_callback(lambda f: read.update(f.result()))
+        reading.add_done_callback(lambda f: read.update(f.result().arrays))
         return reading
 
     capture.__wrapped__ = keras_zip.read_weights
@@ -98,3 +98,35 @@ def test_misaligned_and_odd_sized_buffers_never_abort(tmp_path):
     )
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "survived" in run.stdout, run.stderr[-3000:]
+
+
+@keras.saving.register_keras_serializable(package="ksf_tests")
+class TwinKernel(keras.layers.Layer):
+    """Loads one saved tensor into two variables, as an EMA copy might."""
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(input_shape[-1], 3), name="kernel")
+        self.ema = self.add_weight(shape=(input_shape[-1], 3), name="ema", trainable=False)
+
+    def call(self, x):
+        return x @ self.kernel
+
+    def save_own_variables(self, store):
+        store["0"] = self.kernel
+
+    def load_own_variables(self, store):
+        self.kernel.assign(store["0"])
+        self.ema.assign(store["0"])
+
+
+def test_one_tensor_loaded_into_two_variables_gives_two_buffers(tmp_path):
+    model = keras.Sequential([keras.Input((4,)), TwinKernel()])
+    path = tmp_path / "twin.keras"
+    ksf.save_model(model, path)
+    loaded = ksf.load_model(path)
+    layer = loaded.layers[0]
+    np.testing.assert_array_equal(layer.kernel.numpy(), model.layers[0].kernel.numpy())
+    np.testing.assert_array_equal(layer.ema.numpy(), model.layers[0].kernel.numpy())
+    assert _buffer_address(layer.kernel) != _buffer_address(layer.ema)
+    layer.kernel.assign_add(np.ones((4, 3), "float32"))
+    np.testing.assert_array_equal(layer.ema.numpy(), model.layers[0].kernel.numpy())

@@ -106,11 +106,11 @@ def test_failed_save_keeps_the_previous_file(model, tmp_path, monkeypatch):
     before = path.read_bytes()
 
     def fail_midway(*args, **kwargs):
-        keras_zip.write_weights.__wrapped__(*args, **kwargs)
+        keras_zip.write_layout.__wrapped__(*args, **kwargs)
         raise RuntimeError("disk on fire")
 
-    fail_midway.__wrapped__ = keras_zip.write_weights
-    monkeypatch.setattr(keras_zip, "write_weights", fail_midway)
+    fail_midway.__wrapped__ = keras_zip.write_layout
+    monkeypatch.setattr(keras_zip, "write_layout", fail_midway)
     with pytest.raises(RuntimeError, match="disk on fire"):
         ksf.save_model(model, path)
     assert path.read_bytes() == before

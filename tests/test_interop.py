@@ -201,3 +201,26 @@ def test_registered_custom_layer_loads_with_or_without_custom_objects(tmp_path):
     for custom_objects in (None, {"ksf_tests>Scale": Scale}, {"Scale": Scale}):
         for load in (ksf.load_model, keras.saving.load_model):
             assert_same_state(model, load(path, custom_objects=custom_objects))
+
+
+@pytest.mark.parametrize("optimizer", ["nadam", "adafactor", "schedule_free_adamw", "lamb"])
+def test_optimizers_that_build_differently_load_like_stock(tmp_path, optimizer):
+    """Some stock optimizers create or assign valued variables while building: built the stock way."""
+    optimizers = {
+        "nadam": keras.optimizers.Nadam,
+        "adafactor": keras.optimizers.Adafactor,
+        "schedule_free_adamw": getattr(keras.optimizers, "ScheduleFreeAdamW", keras.optimizers.Nadam),
+        "lamb": keras.optimizers.Lamb,
+    }
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(2)])
+    model.compile(optimizer=optimizers[optimizer](), loss="mse")
+    for step in range(2):
+        model.train_on_batch(*_batch(model, seed=step))
+    path = tmp_path / "m.keras"
+    ksf.save_model(model, path)
+    ours, stock = ksf.load_model(path), keras.saving.load_model(path)
+    assert_same_state(model, ours)
+    x, y = _batch(model, seed=9)
+    ours.train_on_batch(x, y)
+    stock.train_on_batch(x, y)
+    assert_same_state(stock, ours)

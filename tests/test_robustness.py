@@ -287,3 +287,25 @@ def test_missing_file_is_stocks_error(tmp_path):
         ksf.load_model(tmp_path / "absent.keras")
     with pytest.raises(ValueError, match="File not found"):
         keras.saving.load_model(tmp_path / "absent.keras")
+
+
+def test_file_changed_while_being_read_is_refused(original, tmp_path, monkeypatch):
+    """The CRC is checked again over the bytes actually read, not only before reading."""
+    from kerassave_fast.formats import keras_zip
+
+    path = tmp_path / "changing.keras"
+    path.write_bytes(original.read_bytes())
+    tensor_at = _regions(path)["tensor_data"][0][0]
+
+    def rewrite_then_read(*args, **kwargs):
+        with open(path, "r+b") as f:  # another process rewriting the file in place
+            f.seek(tensor_at)
+            byte = f.read(1)
+            f.seek(tensor_at)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        return keras_zip.read_weights.__wrapped__(*args, **kwargs)
+
+    rewrite_then_read.__wrapped__ = keras_zip.read_weights
+    monkeypatch.setattr(keras_zip, "read_weights", rewrite_then_read)
+    with pytest.raises(zipfile.BadZipFile, match="changed while being read"):
+        ksf.load_model(path)

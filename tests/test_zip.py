@@ -113,6 +113,23 @@ def test_keras_file_with_zip64_framing_loads_in_stock(model_zoo, tmp_path):
     assert_same_state(model, ksf.load_model(path))
 
 
+def test_zip64_decision_uses_the_exact_member_size_like_zipfile(model_zoo, tmp_path):
+    """`zipfile.writestr` puts ZIP64 fields in a local header when size * 1.05 > ZIP64_LIMIT."""
+    model = model_zoo("seed_example")
+    probe = tmp_path / "probe.keras"
+    keras_zip.save(model, str(probe))
+    size = zipfile.ZipFile(probe).getinfo("model.weights.h5").file_size
+    for limit, zip64 in ((int(size * 1.05) - 1, True), (int(size * 1.05) + 1, False)):
+        path = tmp_path / f"limit{limit}.keras"
+        keras_zip.save(model, str(path), zip64_limit=limit)
+        with zipfile.ZipFile(path) as zf:
+            info = zf.getinfo("model.weights.h5")
+            data = path.read_bytes()
+            extra_len = int.from_bytes(data[info.header_offset + 28 : info.header_offset + 30], "little")
+            assert (extra_len == 20) == zip64, (limit, size, extra_len)
+            assert zf.testzip() is None
+
+
 @pytest.mark.big
 @pytest.mark.skipif(os.environ.get("KSF_BIG_TESTS") != "1", reason="writes > 4 GiB; set KSF_BIG_TESTS=1")
 def test_model_over_4_gib(tmp_path):

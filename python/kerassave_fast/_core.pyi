@@ -3,7 +3,6 @@
 from collections.abc import Buffer, Sequence
 
 ZIP64_LIMIT: int
-CHUNK_BYTES: int
 
 class KerasSaveError(ValueError):
     """A saved-model file is malformed: truncated, corrupted, hostile or not the format its name says."""

@@ -20,10 +20,10 @@ import h5py
 from keras.src.saving import saving_lib
 from keras.src.utils import file_utils
 
-from .._core import ZIP64_LIMIT, KerasSaveError, TensorFile, ZipArchive, ZipMember, ZipWriter
+from .._core import ZIP64_LIMIT, BadKerasZipFile, KerasSaveError, TensorFile, ZipArchive, ZipMember, ZipWriter
 from ..files import FileRegion, atomic_replace
 from ..keras3 import state
-from .weights_h5 import read_weights, write_weights
+from .weights_h5 import ReadTensors, layout_for, read_weights, write_layout
 
 CONFIG = saving_lib._CONFIG_FILENAME
 METADATA = saving_lib._METADATA_FILENAME
@@ -70,9 +70,9 @@ def save(
             writer = ZipWriter(file, zip64_limit)
             writer.add_stored(METADATA, metadata_json.encode(), _ZIPINFO_DEFAULT_DATE, _OWNER_RW)
             writer.add_stored(CONFIG, config_json.encode(), _ZIPINFO_DEFAULT_DATE, _OWNER_RW)
-            start = writer.begin_stored(WEIGHTS, time.localtime()[:6], _OWNER_RW, plan.size_hint())
-            size, crc = write_weights(file, start, plan, threads)
-            writer.end_stored(size, crc)
+            layout, tensors = layout_for(plan)  # its exact size decides ZIP64, as in `zipfile`
+            start = writer.begin_stored(WEIGHTS, time.localtime()[:6], _OWNER_RW, layout.size)
+            writer.end_stored(layout.size, write_layout(file, start, layout, tensors, threads))
             saving_lib._write_to_zip_recursively(_AssetsInto(writer), assets.working_dir, ASSETS)
             writer.finish()
             del writer, file  # close before the rename
@@ -127,6 +127,16 @@ class KerasArchive:
             raise KerasSaveError(f"{self.path}: '{WEIGHTS}' is not a readable HDF5 file: {e}") from e
         with h5:
             yield source, start, size, h5
+
+    def confirm_weights(self, read: ReadTensors, threads: int) -> None:
+        """Checks the CRC-32 again, joined from the CRCs of the tensor bytes actually read (and the
+        metadata between them): a file rewritten in place while it was read is refused, not mixed."""
+        member = self.by_name[WEIGHTS]
+        if read.known is None:
+            return
+        start = self.zip.data_offset(member.index)
+        if self.file.crc32(start, member.size, read.known, threads) != member.crc32:
+            raise BadKerasZipFile(f"{self.path}: Bad CRC-32 for file '{WEIGHTS}' (it changed while being read)")
 
     @contextlib.contextmanager
     def extracted_assets(self):
@@ -184,5 +194,6 @@ def load(
             built = state.build_model(config_json, custom_objects, compile, safe_mode)
         finally:
             futures.wait([reading])
-        state.load_model_state(built, h5, reading.result(), assets)
+        archive.confirm_weights(reading.result(), threads)
+        state.load_model_state(built, h5, reading.result().arrays, assets)
     return built.model

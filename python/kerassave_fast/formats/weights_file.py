@@ -8,7 +8,7 @@ from .._core import TensorFile
 from ..files import FileRegion, atomic_replace
 from ..keras3 import state
 from .keras_zip import KerasArchive
-from .weights_h5 import read_weights, write_weights
+from .weights_h5 import read_weights, write_weights_file
 
 
 def _require_built(model, doing: str) -> None:
@@ -25,7 +25,7 @@ def save(model, filepath: str, threads: int = 0) -> None:
     plan, _ = state.plan_model_state(model, with_assets=False)
     with atomic_replace(filepath) as tmp_path:
         file = TensorFile(tmp_path, writable=True)
-        write_weights(file, None, plan)
+        write_weights_file(file, plan, threads)
         del file
 
 
@@ -33,12 +33,15 @@ def load(model, filepath: str, skip_mismatch: bool = False, threads: int = 0) ->
     """`model.load_weights(filepath)` for a `.weights.h5` or `.keras` path."""
     _require_built(model, "loading weights into")
     if filepath.endswith(".keras"):
-        with KerasArchive(filepath).open_weights(threads) as (source, start, size, h5):
-            arrays = read_weights(h5, source, start, size, filepath, threads).result()
+        archive = KerasArchive(filepath)
+        with archive.open_weights(threads) as (source, start, size, h5):
+            read = read_weights(h5, source, start, size, filepath, threads).result()
+            archive.confirm_weights(read, threads)
+            arrays = read.arrays
             state.load_model_state(state.BuiltModel(model), h5, arrays, None, skip_mismatch=skip_mismatch)
         return
     file = TensorFile(filepath)
     size = file.size()
     with h5py.File(FileRegion(file.fileno(), 0, size), "r") as h5:
-        arrays = read_weights(h5, file, 0, size, filepath, threads).result()
+        arrays = read_weights(h5, file, 0, size, filepath, threads).result().arrays
         state.load_model_state(state.BuiltModel(model), h5, arrays, None, skip_mismatch=skip_mismatch)

@@ -23,9 +23,6 @@ from .._core import KerasSaveError, TensorFile
 from ..files import SparseImage
 from ..tensors import BFLOAT16, aligned_empty, as_bytes, snapshot
 
-# Per-dataset and per-file allowance for HDF5 metadata when sizing a zip member before it exists.
-_METADATA_ALLOWANCE = (4096, 1 << 16)
-
 
 @dataclass
 class PlannedGroup:
@@ -67,11 +64,6 @@ class WeightsPlan:
     @property
     def datasets(self) -> list[PlannedDataset]:
         return [s for s in self.steps if isinstance(s, PlannedDataset)]
-
-    def size_hint(self) -> int:
-        """An upper bound of the HDF5 file's size (decides ZIP64 before the file exists)."""
-        per_dataset, per_file = _METADATA_ALLOWANCE
-        return sum(d.array.nbytes + per_dataset for d in self.datasets) + per_file * (1 + len(self.steps))
 
 
 def _create_reserved_dataset(group: h5py.Group, name: str, array: np.ndarray, named: bool) -> h5d.DatasetID:
@@ -187,37 +179,40 @@ def _lay_out(plan: WeightsPlan) -> tuple[Layout, list[np.ndarray]]:
     return Layout(image.size, tuple(o for o, _ in placed), metadata), [a for _, a in placed]
 
 
-def write_weights(file: TensorFile, start: int | None, plan: WeightsPlan, threads: int = 0) -> tuple[int, int]:
-    """Writes the whole HDF5 file into `file`; returns its size and CRC-32.
-
-    With `start`, the HDF5 file is the stretch of `file` from there (a zip member): its layout
-    comes from h5py run over memory (or from the first save of the same plan), then metadata and
-    tensors are written together in one parallel call. With None, it is the whole of `file` (a
-    `.weights.h5`, laid out by h5py's POSIX driver as stock's is; its CRC is returned as 0).
-    """
-    if start is None:
-        placed = write_skeleton(file.path, plan)
-        file.write_tensors([o for o, _ in placed], [as_bytes(a) for _, a in placed], threads)
-        return file.size(), 0
+def layout_for(plan: WeightsPlan) -> tuple[Layout, list[np.ndarray]]:
+    """The plan's layout (remembered from an earlier save of the same plan, or made now) and the
+    tensors in its order. The layout does not depend on where the HDF5 file will sit."""
     key = _layout_key(plan)
     with _LAYOUTS_LOCK:
         layout = _LAYOUTS.get(key) if key is not None else None
         if layout is not None:
             _LAYOUTS.move_to_end(key)
     if layout is not None:
-        tensors = [d.array for d in plan.datasets if d.reserved and d.array.nbytes]
-    else:
-        layout, tensors = _lay_out(plan)
-        if key is not None:
-            with _LAYOUTS_LOCK:
-                _LAYOUTS[key] = layout
-                while len(_LAYOUTS) > _MAX_LAYOUTS:
-                    _LAYOUTS.popitem(last=False)
+        return layout, [d.array for d in plan.datasets if d.reserved and d.array.nbytes]
+    layout, tensors = _lay_out(plan)
+    if key is not None:
+        with _LAYOUTS_LOCK:
+            _LAYOUTS[key] = layout
+            while len(_LAYOUTS) > _MAX_LAYOUTS:
+                _LAYOUTS.popitem(last=False)
+    return layout, tensors
+
+
+def write_layout(file: TensorFile, start: int, layout: Layout, tensors: list[np.ndarray], threads: int = 0) -> int:
+    """Writes the HDF5 file at `start` of `file` (a zip member), metadata and tensors in one
+    parallel call; returns its CRC-32, joined from the CRCs of the pieces as they were written."""
     segments = [(o, as_bytes(a)) for o, a in zip(layout.tensor_offsets, tensors, strict=True)]
     segments += [(o, np.frombuffer(data, np.uint8)) for o, data in layout.metadata]
     crcs = file.write_tensors([start + o for o, _ in segments], [b for _, b in segments], threads)
     known = sorted((start + o, b.nbytes, c) for (o, b), c in zip(segments, crcs, strict=True))
-    return layout.size, file.crc32(start, layout.size, known, threads)
+    return file.crc32(start, layout.size, known, threads)
+
+
+def write_weights_file(file: TensorFile, plan: WeightsPlan, threads: int = 0) -> None:
+    """Writes a `.weights.h5` file: h5py lays it out on disk through HDF5's POSIX driver, as stock's
+    is (a different layout from a zip member's), then the tensors go to the offsets it chose."""
+    placed = write_skeleton(file.path, plan)
+    file.write_tensors([o for o, _ in placed], [as_bytes(a) for _, a in placed], threads)
 
 
 @dataclass
@@ -278,27 +273,39 @@ def stored_tensors(h5: h5py.File, size: int, where: str) -> list[StoredTensor]:
     return found
 
 
+@dataclass
+class ReadTensors:
+    """Tensors read by offset: {dataset name: array}, and (offset, length, CRC-32) of each as read
+    from a file (None when they came from memory already checked)."""
+
+    arrays: dict[str, np.ndarray]
+    known: list[tuple[int, int, int]] | None
+
+
 def read_weights(
     h5: h5py.File, source: TensorFile | bytes, start: int, size: int, where: str, threads: int
-) -> Future[dict[str, np.ndarray]]:
+) -> Future[ReadTensors]:
     """Reads every by-offset dataset into its own aligned array, in the background.
 
     Lists the datasets now (h5py), then moves the bytes on a thread (the Rust core releases the
-    GIL), so the caller can build the model meanwhile. The future gives {dataset name: array}.
+    GIL), so the caller can build the model meanwhile.
     """
     tensors = stored_tensors(h5, size, where)
     arrays = {t.name: aligned_empty(t.shape, t.dtype) for t in tensors}
     buffers = [as_bytes(arrays[t.name]) for t in tensors]
-    future: Future[dict[str, np.ndarray]] = Future()
+    future: Future[ReadTensors] = Future()
 
     def read() -> None:
         try:
+            known = None
             if isinstance(source, TensorFile):
-                source.read_tensors([start + t.offset for t in tensors], buffers, threads)
+                offsets = [start + t.offset for t in tensors]
+                crcs = source.read_tensors(offsets, buffers, threads)
+                known = sorted(zip(offsets, (t.nbytes for t in tensors), crcs, strict=True))
             else:  # an inflated (DEFLATED) member already in memory
                 for t, buffer in zip(tensors, buffers, strict=True):
                     buffer[:] = np.frombuffer(source, np.uint8, t.nbytes, start + t.offset)
-            future.set_result(arrays)
+            future.set_result(ReadTensors(arrays, known))
         except BaseException as e:
             future.set_exception(e)
 

@@ -175,8 +175,7 @@ def _compile_without_optimizer_build(model, compile_config: dict):
 
     cls = type(model)
     if cls.compile is not Trainer.compile or cls.compile_from_config is not Trainer.compile_from_config:
-        model.compile_from_config(compile_config)
-        return None
+        raise _CannotDefer("the model compiles its own way, which may need its weights")
     model.compile(**deserialize_keras_object(compile_config))
     optimizer = getattr(model, "optimizer", None)
     return optimizer if model.built and isinstance(optimizer, BaseOptimizer) and not optimizer.built else None
@@ -249,7 +248,8 @@ class _PreloadedWeights(saving_lib.H5IOStore):
                 hard = group.id.links.get_info(key.encode()).type == h5l.TYPE_HARD
             except KeyError:
                 hard = False
-            array = self._arrays.get(f"{group.name}/{key}") if hard else None
+            # Served once: a second variable asking for the same tensor gets its own copy (stock's path).
+            array = self._arrays.pop(f"{group.name}/{key}", None) if hard else None
             if array is not None:
                 return array
         return super().__getitem__(key)
@@ -312,9 +312,24 @@ def _initialize_leftovers(built: BuiltModel) -> None:
             v._deferred_initialize()
 
 
+def _slots_only_builds() -> set:
+    """`build` methods of stock optimizers that only create slot variables from initializers.
+
+    Others (Nadam, Adafactor and ScheduleFreeAdamW create or assign variables with values, custom
+    ones may do anything) are built the stock way, slots initialized.
+    """
+    from keras.src import optimizers
+
+    names = ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adadelta", "Adamax", "Ftrl", "Lion", "Lamb")
+    return {getattr(optimizers, n).build for n in names if hasattr(optimizers, n)}
+
+
 def _build_optimizer(built: BuiltModel) -> None:
     """The optimizer build stock does at compile time, with its slots left uninitialized when possible."""
     optimizer, model = built.optimizer_to_build, built.model
+    if type(optimizer).build not in _slots_only_builds():
+        optimizer.build(model.trainable_variables)
+        return
     first_new = len(_uninitialized_registry())
     try:
         with StatelessScope(initialize_variables=False) as scope:
@@ -322,11 +337,13 @@ def _build_optimizer(built: BuiltModel) -> None:
         if scope.state_mapping:
             raise _CannotDefer("the optimizer assigned variables while building")
     except Exception:
+        # Not expected of the builds above; a half-built optimizer cannot be built again, so leave
+        # no variable uninitialized and let the error show.
+        created = _uninitialized_registry()[first_new:]
         del _uninitialized_registry()[first_new:]
-        if optimizer.built:  # a half-built optimizer cannot be rebuilt: let stock's error show
-            raise
-        optimizer.build(model.trainable_variables)
-        return
+        for v in created:
+            v._deferred_initialize()
+        raise
     registry = _uninitialized_registry()
     built.uninitialized += registry[first_new:]
     del registry[first_new:]
