@@ -50,7 +50,7 @@ def _local_path(filepath) -> str | None:
 @contextlib.contextmanager
 def _no_gc_pauses():
     """Keeps Python's cyclic GC from pausing inside a save or load (a full collection of a process
-    holding TensorFlow and a big model took 0.66 s in one ResNet50 load). It runs again afterwards."""
+    holding TensorFlow and a big model can cost more than a ResNet50 load). It runs again afterwards."""
     enabled = gc.isenabled()
     gc.disable()
     try:

@@ -15,6 +15,7 @@ import time
 import warnings
 import zipfile
 from concurrent import futures
+from concurrent.futures import Future
 
 import h5py
 from keras.src.saving import saving_lib
@@ -128,15 +129,16 @@ class KerasArchive:
         with h5:
             yield source, start, size, h5
 
-    def confirm_weights(self, read: ReadTensors, threads: int) -> None:
-        """Checks the CRC-32 again, joined from the CRCs of the tensor bytes actually read (and the
-        metadata between them): a file rewritten in place while it was read is refused, not mixed."""
-        member = self.by_name[WEIGHTS]
-        if read.known is None:
-            return
-        start = self.zip.data_offset(member.index)
-        if self.file.crc32(start, member.size, read.known, threads) != member.crc32:
-            raise BadKerasZipFile(f"{self.path}: Bad CRC-32 for file '{WEIGHTS}' (it changed while being read)")
+    def checked_arrays(self, reading: Future[ReadTensors], threads: int) -> dict:
+        """The tensors `read_weights` read, once the CRC-32 is checked again, joined from the CRCs of
+        the bytes actually read: a file rewritten in place while it was read is refused, not mixed."""
+        read = reading.result()
+        if read.known is not None:  # None: inflated in memory, already checked
+            member = self.by_name[WEIGHTS]
+            start = self.zip.data_offset(member.index)
+            if self.file.crc32(start, member.size, read.known, threads) != member.crc32:
+                raise BadKerasZipFile(f"{self.path}: Bad CRC-32 for file '{WEIGHTS}' (it changed while being read)")
+        return read.arrays
 
     @contextlib.contextmanager
     def extracted_assets(self):
@@ -194,6 +196,5 @@ def load(
             built = state.build_model(config_json, custom_objects, compile, safe_mode)
         finally:
             futures.wait([reading])
-        archive.confirm_weights(reading.result(), threads)
-        state.load_model_state(built, h5, reading.result().arrays, assets)
+        state.load_model_state(built, h5, archive.checked_arrays(reading, threads), assets)
     return built.model

@@ -35,9 +35,7 @@ def load(model, filepath: str, skip_mismatch: bool = False, threads: int = 0) ->
     if filepath.endswith(".keras"):
         archive = KerasArchive(filepath)
         with archive.open_weights(threads) as (source, start, size, h5):
-            read = read_weights(h5, source, start, size, filepath, threads).result()
-            archive.confirm_weights(read, threads)
-            arrays = read.arrays
+            arrays = archive.checked_arrays(read_weights(h5, source, start, size, filepath, threads), threads)
             state.load_model_state(state.BuiltModel(model), h5, arrays, None, skip_mismatch=skip_mismatch)
         return
     file = TensorFile(filepath)
