@@ -1,10 +1,14 @@
-//! Positioned, parallel reads and writes of tensor bytes, each checksummed (CRC-32) on the way.
-//! Every container (a zip member, an HDF5 file; later the tensor bundle) moves its tensors through
-//! here: the Python side plans where each tensor goes, this module moves the bytes.
+//! Positioned, parallel reads and writes of tensor bytes, each checksummed on the way (CRC-32 for
+//! zip members, CRC32C for the tensor bundle). Every container (a zip member, an HDF5 file, the
+//! tensor bundle) moves its tensors through here: the caller plans where each tensor goes, this
+//! module moves the bytes.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crc32fast::Hasher;
 use rayon::prelude::*;
@@ -22,25 +26,53 @@ pub struct KnownCrc {
     pub crc: u32,
 }
 
-/// Runs `f` on a pool of `threads` workers (0 = one per core); 1 thread runs inline.
-fn run_on_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> Result<T> {
-    if threads == 1 {
-        return Ok(f());
+/// The most I/O threads a call may ask for: past a few per core they only cost memory and startup.
+pub const MAX_THREADS: usize = 256;
+
+/// One pool per thread count, kept for the life of the process: a save makes several parallel
+/// calls, and starting a pool for each would cost more than small saves take.
+fn pool_for(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
+    static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
+    if threads > MAX_THREADS {
+        return Err(Error::Argument(format!(
+            "`threads` must be at most {MAX_THREADS}. Received: threads={threads}"
+        )));
+    }
+    let mut pools = POOLS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(pool) = pools.get(&threads) {
+        return Ok(pool.clone());
     }
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
+        .thread_name(|i| format!("kerassave-io-{i}"))
         .build()
         .map_err(|e| Error::Argument(format!("cannot start {threads} I/O threads: {e}")))?;
-    Ok(pool.install(f))
+    let pool = Arc::new(pool);
+    pools.insert(threads, pool.clone());
+    Ok(pool)
 }
 
-fn end_of(path: &str, offset: u64, len: usize) -> Result<u64> {
-    offset
-        .checked_add(len as u64)
-        .ok_or_else(|| Error::Argument(format!("{path}: tensor at offset {offset} of {len} bytes overflows")))
+/// Runs `f` on a pool of `threads` workers (0 = one per core); 1 thread runs inline.
+pub fn run_on_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> Result<T> {
+    if threads == 1 {
+        return Ok(f());
+    }
+    Ok(pool_for(threads)?.install(f))
 }
 
-fn read_error(path: &str, offset: u64, len: usize, e: io::Error) -> Error {
+fn end_of(path: &Path, offset: u64, len: usize) -> Result<u64> {
+    offset.checked_add(len as u64).ok_or_else(|| {
+        Error::Argument(format!(
+            "{}: tensor at offset {offset} of {len} bytes overflows",
+            path.display()
+        ))
+    })
+}
+
+fn read_error(path: &Path, offset: u64, len: usize, e: io::Error) -> Error {
     if e.kind() == io::ErrorKind::UnexpectedEof {
         Error::format(
             path,
@@ -62,29 +94,93 @@ fn chunk_jobs<B, C>(tensors: impl IntoIterator<Item = (u64, B)>, split: impl Fn(
     jobs
 }
 
-/// Folds per-chunk CRCs (in job order) into one CRC per tensor.
-fn combine_per_tensor(count: usize, jobs: impl IntoIterator<Item = (usize, Result<Hasher>)>) -> Result<Vec<u32>> {
-    let mut hashers = vec![Hasher::new(); count];
-    for (index, hasher) in jobs {
-        hashers[index].combine(&hasher?);
+/// A checksum that can be computed over chunks in parallel and joined in order afterwards.
+pub trait Checksum: Send + Sized {
+    /// The checksum of nothing.
+    fn empty() -> Self;
+    fn update(&mut self, bytes: &[u8]);
+    /// Appends `next`, the checksum of the bytes that follow those `self` covers.
+    fn combine(&mut self, next: &Self);
+    fn value(&self) -> u32;
+}
+
+/// CRC-32 (zlib's, zip's).
+impl Checksum for Hasher {
+    fn empty() -> Self {
+        Hasher::new()
     }
-    Ok(hashers.into_iter().map(Hasher::finalize).collect())
+    fn update(&mut self, bytes: &[u8]) {
+        Hasher::update(self, bytes);
+    }
+    fn combine(&mut self, next: &Self) {
+        Hasher::combine(self, next);
+    }
+    fn value(&self) -> u32 {
+        self.clone().finalize()
+    }
+}
+
+/// CRC32C (Castagnoli; TensorFlow's tensor bundle), with the length `combine` needs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Crc32c {
+    crc: u32,
+    len: usize,
+}
+
+impl Checksum for Crc32c {
+    fn empty() -> Self {
+        Crc32c::default()
+    }
+    fn update(&mut self, bytes: &[u8]) {
+        self.crc = crate::bundle::crc32c_append(self.crc, bytes);
+        self.len += bytes.len();
+    }
+    fn combine(&mut self, next: &Self) {
+        self.crc = crate::bundle::crc32c_combine(self.crc, next.crc, next.len);
+        self.len += next.len;
+    }
+    fn value(&self) -> u32 {
+        self.crc
+    }
+}
+
+/// Folds per-chunk checksums (in job order) into one per tensor.
+fn combine_per_tensor<C: Checksum>(
+    count: usize,
+    jobs: impl IntoIterator<Item = (usize, Result<C>)>,
+) -> Result<Vec<u32>> {
+    let mut sums: Vec<C> = (0..count).map(|_| C::empty()).collect();
+    for (index, sum) in jobs {
+        sums[index].combine(&sum?);
+    }
+    Ok(sums.iter().map(C::value).collect())
 }
 
 /// Writes each `(offset, bytes)` at its offset and returns each tensor's CRC-32.
-pub fn write_tensors(file: &File, path: &str, tensors: &[(u64, &[u8])], threads: usize) -> Result<Vec<u32>> {
+pub fn write_tensors(file: &File, path: &Path, tensors: &[(u64, &[u8])], threads: usize) -> Result<Vec<u32>> {
+    write_tensors_with::<Hasher>(file, path, tensors, threads)
+}
+
+/// Writes each `(offset, bytes)` at its offset and returns each tensor's checksum of kind `C`,
+/// computed chunk by chunk just before the chunk is written (never in a second pass).
+pub fn write_tensors_with<C: Checksum>(
+    file: &File,
+    path: &Path,
+    tensors: &[(u64, &[u8])],
+    threads: usize,
+) -> Result<Vec<u32>> {
     for (offset, bytes) in tensors {
         end_of(path, *offset, bytes.len())?;
     }
     let jobs = chunk_jobs(tensors.iter().copied(), |b: &[u8]| b.chunks(CHUNK).collect());
-    let results: Vec<Result<Hasher>> = run_on_pool(threads, || {
+    let results: Vec<Result<C>> = run_on_pool(threads, || {
         jobs.par_iter()
             .map(|(_, offset, chunk)| {
-                let mut hasher = Hasher::new();
-                hasher.update(chunk);
+                let mut sum = C::empty();
+                sum.update(chunk);
                 file.write_all_at(chunk, *offset)
                     .map_err(|e| Error::io(path, "write", e))?;
-                Ok(hasher)
+                Ok(sum)
             })
             .collect()
     })?;
@@ -93,7 +189,17 @@ pub fn write_tensors(file: &File, path: &str, tensors: &[(u64, &[u8])], threads:
 
 /// Fills each `(offset, buffer)` from the file and returns each tensor's CRC-32.
 /// The buffers must not overlap (the caller checks); a short file is a format error.
-pub fn read_tensors(file: &File, path: &str, tensors: &mut [(u64, &mut [u8])], threads: usize) -> Result<Vec<u32>> {
+pub fn read_tensors(file: &File, path: &Path, tensors: &mut [(u64, &mut [u8])], threads: usize) -> Result<Vec<u32>> {
+    read_tensors_with::<Hasher>(file, path, tensors, threads)
+}
+
+/// As [`read_tensors`], with each tensor's checksum of kind `C`.
+pub fn read_tensors_with<C: Checksum>(
+    file: &File,
+    path: &Path,
+    tensors: &mut [(u64, &mut [u8])],
+    threads: usize,
+) -> Result<Vec<u32>> {
     for (offset, bytes) in tensors.iter() {
         end_of(path, *offset, bytes.len())?;
     }
@@ -101,14 +207,14 @@ pub fn read_tensors(file: &File, path: &str, tensors: &mut [(u64, &mut [u8])], t
     let mut jobs = chunk_jobs(tensors.iter_mut().map(|(o, b)| (*o, &mut **b)), |b: &mut [u8]| {
         b.chunks_mut(CHUNK).collect()
     });
-    let results: Vec<Result<Hasher>> = run_on_pool(threads, || {
+    let results: Vec<Result<C>> = run_on_pool(threads, || {
         jobs.par_iter_mut()
             .map(|(_, offset, chunk)| {
                 file.read_exact_at(chunk, *offset)
                     .map_err(|e| read_error(path, *offset, chunk.len(), e))?;
-                let mut hasher = Hasher::new();
-                hasher.update(chunk);
-                Ok(hasher)
+                let mut sum = C::empty();
+                sum.update(chunk);
+                Ok(sum)
             })
             .collect()
     })?;
@@ -119,7 +225,7 @@ pub fn read_tensors(file: &File, path: &str, tensors: &mut [(u64, &mut [u8])], t
 /// inside the range) are not read again: their CRCs are joined with those of the bytes between them.
 pub fn crc32_of_range(
     file: &File,
-    path: &str,
+    path: &Path,
     start: u64,
     len: u64,
     known: &[KnownCrc],
@@ -127,7 +233,7 @@ pub fn crc32_of_range(
 ) -> Result<u32> {
     let end = start
         .checked_add(len)
-        .ok_or_else(|| Error::Argument(format!("{path}: range at {start} of {len} bytes overflows")))?;
+        .ok_or_else(|| Error::Argument(format!("{}: range at {start} of {len} bytes overflows", path.display())))?;
     // Pieces in file order: Ok(known hasher) or Err((gap offset, gap length)).
     let mut pieces: Vec<std::result::Result<Hasher, (u64, u64)>> = Vec::new();
     let mut cursor = start;
@@ -138,7 +244,8 @@ pub fn crc32_of_range(
             .filter(|&e| k.offset >= cursor && e <= end)
             .ok_or_else(|| {
                 Error::Argument(format!(
-                    "{path}: known stretch {k:?} is unsorted, overlapping or outside {start}..{end}"
+                    "{}: known stretch {k:?} is unsorted, overlapping or outside {start}..{end}",
+                    path.display()
                 ))
             })?;
         if k.offset > cursor {
@@ -223,16 +330,38 @@ mod tests {
         let b = pattern(5, 2);
         let empty: Vec<u8> = Vec::new();
         let tensors = [(100u64, &a[..]), (100 + a.len() as u64 + 3, &b[..]), (7, &empty[..])];
-        let crcs = write_tensors(&file, "t.bin", &tensors, 2).unwrap();
+        let crcs = write_tensors(&file, Path::new("t.bin"), &tensors, 2).unwrap();
         assert_eq!(crcs, vec![crc32fast::hash(&a), crc32fast::hash(&b), 0]);
 
         let mut ra = vec![0u8; a.len()];
         let mut rb = vec![0u8; b.len()];
         let mut targets = [(100u64, &mut ra[..]), (100 + a.len() as u64 + 3, &mut rb[..])];
-        let read_crcs = read_tensors(&file, "t.bin", &mut targets, 2).unwrap();
+        let read_crcs = read_tensors(&file, Path::new("t.bin"), &mut targets, 2).unwrap();
         assert_eq!(read_crcs[..], crcs[..2]);
         assert_eq!(ra, a);
         assert_eq!(rb, b);
+    }
+
+    #[test]
+    fn crc32c_variant_matches_whole_buffer_crc32c() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.bin");
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let a = pattern(2 * CHUNK + 5, 3);
+        let b = pattern(7, 4);
+        let tensors = [(0u64, &a[..]), (a.len() as u64, &b[..])];
+        let crcs = write_tensors_with::<Crc32c>(&file, Path::new("c.bin"), &tensors, 2).unwrap();
+        assert_eq!(crcs, vec![crate::bundle::crc32c(&a), crate::bundle::crc32c(&b)]);
+        let mut ra = vec![0u8; a.len()];
+        let read = read_tensors_with::<Crc32c>(&file, Path::new("c.bin"), &mut [(0, &mut ra[..])], 2).unwrap();
+        assert_eq!(read[0], crcs[0]);
+        assert_eq!(ra, a);
     }
 
     #[test]
@@ -242,7 +371,7 @@ mod tests {
         std::fs::write(&path, [1u8; 10]).unwrap();
         let file = File::open(&path).unwrap();
         let mut buf = [0u8; 20];
-        let err = read_tensors(&file, "short.bin", &mut [(0, &mut buf[..])], 1).unwrap_err();
+        let err = read_tensors(&file, Path::new("short.bin"), &mut [(0, &mut buf[..])], 1).unwrap_err();
         assert!(matches!(err, Error::Format { .. }), "{err}");
         assert!(err.to_string().contains("truncated"));
     }
@@ -265,14 +394,26 @@ mod tests {
                 crc: 0,
             },
         ];
-        assert!(crc32_of_range(&file, "k", 0, 100, &overlapping, 1).is_err());
+        assert!(crc32_of_range(&file, Path::new("k"), 0, 100, &overlapping, 1).is_err());
         let outside = [KnownCrc {
             offset: 90,
             len: 20,
             crc: 0,
         }];
-        assert!(crc32_of_range(&file, "k", 0, 100, &outside, 1).is_err());
-        assert!(crc32_of_range(&file, "k", u64::MAX, 2, &[], 1).is_err());
+        assert!(crc32_of_range(&file, Path::new("k"), 0, 100, &outside, 1).is_err());
+        assert!(crc32_of_range(&file, Path::new("k"), u64::MAX, 2, &[], 1).is_err());
+    }
+
+    #[test]
+    fn thread_counts_are_bounded_and_pools_reused() {
+        assert!(matches!(run_on_pool(MAX_THREADS + 1, || ()), Err(Error::Argument(_))));
+        let a = pool_for(2).unwrap();
+        let b = pool_for(2).unwrap();
+        assert!(
+            Arc::ptr_eq(&a, &b),
+            "a second call with the same thread count made a new pool"
+        );
+        assert_eq!(run_on_pool(3, rayon::current_num_threads).unwrap(), 3);
     }
 
     proptest! {
@@ -301,7 +442,7 @@ mod tests {
                     known.push(KnownCrc { offset: a as u64, len: (b - a) as u64, crc: crc32fast::hash(&data[a..b]) });
                 }
             }
-            let got = crc32_of_range(&file, "r", start as u64, len as u64, &known, threads).unwrap();
+            let got = crc32_of_range(&file, Path::new("r"), start as u64, len as u64, &known, threads).unwrap();
             prop_assert_eq!(got, crc32fast::hash(&data[start..]));
         }
     }

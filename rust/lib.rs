@@ -11,6 +11,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyTuple, PyType};
 
+pub mod bundle;
 pub mod error;
 pub mod io;
 pub mod zip;
@@ -51,7 +52,7 @@ impl From<Error> for PyErr {
             }),
             Error::Io { path, source, .. } => match source.raw_os_error() {
                 // OSError(errno, strerror, filename) picks the matching subclass (FileNotFoundError, ...).
-                Some(code) => PyOSError::new_err((code, message, path)),
+                Some(code) => PyOSError::new_err((code, message, path.into_os_string())),
                 None => PyOSError::new_err(message),
             },
             Error::Format { .. } => KerasSaveError::new_err(message),
@@ -114,32 +115,48 @@ unsafe fn bytes_mut<'a>(ptr: usize, len: usize) -> &'a mut [u8] {
     }
 }
 
+/// A `File` of its own for the open descriptor `fd`, which Python keeps open during the call.
+fn duplicate_fd(fd: i32) -> std::io::Result<File> {
+    use std::os::fd::BorrowedFd;
+    if fd < 0 {
+        return Err(std::io::Error::from_raw_os_error(9)); // EBADF
+    }
+    // SAFETY: the caller holds `fd` open for the duration of this call; we only duplicate it.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    Ok(File::from(borrowed.try_clone_to_owned()?))
+}
+
 /// An open file whose tensors are written or read at planned offsets.
 #[pyclass(frozen, module = "kerassave_fast._core")]
 struct TensorFile {
     file: Arc<File>,
-    path: String,
+    /// Exactly as given (bytes on Unix), for error messages and for code that reopens the file.
+    path: PathBuf,
 }
 
 #[pymethods]
 impl TensorFile {
-    /// Opens an existing file, read-only or for reading and writing.
+    /// Opens an existing file, read-only or for reading and writing; with `fd`, uses (a duplicate
+    /// of) that open descriptor instead of opening `path` again, so the file cannot be a different one.
     #[new]
-    #[pyo3(signature = (path, writable = false))]
-    fn new(py: Python<'_>, path: PathBuf, writable: bool) -> PyResult<Self> {
-        let shown = path.display().to_string();
-        let file = py
-            .detach(|| File::options().read(true).write(writable).open(&path))
-            .map_err(|e| Error::io(&shown, "open", e))?;
+    #[pyo3(signature = (path, writable = false, fd = None))]
+    fn new(py: Python<'_>, path: PathBuf, writable: bool, fd: Option<i32>) -> PyResult<Self> {
+        let file = match fd {
+            Some(fd) => duplicate_fd(fd).map_err(|e| Error::io(&path, "dup", e))?,
+            None => py
+                .detach(|| File::options().read(true).write(writable).open(&path))
+                .map_err(|e| Error::io(&path, "open", e))?,
+        };
         Ok(TensorFile {
             file: Arc::new(file),
-            path: shown,
+            path,
         })
     }
 
+    /// The path as given (a `str`, non-UTF-8 bytes as `os.fsdecode` gives them).
     #[getter]
-    fn path(&self) -> &str {
-        &self.path
+    fn path(&self) -> &std::ffi::OsStr {
+        self.path.as_os_str()
     }
 
     fn fileno(&self) -> i32 {
@@ -273,7 +290,7 @@ struct ZipMember {
 #[pyclass(frozen, module = "kerassave_fast._core")]
 struct ZipArchive {
     file: Arc<File>,
-    path: String,
+    path: PathBuf,
     members: Vec<zip::Member>,
 }
 
@@ -281,7 +298,7 @@ impl ZipArchive {
     fn member(&self, index: usize) -> PyResult<&zip::Member> {
         self.members
             .get(index)
-            .ok_or_else(|| PyValueError::new_err(format!("no member {index} in {}", self.path)))
+            .ok_or_else(|| PyValueError::new_err(format!("no member {index} in {}", self.path.display())))
     }
 }
 
@@ -344,14 +361,232 @@ impl ZipArchive {
     }
 }
 
+/// One tensor for `TensorBundleWriter.add`: checkpoint key, `DataType` enum value, shape, and its value:
+/// a C-contiguous buffer (fixed-size dtypes) or a sequence of `bytes` (DT_STRING).
+type BundleItem<'py> = (String, i32, Vec<i64>, Bound<'py, PyAny>);
+
+/// Where a bundle tensor's bytes come from while the GIL is released.
+enum BundleSource {
+    /// (address, length) of a buffer kept exported by the caller.
+    Buffer(usize, usize),
+    Strings(Vec<Vec<u8>>),
+}
+
+/// Bundle tensors taken from Python: the buffers (kept exported while held) and each tensor's parts.
+type BundleBatch = (Vec<PyUntypedBuffer>, Vec<(Vec<u8>, i32, Vec<i64>, BundleSource)>);
+
+fn bundle_batch(tensors: Vec<BundleItem<'_>>) -> PyResult<BundleBatch> {
+    let mut exported: Vec<PyUntypedBuffer> = Vec::new();
+    let mut planned = Vec::with_capacity(tensors.len());
+    for (i, (key, dtype, shape, value)) in tensors.into_iter().enumerate() {
+        let source = if dtype == bundle::dtype::DT_STRING {
+            let elements: Vec<Bound<'_, PyBytes>> = value.extract()?;
+            BundleSource::Strings(elements.iter().map(|b| b.as_bytes().to_vec()).collect())
+        } else {
+            let buffer = PyUntypedBuffer::get(&value)?;
+            if !buffer.is_c_contiguous() {
+                return Err(PyValueError::new_err(format!("buffer {i} is not C-contiguous")));
+            }
+            let span = BundleSource::Buffer(buffer.buf_ptr() as usize, buffer.len_bytes());
+            exported.push(buffer);
+            span
+        };
+        planned.push((key.into_bytes(), dtype, shape, source));
+    }
+    Ok((exported, planned))
+}
+
+/// # Safety
+/// Every `BundleSource::Buffer` must stay exported (valid, unchanged) for `'a`.
+unsafe fn bundle_tensors<'a>(
+    planned: &'a [(Vec<u8>, i32, Vec<i64>, BundleSource)],
+) -> Vec<bundle::files::BundleTensor<'a>> {
+    planned
+        .iter()
+        .map(|(key, dtype, shape, source)| bundle::files::BundleTensor {
+            key: key.clone(),
+            dtype: *dtype,
+            shape: shape.clone(),
+            data: match source {
+                BundleSource::Buffer(ptr, len) => bundle::files::TensorData::Bytes(unsafe { bytes(*ptr, *len) }),
+                BundleSource::Strings(elements) => bundle::files::TensorData::Strings(elements.clone()),
+            },
+        })
+        .collect()
+}
+
+/// Writes a single-shard tensor bundle: its data file batch by batch (`add`, each batch packed after the
+/// previous one, CRC32C computed in parallel as the bytes are written, the GIL released, so a batch can
+/// be written on one thread while another works out the next), then its index (`finish`).
+#[pyclass(frozen, module = "kerassave_fast._core")]
+struct TensorBundleWriter {
+    data: Arc<File>,
+    data_path: PathBuf,
+    index: Arc<File>,
+    index_path: PathBuf,
+    inner: std::sync::Mutex<bundle::files::BundleWriter>,
+}
+
+impl TensorBundleWriter {
+    fn with_inner<T>(&self, f: impl FnOnce(&mut bundle::files::BundleWriter) -> T) -> T {
+        let mut inner = self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut inner)
+    }
+}
+
+#[pymethods]
+impl TensorBundleWriter {
+    /// `data_file` and `index_file` must be new, empty, writable files.
+    #[new]
+    fn new(data_file: &TensorFile, index_file: &TensorFile) -> Self {
+        TensorBundleWriter {
+            data: data_file.file.clone(),
+            data_path: data_file.path.clone(),
+            index: index_file.file.clone(),
+            index_path: index_file.path.clone(),
+            inner: Default::default(),
+        }
+    }
+
+    /// Writes `tensors` after those already written.
+    #[pyo3(signature = (tensors, threads = 0))]
+    fn add(&self, py: Python<'_>, tensors: Vec<BundleItem<'_>>, threads: usize) -> PyResult<()> {
+        let (exported, planned) = bundle_batch(tensors)?;
+        py.detach(|| {
+            // SAFETY: `exported` keeps every Py_buffer exported (memory valid, C-contiguous) until this returns.
+            let tensors = unsafe { bundle_tensors(&planned) };
+            self.with_inner(|w| w.add(&self.data, &self.data_path, &tensors, threads))
+        })?;
+        drop(exported);
+        Ok(())
+    }
+
+    /// Drops everything written, to start over.
+    fn reset(&self, py: Python<'_>) -> PyResult<()> {
+        Ok(py.detach(|| self.with_inner(|w| w.reset(&self.data, &self.data_path)))?)
+    }
+
+    fn __len__(&self) -> usize {
+        self.with_inner(|w| w.len())
+    }
+
+    /// Writes the index; returns (data bytes, index bytes).
+    fn finish(&self, py: Python<'_>) -> PyResult<(u64, u64)> {
+        Ok(py.detach(|| -> Result<(u64, u64), Error> {
+            let (index, data_len) =
+                self.with_inner(|w| Ok::<_, Error>((w.finish(&self.data, &self.data_path)?, w.data_len())))?;
+            use std::os::unix::fs::FileExt;
+            self.index
+                .write_all_at(&index, 0)
+                .map_err(|e| Error::io(&self.index_path, "write", e))?;
+            self.index
+                .set_len(index.len() as u64)
+                .map_err(|e| Error::io(&self.index_path, "truncate", e))?;
+            Ok((data_len, index.len() as u64))
+        })?)
+    }
+}
+
+/// (key, dtype enum, shape, size in bytes, partitioned, shard, offset) of a bundle entry.
+type BundleEntryInfo = (String, i32, Vec<i64>, u64, bool, i32, u64);
+
+/// An open tensor bundle (`prefix.index` + `prefix.data-*`), its index read and validated by the Rust core.
+#[pyclass(frozen, module = "kerassave_fast._core")]
+struct TensorBundleReader {
+    inner: bundle::files::BundleFiles,
+}
+
+impl TensorBundleReader {
+    fn index_of(&self, key: &str) -> PyResult<usize> {
+        self.inner
+            .find(key.as_bytes())
+            .ok_or_else(|| PyValueError::new_err(format!("{}: no tensor {key:?}", self.inner.index_path.display())))
+    }
+}
+
+#[pymethods]
+impl TensorBundleReader {
+    /// Reads `prefix.index`, opens the data shards and checks every entry lies inside its shard.
+    #[new]
+    fn new(py: Python<'_>, prefix: PathBuf) -> PyResult<Self> {
+        let inner = py.detach(|| bundle::files::BundleFiles::open(&prefix))?;
+        Ok(TensorBundleReader { inner })
+    }
+
+    #[getter]
+    fn index_path(&self) -> &std::ffi::OsStr {
+        self.inner.index_path.as_os_str()
+    }
+
+    #[getter]
+    fn num_shards(&self) -> i32 {
+        self.inner.header.num_shards
+    }
+
+    /// (key, dtype enum, shape, size in bytes, partitioned, shard, offset) of every entry, in key order.
+    fn entries(&self) -> Vec<BundleEntryInfo> {
+        self.inner
+            .entries
+            .iter()
+            .map(|e| {
+                (
+                    String::from_utf8_lossy(&e.key).into_owned(),
+                    e.dtype,
+                    e.shape.clone(),
+                    e.size,
+                    e.is_partitioned(),
+                    e.shard_id,
+                    e.offset,
+                )
+            })
+            .collect()
+    }
+
+    /// Fills each writable buffer with the tensor under its key, in parallel, CRC32C checked.
+    #[pyo3(signature = (keys, buffers, threads = 0))]
+    fn read_tensors(
+        &self,
+        py: Python<'_>,
+        keys: Vec<String>,
+        buffers: Vec<Bound<'_, PyAny>>,
+        threads: usize,
+    ) -> PyResult<()> {
+        let indices: Vec<usize> = keys.iter().map(|k| self.index_of(k)).collect::<PyResult<_>>()?;
+        let offsets = indices.iter().map(|&i| self.inner.entries[i].offset).collect();
+        let (buffers, spans) = tensor_spans(offsets, &buffers, true)?;
+        py.detach(|| {
+            // SAFETY: `buffers` keeps each writable Py_buffer exported until this returns, and
+            // `tensor_spans` checked that no two overlap, so each `&mut` is unique.
+            let mut requests: Vec<(usize, &mut [u8])> = indices
+                .iter()
+                .zip(&spans)
+                .map(|(&i, &(_, p, n))| (i, unsafe { bytes_mut(p, n) }))
+                .collect();
+            self.inner.read_into(&mut requests, threads)
+        })?;
+        drop(buffers);
+        Ok(())
+    }
+
+    /// The elements of the DT_STRING tensor under `key`, checksums checked.
+    fn read_strings<'py>(&self, py: Python<'py>, key: &str) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+        let index = self.index_of(key)?;
+        let elements = py.detach(|| self.inner.read_strings(index))?;
+        Ok(elements.iter().map(|s| PyBytes::new(py, s)).collect())
+    }
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("KerasSaveError", m.py().get_type::<KerasSaveError>())?;
     m.add("BadKerasZipFile", bad_keras_zip_file(m.py())?)?;
     m.add("ZIP64_LIMIT", zip::ZIP64_LIMIT)?;
+    m.add("MAX_THREADS", io::MAX_THREADS)?;
     m.add_class::<TensorFile>()?;
     m.add_class::<ZipWriter>()?;
     m.add_class::<ZipArchive>()?;
     m.add_class::<ZipMember>()?;
+    m.add_class::<TensorBundleReader>()?;
+    m.add_class::<TensorBundleWriter>()?;
     Ok(())
 }

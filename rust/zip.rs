@@ -6,6 +6,7 @@
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
@@ -205,7 +206,7 @@ fn central_header(m: &Member, limit: u64, out: &mut Vec<u8>) {
 /// tensor path) between `begin_stored` and `end_stored`; the writer only frames it.
 #[derive(Debug)]
 pub struct ZipWriter {
-    path: String,
+    path: PathBuf,
     limit: u64,
     end: u64,
     members: Vec<Member>,
@@ -213,12 +214,12 @@ pub struct ZipWriter {
 }
 
 impl ZipWriter {
-    pub fn new(path: &str) -> Self {
+    pub fn new(path: &Path) -> Self {
         Self::with_zip64_limit(path, ZIP64_LIMIT)
     }
 
     /// A writer that switches to ZIP64 past `limit` instead of Python's 2 GiB (tests use small limits).
-    pub fn with_zip64_limit(path: &str, limit: u64) -> Self {
+    pub fn with_zip64_limit(path: &Path, limit: u64) -> Self {
         ZipWriter {
             path: path.to_owned(),
             limit,
@@ -233,11 +234,25 @@ impl ZipWriter {
             .map_err(|e| Error::io(&self.path, "write", e))
     }
 
+    /// A new member at the end of the archive; its name must fit the 16-bit length of a zip header
+    /// (`zipfile` fails on longer ones too, with a `struct.error`).
+    fn new_member(&self, name: &str, modified: DosDateTime, external_attr: u32) -> Result<Member> {
+        if name.len() > u16::MAX as usize {
+            return Err(Error::Argument(format!(
+                "{}: zip member name of {} bytes is longer than the {} bytes a zip header can hold",
+                self.path.display(),
+                name.len(),
+                u16::MAX
+            )));
+        }
+        Ok(Member::new(name, modified, external_attr, self.end))
+    }
+
     fn check_idle(&self, what: &str) -> Result<()> {
         match &self.open {
             Some(m) => Err(Error::Argument(format!(
                 "{}: cannot {what} while member '{}' is open",
-                self.path,
+                self.path.display(),
                 String::from_utf8_lossy(&m.name)
             ))),
             None => Ok(()),
@@ -260,7 +275,7 @@ impl ZipWriter {
         data: &[u8],
     ) -> Result<()> {
         self.check_idle("add a member")?;
-        let mut m = Member::new(name, modified, external_attr, self.end);
+        let mut m = self.new_member(name, modified, external_attr)?;
         m.zip64_local = self.needs_zip64_local(data.len() as u64);
         m.crc32 = crc32fast::hash(data);
         m.size = data.len() as u64;
@@ -283,7 +298,7 @@ impl ZipWriter {
         size_hint: u64,
     ) -> Result<u64> {
         self.check_idle("begin a member")?;
-        let mut m = Member::new(name, modified, external_attr, self.end);
+        let mut m = self.new_member(name, modified, external_attr)?;
         m.zip64_local = self.needs_zip64_local(size_hint);
         let data_offset = self.end + m.local_header_len();
         self.open = Some(m);
@@ -295,11 +310,11 @@ impl ZipWriter {
         let mut m = self
             .open
             .take()
-            .ok_or_else(|| Error::Argument(format!("{}: no member is open", self.path)))?;
+            .ok_or_else(|| Error::Argument(format!("{}: no member is open", self.path.display())))?;
         if !m.zip64_local && size > self.limit {
             return Err(Error::Argument(format!(
                 "{}: member '{}' has {size} bytes, more than its size hint allowed without ZIP64",
-                self.path,
+                self.path.display(),
                 String::from_utf8_lossy(&m.name)
             )));
         }
@@ -376,7 +391,7 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 }
 
 /// Reads exactly `len` bytes at `offset`, or says the file is truncated there.
-fn pread(file: &File, path: &str, offset: u64, len: u64, what: &str) -> Result<Vec<u8>> {
+fn pread(file: &File, path: &Path, offset: u64, len: u64, what: &str) -> Result<Vec<u8>> {
     let file_len = file.metadata().map_err(|e| Error::io(path, "stat", e))?.len();
     if offset.checked_add(len).is_none_or(|end| end > file_len) {
         return Err(Error::zip(
@@ -391,7 +406,7 @@ fn pread(file: &File, path: &str, offset: u64, len: u64, what: &str) -> Result<V
 }
 
 /// Finds the end-of-central-directory record like `zipfile._EndRecData`; returns its offset and bytes.
-fn find_eocd(file: &File, path: &str, file_len: u64) -> Result<(u64, Vec<u8>)> {
+fn find_eocd(file: &File, path: &Path, file_len: u64) -> Result<(u64, Vec<u8>)> {
     if file_len < EOCD_LEN {
         return Err(Error::zip(
             path,
@@ -415,7 +430,7 @@ fn find_eocd(file: &File, path: &str, file_len: u64) -> Result<(u64, Vec<u8>)> {
 
 /// Parses the central directory like `zipfile.ZipFile._RealGetContents` (data prepended to the
 /// archive is allowed, as there). Member names are returned raw; nothing here trusts the file.
-pub fn read_directory(file: &File, path: &str) -> Result<Vec<Member>> {
+pub fn read_directory(file: &File, path: &Path) -> Result<Vec<Member>> {
     let file_len = file.metadata().map_err(|e| Error::io(path, "stat", e))?.len();
     let (eocd_at, eocd) = find_eocd(file, path, file_len)?;
     let mut cd_size = u32_at(&eocd, 12) as u64;
@@ -499,7 +514,7 @@ pub fn read_directory(file: &File, path: &str) -> Result<Vec<Member>> {
 }
 
 /// `zipfile.ZipInfo._decodeExtra`: 32-bit fields set to 0xFFFFFFFF take their value from the ZIP64 field.
-fn apply_zip64_extra(m: &mut Member, mut extra: &[u8], path: &str) -> Result<()> {
+fn apply_zip64_extra(m: &mut Member, mut extra: &[u8], path: &Path) -> Result<()> {
     let name = String::from_utf8_lossy(&m.name).into_owned();
     while extra.len() >= 4 {
         let (kind, len) = (u16_at(extra, 0), u16_at(extra, 2) as usize);
@@ -535,7 +550,7 @@ fn apply_zip64_extra(m: &mut Member, mut extra: &[u8], path: &str) -> Result<()>
 
 /// Checks a member's local header like `ZipFile.open` and returns where its data starts; the data
 /// must lie inside the file.
-pub fn data_offset(file: &File, path: &str, m: &Member) -> Result<u64> {
+pub fn data_offset(file: &File, path: &Path, m: &Member) -> Result<u64> {
     let name = String::from_utf8_lossy(&m.name);
     if m.flags & (FLAG_ENCRYPTED | FLAG_STRONG_ENCRYPTION) != 0 {
         return Err(Error::zip(path, format!("member '{name}' is encrypted")));
@@ -582,7 +597,7 @@ pub fn data_offset(file: &File, path: &str, m: &Member) -> Result<u64> {
 }
 
 /// Stock Keras' `_reject_zip_bomb`: refuses a member declaring far more bytes than it stores.
-pub fn check_not_bomb(path: &str, m: &Member) -> Result<()> {
+pub fn check_not_bomb(path: &Path, m: &Member) -> Result<()> {
     if m.size > BOMB_FLOOR_BYTES && m.size > BOMB_MAX_EXPANSION.saturating_mul(m.compressed_size) {
         return Err(Error::zip(
             path,
@@ -609,7 +624,7 @@ pub fn check_not_bomb(path: &str, m: &Member) -> Result<()> {
 }
 
 /// Reads a whole (small) member into memory, inflating DEFLATED ones, and checks its size and CRC.
-pub fn read_member(file: &File, path: &str, m: &Member) -> Result<Vec<u8>> {
+pub fn read_member(file: &File, path: &Path, m: &Member) -> Result<Vec<u8>> {
     check_not_bomb(path, m)?;
     let name = String::from_utf8_lossy(&m.name).into_owned();
     let start = data_offset(file, path, m)?;
@@ -669,7 +684,7 @@ mod tests {
 
     /// Writes metadata, a framed member filled from outside, and a small member.
     fn sample(file: &File, limit: u64, big: &[u8]) -> ZipWriter {
-        let mut w = ZipWriter::with_zip64_limit("t.zip", limit);
+        let mut w = ZipWriter::with_zip64_limit(Path::new("t.zip"), limit);
         w.add_stored(file, "metadata.json", when(), 0o600 << 16, b"{\"a\": 1}")
             .unwrap();
         let at = w
@@ -689,10 +704,13 @@ mod tests {
         let file = open_rw(&dir, "a.zip");
         let big: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
         let w = sample(&file, ZIP64_LIMIT, &big);
-        let members = read_directory(&file, "a.zip").unwrap();
+        let members = read_directory(&file, Path::new("a.zip")).unwrap();
         assert_eq!(members, w.members());
-        assert_eq!(read_member(&file, "a.zip", &members[1]).unwrap(), big);
-        assert_eq!(read_member(&file, "a.zip", &members[0]).unwrap(), b"{\"a\": 1}");
+        assert_eq!(read_member(&file, Path::new("a.zip"), &members[1]).unwrap(), big);
+        assert_eq!(
+            read_member(&file, Path::new("a.zip"), &members[0]).unwrap(),
+            b"{\"a\": 1}"
+        );
         assert_eq!(members[0].modified.to_parts(), (2026, 11, 25, 17, 30, 42));
     }
 
@@ -703,7 +721,7 @@ mod tests {
         let big = vec![7u8; 300];
         let w = sample(&file, 64, &big);
         assert!(w.members()[1].zip64_local);
-        let members = read_directory(&file, "b.zip").unwrap();
+        let members = read_directory(&file, Path::new("b.zip")).unwrap();
         // The directory cannot tell which local headers had ZIP64 fields.
         let written: Vec<Member> = w
             .members()
@@ -718,7 +736,7 @@ mod tests {
             members[2].header_offset > 64,
             "offset past the limit went through the ZIP64 field"
         );
-        assert_eq!(read_member(&file, "b.zip", &members[2]).unwrap(), b"x");
+        assert_eq!(read_member(&file, Path::new("b.zip"), &members[2]).unwrap(), b"x");
     }
 
     #[test]
@@ -727,16 +745,16 @@ mod tests {
         let file = open_rw(&dir, "c.zip");
         let big = vec![1u8; 100];
         sample(&file, ZIP64_LIMIT, &big);
-        let members = read_directory(&file, "c.zip").unwrap();
-        let at = data_offset(&file, "c.zip", &members[1]).unwrap();
+        let members = read_directory(&file, Path::new("c.zip")).unwrap();
+        let at = data_offset(&file, Path::new("c.zip"), &members[1]).unwrap();
         file.write_all_at(&[2], at + 50).unwrap();
-        let err = read_member(&file, "c.zip", &members[1]).unwrap_err();
+        let err = read_member(&file, Path::new("c.zip"), &members[1]).unwrap_err();
         assert!(
             err.to_string().contains("Bad CRC-32 for file 'model.weights.h5'"),
             "{err}"
         );
         file.set_len(at + 10).unwrap();
-        assert!(read_directory(&file, "c.zip").is_err());
+        assert!(read_directory(&file, Path::new("c.zip")).is_err());
     }
 
     #[test]
@@ -749,21 +767,38 @@ mod tests {
         let mut enc = DeflateEncoder::new(Vec::new(), flate2::Compression::default());
         enc.write_all(&payload).unwrap();
         let packed = enc.finish().unwrap();
-        let mut w = ZipWriter::new("d.zip");
+        let mut w = ZipWriter::new(Path::new("d.zip"));
         w.add_stored(&file, "config.json", when(), 0, &packed).unwrap();
         w.finish(&file).unwrap();
-        let mut m = read_directory(&file, "d.zip").unwrap().remove(0);
+        let mut m = read_directory(&file, Path::new("d.zip")).unwrap().remove(0);
         m.method = DEFLATED;
         m.size = payload.len() as u64;
         m.crc32 = crc32fast::hash(&payload);
-        assert_eq!(read_member(&file, "d.zip", &m).unwrap(), payload);
+        assert_eq!(read_member(&file, Path::new("d.zip"), &m).unwrap(), payload);
         m.size -= 1;
-        assert!(read_member(&file, "d.zip", &m).is_err());
+        assert!(read_member(&file, Path::new("d.zip"), &m).is_err());
         m.size = BOMB_FLOOR_BYTES + 1;
-        assert!(read_member(&file, "d.zip", &m)
+        assert!(read_member(&file, Path::new("d.zip"), &m)
             .unwrap_err()
             .to_string()
             .contains("decompression bomb"));
+    }
+
+    #[test]
+    fn names_longer_than_a_header_holds_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = open_rw(&dir, "n.zip");
+        let mut w = ZipWriter::new(Path::new("n.zip"));
+        let long = "a".repeat(u16::MAX as usize + 1);
+        let err = w.add_stored(&file, &long, when(), 0, b"x").unwrap_err();
+        assert!(err.to_string().contains("longer than the 65535 bytes"), "{err}");
+        assert!(w.begin_stored(&long, when(), 0, 1).is_err());
+        w.add_stored(&file, &long[1..], when(), 0, b"x").unwrap();
+        w.finish(&file).unwrap();
+        assert_eq!(
+            read_directory(&file, Path::new("n.zip")).unwrap()[0].name.len(),
+            u16::MAX as usize
+        );
     }
 
     proptest! {
@@ -779,9 +814,9 @@ mod tests {
                 file.write_all_at(&[byte], (at % len) as u64).unwrap();
             }
             file.set_len(cut.min(len) as u64).unwrap();
-            if let Ok(members) = read_directory(&file, "m.zip") {
+            if let Ok(members) = read_directory(&file, Path::new("m.zip")) {
                 for m in &members {
-                    let _ = read_member(&file, "m.zip", m);
+                    let _ = read_member(&file, Path::new("m.zip"), m);
                 }
             }
         }

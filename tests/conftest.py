@@ -21,6 +21,9 @@ import tensorflow as tf
 tf.config.experimental.enable_op_determinism()
 keras.utils.set_random_seed(1234)
 
+# Stock's own saving suites run on request only, with their own config (tests/stock_suites/README.md).
+collect_ignore = ["stock_suites"]
+
 
 @keras.saving.register_keras_serializable(package="ksf_tests")
 class Scale(keras.layers.Layer):

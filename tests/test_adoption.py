@@ -130,3 +130,30 @@ def test_one_tensor_loaded_into_two_variables_gives_two_buffers(tmp_path):
     assert _buffer_address(layer.kernel) != _buffer_address(layer.ema)
     layer.kernel.assign_add(np.ones((4, 3), "float32"))
     np.testing.assert_array_equal(layer.ema.numpy(), model.layers[0].kernel.numpy())
+
+
+@keras.saving.register_keras_serializable(package="ksf_tests")
+class HalvesAfterLoading(keras.layers.Layer):
+    """Custom loading code that keeps and modifies what the store gave it, as user code may."""
+
+    def build(self, input_shape):
+        self.k = self.add_weight(shape=(input_shape[-1], 3), name="k")
+
+    def call(self, x):
+        return x @ self.k
+
+    def load_own_variables(self, store):
+        w = store["0"]
+        self.k.assign(w)
+        w *= 0.5  # stock hands out an independent array: this must not reach `k`
+
+
+def test_arrays_handed_to_custom_code_do_not_alias_variables(tmp_path):
+    model = keras.Sequential([keras.Input((4,)), HalvesAfterLoading()])
+    path = tmp_path / "m.keras"
+    ksf.save_model(model, path)
+    for load in (ksf.load_model, keras.saving.load_model):
+        np.testing.assert_array_equal(load(path).layers[0].k.numpy(), model.layers[0].k.numpy())
+    fresh = keras.Sequential([keras.Input((4,)), HalvesAfterLoading()])
+    ksf.load_weights(fresh, path)
+    np.testing.assert_array_equal(fresh.layers[0].k.numpy(), model.layers[0].k.numpy())

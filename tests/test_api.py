@@ -57,7 +57,11 @@ def test_our_own_arguments_are_checked(model, tmp_path):
         ksf.save_model(model, tmp_path / "m.keras", compression="gzip")
     with pytest.raises(TypeError, match="Keras model"):
         ksf.save_model(object(), tmp_path / "m.keras")
-    with pytest.raises(ValueError, match="not supported"):
+    with pytest.raises(ValueError, match="threads"):
+        ksf.save_model(model, tmp_path / "m.keras", threads=10**5)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'options'"):
+        keras.saving.load_model(tmp_path / "m.keras", options=None)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'options'"):
         ksf.load_model(tmp_path / "m.keras", options=None)
 
 
@@ -186,3 +190,135 @@ def test_tf_keras_models_go_to_tf_keras(tmp_path, monkeypatch):
         for a, b in zip(model.weights, loaded.weights, strict=True):
             np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert (tmp_path / "saved_model" / "variables" / "variables.index").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Signatures, overwrite rules and delegation, per flavour
+
+
+def _tf_keras_model():
+    tf_keras = pytest.importorskip("tf_keras")
+    model = tf_keras.Sequential([tf_keras.layers.Dense(3, input_shape=(2,))])
+    model.compile(optimizer="adam", loss="mse")
+    model.train_on_batch(np.ones((2, 2)), np.ones((2, 3)))
+    return model
+
+
+def test_refusal_is_both_what_users_and_stock_code_catch(model, tmp_path, no_terminal):
+    path = tmp_path / "m.keras"
+    path.write_bytes(b"previous")
+    with pytest.raises(ksf.OverwriteRefused) as e:
+        ksf.save_model(model, path, overwrite=False)
+    assert isinstance(e.value, FileExistsError) and isinstance(e.value, EOFError)
+    assert e.value.filename == str(path) and "overwrite=True" in str(e.value)
+
+
+def _existing(tmp_path, name: str) -> tuple[str, list]:
+    """A path to save to whose previous files exist: (path, the files that exist)."""
+    base = tmp_path / name
+    if name.endswith((".keras", ".h5")):
+        base.write_bytes(b"previous")
+        return str(base), [base]
+    if name == "ckpt":  # a TF checkpoint: `ckpt` itself never exists
+        made = [tmp_path / "ckpt.index", tmp_path / "ckpt.data-00000-of-00001"]
+    else:  # a SavedModel directory
+        base.mkdir()
+        made = [base / "saved_model.pb"]
+    for f in made:
+        f.write_bytes(b"previous")
+    return str(base), made
+
+
+@pytest.mark.parametrize(
+    "flavour, call, name",
+    [
+        ("keras3", "save_model", "m.keras"),
+        ("keras3", "save_model", "m.h5"),
+        ("keras3", "save_weights", "m.weights.h5"),
+        ("tf_keras", "save_model", "m.keras"),
+        ("tf_keras", "save_model", "m.h5"),
+        ("tf_keras", "save_model", "saved_model"),
+        ("tf_keras", "save_weights", "m.h5"),
+        ("tf_keras", "save_weights", "ckpt"),
+    ],
+)
+def test_overwrite_false_checks_what_stock_checks(model, tmp_path, no_terminal, flavour, call, name):
+    """Without an answer to stock's prompt: where stock refuses (EOFError), we refuse and leave
+    every previous file as it was; where stock does not ask, neither do we."""
+    m = model if flavour == "keras3" else _tf_keras_model()
+    (tmp_path / "stock").mkdir()
+    (tmp_path / "ours").mkdir()
+    stock_path, _ = _existing(tmp_path / "stock", name)
+    path, previous = _existing(tmp_path / "ours", name)
+    try:
+        (m.save if call == "save_model" else m.save_weights)(stock_path, overwrite=False)
+        stock_refused = False
+    except EOFError:
+        stock_refused = True
+    if not stock_refused:
+        getattr(ksf, call)(m, path, overwrite=False)
+        return
+    with pytest.raises(ksf.OverwriteRefused):
+        getattr(ksf, call)(m, path, overwrite=False)
+    for f in previous:
+        assert f.read_bytes() == b"previous", f"{f} was overwritten"
+
+
+def test_fourth_positional_argument_is_the_flavours_own(model, tmp_path):
+    # Keras 3: save_model(model, filepath, overwrite, zipped)
+    ksf.save_model(model, tmp_path / "ours_dir", True, False)
+    keras.saving.save_model(model, tmp_path / "stock_dir", True, False)
+    assert (tmp_path / "ours_dir").is_dir()
+    assert sorted(os.listdir(tmp_path / "ours_dir")) == sorted(os.listdir(tmp_path / "stock_dir"))
+    # Keras 3: save_weights(model, filepath, overwrite, max_shard_size)
+    ksf.save_weights(model, tmp_path / "ours.weights.json", True, 0.00001)
+    keras.saving.save_weights(model, tmp_path / "stock.weights.json", True, 0.00001)
+    ours = sorted(n.replace("ours", "") for n in os.listdir(tmp_path) if n.startswith("ours") and "weights" in n)
+    theirs = sorted(n.replace("stock", "") for n in os.listdir(tmp_path) if n.startswith("stock") and "weights" in n)
+    assert ours == theirs and len(ours) > 1
+    # tf_keras: save_model(model, path, overwrite, save_format), Model.save_weights(path, overwrite, save_format)
+    m = _tf_keras_model()
+    ksf.save_model(m, tmp_path / "tfk", True, "h5")
+    assert h5py_signature(tmp_path / "tfk")
+    ksf.save_weights(m, tmp_path / "tfk_w", True, "h5")
+    assert h5py_signature(tmp_path / "tfk_w")
+    with pytest.raises(TypeError, match="multiple values"):
+        ksf.save_model(model, tmp_path / "x.keras", True, True, zipped=True)
+    with pytest.raises(TypeError, match="positional"):
+        ksf.save_model(model, tmp_path / "x.keras", True, True, True)
+
+
+def h5py_signature(path) -> bool:
+    return path.read_bytes()[:8] == b"\x89HDF\r\n\x1a\n"
+
+
+def test_graph_mode_models_load_weights_with_stocks_keywords(tmp_path):
+    """tf_keras' `Model.load_weights` passes by_name, skip_mismatch and options=None; a graph-mode
+    (training_v1) model's own load_weights takes no options: routing through us must not break it."""
+    tf_keras = pytest.importorskip("tf_keras")
+    import tensorflow as tf
+    from tf_keras.src.engine import training_v1
+
+    path = str(tmp_path / "w.h5")
+    with tf.Graph().as_default():
+        inputs = tf_keras.layers.Input((2,))
+        model = tf_keras.models.Model(inputs, tf_keras.layers.Dense(3)(inputs))
+        assert isinstance(model, training_v1.Model)
+        saved = model.get_weights()
+        ksf.save_weights(model, path)
+        model.set_weights([np.zeros_like(w) for w in saved])
+        ksf.load_weights(model, path, by_name=False, skip_mismatch=False, options=None)
+        for a, b in zip(saved, model.get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_delegation_reaches_stock_even_when_stock_is_routed_through_us(model, tmp_path, monkeypatch):
+    """A user (or `install()`) may point stock's entry points at ours: delegating must not loop."""
+    from keras.src.saving import saving_api
+
+    for name in ("save_model", "load_model", "save_weights", "load_weights"):
+        monkeypatch.setattr(saving_api, name, getattr(ksf, name))
+    ksf.save_model(model, tmp_path / "m.h5")
+    loaded = ksf.load_model(tmp_path / "m.h5", compile=False)
+    for a, b in zip(model.weights, loaded.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())

@@ -149,3 +149,14 @@ def test_model_over_4_gib(tmp_path):
     gc.collect()
     stock = keras.saving.load_model(path)
     assert np.array_equal(stock.weights[-1].numpy(), model.weights[-1].numpy())
+
+
+def test_member_names_longer_than_a_zip_header_holds_are_refused(tmp_path):
+    """`zipfile` cannot write them either (a `struct.error`); the 16-bit length must not wrap."""
+    path = tmp_path / "long.zip"
+    path.write_bytes(b"")
+    writer = ZipWriter(TensorFile(path, writable=True))
+    with pytest.raises(ValueError, match="longer than the 65535 bytes"):
+        writer.add_stored("a" * 65536, b"x", WHEN, 0)
+    with pytest.raises(ValueError, match="longer than the 65535 bytes"):
+        writer.begin_stored("a" * 65536, WHEN, 0, 1)

@@ -7,14 +7,25 @@ else goes to the stock implementation of the model's flavour, with stock behavio
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import os
 import sys
+import threading
 import warnings
 
+from ._core import MAX_THREADS
 from .formats import keras_zip, weights_file
+from .stock import KERAS3_SAVING_API, TF_KERAS_SAVING_API, stock
 
 _LEGACY_KERAS_VALUES = ("true", "True", "1")  # tensorflow/python/util/lazy_loader.py
+
+
+class OverwriteRefused(FileExistsError, EOFError):
+    """`overwrite=False`, the file exists, and no answer came to the question whether to replace it.
+
+    Also an `EOFError`: what stock's prompt raises (from `input()`) when nobody can answer it.
+    """
 
 
 def legacy_keras_requested() -> bool:
@@ -37,6 +48,16 @@ def _flavour(model) -> str:
     )
 
 
+def _positional(function: str, names: tuple[str, ...], args: tuple, kwargs: dict) -> None:
+    """Moves positional arguments past stock's first three into `kwargs`, under the flavour's names."""
+    if len(args) > len(names):
+        raise TypeError(f"{function}() takes at most {3 + len(names)} positional arguments ({3 + len(args)} given)")
+    for name, value in zip(names, args, strict=False):
+        if name in kwargs:
+            raise TypeError(f"{function}() got multiple values for argument '{name}'")
+        kwargs[name] = value
+
+
 def _local_path(filepath) -> str | None:
     """`filepath` as a local path string, or None for file objects and remote (gs://, hf://) paths."""
     if not isinstance(filepath, str | os.PathLike):
@@ -47,43 +68,84 @@ def _local_path(filepath) -> str | None:
     return path
 
 
+_gc_lock = threading.Lock()
+_gc_pausers = 0
+_gc_was_enabled = False
+
+
 @contextlib.contextmanager
 def _no_gc_pauses():
     """Keeps Python's cyclic GC from pausing inside a save or load (a full collection of a process
-    holding TensorFlow and a big model can cost more than a ResNet50 load). It runs again afterwards."""
-    enabled = gc.isenabled()
-    gc.disable()
+    holding TensorFlow and a big model can cost more than a ResNet50 load). Saves and loads running
+    at once on several threads are counted: the last one out turns it back on, if it was on."""
+    global _gc_pausers, _gc_was_enabled
+    with _gc_lock:
+        if _gc_pausers == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pausers += 1
     try:
         yield
     finally:
-        if enabled:
-            gc.enable()
+        with _gc_lock:
+            _gc_pausers -= 1
+            if _gc_pausers == 0 and _gc_was_enabled:
+                gc.enable()
 
 
 def _threads(value) -> int:
     if value is None:
         return 0
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`threads` must be a positive integer or None. Received: threads={value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_THREADS:
+        raise ValueError(
+            f"`threads` must be a positive integer up to {MAX_THREADS}, or None. Received: threads={value!r}"
+        )
     return value
 
 
+def _refusal(filepath) -> OverwriteRefused:
+    return OverwriteRefused(
+        errno.EEXIST,
+        "the file exists, overwrite=False, and no answer came to the prompt asking whether to replace it "
+        "(pass overwrite=True to replace it)",
+        os.fspath(filepath) if isinstance(filepath, str | os.PathLike) else str(filepath),
+    )
+
+
+def _raised_by_prompt(e: BaseException) -> bool:
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_name == "ask_to_proceed_with_overwrite"
+
+
+@contextlib.contextmanager
+def _prompt_refusals(filepath):
+    """Stock's overwrite prompt, left without an answer (`EOFError` from `input()`), raises
+    `OverwriteRefused` instead: still an `EOFError`, and a `FileExistsError` naming the file."""
+    try:
+        yield
+    except EOFError as e:
+        if isinstance(e, OverwriteRefused) or not _raised_by_prompt(e):
+            raise
+        raise _refusal(filepath) from e
+
+
 def _may_write(filepath, overwrite: bool) -> bool:
-    """Stock's overwrite rule: ask on a terminal; without one, never clobber silently."""
+    """Keras 3's overwrite rule for the files we write: an existing file is replaced only when
+    `overwrite` is true or the user says so at stock's prompt."""
     try:
         exists = os.path.exists(filepath)
     except TypeError:
-        return True
+        exists = False
     if not exists or overwrite:
         return True
-    if sys.stdin is not None and sys.stdin.isatty():
-        from keras.src.utils import io_utils
+    if sys.stdin is None:
+        raise _refusal(filepath)
+    from keras.src.utils import io_utils
 
+    with _prompt_refusals(filepath):
         return io_utils.ask_to_proceed_with_overwrite(filepath)
-    raise FileExistsError(
-        f"{filepath} already exists and overwrite=False; no terminal to ask whether to replace it "
-        "(pass overwrite=True to replace it)."
-    )
 
 
 @contextlib.contextmanager
@@ -101,7 +163,7 @@ def _compile_config_kept(model):
             compile_config.config.update(kept)
 
 
-def save_model(model, filepath, overwrite=True, save_format=None, **kwargs):
+def save_model(model, filepath, overwrite=True, *args, save_format=None, **kwargs):
     """Saves a model (architecture, weights, optimizer state) as stock Keras does, faster.
 
     Args:
@@ -109,8 +171,9 @@ def save_model(model, filepath, overwrite=True, save_format=None, **kwargs):
             stock behaviour to follow.
         filepath: `str` or `pathlib.Path`. `.keras` (Keras v3 zip), `.h5` (legacy HDF5), or for
             tf_keras a SavedModel directory.
-        overwrite: whether to replace an existing file. If False, ask on a terminal; without
-            one, raise `FileExistsError`.
+        overwrite: whether to replace an existing file. If False, ask (stock's prompt); when no
+            answer can come, raise `OverwriteRefused` (a `FileExistsError` and an `EOFError`).
+        *args: the flavour's own fourth argument: `zipped` for Keras 3, `save_format` for tf_keras.
         save_format: as in stock (`"keras"`, `"h5"`, `"tf"` for tf_keras; deprecated in Keras 3).
         **kwargs: stock's `include_optimizer`, `signatures`, `options`, `save_traces` (tf_keras
             SavedModel), `zipped` (Keras 3), plus our own `threads` (I/O threads, default one
@@ -124,16 +187,23 @@ def save_model(model, filepath, overwrite=True, save_format=None, **kwargs):
     if compression is not None:
         raise ValueError(f"`compression` is not supported yet; only None is. Received: compression={compression!r}")
     flavour = _flavour(model)
-    if not _may_write(filepath, overwrite):
-        return None
-    path = _local_path(filepath)
     if flavour == "tf_keras":
-        import tf_keras
+        given = {} if save_format is None else {"save_format": save_format}
+        _positional("save_model", ("save_format",), args, given)
+        save_format = given.get("save_format")
+        from .tf_keras import saved_model as tf_saved_model
 
-        return tf_keras.saving.save_model(model, filepath, overwrite=True, save_format=save_format, **kwargs)
+        path = _local_path(filepath)
+        if tf_saved_model.can_save_fast(model, path, save_format, kwargs):
+            with _no_gc_pauses():
+                return tf_saved_model.save(model, path, overwrite, **kwargs, threads=threads)
+        with _prompt_refusals(filepath):
+            return stock(TF_KERAS_SAVING_API, "save_model")(
+                model, filepath, overwrite=overwrite, save_format=save_format, **kwargs
+            )
 
-    import keras
-
+    _positional("save_model", ("zipped",), args, kwargs)
+    path = _local_path(filepath)
     include_optimizer = kwargs.get("include_optimizer", True)
     fast = (
         path is not None
@@ -145,8 +215,10 @@ def save_model(model, filepath, overwrite=True, save_format=None, **kwargs):
     if not fast:
         if save_format:
             kwargs["save_format"] = save_format
-        with _compile_config_kept(model):
-            return keras.saving.save_model(model, filepath, overwrite=True, **kwargs)
+        with _compile_config_kept(model), _prompt_refusals(filepath):
+            return stock(KERAS3_SAVING_API, "save_model")(model, filepath, overwrite, **kwargs)
+    if not _may_write(filepath, overwrite):
+        return None
     if not model.built:
         warnings.warn(
             "You are saving a model that has not yet been built. It might not contain any weights yet. "
@@ -173,20 +245,25 @@ def load_model(filepath, custom_objects=None, compile=True, safe_mode=True, **kw
     The flavour follows TensorFlow's rule for `tf.keras`: tf_keras when `TF_USE_LEGACY_KERAS` is
     `1`/`true`, else Keras 3.
     """
-    threads = _threads(kwargs.pop("threads", None))
-    if legacy_keras_requested():
-        import tf_keras
+    flavour = "tf_keras" if legacy_keras_requested() else "keras3"
+    return load_model_as(flavour, filepath, custom_objects, compile, safe_mode, **kwargs)
 
-        return tf_keras.saving.load_model(
+
+def load_model_as(flavour: str, filepath, custom_objects=None, compile=True, safe_mode=True, **kwargs):
+    """`load_model` into the given flavour ("keras3" or "tf_keras"), as that flavour's own
+    `load_model` would: what `tf_keras.models.load_model` routed through us must do."""
+    if flavour not in ("keras3", "tf_keras"):
+        raise ValueError(f"`flavour` must be 'keras3' or 'tf_keras'. Received: flavour={flavour!r}")
+    threads = _threads(kwargs.pop("threads", None))
+    if flavour == "tf_keras":
+        return stock(TF_KERAS_SAVING_API, "load_model")(
             filepath, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode, **kwargs
         )
-    import keras
-
-    if kwargs:
-        raise ValueError(f"The following argument(s) are not supported: {list(kwargs)}")
+    for name in kwargs:  # Keras 3's load_model has no **kwargs
+        raise TypeError(f"load_model() got an unexpected keyword argument '{name}'")
     path = _local_path(filepath)
     if path is None or not path.endswith(".keras") or os.path.isdir(path):
-        return keras.saving.load_model(filepath, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode)
+        return stock(KERAS3_SAVING_API, "load_model")(filepath, custom_objects, compile, safe_mode)
     if not os.path.exists(path):
         raise ValueError(
             f"File not found: filepath={filepath}. Please ensure the file is an accessible `.keras` zip file."
@@ -195,23 +272,39 @@ def load_model(filepath, custom_objects=None, compile=True, safe_mode=True, **kw
         return keras_zip.load(path, custom_objects, compile, safe_mode, threads)
 
 
-def save_weights(model, filepath, overwrite=True, **kwargs):
+def save_weights(model, filepath, overwrite=True, *args, **kwargs):
     """Saves only the weights (and optimizer state) of a model, as `model.save_weights` does.
 
+    The fourth positional argument is the flavour's own: `max_shard_size` for Keras 3 (as
+    `keras.saving.save_weights`), `save_format` then `options` for tf_keras (as `Model.save_weights`).
     Keras 3: `.weights.h5` files are written by the fast path (same layout as stock); sharded
-    saves (`max_shard_size`) go to stock. tf_keras: stock `model.save_weights`.
+    saves (`max_shard_size`) go to stock. tf_keras: stock.
     """
     threads = _threads(kwargs.pop("threads", None))
     flavour = _flavour(model)
-    if not _may_write(filepath, overwrite):
-        return None
     if flavour == "tf_keras":
-        return model.save_weights(filepath, overwrite=True, **kwargs)
-    import keras
+        _positional("save_weights", ("save_format", "options"), args, kwargs)
+        from .tf_keras import checkpoint as tf_checkpoint
 
+        path = _local_path(filepath)
+        if set(kwargs) <= {"save_format", "options"} and tf_checkpoint.can_save_fast(
+            model, path, kwargs.get("save_format"), kwargs.get("options")
+        ):
+            with _no_gc_pauses():
+                if tf_checkpoint.save_weights(model, path, overwrite, threads):
+                    return None
+            overwrite = True  # stock's question, if any, was asked and answered yes
+        with _prompt_refusals(filepath):
+            return stock(TF_KERAS_SAVING_API, "save_weights")(model, filepath, overwrite=overwrite, **kwargs)
+    _positional("save_weights", ("max_shard_size",), args, kwargs)
+    if kwargs.get("max_shard_size", 0) is None:
+        del kwargs["max_shard_size"]
     path = _local_path(filepath)
     if path is None or not path.endswith(".weights.h5") or kwargs:
-        return keras.saving.save_weights(model, filepath, overwrite=True, **kwargs)
+        with _prompt_refusals(filepath):
+            return stock(KERAS3_SAVING_API, "save_weights")(model, filepath, overwrite, **kwargs)
+    if not _may_write(filepath, overwrite):
+        return None
     with _no_gc_pauses():
         weights_file.save(model, path, threads=threads)
     return None
@@ -221,17 +314,24 @@ def load_weights(model, filepath, skip_mismatch=False, **kwargs):
     """Loads weights saved by `save_weights`/`save_model` (ours or stock's) into a built model.
 
     Keras 3: `.keras` and `.weights.h5` files are read by the fast path; legacy `.h5`, sharded
-    `.weights.json` and stock's keyword arguments go to stock. tf_keras: stock `model.load_weights`.
+    `.weights.json` and stock's keyword arguments go to stock. tf_keras: stock, with its own
+    keyword arguments (`by_name`, `options`).
     """
     threads = _threads(kwargs.pop("threads", None))
     flavour = _flavour(model)
     if flavour == "tf_keras":
-        return model.load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
-    import keras
+        from .tf_keras import checkpoint as tf_checkpoint
 
+        path = _local_path(filepath)
+        if set(kwargs) <= {"by_name", "options"} and tf_checkpoint.can_load_fast(
+            model, path, kwargs.get("by_name", False), skip_mismatch, kwargs.get("options")
+        ):
+            with _no_gc_pauses(), contextlib.suppress(tf_checkpoint.NotFast):
+                return tf_checkpoint.load_weights(model, path, threads)
+        return stock(TF_KERAS_SAVING_API, "load_weights")(model, filepath, skip_mismatch=skip_mismatch, **kwargs)
     path = _local_path(filepath)
-    if path is None or kwargs or not path.endswith((".keras", ".weights.h5")):
-        return keras.saving.load_weights(model, filepath, skip_mismatch=skip_mismatch, **kwargs)
-    with _no_gc_pauses():
-        weights_file.load(model, path, skip_mismatch=skip_mismatch, threads=threads)
-    return None
+    if path is not None and not kwargs and path.endswith((".keras", ".weights.h5")):
+        with _no_gc_pauses():
+            if weights_file.load(model, path, skip_mismatch=skip_mismatch, threads=threads):
+                return None
+    return stock(KERAS3_SAVING_API, "load_weights")(model, filepath, skip_mismatch=skip_mismatch, **kwargs)

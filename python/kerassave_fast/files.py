@@ -1,30 +1,78 @@
-"""File plumbing shared by every container: atomic replacement and file regions for h5py."""
+"""File plumbing shared by every container: atomic replacement, and file regions h5py reads through."""
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import errno
 import io
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from ._core import KerasSaveError, TensorFile
+
+
+@dataclass
+class Destination:
+    """Where a save writes: `path` and an open `file` on it (never reopened by name)."""
+
+    path: str
+    file: TensorFile
+    in_place: bool  # True: the target itself, as stock writes it; False: a temporary file beside it
+
+    def check_is_our_file(self) -> None:
+        """Raises unless `path` still names the file we hold open (code that wrote by name wrote into it)."""
+        held, named = os.fstat(self.file.fileno()), os.stat(self.path)
+        if (held.st_dev, held.st_ino) != (named.st_dev, named.st_ino):
+            raise OSError(errno.EIO, "the file being written was replaced during the save", self.path)
+
+
+# rename(2) over a file that is a mount point (a single-file bind mount) fails with these.
+_RENAME_IMPOSSIBLE = (errno.EBUSY, errno.EXDEV)
 
 
 @contextlib.contextmanager
-def atomic_replace(filepath: str) -> Iterator[str]:
-    """Yields a temporary path beside `filepath`; renames it over `filepath` only on success.
+def atomic_replace(filepath: str) -> Iterator[Destination]:
+    """Yields where to write `filepath`'s new content: a temporary file beside it, renamed over it
+    only on success, so a failed save leaves the previous file untouched and nothing behind.
 
-    A failed save leaves the previous file untouched and no temporary file behind. Like
-    `open(filepath, "wb")`, a symlink is followed and the file's mode is kept (or set from the umask).
+    Like `open(filepath, "wb")`: a symlink is followed, a target we may not write is refused with
+    stock's `PermissionError`, and the target's mode, owner, group and extended attributes (ACLs
+    included) carry over, where the OS allows. Where a rename cannot work -- the target is a
+    single-file bind mount, or its directory is not writable -- the target is written in place, as
+    stock does (then a failed save can leave it broken).
     """
     target = os.path.realpath(filepath)
-    directory, name = os.path.split(target)
-    fd, tmp_path = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    directory = os.path.dirname(target)
+    previous = _stat_or_none(target)
+    if previous is not None:
+        _check_writable(target, filepath)
+    fd, tmp_path = -1, None
+    if previous is None or previous.st_dev == os.stat(directory).st_dev:
+        try:
+            fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=directory)
+        except PermissionError:
+            if previous is None:  # stock could not create it either
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), filepath) from None
+    if tmp_path is None:
+        yield from _in_place(target)
+        return
     try:
-        os.fchmod(fd, _mode_for(target))
+        _carry_over(fd, target, previous)
+        yield Destination(tmp_path, TensorFile(tmp_path, writable=True, fd=fd), in_place=False)
         os.close(fd)
         fd = -1
-        yield tmp_path
-        os.replace(tmp_path, target)
+        try:
+            os.replace(tmp_path, target)
+        except OSError as e:
+            if e.errno not in _RENAME_IMPOSSIBLE:
+                raise
+            shutil.copyfile(tmp_path, target)  # in place, as stock writes
+            os.unlink(tmp_path)
     except BaseException:
         if fd >= 0:
             os.close(fd)
@@ -33,11 +81,56 @@ def atomic_replace(filepath: str) -> Iterator[str]:
         raise
 
 
-def _mode_for(target: str) -> int:
+@contextlib.contextmanager
+def atomic_replace_all(filepaths: Sequence[str]) -> Iterator[list[Destination]]:
+    """`atomic_replace` for files that make one whole (a tensor bundle's data shard and index): each
+    is written beside its target, and only once all are complete are they renamed over their
+    targets, in the order given. A failed save leaves every previous file untouched; put last the
+    file readers open first (a bundle's `.index`), so it is the last to change. Two renames are
+    not one atomic step: a crash between them leaves the new files before it beside the old after.
+    """
+    with contextlib.ExitStack() as stack:
+        # Contexts exit last-in first-out: enter in reverse so the renames happen in the given order.
+        destinations = [stack.enter_context(atomic_replace(path)) for path in reversed(filepaths)]
+        yield destinations[::-1]
+
+
+def _in_place(target: str) -> Iterator[Destination]:
+    fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
     try:
-        return os.stat(target).st_mode & 0o7777
+        yield Destination(target, TensorFile(target, writable=True, fd=fd), in_place=True)
+    finally:
+        os.close(fd)
+
+
+def _stat_or_none(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
     except FileNotFoundError:
-        return 0o666 & ~_umask()
+        return None
+
+
+def _check_writable(target: str, filepath: str) -> None:
+    """Stock's `open(filepath, "wb")` would fail on a file we may not write: fail the same way, early."""
+    try:
+        os.close(os.open(target, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))  # NONBLOCK: a FIFO must not hang us
+    except OSError as e:
+        raise type(e)(e.errno, e.strerror, filepath) from None
+
+
+def _carry_over(fd: int, target: str, previous: os.stat_result | None) -> None:
+    """Gives the new file what the old one had (or what `open` would give a new file)."""
+    if previous is None:
+        os.fchmod(fd, 0o666 & ~_umask())
+        return
+    if (previous.st_uid, previous.st_gid) != (os.geteuid(), os.getegid()):
+        with contextlib.suppress(PermissionError):  # only root may give a file away
+            os.fchown(fd, previous.st_uid, previous.st_gid)
+    with contextlib.suppress(OSError):  # ACLs live in xattrs; some file systems have none
+        for name in os.listxattr(target):
+            with contextlib.suppress(OSError):
+                os.setxattr(fd, name, os.getxattr(target, name))
+    os.fchmod(fd, previous.st_mode & 0o1777)  # never setuid/setgid: writing a file clears them too
 
 
 def _umask() -> int:
@@ -81,16 +174,25 @@ class _Seekable(io.RawIOBase):
 
 
 class FileRegion(_Seekable):
-    """A stretch of an open file, seen as a whole read-only file.
+    """A stretch of an open file, seen as a whole read-only file, through which h5py reads an HDF5
+    file where it sits (inside a zip member) without copying it out.
 
-    h5py reads an HDF5 file through it where it sits inside a zip member, without copying it out.
-    Reads past the region's end see zeros, as HDF5's own POSIX driver gives them.
+    Each page is read from the file once and kept, so HDF5 sees one version of every byte however
+    often it asks: a file rewritten in place during a load cannot mix two versions. `freeze` then
+    takes in every byte between the tensors, and checks the kept bytes that overlap a tensor
+    against the tensor as it was read; after it, nothing HDF5 sees is unchecked. Reads past the
+    region's end see zeros, as HDF5's own POSIX driver gives them.
     """
 
-    def __init__(self, fd: int, start: int, size: int):
+    PAGE = 1 << 12
+
+    def __init__(self, fd: int, start: int, size: int, where: str):
         super().__init__(size)
         self._fd = fd
         self._start = start
+        self._where = where
+        self._pages: dict[int, bytes] = {}
+        self._tensors: list[tuple[int, memoryview]] | None = None  # set by `freeze`: (offset, bytes as read)
 
     def readinto(self, buffer) -> int:
         view = memoryview(buffer).cast("B")
@@ -98,13 +200,67 @@ class FileRegion(_Seekable):
         available = max(0, min(wanted, self._size - self._pos))
         done = 0
         while done < available:
-            n = os.preadv(self._fd, [view[done:available]], self._start + self._pos + done)
-            if n == 0:
+            index, skip = divmod(self._pos + done, self.PAGE)
+            page = self._page(index)
+            n = min(len(page) - skip, available - done)
+            if n <= 0:  # the file is shorter than the region: zeros, as past the end
                 break
+            view[done : done + n] = page[skip : skip + n]
             done += n
         view[done:] = bytes(wanted - done)
         self._pos += wanted
         return wanted
+
+    def _page(self, index: int) -> bytes:
+        page = self._pages.get(index)
+        if page is None:
+            offset = index * self.PAGE
+            page = os.pread(self._fd, min(self.PAGE, self._size - offset), self._start + offset)
+            if self._tensors is not None:
+                self._check_against_tensors(offset, page)
+            self._pages[index] = page
+        return page
+
+    def _check_against_tensors(self, offset: int, page: bytes) -> None:
+        for t_offset, t_bytes in self._tensors_overlapping(offset, offset + len(page)):
+            lo, hi = max(offset, t_offset), min(offset + len(page), t_offset + len(t_bytes))
+            if page[lo - offset : hi - offset] != t_bytes[lo - t_offset : hi - t_offset]:
+                raise KerasSaveError(f"{self._where}: the file changed while it was being read")
+
+    def _tensors_overlapping(self, lo: int, hi: int) -> list[tuple[int, memoryview]]:
+        tensors = self._tensors or []
+        i = max(0, bisect.bisect_right(tensors, lo, key=lambda t: t[0]) - 1)
+        found = []
+        while i < len(tensors) and tensors[i][0] < hi:
+            if tensors[i][0] + len(tensors[i][1]) > lo:
+                found.append(tensors[i])
+            i += 1
+        return found
+
+    def freeze(self, tensors: list[tuple[int, memoryview]]) -> list[tuple[int, int, int]]:
+        """Serves the region from memory from now on, consistent with `tensors` -- (offset, bytes as
+        read), sorted and disjoint; returns (offset, length, CRC-32) of each stretch between them."""
+        self._tensors = tensors
+        for index, page in list(self._pages.items()):
+            self._check_against_tensors(index * self.PAGE, page)
+        gaps, cursor = [], 0
+        for offset, data in [*tensors, (self._size, b"")]:
+            if offset > cursor:
+                gaps.append((cursor, offset - cursor))
+            cursor = max(cursor, offset + len(data))
+        return [(offset, length, self._crc32(offset, length)) for offset, length in gaps]
+
+    def _crc32(self, offset: int, length: int) -> int:
+        crc, end = 0, offset + length
+        while offset < end:
+            index, skip = divmod(offset, self.PAGE)
+            page = self._page(index)
+            n = min(len(page) - skip, end - offset)
+            if n <= 0:
+                raise KerasSaveError(f"{self._where}: the file is truncated at byte {self._start + offset}")
+            crc = zlib.crc32(page[skip : skip + n], crc)
+            offset += n
+        return crc
 
 
 class SparseImage(_Seekable):

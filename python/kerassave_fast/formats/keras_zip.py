@@ -16,6 +16,7 @@ import warnings
 import zipfile
 from concurrent import futures
 from concurrent.futures import Future
+from dataclasses import dataclass
 
 import h5py
 from keras.src.saving import saving_lib
@@ -66,8 +67,8 @@ def save(
     config_json, metadata_json = saving_lib._serialize_model_as_json(model)
     plan, assets = state.plan_model_state(model, include_optimizer)
     try:
-        with atomic_replace(filepath) as tmp_path:
-            file = TensorFile(tmp_path, writable=True)
+        with atomic_replace(filepath) as destination:
+            file = destination.file
             writer = ZipWriter(file, zip64_limit)
             writer.add_stored(METADATA, metadata_json.encode(), _ZIPINFO_DEFAULT_DATE, _OWNER_RW)
             writer.add_stored(CONFIG, config_json.encode(), _ZIPINFO_DEFAULT_DATE, _OWNER_RW)
@@ -88,6 +89,17 @@ def member_name(member: ZipMember) -> str:
     return name.split("\x00", 1)[0]
 
 
+@dataclass
+class WeightsMember:
+    """`model.weights.h5` of an open `.keras`, open in h5py."""
+
+    source: TensorFile | bytes  # where its bytes are read from: the file, or the member inflated in memory
+    start: int  # its first byte in `source`
+    size: int
+    h5: h5py.File
+    region: FileRegion | None  # what h5py reads through, when read in place
+
+
 class KerasArchive:
     """An open `.keras` file: its members by name (the last one wins, as in `zipfile`)."""
 
@@ -98,6 +110,12 @@ class KerasArchive:
         self.members = self.zip.members()
         self.by_name = {member_name(m): m for m in self.members}
 
+    @property
+    def readable_here(self) -> bool:
+        """Whether every member is STORED or DEFLATED, the methods read here (stock also reads
+        BZIP2 and LZMA members, through `zipfile`)."""
+        return all(m.method in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) for m in self.members)
+
     def read(self, name: str) -> bytes:
         member = self.by_name.get(name)
         if member is None:
@@ -106,19 +124,17 @@ class KerasArchive:
 
     @contextlib.contextmanager
     def open_weights(self, threads: int):
-        """Yields (source, start, size, h5py file) for `model.weights.h5`, its CRC-32 already checked.
+        """Yields `model.weights.h5` open in h5py, its CRC-32 already checked.
 
         A STORED member is read in place; a DEFLATED one (not written by stock Keras) is inflated first.
         """
         member = self.by_name[WEIGHTS]
+        region = None
         if member.method == zipfile.ZIP_STORED:
             start = self.zip.data_offset(member.index)
             self.zip.check_crc(member.index, threads)  # before HDF5 parses a byte of it
-            source, size, fileobj = (
-                self.file,
-                member.size,
-                FileRegion(self.file.fileno(), start, member.size),
-            )
+            source, size = self.file, member.size
+            fileobj = region = FileRegion(self.file.fileno(), start, member.size, self.path)
         else:
             source = self.zip.read(member.index)
             start, size, fileobj = 0, len(source), io.BytesIO(source)
@@ -127,16 +143,19 @@ class KerasArchive:
         except OSError as e:
             raise KerasSaveError(f"{self.path}: '{WEIGHTS}' is not a readable HDF5 file: {e}") from e
         with h5:
-            yield source, start, size, h5
+            yield WeightsMember(source, start, size, h5, region)
 
-    def checked_arrays(self, reading: Future[ReadTensors], threads: int) -> dict:
-        """The tensors `read_weights` read, once the CRC-32 is checked again, joined from the CRCs of
-        the bytes actually read: a file rewritten in place while it was read is refused, not mixed."""
+    def checked_arrays(self, weights: WeightsMember, reading: Future[ReadTensors]) -> dict:
+        """The tensors `read_weights` read, once the member's CRC-32 checks out for the bytes as they
+        were read -- the tensors, and the bytes between them that h5py is served from now on. A
+        file rewritten in place while it was read is refused, never mixed."""
         read = reading.result()
-        if read.known is not None:  # None: inflated in memory, already checked
+        if weights.region is not None:  # else inflated in memory, already checked
+            between = weights.region.freeze([(offset, data) for offset, data, _ in read.stretches])
+            known = [(offset, len(data), crc) for offset, data, crc in read.stretches] + between
+            known = sorted((weights.start + offset, length, crc) for offset, length, crc in known)
             member = self.by_name[WEIGHTS]
-            start = self.zip.data_offset(member.index)
-            if self.file.crc32(start, member.size, read.known, threads) != member.crc32:
+            if self.file.crc32(weights.start, weights.size, known) != member.crc32:
                 raise BadKerasZipFile(f"{self.path}: Bad CRC-32 for file '{WEIGHTS}' (it changed while being read)")
         return read.arrays
 
@@ -184,17 +203,17 @@ def load(
 ):
     """Reads a `.keras` zip written by us or by stock Keras."""
     archive = KerasArchive(filepath)
-    if WEIGHTS not in archive.by_name:  # `.npz` weights or none: stock's path and errors
+    if WEIGHTS not in archive.by_name or not archive.readable_here:  # stock's path and errors
         return saving_lib.load_model(filepath, custom_objects, compile, safe_mode)
     config_json = archive.read(CONFIG)
     with (
-        archive.open_weights(threads) as (source, start, size, h5),
+        archive.open_weights(threads) as weights,
         archive.extracted_assets() as assets,
     ):
-        reading = read_weights(h5, source, start, size, filepath, threads)
+        reading = read_weights(weights.h5, weights.source, weights.start, weights.size, filepath, threads)
         try:  # the model is built while the tensors are read
             built = state.build_model(config_json, custom_objects, compile, safe_mode)
         finally:
             futures.wait([reading])
-        state.load_model_state(built, h5, archive.checked_arrays(reading, threads), assets)
+        state.load_model_state(built, weights.h5, archive.checked_arrays(weights, reading), assets)
     return built.model

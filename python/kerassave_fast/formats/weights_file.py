@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import h5py
 
-from .._core import TensorFile
+from .._core import KerasSaveError, TensorFile
 from ..files import FileRegion, atomic_replace
 from ..keras3 import state
 from .keras_zip import KerasArchive
@@ -23,23 +25,38 @@ def save(model, filepath: str, threads: int = 0) -> None:
     """`model.save_weights(filepath)` for a `.weights.h5` path, replacing any old file only when complete."""
     _require_built(model, "saving")
     plan, _ = state.plan_model_state(model, with_assets=False)
-    with atomic_replace(filepath) as tmp_path:
-        file = TensorFile(tmp_path, writable=True)
-        write_weights_file(file, plan, threads)
-        del file
+    with atomic_replace(filepath) as destination:
+        write_weights_file(destination, plan, threads)
 
 
-def load(model, filepath: str, skip_mismatch: bool = False, threads: int = 0) -> None:
-    """`model.load_weights(filepath)` for a `.weights.h5` or `.keras` path."""
+def load(model, filepath: str, skip_mismatch: bool = False, threads: int = 0) -> bool:
+    """`model.load_weights(filepath)` for a `.weights.h5` or `.keras` path. Returns False, having
+    done nothing, for a `.keras` whose members are compressed in ways not read here."""
     _require_built(model, "loading weights into")
     if filepath.endswith(".keras"):
         archive = KerasArchive(filepath)
-        with archive.open_weights(threads) as (source, start, size, h5):
-            arrays = archive.checked_arrays(read_weights(h5, source, start, size, filepath, threads), threads)
-            state.load_model_state(state.BuiltModel(model), h5, arrays, None, skip_mismatch=skip_mismatch)
-        return
+        if not archive.readable_here:
+            return False
+        with archive.open_weights(threads) as weights:
+            reading = read_weights(weights.h5, weights.source, weights.start, weights.size, filepath, threads)
+            arrays = archive.checked_arrays(weights, reading)
+            state.load_model_state(state.BuiltModel(model), weights.h5, arrays, None, skip_mismatch=skip_mismatch)
+        return True
     file = TensorFile(filepath)
-    size = file.size()
-    with h5py.File(FileRegion(file.fileno(), 0, size), "r") as h5:
-        arrays = read_weights(h5, file, 0, size, filepath, threads).result().arrays
-        state.load_model_state(state.BuiltModel(model), h5, arrays, None, skip_mismatch=skip_mismatch)
+    before = os.fstat(file.fileno())
+    region = FileRegion(file.fileno(), 0, before.st_size, filepath)
+    with h5py.File(region, "r") as h5:
+        read = read_weights(h5, file, 0, before.st_size, filepath, threads).result()
+        region.freeze([(offset, data) for offset, data, _ in read.stretches])
+        state.load_model_state(state.BuiltModel(model), h5, read.arrays, None, skip_mismatch=skip_mismatch)
+    if _changed(before, os.fstat(file.fileno())):  # HDF5 keeps no checksum: the file's times tell
+        raise KerasSaveError(f"{filepath}: the file changed while it was being read")
+    return True
+
+
+def _changed(before: os.stat_result, after: os.stat_result) -> bool:
+    return (before.st_size, before.st_mtime_ns, before.st_ctime_ns) != (
+        after.st_size,
+        after.st_mtime_ns,
+        after.st_ctime_ns,
+    )

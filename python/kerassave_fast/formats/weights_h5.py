@@ -20,7 +20,7 @@ from h5py import h5d, h5o, h5s
 from h5py._hl.dataset import make_new_dset
 
 from .._core import KerasSaveError, TensorFile
-from ..files import SparseImage
+from ..files import Destination, SparseImage
 from ..tensors import BFLOAT16, aligned_empty, as_bytes, snapshot
 
 
@@ -208,11 +208,12 @@ def write_layout(file: TensorFile, start: int, layout: Layout, tensors: list[np.
     return file.crc32(start, layout.size, known, threads)
 
 
-def write_weights_file(file: TensorFile, plan: WeightsPlan, threads: int = 0) -> None:
+def write_weights_file(destination: Destination, plan: WeightsPlan, threads: int = 0) -> None:
     """Writes a `.weights.h5` file: h5py lays it out on disk through HDF5's POSIX driver, as stock's
     is (a different layout from a zip member's), then the tensors go to the offsets it chose."""
-    placed = write_skeleton(file.path, plan)
-    file.write_tensors([o for o, _ in placed], [as_bytes(a) for _, a in placed], threads)
+    placed = write_skeleton(destination.path, plan)
+    destination.check_is_our_file()  # h5py wrote by name: into the file the tensors go to?
+    destination.file.write_tensors([o for o, _ in placed], [as_bytes(a) for _, a in placed], threads)
 
 
 @dataclass
@@ -275,11 +276,11 @@ def stored_tensors(h5: h5py.File, size: int, where: str) -> list[StoredTensor]:
 
 @dataclass
 class ReadTensors:
-    """Tensors read by offset: {dataset name: array}, and (offset, length, CRC-32) of each as read
-    from a file (None when they came from memory already checked)."""
+    """Tensors read by offset: {dataset name: array}, and (offset in the HDF5 file, bytes as read,
+    CRC-32) of each one read from a file, in file order (empty when they came from memory already checked)."""
 
     arrays: dict[str, np.ndarray]
-    known: list[tuple[int, int, int]] | None
+    stretches: list[tuple[int, memoryview, int]]
 
 
 def read_weights(
@@ -297,15 +298,14 @@ def read_weights(
 
     def read() -> None:
         try:
-            known = None
+            stretches = []
             if isinstance(source, TensorFile):
-                offsets = [start + t.offset for t in tensors]
-                crcs = source.read_tensors(offsets, buffers, threads)
-                known = sorted(zip(offsets, (t.nbytes for t in tensors), crcs, strict=True))
+                crcs = source.read_tensors([start + t.offset for t in tensors], buffers, threads)
+                stretches = [(t.offset, memoryview(b), c) for t, b, c in zip(tensors, buffers, crcs, strict=True)]
             else:  # an inflated (DEFLATED) member already in memory
                 for t, buffer in zip(tensors, buffers, strict=True):
                     buffer[:] = np.frombuffer(source, np.uint8, t.nbytes, start + t.offset)
-            future.set_result(ReadTensors(arrays, known))
+            future.set_result(ReadTensors(arrays, stretches))
         except BaseException as e:
             future.set_exception(e)
 

@@ -12,9 +12,12 @@ import contextlib
 import functools
 import inspect
 import json
+import sys
+import threading
 from dataclasses import dataclass, field
 
 import h5py
+import numpy as np
 from h5py import h5l
 from keras.src import backend
 from keras.src.backend.common import global_state
@@ -83,24 +86,43 @@ def _optimizers_of(model) -> list[BaseOptimizer]:
 
 
 def _save_optimizer_variables(optimizer: BaseOptimizer, store) -> None:
-    """`BaseOptimizer.save_own_variables` without its `.numpy()` copy of every slot."""
+    """`BaseOptimizer.save_own_variables` without its `.numpy()` copy of every slot, for our
+    recording store; any other store (a stock save of the same model meanwhile) gets stock's method."""
+    if not isinstance(store, _WeightsRecorder):
+        BaseOptimizer.save_own_variables(optimizer, store)
+        return
     for i, variable in enumerate(optimizer.variables):
         store[str(i)] = variable
+
+
+# Saves in progress that rely on each optimizer's shim (by id): several threads may save one model.
+_SHIM_LOCK = threading.Lock()
+_SHIM_USERS: dict[int, int] = {}
 
 
 @contextlib.contextmanager
 def _optimizer_state_by_reference(optimizers: list[BaseOptimizer]):
     shimmed = []
-    try:
+    with _SHIM_LOCK:
         for optimizer in optimizers:
-            stock_method = type(optimizer).save_own_variables is BaseOptimizer.save_own_variables
-            if stock_method and "save_own_variables" not in vars(optimizer):
+            if type(optimizer).save_own_variables is not BaseOptimizer.save_own_variables:
+                continue  # its class saves its own way
+            users = _SHIM_USERS.get(id(optimizer), 0)
+            if users == 0:
+                if "save_own_variables" in vars(optimizer):
+                    continue  # set on the instance by someone else: theirs
                 optimizer.save_own_variables = functools.partial(_save_optimizer_variables, optimizer)
-                shimmed.append(optimizer)
+            _SHIM_USERS[id(optimizer)] = users + 1
+            shimmed.append(optimizer)
+    try:
         yield
     finally:
-        for optimizer in shimmed:
-            del optimizer.save_own_variables
+        with _SHIM_LOCK:
+            for optimizer in shimmed:
+                _SHIM_USERS[id(optimizer)] -= 1
+                if not _SHIM_USERS[id(optimizer)]:
+                    del _SHIM_USERS[id(optimizer)]
+                    vars(optimizer).pop("save_own_variables", None)
 
 
 _SKIPSET_TYPES = ("Layer", "Functional", "Sequential", "Optimizer", "Metric", "Loss", "Operation")
@@ -251,11 +273,18 @@ class _PreloadedWeights(saving_lib.H5IOStore):
             # Served once: a second variable asking for the same tensor gets its own copy (stock's path).
             array = self._arrays.pop(f"{group.name}/{key}", None) if hard else None
             if array is not None:
-                return array
+                # Keras' own loaders hand it straight to a variable, which adopts its memory; code of
+                # anyone else (a custom `load_own_variables`) may keep it, so it gets a copy, as from stock.
+                return array if _called_from_keras() else np.array(array)
         return super().__getitem__(key)
 
     def close(self):
         pass
+
+
+def _called_from_keras() -> bool:
+    """Whether the code asking the store for a tensor (two frames up) is Keras' own."""
+    return sys._getframe(2).f_globals.get("__name__", "").startswith("keras.")
 
 
 def _convert_adopting(variable, loaded: dict, value, dtype=None):

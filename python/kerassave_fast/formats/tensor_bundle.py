@@ -1,0 +1,100 @@
+"""TensorFlow's tensor bundle (`prefix.index` + `prefix.data-00000-of-00001`): what a TF checkpoint and
+a SavedModel's `variables/` hold. The Rust core packs the tensors and writes the index
+(rust/bundle/files.rs); this module hands it the tensors in TensorFlow's order and reads them back
+into arrays TensorFlow can adopt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .._core import TensorBundleReader, TensorBundleWriter
+from ..files import atomic_replace_all
+from ..tensors import aligned_empty, as_bytes
+
+OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"  # tensorflow/python/trackable/base.py OBJECT_GRAPH_PROTO_KEY
+DT_STRING = 7
+
+
+@dataclass
+class BundleTensor:
+    """One tensor to save under `key`: `value` is an array of a fixed-size dtype (a view of the
+    variable, never a copy), or for DT_STRING the elements as `bytes`, in C order."""
+
+    key: str
+    dtype: int  # TensorFlow's DataType enum value
+    shape: tuple[int, ...]
+    value: np.ndarray | list[bytes]
+
+
+def index_path(prefix: str) -> str:
+    return prefix + ".index"
+
+
+def data_path(prefix: str) -> str:
+    return prefix + ".data-00000-of-00001"
+
+
+def items(tensors: list[BundleTensor]) -> list[tuple]:
+    """The tensors as the Rust writer takes them."""
+    return [(t.key, t.dtype, list(t.shape), t.value if t.dtype == DT_STRING else as_bytes(t.value)) for t in tensors]
+
+
+@contextlib.contextmanager
+def writing(prefix: str) -> Iterator[TensorBundleWriter]:
+    """A writer of the bundle at `prefix`, batch by batch; the bundle replaces any previous one only
+    when the block completes after `finish` (data file first, then the index)."""
+    with atomic_replace_all([data_path(prefix), index_path(prefix)]) as (data, index):
+        yield TensorBundleWriter(data.file, index.file)
+
+
+def write(prefix: str, tensors: list[BundleTensor], threads: int = 0) -> None:
+    """Writes the bundle with the tensors' bytes in the given order (TensorFlow's `SaveV2` order)."""
+    with writing(prefix) as writer:
+        writer.add(items(tensors), threads)
+        writer.finish()
+
+
+@dataclass
+class BundleEntry:
+    key: str
+    dtype: int
+    shape: tuple[int, ...]
+    size: int
+    partitioned: bool
+    shard: int
+    offset: int
+
+
+class BundleReader:
+    """An open bundle: the index read and checked by the Rust core, tensors read on demand (in
+    parallel, CRC32C checked) into 64-byte-aligned arrays."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self._reader = TensorBundleReader(prefix)
+        self.entries = {
+            key: BundleEntry(key, dtype, tuple(shape), size, partitioned, shard, offset)
+            for key, dtype, shape, size, partitioned, shard, offset in self._reader.entries()
+        }
+
+    @property
+    def index_path(self) -> str:
+        return self._reader.index_path
+
+    def read_arrays(self, keys: list[str], dtypes: list[np.dtype], threads: int = 0) -> list[np.ndarray]:
+        """The tensors under `keys` (whole, fixed-size dtypes), each in a fresh aligned array."""
+        arrays = [aligned_empty(self.entries[k].shape, dtype) for k, dtype in zip(keys, dtypes, strict=True)]
+        self._reader.read_tensors(keys, [as_bytes(a) for a in arrays], threads)
+        return arrays
+
+    def read_strings(self, key: str) -> np.ndarray:
+        """A DT_STRING tensor as an object array of `bytes` (a scalar gives a 0-d array)."""
+        elements = self._reader.read_strings(key)
+        array = np.empty(len(elements), dtype=object)
+        array[:] = elements
+        return array.reshape(self.entries[key].shape)

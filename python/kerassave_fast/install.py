@@ -1,0 +1,142 @@
+"""Zero-code adoption: `install()` routes stock's saving entry points through kerassave_fast.
+
+Routed: Keras 3's `keras.saving.{save_model,load_model,save_weights,load_weights}` (and every
+other module attribute bound to them: `keras.models.*`, `keras._tf_keras.keras.*`, ...) and
+`keras.Model.{save,save_weights,load_weights}`; the same for tf_keras when it is installed (so
+`tf.keras` under `TF_USE_LEGACY_KERAS=1`, and `ModelCheckpoint`, which calls the `Model` methods).
+
+Each replacement binds its arguments with the original's signature (a bad call raises stock's
+`TypeError`) and hands kerassave_fast exactly what the caller passed. While a kerassave_fast call
+runs on a thread, routed names called on that thread go straight to stock: what kerassave_fast
+delegates, and the stock code that runs under it, run as stock. `KERASSAVE_FAST=1` in the
+environment installs at import.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+import sys
+import threading
+from collections.abc import Callable
+
+from . import api
+from .stock import KERAS3_SAVING_API, TF_KERAS_SAVING_API, pin
+
+_LOCK = threading.RLock()
+_INSIDE = threading.local()  # .depth: kerassave_fast calls running on this thread
+# What install() changed, to undo: (owner, attribute, value before).
+_UNDO: list[tuple[object, str, object]] = []
+
+
+def installed() -> bool:
+    """Whether stock's saving entry points are routed through kerassave_fast now."""
+    return bool(_UNDO)
+
+
+def _route(original: Callable, ours: Callable, model_first: bool) -> Callable:
+    signature = inspect.signature(original)
+    params = list(signature.parameters.values())
+    first = params[0].name
+    var_keyword = next((p.name for p in params if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+
+    @functools.wraps(original)
+    def routed(*args, **kwargs):
+        if getattr(_INSIDE, "depth", 0):
+            return original(*args, **kwargs)
+        given = dict(signature.bind(*args, **kwargs).arguments)
+        if var_keyword is not None:
+            given.update(given.pop(var_keyword, {}))
+        _INSIDE.depth = 1
+        try:
+            if model_first:
+                return ours(given.pop(first), **given)
+            return ours(**given)
+        finally:
+            _INSIDE.depth = 0
+
+    routed.__kerassave_fast_original__ = original
+    return routed
+
+
+def _load_model_as(flavour: str) -> Callable:
+    def load_model(filepath, **kwargs):
+        return api.load_model_as(flavour, filepath, **kwargs)
+
+    return load_model
+
+
+def _flavour_entry_points(flavour: str, saving_api, *model_classes) -> list[tuple[object, str, Callable, bool]]:
+    """(owner, attribute, ours, model_first) of a flavour's saving functions and `Model` methods."""
+    points = [
+        (saving_api, "save_model", api.save_model, True),
+        (saving_api, "load_model", _load_model_as(flavour), False),
+        (saving_api, "save_weights", api.save_weights, True),
+        (saving_api, "load_weights", api.load_weights, True),
+        (model_classes[0], "save", api.save_model, True),
+        (model_classes[0], "save_weights", api.save_weights, True),
+    ]
+    return points + [(cls, "load_weights", api.load_weights, True) for cls in model_classes]
+
+
+def _entry_points() -> list[tuple[object, str, Callable, bool]]:
+    """Every entry point to route, with what it routes to."""
+    from keras.src.models import model as keras3_model
+    from keras.src.saving import saving_api as keras3_api
+
+    pin(KERAS3_SAVING_API, "save_model", "load_model", "save_weights", "load_weights")
+    points = _flavour_entry_points("keras3", keras3_api, keras3_model.Model)
+    if importlib.util.find_spec("tf_keras") is None:
+        return points
+    from tf_keras.src.engine import training, training_v1
+    from tf_keras.src.saving import saving_api as tf_keras_api
+
+    pin(TF_KERAS_SAVING_API, "save_model", "load_model", "save_weights", "load_weights")
+    # Graph-mode (v1) models override load_weights, then call training.Model's through super().
+    return points + _flavour_entry_points("tf_keras", tf_keras_api, training.Model, training_v1.Model)
+
+
+def install() -> None:
+    """Routes Keras' and tf_keras' saving functions and `Model` methods through kerassave_fast.
+
+    Idempotent (a second call changes nothing), undone by `uninstall()`, safe to call from any thread.
+    """
+    with _LOCK:
+        if _UNDO:
+            return
+        routes: dict[int, Callable] = {}  # id(original function) -> its replacement
+        for owner, attribute, ours, model_first in _entry_points():
+            original = vars(owner)[attribute]
+            routed = _route(original, ours, model_first)
+            _UNDO.append((owner, attribute, original))
+            setattr(owner, attribute, routed)
+            if not inspect.isclass(owner):
+                routes[id(original)] = routed
+        _rebind_aliases(routes)
+
+
+def _rebind_aliases(routes: dict[int, Callable]) -> None:
+    """Points every other module attribute bound to a routed function (`keras.saving.save_model`
+    is `keras.src.saving.saving_api.save_model`) at its replacement."""
+    originals = {id(original): original for _, _, original in _UNDO}
+    for name, module in list(sys.modules.items()):
+        if module is None or name.split(".", 1)[0] not in ("keras", "tf_keras"):
+            continue
+        try:
+            attributes = list(vars(module).items())
+        except TypeError:
+            continue
+        for attribute, value in attributes:
+            routed = routes.get(id(value))
+            if routed is not None and originals.get(id(value)) is value and value is not routed:
+                _UNDO.append((module, attribute, value))
+                setattr(module, attribute, routed)
+
+
+def uninstall() -> None:
+    """Puts back every function and method `install()` replaced."""
+    with _LOCK:
+        while _UNDO:
+            owner, attribute, value = _UNDO.pop()
+            setattr(owner, attribute, value)

@@ -1,0 +1,411 @@
+"""TF-format weights of tf_keras models: `model.save_weights(prefix)` / `model.load_weights(prefix)`
+for a path that is not HDF5, i.e. a TF checkpoint `prefix.index` + `prefix.data-00000-of-00001`.
+
+TensorFlow's own Python decides everything but the bytes: `save_util.serialize_graph_view` (as
+`TrackableSaver.save` calls it) gives the object graph and the tensors in `SaveV2`'s order, and
+restoring runs TensorFlow's `_CheckpointRestoreCoordinator` and `CheckpointPosition` walk, so
+matching, deferred restoration (optimizer slots created later) and the returned
+`CheckpointLoadStatus` are stock's. The Rust core writes the bundle (tensor bytes taken from the
+variables' buffers, CRC32C computed while writing) and reads the tensors the walk restores now
+(parallel preads into aligned arrays that the variables adopt, CRC32C checked). Values restored
+later, when their variable is created, are read by TensorFlow from the same files, as in stock.
+
+Private TensorFlow API (tensorflow/python/checkpoint/, TF 2.21): anything this module cannot do
+exactly as stock -- another TensorFlow version, graph mode, checkpoint options, registered savers,
+partitioned or sliced tensors, several devices -- is left to stock.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import warnings
+
+import numpy as np
+
+from ..formats import tensor_bundle
+from ..formats.tensor_bundle import DT_STRING, OBJECT_GRAPH_KEY, BundleReader, BundleTensor
+from ..tensors import adoptable_tensor
+
+# TensorFlow versions whose checkpoint internals this module was checked against.
+CHECKED_TF_VERSIONS = ((2, 21),)
+
+
+class NotFast(Exception):
+    """The fast path cannot do this exactly as stock: the caller hands the work to stock."""
+
+
+_warned = threading.Event()
+
+
+def tf_internals_supported() -> bool:
+    """Whether the installed TensorFlow is one whose private checkpoint API this module follows."""
+    import tensorflow as tf
+
+    version = tuple(int(p) for p in tf.__version__.split(".")[:2] if p.isdigit())
+    if version in CHECKED_TF_VERSIONS:
+        return True
+    if not _warned.is_set():
+        _warned.set()
+        warnings.warn(
+            f"kerassave_fast: TensorFlow {tf.__version__} is not one whose checkpoint internals were checked "
+            f"({', '.join('.'.join(map(str, v)) for v in CHECKED_TF_VERSIONS)}); TF-format weights and "
+            "SavedModels of tf_keras models are saved and loaded by stock TensorFlow.",
+            stacklevel=3,
+        )
+    return False
+
+
+def is_tf_format_path(path: str) -> bool:
+    """tf_keras' rule (saving_utils.is_hdf5_filepath, saving_api): anything but HDF5 and `.weights.h5`."""
+    return not path.endswith((".h5", ".keras", ".hdf5"))
+
+
+# --- saving -------------------------------------------------------------------------------------
+
+
+def _is_plain_variable(trackable) -> bool:
+    from tensorflow.python.ops import resource_variable_ops
+
+    base = resource_variable_ops.BaseResourceVariable
+    return isinstance(trackable, base) and type(trackable)._serialize_to_tensors is base._serialize_to_tensors
+
+
+def _cpu_task(device) -> str:
+    """The task `MultiDeviceSaver` files a tensor under: one task makes one shard."""
+    from tensorflow.python.framework import device as device_lib
+    from tensorflow.python.training.saving import saveable_object_util
+
+    name = device if isinstance(device, str) else device.to_string()
+    return device_lib.DeviceSpec.from_string(saveable_object_util.set_cpu0(name)).to_string()
+
+
+_object_graph_device: list[str] = []
+
+
+def _object_graph_task() -> str:
+    """The device of the object graph constant `TrackableSaver` makes under `/cpu:0`."""
+    if not _object_graph_device:
+        from tensorflow.python.framework import constant_op, dtypes, ops
+
+        with ops.device("/cpu:0"):
+            _object_graph_device.append(constant_op.constant(b"", dtype=dtypes.string).device)
+    return _cpu_task(_object_graph_device[0])
+
+
+def _bundle_tensor(key: str, tensor) -> BundleTensor:
+    """A tensor as the bundle stores it: a view of its buffer, or its strings."""
+    import tensorflow as tf
+
+    dtype = tf.as_dtype(tensor.dtype)
+    if dtype in (tf.resource, tf.variant) or not hasattr(tensor, "numpy"):
+        raise NotFast(f"{key}: a {dtype.name} tensor")
+    array = np.asarray(tensor)  # an eager CPU tensor: a read-only view of its buffer
+    if dtype == tf.string:
+        return BundleTensor(key, DT_STRING, array.shape, [bytes(s) for s in array.reshape(-1)])
+    if not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)
+    return BundleTensor(key, dtype.as_datatype_enum, array.shape, array)
+
+
+def checkpoint_tensors(saver) -> list[BundleTensor]:
+    """What `TrackableSaver.save` hands `SaveV2` for an eager save, in its order: each trackable's
+    serialized tensors in object-graph order, then `_CHECKPOINTABLE_OBJECT_GRAPH`.
+
+    `saver` is a `TrackableSaver` (a `tf.train.Checkpoint`'s `_saver`, or tf_keras' `model._checkpoint._saver`).
+    """
+    from tensorflow.python.checkpoint import save_util
+    from tensorflow.python.ops import resource_variable_ops
+    from tensorflow.python.trackable import base as trackable_base
+    from tensorflow.python.training.saving import saveable_object
+
+    serialized, _, registered_savers, graph_proto = save_util.serialize_graph_view(
+        saver._graph_view, saver._object_map, cache=saver._cache
+    )
+    if registered_savers:
+        raise NotFast("registered savers write files of their own")
+    tensors, tasks = [], {_object_graph_task()}
+    variable_suffix = "/" + trackable_base.VARIABLE_VALUE_KEY
+    for trackable, tensor_dict in serialized.items():
+        for key, value in tensor_dict.items():
+            if isinstance(value, dict):
+                if set(value) != {""}:
+                    raise NotFast(f"{key}: a sliced (partitioned) tensor")
+                value = value[""]
+            spec = value
+            if not isinstance(spec, saveable_object.SaveSpec):
+                spec = saveable_object.SaveSpec(value, "", key, dtype=value.dtype, device=value.device)
+            elif spec.slice_spec or spec.name != key:
+                raise NotFast(f"{key}: saved under another name or as a slice")
+            tasks.add(_cpu_task(spec.device))
+            if len(tasks) > 1:
+                raise NotFast("tensors on several tasks are saved as several shards")
+            if _is_plain_variable(trackable) and key.endswith(variable_suffix) and len(tensor_dict) == 1:
+                # The variable's current buffer, read as its `_serialize_to_tensors` would, without its
+                # identity op; like stock, an uninitialized variable is left out.
+                if not trackable.is_initialized():
+                    continue
+                tensor = resource_variable_ops.BaseResourceVariable.value(trackable)
+            else:
+                from tensorflow.python.framework import ops
+
+                with ops.device(spec.device):
+                    tensor = spec.tensor
+                if tensor is None:
+                    continue
+            tensors.append(_bundle_tensor(key, tensor))
+    tensors.append(BundleTensor(OBJECT_GRAPH_KEY, DT_STRING, (), [graph_proto.SerializeToString()]))
+    return tensors
+
+
+def _prompt(check_filepath: str) -> bool:
+    """Stock's overwrite question about `check_filepath` (tf_keras' io_utils), refused as api.py refuses it."""
+    from tf_keras.src.utils import io_utils
+
+    from ..api import _prompt_refusals, _refusal
+
+    if sys.stdin is None:
+        raise _refusal(check_filepath)
+    with _prompt_refusals(check_filepath):
+        return io_utils.ask_to_proceed_with_overwrite(check_filepath)
+
+
+def can_save_fast(model, path: str | None, save_format, options) -> bool:
+    import tensorflow as tf
+
+    if path is None or not is_tf_format_path(path) or path.endswith(".weights.h5"):
+        return False
+    if save_format is not None and (
+        not isinstance(save_format, str) or save_format.lower().strip() not in ("tf", "tensorflow")
+    ):
+        return False
+    return options is None and tf.executing_eagerly() and tf_internals_supported()
+
+
+def save_weights(model, filepath: str, overwrite: bool = True, threads: int = 0) -> bool:
+    """tf_keras' `save_weights` (saving/legacy/save.py) for the TF format. Returns False, having written
+    nothing, when stock must do it (the overwrite question, if any, already answered yes)."""
+    import tensorflow as tf
+
+    model._assert_weights_created()
+    index = tensor_bundle.index_path(filepath)
+    if not overwrite and os.path.isfile(index) and not _prompt(index):
+        return True
+    try:
+        tensors = checkpoint_tensors(model._checkpoint._saver)
+    except NotFast:
+        return False
+    directory = os.path.dirname(filepath)
+    if directory:
+        os.makedirs(directory, exist_ok=True)  # TrackableSaver.save: file_io.recursive_create_dir
+    tensor_bundle.write(filepath, tensors, threads)
+    tf.__internal__.train.update_checkpoint_state(
+        save_dir=directory,
+        model_checkpoint_path=filepath,
+        save_relative_paths=True,
+        all_model_checkpoint_paths=[filepath],
+    )
+    return True
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+class BundleCheckpointReader:
+    """The part of `py_checkpoint_reader.CheckpointReader` TensorFlow's restore walk uses, over our reader."""
+
+    def __init__(self, bundle: BundleReader):
+        import tensorflow as tf
+
+        self.bundle = bundle
+        self._dtypes = {k: tf.as_dtype(e.dtype) for k, e in bundle.entries.items()}
+
+    def get_variable_to_dtype_map(self):
+        return dict(self._dtypes)
+
+    def get_variable_to_shape_map(self):
+        return {k: list(e.shape) for k, e in self.bundle.entries.items()}
+
+    def has_tensor(self, key: str) -> bool:
+        return key in self.bundle.entries
+
+    def get_tensor(self, key: str):
+        from tensorflow.python.framework import errors_impl
+
+        entry = self.bundle.entries.get(key)
+        if entry is None:
+            raise errors_impl.NotFoundError(None, None, f"Key {key} not found in checkpoint")
+        if entry.partitioned:
+            raise NotFast(f"{key}: a partitioned tensor")
+        if entry.dtype == DT_STRING:
+            array = self.bundle.read_strings(key)
+            return array.item() if array.ndim == 0 else array
+        (array,) = self.bundle.read_arrays([key], [self._dtypes[key].as_numpy_dtype])
+        return array
+
+
+def _restore_coordinator_class():
+    """`_CheckpointRestoreCoordinator` whose eager restores read through the Rust core."""
+    from tensorflow.python.checkpoint import checkpoint as checkpoint_lib
+    from tensorflow.python.checkpoint import functional_saver
+    from tensorflow.python.eager import context
+    from tensorflow.python.framework import ops
+    from tensorflow.python.trackable import trackable_utils
+    from tensorflow.python.training.saving import saveable_object_util
+
+    class FastRestoreCoordinator(checkpoint_lib._CheckpointRestoreCoordinator):
+        def __init__(self, *args, fast_reader: BundleCheckpointReader, threads: int, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.fast_reader = fast_reader
+            self.threads = threads
+
+        def restore_saveables(self, tensor_saveables, python_positions, registered_savers=None, reader=None):
+            if registered_savers or not context.executing_eagerly():
+                return super().restore_saveables(tensor_saveables, python_positions, registered_savers, reader)
+            reader = reader or self.fast_reader
+            for position in python_positions:
+                key = position.object_proto.attributes[0].checkpoint_key
+                position.trackable.deserialize(reader.get_tensor(key))
+            if tensor_saveables:
+                flat = saveable_object_util.validate_and_slice_inputs(tensor_saveables)
+                saver = functional_saver.MultiDeviceSaver.from_saveables(flat)
+                if not self._restore_read_here(saver):
+                    saver.restore(self.save_path_tensor, self.options)
+            return []
+
+        def _restore_read_here(self, saver) -> bool:
+            """`MultiDeviceSaver.restore` for one task, with `RestoreV2` replaced by our parallel read.
+            False, having done nothing, when a tensor is not one we read exactly as `RestoreV2` does."""
+            if saver._num_unique_tasks != 1 or len(saver._shardable_tensors_by_task) != 1:
+                return False
+            ((task, shard),) = saver._shardable_tensors_by_task.items()
+            if context.is_custom_device(task.to_string()) or self.options.experimental_io_device:
+                return False
+            entries = self.fast_reader.bundle.entries
+            names, dtypes = [], []
+            for st in shard:
+                save_spec = st._tensor_save_spec
+                name, spec = (save_spec.name, save_spec.slice_spec) if save_spec else (st.checkpoint_key, st.slice_spec)
+                entry = entries.get(name) if isinstance(name, str) else None
+                if (
+                    spec
+                    or st.slice_spec
+                    or entry is None
+                    or entry.partitioned
+                    or entry.dtype in (DT_STRING, 20, 21)  # strings, resources, variants: RestoreV2's business
+                    or entry.dtype != st.dtype.as_datatype_enum
+                ):
+                    return False
+                names.append(name)
+                dtypes.append(st.dtype.as_numpy_dtype)
+            arrays = self.fast_reader.bundle.read_arrays(names, dtypes, self.threads)
+            inputs: dict = {}
+            pending = {fn: len(keys) for fn, keys in saver._restore_fn_to_keys.items()}
+            with ops.device(task):
+                for st, array in zip(shard, arrays, strict=True):
+                    restore_fn = saver._keys_to_restore_fn[(st.checkpoint_key, st.slice_spec)]
+                    inputs.setdefault(restore_fn, {})[st.checkpoint_key] = adoptable_tensor(array)
+                    pending[restore_fn] -= 1
+                    if pending[restore_fn] == 0:
+                        restore_fn(
+                            {trackable_utils.extract_local_name(k): t for k, t in inputs.pop(restore_fn).items()}
+                        )
+            return True
+
+    return FastRestoreCoordinator
+
+
+def restore(tf_checkpoint, save_path: str, threads: int = 0):
+    """`tf.train.Checkpoint.read(save_path)` (eager, default options) through `TrackableSaver.restore`'s
+    steps, reading the index and the tensors restored now through the Rust core."""
+    from tensorflow.core.protobuf import trackable_object_graph_pb2
+    from tensorflow.python.checkpoint import checkpoint as checkpoint_lib
+    from tensorflow.python.checkpoint import checkpoint_options
+    from tensorflow.python.checkpoint import restore as restore_lib
+    from tensorflow.python.framework import constant_op, ops
+
+    saver = tf_checkpoint._saver
+    if checkpoint_lib._ASYNC_CHECKPOINT_THREAD is not None:
+        checkpoint_lib._ASYNC_CHECKPOINT_THREAD.join()
+    bundle = BundleReader(save_path)
+    if OBJECT_GRAPH_KEY not in bundle.entries:
+        raise NotFast("a name-based (TF1) checkpoint")
+    reader = BundleCheckpointReader(bundle)
+    options = checkpoint_options.CheckpointOptions()
+    with ops.device("/cpu:0"):
+        file_prefix_tensor = constant_op.constant(save_path)
+    object_graph_proto = trackable_object_graph_pb2.TrackableObjectGraph()
+    object_graph_proto.ParseFromString(reader.get_tensor(OBJECT_GRAPH_KEY))
+    coordinator = _restore_coordinator_class()(
+        object_graph_proto=object_graph_proto,
+        save_path=save_path,
+        save_path_tensor=file_prefix_tensor,
+        reader=reader,
+        restore_op_cache=saver._restore_op_cache,
+        graph_view=saver._graph_view,
+        options=options,
+        saveables_cache=saver._saveables_cache,
+        fast_reader=reader,
+        threads=threads,
+    )
+    restore_lib.CheckpointPosition(checkpoint=coordinator, proto_id=0).restore(saver._graph_view.root, reader)
+    if saver._graph_view.attached_dependencies:  # as TrackableSaver.restore
+        for ref in saver._graph_view.attached_dependencies:
+            if ref.name == "root":
+                continue
+            proto_id = None
+            for proto_ref in object_graph_proto.nodes[0].children:
+                if proto_ref.local_name == ref.name:
+                    proto_id = proto_ref.node_id
+                    break
+            if proto_id is None or proto_id in coordinator.object_by_proto_id:
+                continue
+            restore_lib.CheckpointPosition(checkpoint=coordinator, proto_id=proto_id).restore(ref.ref, reader)
+    return checkpoint_lib.CheckpointLoadStatus(
+        coordinator, graph_view=saver._graph_view, feed_dict=None, options=options
+    )
+
+
+def weights_prefix(path: str) -> str | None:
+    """The bundle tf_keras' `load_weights` reads for `path` (legacy/save.py `_detect_save_format`): a
+    checkpoint prefix, else a SavedModel's `variables/variables`; None when there is neither."""
+    if os.path.isfile(tensor_bundle.index_path(path)):
+        return path
+    variables = os.path.join(path, "variables", "variables")
+    if os.path.isdir(path) and os.path.isfile(tensor_bundle.index_path(variables)):
+        from tensorflow.python.saved_model import loader_impl
+
+        if loader_impl.contains_saved_model(path):
+            return variables
+    return None
+
+
+def can_load_fast(model, path: str | None, by_name, skip_mismatch, options) -> bool:
+    import tensorflow as tf
+
+    if path is None or not is_tf_format_path(path) or path.endswith(".weights.h5"):
+        return False
+    if by_name or skip_mismatch or options is not None or not tf.executing_eagerly():
+        return False
+    checkpoint_options = getattr(model._checkpoint, "_checkpoint_options", None)
+    if checkpoint_options is not None and checkpoint_options.experimental_enable_async_checkpoint:
+        return False
+    from tf_keras.src import backend
+
+    if backend.is_tpu_strategy(model._distribution_strategy):
+        return False
+    return tf_internals_supported()
+
+
+def load_weights(model, filepath: str, threads: int = 0):
+    """tf_keras' `load_weights` (saving/legacy/save.py) for a TF checkpoint or a SavedModel's variables.
+    Returns stock's status object; raises `NotFast` (having restored nothing) when stock must do it."""
+    prefix = weights_prefix(filepath)
+    if prefix is None:
+        raise NotFast("no TF checkpoint here")
+    status = restore(model._checkpoint, prefix, threads)
+    status.assert_nontrivial_match()
+    for layer in model.layers:
+        layer.finalize_state()
+    return status

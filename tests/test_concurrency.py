@@ -1,0 +1,133 @@
+"""Saves and loads on several threads at once: process-wide state (the GC pause, the optimizer
+shim, thread pools) stays consistent."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import kerassave_fast as ksf
+from conftest import assert_same_state
+from kerassave_fast import api
+from kerassave_fast.keras3 import state
+
+
+def test_gc_pause_is_counted_across_threads(monkeypatch):
+    """B enters while A holds the GC off and A leaves while B is between asking and switching:
+    the GC must end up on, as it was before either began."""
+    gc_state = {"enabled": True}
+    a_left = threading.Event()
+
+    class RecordingGC:
+        def isenabled(self):
+            return gc_state["enabled"]
+
+        def enable(self):
+            gc_state["enabled"] = True
+
+        def disable(self):
+            if threading.current_thread().name == "B":
+                a_left.wait(2)
+            gc_state["enabled"] = False
+
+    monkeypatch.setattr(api, "gc", RecordingGC())
+    a_inside, a_may_leave = threading.Event(), threading.Event()
+
+    def a():
+        with api._no_gc_pauses():
+            a_inside.set()
+            a_may_leave.wait(5)
+        a_left.set()
+
+    def b():
+        a_inside.wait(5)
+        with api._no_gc_pauses():
+            pass
+
+    threads = [threading.Thread(target=a, name="A"), threading.Thread(target=b, name="B")]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    a_may_leave.set()
+    for t in threads:
+        t.join(10)
+    assert gc_state["enabled"], "the cyclic GC was left off"
+
+
+def test_two_threads_planning_one_model_both_record_by_reference(model_zoo, monkeypatch):
+    """The second save starts while the first is inside the optimizer shim, and the first leaves
+    before the second walks the optimizer: each still records the slots as views, without error."""
+    model = model_zoo("optimizer_adam")
+    real_save_state = state.saving_lib._save_state
+    first_inside, second_inside, first_left = threading.Event(), threading.Event(), threading.Event()
+    plans, errors = {}, []
+
+    def save_state(saveable, *args, **kwargs):
+        if saveable is model:  # the top of the walk (it recurses through this name)
+            if threading.current_thread().name == "first":
+                first_inside.set()
+                second_inside.wait(10)
+            else:
+                second_inside.set()
+                first_left.wait(10)
+        return real_save_state(saveable, *args, **kwargs)
+
+    monkeypatch.setattr(state.saving_lib, "_save_state", save_state)
+
+    def plan(name):
+        try:
+            plans[name], _ = state.plan_model_state(model, with_assets=False)
+        except BaseException as e:
+            errors.append(e)
+        finally:
+            if name == "first":
+                first_left.set()
+
+    threads = {n: threading.Thread(target=plan, args=(n,), name=n) for n in ("first", "second")}
+    threads["first"].start()
+    first_inside.wait(10)
+    threads["second"].start()
+    for t in threads.values():
+        t.join(30)
+    assert not errors, errors
+    slots = {id(v): v for v in model.optimizer.variables}
+    for name, plan_ in plans.items():
+        optimizer_steps = [d for d in plan_.datasets if d.group.startswith("optimizer")]
+        assert len(optimizer_steps) == len(slots)
+        for d, v in zip(optimizer_steps, model.optimizer.variables, strict=True):
+            if d.array.nbytes:
+                assert np.shares_memory(d.array, np.asarray(v.value.value())), f"{name} copied {v.path}"
+    assert "save_own_variables" not in vars(model.optimizer), "the shim outlived the saves"
+
+
+def test_concurrent_saves_and_loads(model_zoo, tmp_path):
+    models = [model_zoo("optimizer_adam"), model_zoo("optimizer_adam"), model_zoo("low_precision")]
+    errors = []
+
+    def work(i, model):
+        try:
+            for k in range(3):
+                path = tmp_path / f"m{i}-{k}.keras"
+                ksf.save_model(model, path, threads=2)
+                assert_same_state(model, ksf.load_model(path, threads=2))
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i, m)) for i, m in enumerate(models)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    import gc
+
+    assert gc.isenabled()
+
+
+@pytest.mark.parametrize("threads", [0, -1, 257, 10**5, 2.0, True])
+def test_thread_counts_are_bounded(model_zoo, tmp_path, threads):
+    with pytest.raises(ValueError, match="threads"):
+        ksf.save_model(model_zoo("seed_example"), tmp_path / "m.keras", threads=threads)

@@ -1,0 +1,267 @@
+"""Where a save writes and what a load reads: exact paths, the target's attributes, in-place
+fallbacks, and files rewritten while they are being read."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+import zipfile
+
+import h5py
+import keras
+import numpy as np
+import pytest
+
+import kerassave_fast as ksf
+from conftest import assert_same_state
+from kerassave_fast import files
+from kerassave_fast.formats import keras_zip
+
+NON_UTF8 = os.fsdecode(b"w\xe9\xff")  # not valid UTF-8: os.fsdecode keeps the bytes as surrogates
+
+
+@pytest.fixture
+def model(model_zoo):
+    return model_zoo("seed_example")
+
+
+@pytest.mark.parametrize("suffix", [".weights.h5", ".keras"])
+def test_non_utf8_path_is_written_exactly_there(model, tmp_path, suffix):
+    path = os.path.join(tmp_path, NON_UTF8 + suffix)
+    with open(path, "wb") as f:
+        f.write(b"previous")
+    if suffix == ".keras":
+        ksf.save_model(model, path)
+    else:
+        ksf.save_weights(model, path)
+    assert os.listdir(tmp_path) == [NON_UTF8 + suffix], "a stray file was left beside the target"
+    with open(path, "rb") as f:
+        data = f.read()
+    if suffix == ".keras":
+        assert zipfile.is_zipfile(path)
+        assert_same_state(model, ksf.load_model(path))
+        assert_same_state(model, keras.saving.load_model(path))
+    else:
+        assert data.startswith(b"\x89HDF\r\n\x1a\n"), "the file has no HDF5 signature"
+        with h5py.File(os.fsencode(path), "r") as f:  # libhdf5 opens the exact bytes
+            assert "vars" in f["layers/dense"]
+        for load in (ksf.load_weights, keras.saving.load_weights):
+            fresh = keras.models.clone_model(model)
+            load(fresh, path)
+            for a, b in zip(model.weights, fresh.weights, strict=True):
+                np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_writing_by_name_into_another_file_is_caught(model, tmp_path, monkeypatch):
+    """h5py writes `.weights.h5` metadata by name: if that name reaches another file, the save fails."""
+    path = tmp_path / "m.weights.h5"
+    ksf.save_weights(model, path)
+    before = path.read_bytes()
+    real = files.Destination.check_is_our_file
+
+    def swap_then_check(destination):
+        os.rename(destination.path, destination.path + ".moved")
+        with open(destination.path, "wb"):
+            pass
+        real(destination)
+
+    monkeypatch.setattr(files.Destination, "check_is_our_file", swap_then_check)
+    with pytest.raises(OSError, match="replaced during the save"):
+        ksf.save_weights(model, path)
+    assert path.read_bytes() == before
+    assert [n for n in os.listdir(tmp_path) if not n.endswith(".moved")] == ["m.weights.h5"]
+
+
+def _stock_saved(model, path) -> os.stat_result:
+    keras.saving.save_model(model, path)
+    return os.stat(path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another owner needs root")
+def test_owner_group_and_mode_carry_over_like_stock(model, tmp_path):
+    theirs, ours = tmp_path / "stock.keras", tmp_path / "ours.keras"
+    for p in (theirs, ours):
+        p.write_bytes(b"old")
+        os.chown(p, 1234, 5678)
+        os.chmod(p, 0o640)
+    expected = _stock_saved(model, theirs)
+    ksf.save_model(model, ours)
+    got = os.stat(ours)
+    assert (got.st_uid, got.st_gid, stat.S_IMODE(got.st_mode)) == (
+        expected.st_uid,
+        expected.st_gid,
+        stat.S_IMODE(expected.st_mode),
+    )
+
+
+def test_setuid_bits_are_not_carried_over(model, tmp_path):
+    path = tmp_path / "m.keras"
+    path.write_bytes(b"old")
+    os.chmod(path, 0o6755)
+    ksf.save_model(model, path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o755
+
+
+def test_extended_attributes_carry_over(model, tmp_path):
+    path = tmp_path / "m.keras"
+    path.write_bytes(b"old")
+    try:
+        os.setxattr(path, "user.origin", b"experiment-7")
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EPERM):
+            pytest.skip(f"the file system of {tmp_path} has no user xattrs")
+        raise
+    ksf.save_model(model, path)
+    assert os.getxattr(path, "user.origin") == b"experiment-7"
+
+
+def test_read_only_target_is_written_as_stock_writes_it(model, tmp_path):
+    """Mode 0444: root writes it (and it stays 0444), anyone else gets stock's PermissionError
+    naming the target -- never an error about a temporary file."""
+    theirs, ours = tmp_path / "stock.keras", tmp_path / "ours.keras"
+    for p in (theirs, ours):
+        p.write_bytes(b"old")
+        os.chmod(p, 0o444)
+    try:
+        _stock_saved(model, theirs)
+    except PermissionError:
+        with pytest.raises(PermissionError) as e:
+            ksf.save_model(model, ours)
+        assert e.value.filename == str(ours)
+        assert ours.read_bytes() == b"old"
+        return
+    ksf.save_model(model, ours)
+    assert stat.S_IMODE(os.stat(ours).st_mode) == 0o444
+    assert_same_state(model, ksf.load_model(ours))
+
+
+def test_unwritable_directory_falls_back_to_writing_in_place(model, tmp_path, monkeypatch):
+    path = tmp_path / "m.keras"
+    path.write_bytes(b"old")
+    inode = os.stat(path).st_ino
+
+    def no_temporary_files(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path))
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", no_temporary_files)
+    ksf.save_model(model, path)
+    assert os.stat(path).st_ino == inode, "not written in place"
+    assert_same_state(model, ksf.load_model(path))
+    with pytest.raises(PermissionError) as e:  # a new file cannot be created there: stock's error
+        ksf.save_model(model, tmp_path / "new.keras")
+    assert e.value.filename == str(tmp_path / "new.keras")
+
+
+def test_rename_refused_falls_back_to_writing_in_place(model, tmp_path, monkeypatch):
+    """A single-file bind mount refuses rename(2) over it with EBUSY."""
+    path = tmp_path / "m.keras"
+    path.write_bytes(b"old")
+    inode = os.stat(path).st_ino
+
+    def busy(src, dst):
+        raise OSError(errno.EBUSY, "Device or resource busy", dst)
+
+    monkeypatch.setattr(files.os, "replace", busy)
+    ksf.save_model(model, path)
+    assert os.stat(path).st_ino == inode
+    assert os.listdir(tmp_path) == ["m.keras"]
+    assert_same_state(model, ksf.load_model(path))
+
+
+def test_single_file_bind_mount_is_written_in_place(model, tmp_path):
+    source, target = tmp_path / "host.keras", tmp_path / "app" / "m.keras"
+    target.parent.mkdir()
+    source.write_bytes(b"old")
+    target.write_bytes(b"")
+    mounted = subprocess.run(["mount", "--bind", str(source), str(target)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {mounted.stderr.decode().strip()}")
+    try:
+        ksf.save_model(model, target)
+        assert_same_state(model, ksf.load_model(source))
+        assert os.listdir(target.parent) == ["m.keras"]
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files rewritten in place while they are being read
+
+
+TABLE = np.array([b"w%07d" % i for i in range(5000)])
+LAST = b"w0004999"
+
+
+@keras.saving.register_keras_serializable(package="ksf_tests")
+class Vocabulary(keras.layers.Layer):
+    """Keeps a byte-string table beside its weight: h5py serves it itself, lazily, during loading.
+    `on_load` (a test hook) runs between reading the weight and reading the table."""
+
+    on_load = None
+
+    def build(self, input_shape):
+        self.k = self.add_weight(shape=(input_shape[-1],), initializer="ones", name="k")
+        self.table = TABLE  # 40 KB: most of it is not read until `load_own_variables` asks for it
+
+    def call(self, x):
+        return x * self.k
+
+    def save_own_variables(self, store):
+        store["0"] = self.k
+        store["table"] = self.table
+
+    def load_own_variables(self, store):
+        self.k.assign(store["0"])
+        if Vocabulary.on_load is not None:
+            Vocabulary.on_load()
+        self.table = store["table"]
+
+
+def _vocabulary_model():
+    inputs = keras.Input((3,))
+    return keras.Model(inputs, Vocabulary()(inputs))
+
+
+def _rewrite(path, old: bytes, new: bytes) -> None:
+    data = path.read_bytes()
+    assert data.count(old) == 1
+    with open(path, "r+b") as f:
+        f.seek(data.index(old))
+        f.write(new)
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".weights.h5"])
+def test_file_rewritten_during_load_is_never_mixed(tmp_path, suffix):
+    path = tmp_path / f"m{suffix}"
+    model = _vocabulary_model()
+    (ksf.save_model if suffix == ".keras" else ksf.save_weights)(model, path)
+    Vocabulary.on_load = lambda: _rewrite(path, LAST, b"XXXXXXXX")
+    try:
+        if suffix == ".keras":
+            loaded = ksf.load_model(path)
+        else:
+            loaded = _vocabulary_model()
+            ksf.load_weights(loaded, path)
+    except ValueError as e:  # KerasSaveError / BadKerasZipFile
+        assert str(path) in str(e)
+        return
+    finally:
+        Vocabulary.on_load = None
+    assert np.array_equal(loaded.layers[-1].table, TABLE), "read bytes written after the load began"
+
+
+def test_file_rewritten_before_the_check_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "m.keras"
+    ksf.save_model(_vocabulary_model(), path)
+    real_build = keras_zip.state.build_model
+
+    def build_then_rewrite(*args, **kwargs):
+        built = real_build(*args, **kwargs)
+        _rewrite(path, LAST, b"XXXXXXXX")
+        return built
+
+    monkeypatch.setattr(keras_zip.state, "build_model", build_then_rewrite)
+    with pytest.raises(zipfile.BadZipFile, match="changed while being read"):
+        ksf.load_model(path)

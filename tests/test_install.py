@@ -1,0 +1,115 @@
+"""`install()`: stock's own entry points routed through us, and put back by `uninstall()`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import keras
+import numpy as np
+import pytest
+
+import kerassave_fast as ksf
+from conftest import assert_same_state
+from kerassave_fast.formats import keras_zip, weights_file
+
+
+@pytest.fixture
+def routed():
+    ksf.install()
+    yield
+    ksf.uninstall()
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts what reached our fast paths."""
+    seen = []
+    for module, name in ((keras_zip, "save"), (keras_zip, "load"), (weights_file, "save"), (weights_file, "load")):
+        label, real = f"{module.__name__.rsplit('.', 1)[-1]}.{name}", getattr(module, name)
+
+        def spy(*args, _real=real, _label=label, **kwargs):
+            seen.append(_label)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    return seen
+
+
+def test_stock_entry_points_reach_our_fast_paths(model_zoo, tmp_path, routed, calls):
+    model = model_zoo("optimizer_adam")
+    model.save(tmp_path / "a.keras")
+    keras.saving.save_model(model, tmp_path / "b.keras")
+    keras.models.save_model(model, tmp_path / "c.keras")
+    loaded = keras.saving.load_model(tmp_path / "a.keras")
+    assert_same_state(model, loaded)
+    assert_same_state(model, keras.models.load_model(tmp_path / "b.keras"))
+    model.save_weights(tmp_path / "w.weights.h5")
+    loaded.load_weights(tmp_path / "w.weights.h5")
+    assert calls == ["keras_zip.save"] * 3 + ["keras_zip.load"] * 2 + ["weights_file.save", "weights_file.load"]
+
+
+def test_model_checkpoint_callback_is_routed(model_zoo, tmp_path, routed, calls):
+    model = model_zoo("seed_example")
+    x, y = np.ones((4, 3), "float32"), np.ones((4, 5), "float32")
+    callback = keras.callbacks.ModelCheckpoint(str(tmp_path / "epoch{epoch}.keras"))
+    model.fit(x, y, epochs=2, verbose=0, callbacks=[callback])
+    assert calls.count("keras_zip.save") == 2
+    assert_same_state(model, keras.saving.load_model(tmp_path / "epoch2.keras"))
+
+
+def test_uninstall_puts_everything_back(routed):
+    from keras.src.saving import saving_api
+
+    originals = (keras.saving.save_model, keras.Model.save, saving_api.load_model)
+    assert all(hasattr(f, "__kerassave_fast_original__") for f in originals)
+    ksf.install()  # idempotent
+    ksf.uninstall()
+    assert not ksf.installed()
+    assert keras.saving.save_model is saving_api.save_model
+    for f in (keras.saving.save_model, keras.models.load_model, keras.Model.save, keras.Model.load_weights):
+        assert not hasattr(f, "__kerassave_fast_original__"), f
+    ksf.install()
+
+
+def test_install_and_uninstall_from_many_threads():
+    def toggle():
+        for _ in range(20):
+            ksf.install()
+            ksf.uninstall()
+
+    threads = [threading.Thread(target=toggle) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not ksf.installed()
+    assert not hasattr(keras.saving.save_model, "__kerassave_fast_original__")
+
+
+def test_bad_calls_raise_stocks_type_error(routed, model_zoo, tmp_path):
+    with pytest.raises(TypeError):
+        model_zoo("seed_example").save(tmp_path / "m.keras", True, None, "extra")
+
+
+def test_tf_keras_load_model_stays_tf_keras(tmp_path, routed, monkeypatch):
+    tf_keras = pytest.importorskip("tf_keras")
+    monkeypatch.delenv("TF_USE_LEGACY_KERAS", raising=False)
+    model = tf_keras.Sequential([tf_keras.layers.Dense(3, input_shape=(2,))])
+    model.save(tmp_path / "m.h5")
+    loaded = tf_keras.models.load_model(tmp_path / "m.h5")
+    assert isinstance(loaded, tf_keras.Model)
+    for a, b in zip(model.weights, loaded.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_environment_variable_installs_at_import():
+    code = (
+        "import kerassave_fast, keras; "
+        "print(kerassave_fast.installed(), hasattr(keras.Model.save, '__kerassave_fast_original__'))"
+    )
+    env = {**os.environ, "KERASSAVE_FAST": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.stdout.split() == ["True", "True"], out.stderr[-2000:]

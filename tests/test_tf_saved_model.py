@@ -1,0 +1,206 @@
+"""tf_keras SavedModels (`save_model(model, dir, save_format="tf")`): TensorFlow writes the graph, the
+Rust bundle writer writes `variables/`; stock tf_keras / TensorFlow are the oracle."""
+
+from __future__ import annotations
+
+import contextlib
+import filecmp
+import io
+import os
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import kerassave_fast as ksf
+
+tf_keras = pytest.importorskip("tf_keras")
+
+from tf_keras_models import MODELS, batch, compiled, dense_adam, trained  # noqa: E402
+
+VARIABLES = ("variables/variables.index", "variables/variables.data-00000-of-00001")
+
+
+@contextlib.contextmanager
+def _stock_checkpoint_forbidden():
+    """Fails if TensorFlow's checkpoint writer saves the variables (the Rust writer must)."""
+    from tensorflow.python.checkpoint import checkpoint
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("stock's checkpoint writer ran")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(checkpoint.TrackableSaver, "save", refuse)
+        yield
+
+
+def _with_metrics(make):
+    model = compiled(make)
+    model.compile(optimizer=model.optimizer, loss="mse", metrics=["mae"])
+    model.train_on_batch(*batch(model))
+    return model
+
+
+@pytest.fixture(scope="module", params=MODELS, ids=lambda f: f.__name__)
+def saved(request, tmp_path_factory):
+    """A trained model (with a metric, whose variables only the SavedModel's checkpoint holds) and the
+    SavedModels stock and we wrote of it."""
+    model = _with_metrics(request.param)
+    base = tmp_path_factory.mktemp(request.param.__name__)
+    model.save(str(base / "stock"), save_format="tf")
+    with _stock_checkpoint_forbidden():
+        assert ksf.save_model(model, base / "ours") is None
+    return model, base / "stock", base / "ours"
+
+
+def test_variables_are_byte_identical_to_stocks(saved):
+    _, stock_dir, ours_dir = saved
+    for name in (*VARIABLES, "keras_metadata.pb"):
+        assert filecmp.cmp(stock_dir / name, ours_dir / name, shallow=False), name
+    assert sorted(os.listdir(ours_dir)) == sorted(os.listdir(stock_dir))
+    assert sorted(os.listdir(ours_dir / "variables")) == sorted(os.listdir(stock_dir / "variables"))
+
+
+def test_object_graph_in_the_bundle_is_the_saved_models(saved):
+    """The checkpoint's object graph names the SavedModel's nodes (TensorFlow matches them on load)."""
+    from tensorflow.core.protobuf import saved_model_pb2, trackable_object_graph_pb2
+
+    _, _, ours_dir = saved
+    graph = trackable_object_graph_pb2.TrackableObjectGraph()
+    graph.ParseFromString(
+        tf.train.load_checkpoint(str(ours_dir / "variables/variables")).get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH")
+    )
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((ours_dir / "saved_model.pb").read_bytes())
+    nodes = proto.meta_graphs[0].object_graph_def.nodes
+    assert len(graph.nodes) == len(nodes)
+    for ours, saved_node in zip(graph.nodes, nodes, strict=True):
+        assert [(c.node_id, c.local_name) for c in ours.children] == [
+            (c.node_id, c.local_name) for c in saved_node.children
+        ]
+
+
+def test_tensorflow_serves_ours(saved):
+    model, _, ours_dir = saved
+    loaded = tf.saved_model.load(str(ours_dir))
+    serve = loaded.signatures["serving_default"]
+    x, _ = batch(model, seed=3)
+    (out,) = serve(tf.constant(x)).values()
+    np.testing.assert_array_equal(out.numpy(), model(x, training=False).numpy())
+
+
+def test_stock_load_model_restores_ours_and_training_goes_on_identically(saved, tmp_path):
+    model, _, ours_dir = saved
+    loaded = tf_keras.models.load_model(str(ours_dir))
+    for a, b in zip(model.weights, loaded.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
+    # Stock's load_model gives a fresh optimizer; the bundle holds the saved one (FORMATS.md).
+    loaded.load_weights(str(ours_dir / "variables" / "variables"))
+    reference = tf_keras.models.load_model(str(saved[1]))
+    reference.load_weights(str(saved[1] / "variables" / "variables"))
+    step = batch(model, seed=4)
+    loaded.train_on_batch(*step)
+    reference.train_on_batch(*step)
+    for a, b in zip(reference.weights, loaded.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
+
+
+def test_custom_signature_and_options(tmp_path):
+    model = trained(dense_adam)
+
+    @tf.function(input_signature=[tf.TensorSpec((None, 5), tf.float32)])
+    def doubled(x):
+        return {"y": model(x) * 2.0}
+
+    options = tf.saved_model.SaveOptions(save_debug_info=True)
+    with _stock_checkpoint_forbidden():
+        ksf.save_model(model, tmp_path / "sm", signatures={"doubled": doubled}, options=options)
+    assert (tmp_path / "sm" / "debug").is_dir()
+    loaded = tf.saved_model.load(str(tmp_path / "sm"))
+    x, _ = batch(model, seed=5)
+    np.testing.assert_array_equal(loaded.signatures["doubled"](tf.constant(x))["y"].numpy(), model(x).numpy() * 2)
+
+
+def test_include_optimizer_false_and_save_traces_false(tmp_path):
+    model = _with_metrics(dense_adam)
+    model.save(str(tmp_path / "stock"), save_format="tf", include_optimizer=False, save_traces=False)
+    ksf.save_model(model, tmp_path / "ours", include_optimizer=False, save_traces=False)
+    for name in VARIABLES:
+        assert filecmp.cmp(tmp_path / "stock" / name, tmp_path / "ours" / name, shallow=False), name
+    assert model.optimizer is not None and model._lookup_dependency("optimizer") is model.optimizer
+    reader = tf.train.load_checkpoint(str(tmp_path / "ours" / "variables" / "variables"))
+    assert not any(k.startswith("optimizer") for k in reader.get_variable_to_shape_map())
+    loaded = tf_keras.models.load_model(str(tmp_path / "ours"))
+    for a, b in zip(model.weights, loaded.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_resave_replaces_the_directory_and_keeps_foreign_ones(tmp_path):
+    model = trained(dense_adam)
+    target = tmp_path / "sm"
+    ksf.save_model(model, target)
+    (target / "variables" / "variables.data-00000-of-00002").write_bytes(b"stale shard")
+    model.train_on_batch(*batch(model, seed=6))
+    ksf.save_model(model, target)
+    assert not (target / "variables" / "variables.data-00000-of-00002").exists()
+    assert sorted(os.listdir(tmp_path)) == ["sm"]  # nothing left beside it
+    loaded = tf_keras.models.load_model(str(target))
+    for a, b in zip(model.weights, loaded.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # A directory holding other things is written into, as stock does, never replaced.
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "notes.txt").write_text("mine")
+    ksf.save_model(model, tmp_path / "project")
+    assert (tmp_path / "project" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "project" / "saved_model.pb").exists()
+
+
+def test_a_failed_save_leaves_the_previous_saved_model(tmp_path, monkeypatch):
+    model = trained(dense_adam)
+    target = tmp_path / "sm"
+    ksf.save_model(model, target)
+    before = {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    from tensorflow.python.saved_model import fingerprinting_utils
+
+    def fail(export_dir):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fingerprinting_utils, "write_fingerprint", fail)
+    model.train_on_batch(*batch(model, seed=7))
+    with pytest.raises(OSError, match="No space"):
+        ksf.save_model(model, target)
+    after = {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(os.listdir(tmp_path)) == ["sm"]
+
+
+def test_overwrite_false_refuses_without_an_answer(tmp_path, monkeypatch):
+    model = trained(dense_adam)
+    target = tmp_path / "sm"
+    target.mkdir()
+    (target / "saved_model.pb").write_bytes(b"previous")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    with pytest.raises(ksf.OverwriteRefused):
+        ksf.save_model(model, target, overwrite=False)
+    assert (target / "saved_model.pb").read_bytes() == b"previous"
+
+
+def test_variables_written_while_tensorflow_traces_match_a_model_changed_meanwhile(tmp_path, monkeypatch):
+    """If a variable changes between the early write and the end of tracing, the bundle holds the
+    value at the end of tracing, as stock's."""
+    from tensorflow.python.saved_model import save as save_lib
+
+    model = trained(dense_adam)
+    build = save_lib._build_meta_graph
+
+    def build_then_assign(*args, **kwargs):
+        result = build(*args, **kwargs)
+        model.layers[0].kernel.assign_add(tf.ones_like(model.layers[0].kernel))
+        return result
+
+    monkeypatch.setattr(save_lib, "_build_meta_graph", build_then_assign)
+    ksf.save_model(model, tmp_path / "sm")
+    reader = tf.train.load_checkpoint(str(tmp_path / "sm" / "variables" / "variables"))
+    kernel = reader.get_tensor("layer_with_weights-0/kernel/.ATTRIBUTES/VARIABLE_VALUE")
+    np.testing.assert_array_equal(kernel, model.layers[0].kernel.numpy())
