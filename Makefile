@@ -5,7 +5,7 @@ DEPS   := $(VENV)/.deps-installed
 BUILT  := $(VENV)/.extension-built
 RUST_SOURCES := $(wildcard rust/*.rs) Cargo.toml Cargo.lock
 
-.PHONY: test bench build lint fmt clean
+.PHONY: test bench build lint fmt clean stock-suites
 
 $(DEPS): requirements-dev.txt
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -27,6 +27,10 @@ test: $(BUILT)
 # Benchmark on the built-in default model; writes benches/results/. BENCH_ARGS passes options.
 bench: $(BUILT)
 	$(PYTHON) benches/run.py $(BENCH_ARGS)
+
+# Stock's own saving tests, on stock and with kerassave_fast.install(), diffed (~25 min; not in CI).
+stock-suites: $(BUILT)
+	$(PYTHON) tests/stock_suites/compare.py $(SUITES_ARGS)
 
 lint: $(DEPS)
 	cargo fmt --check

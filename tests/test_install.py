@@ -113,3 +113,15 @@ def test_environment_variable_installs_at_import():
     env = {**os.environ, "KERASSAVE_FAST": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.stdout.split() == ["True", "True"], out.stderr[-2000:]
+
+
+def test_keras_own_saving_tests_pass_with_install():
+    """Keras 3's own `saving_api_test.py` (a copy of the installed release's), with `install()` in effect."""
+    env = {**os.environ, "KSF_ROUTE": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop("TF_USE_LEGACY_KERAS", None)
+    suite = os.path.join(os.path.dirname(__file__), "stock_suites", "keras3")
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", suite], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert run.returncode == 0, run.stdout[-4000:]
+    assert "kerassave_fast.install() in effect: True" in run.stdout

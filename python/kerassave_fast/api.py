@@ -58,14 +58,19 @@ def _positional(function: str, names: tuple[str, ...], args: tuple, kwargs: dict
         kwargs[name] = value
 
 
-def _local_path(filepath) -> str | None:
-    """`filepath` as a local path string, or None for file objects and remote (gs://, hf://) paths."""
+def _local_path(filepath, flavour: str) -> str | None:
+    """`filepath` as a local path string, or None for file objects and for what the flavour's stock
+    code treats as remote (`gs://`, `hf://`, `/gcs/...`): those go to stock."""
     if not isinstance(filepath, str | os.PathLike):
         return None
     path = os.fspath(filepath)
-    if not isinstance(path, str) or "://" in path:
+    if not isinstance(path, str):
         return None
-    return path
+    if flavour == "tf_keras":
+        from tf_keras.src.saving.saving_lib import is_remote_path
+    else:
+        from keras.src.utils.file_utils import is_remote_path
+    return None if is_remote_path(path) else path
 
 
 _gc_lock = threading.Lock()
@@ -193,7 +198,7 @@ def save_model(model, filepath, overwrite=True, *args, save_format=None, **kwarg
         save_format = given.get("save_format")
         from .tf_keras import saved_model as tf_saved_model
 
-        path = _local_path(filepath)
+        path = _local_path(filepath, "tf_keras")
         if tf_saved_model.can_save_fast(model, path, save_format, kwargs):
             with _no_gc_pauses():
                 return tf_saved_model.save(model, path, overwrite, **kwargs, threads=threads)
@@ -203,7 +208,7 @@ def save_model(model, filepath, overwrite=True, *args, save_format=None, **kwarg
             )
 
     _positional("save_model", ("zipped",), args, kwargs)
-    path = _local_path(filepath)
+    path = _local_path(filepath, "keras3")
     include_optimizer = kwargs.get("include_optimizer", True)
     fast = (
         path is not None
@@ -261,7 +266,7 @@ def load_model_as(flavour: str, filepath, custom_objects=None, compile=True, saf
         )
     for name in kwargs:  # Keras 3's load_model has no **kwargs
         raise TypeError(f"load_model() got an unexpected keyword argument '{name}'")
-    path = _local_path(filepath)
+    path = _local_path(filepath, "keras3")
     if path is None or not path.endswith(".keras") or os.path.isdir(path):
         return stock(KERAS3_SAVING_API, "load_model")(filepath, custom_objects, compile, safe_mode)
     if not os.path.exists(path):
@@ -286,7 +291,7 @@ def save_weights(model, filepath, overwrite=True, *args, **kwargs):
         _positional("save_weights", ("save_format", "options"), args, kwargs)
         from .tf_keras import checkpoint as tf_checkpoint
 
-        path = _local_path(filepath)
+        path = _local_path(filepath, "tf_keras")
         if set(kwargs) <= {"save_format", "options"} and tf_checkpoint.can_save_fast(
             model, path, kwargs.get("save_format"), kwargs.get("options")
         ):
@@ -299,7 +304,7 @@ def save_weights(model, filepath, overwrite=True, *args, **kwargs):
     _positional("save_weights", ("max_shard_size",), args, kwargs)
     if kwargs.get("max_shard_size", 0) is None:
         del kwargs["max_shard_size"]
-    path = _local_path(filepath)
+    path = _local_path(filepath, "keras3")
     if path is None or not path.endswith(".weights.h5") or kwargs:
         with _prompt_refusals(filepath):
             return stock(KERAS3_SAVING_API, "save_weights")(model, filepath, overwrite, **kwargs)
@@ -322,14 +327,14 @@ def load_weights(model, filepath, skip_mismatch=False, **kwargs):
     if flavour == "tf_keras":
         from .tf_keras import checkpoint as tf_checkpoint
 
-        path = _local_path(filepath)
+        path = _local_path(filepath, "tf_keras")
         if set(kwargs) <= {"by_name", "options"} and tf_checkpoint.can_load_fast(
             model, path, kwargs.get("by_name", False), skip_mismatch, kwargs.get("options")
         ):
             with _no_gc_pauses(), contextlib.suppress(tf_checkpoint.NotFast):
                 return tf_checkpoint.load_weights(model, path, threads)
         return stock(TF_KERAS_SAVING_API, "load_weights")(model, filepath, skip_mismatch=skip_mismatch, **kwargs)
-    path = _local_path(filepath)
+    path = _local_path(filepath, "keras3")
     if path is not None and not kwargs and path.endswith((".keras", ".weights.h5")):
         with _no_gc_pauses():
             if weights_file.load(model, path, skip_mismatch=skip_mismatch, threads=threads):
