@@ -3,7 +3,7 @@ VENV   ?= .venv
 PYTHON := $(VENV)/bin/python
 DEPS   := $(VENV)/.deps-installed
 BUILT  := $(VENV)/.extension-built
-RUST_SOURCES := $(wildcard rust/*.rs) Cargo.toml Cargo.lock
+RUST_SOURCES := $(wildcard rust/*.rs rust/*/*.rs) Cargo.toml Cargo.lock
 
 .PHONY: test bench build lint fmt clean stock-suites
 

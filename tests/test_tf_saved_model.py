@@ -204,3 +204,19 @@ def test_variables_written_while_tensorflow_traces_match_a_model_changed_meanwhi
     reader = tf.train.load_checkpoint(str(tmp_path / "sm" / "variables" / "variables"))
     kernel = reader.get_tensor("layer_with_weights-0/kernel/.ATTRIBUTES/VARIABLE_VALUE")
     np.testing.assert_array_equal(kernel, model.layers[0].kernel.numpy())
+
+
+def test_tensors_the_fast_path_cannot_write_go_to_tensorflows_writer(tmp_path, monkeypatch):
+    from kerassave_fast.tf_keras import checkpoint as tf_checkpoint
+    from kerassave_fast.tf_keras import saved_model as tf_saved_model
+
+    model = trained(dense_adam)
+    model.save(str(tmp_path / "stock"), save_format="tf")
+
+    def not_fast(saver):
+        raise tf_checkpoint.NotFast("for the test")
+
+    monkeypatch.setattr(tf_saved_model, "checkpoint_tensors", not_fast)
+    ksf.save_model(model, tmp_path / "ours")
+    for name in VARIABLES:
+        assert filecmp.cmp(tmp_path / "stock" / name, tmp_path / "ours" / name, shallow=False), name

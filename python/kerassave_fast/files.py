@@ -8,6 +8,7 @@ import errno
 import io
 import os
 import shutil
+import socket
 import tempfile
 import zlib
 from collections.abc import Iterator, Sequence
@@ -18,17 +19,12 @@ from ._core import KerasSaveError, TensorFile
 
 @dataclass
 class Destination:
-    """Where a save writes: `path` and an open `file` on it (never reopened by name)."""
+    """Where a save writes: `path` and an open `file` on it. Every byte goes through `file`: the
+    path is never reopened, so nothing can be written into another file that took its name."""
 
     path: str
     file: TensorFile
     in_place: bool  # True: the target itself, as stock writes it; False: a temporary file beside it
-
-    def check_is_our_file(self) -> None:
-        """Raises unless `path` still names the file we hold open (code that wrote by name wrote into it)."""
-        held, named = os.fstat(self.file.fileno()), os.stat(self.path)
-        if (held.st_dev, held.st_ino) != (named.st_dev, named.st_ino):
-            raise OSError(errno.EIO, "the file being written was replaced during the save", self.path)
 
 
 # rename(2) over a file that is a mount point (a single-file bind mount) fails with these.
@@ -53,8 +49,10 @@ def atomic_replace(filepath: str) -> Iterator[Destination]:
         _check_writable(target, filepath)
     fd, tmp_path = -1, None
     if previous is None or previous.st_dev == os.stat(directory).st_dev:
+        prefix = _temporary_prefix(os.path.basename(target))
+        _remove_stale_temporaries(directory, prefix)
         try:
-            fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=directory)
+            fd, tmp_path = tempfile.mkstemp(prefix=f"{prefix}{_HOST}-{os.getpid()}.", suffix=".tmp", dir=directory)
         except PermissionError:
             if previous is None:  # stock could not create it either
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), filepath) from None
@@ -93,6 +91,45 @@ def atomic_replace_all(filepaths: Sequence[str]) -> Iterator[list[Destination]]:
         # Contexts exit last-in first-out: enter in reverse so the renames happen in the given order.
         destinations = [stack.enter_context(atomic_replace(path)) for path in reversed(filepaths)]
         yield destinations[::-1]
+
+
+# Tags our temporary files: a later save removes those whose process is gone (killed mid-save).
+_HOST = "".join(c for c in socket.gethostname() if c.isalnum())[:32]
+
+
+def _temporary_prefix(name: str) -> str:
+    """`.<name>.`, cut so that the temporary file's name stays within NAME_MAX."""
+    return f".{name[:120]}."
+
+
+def _remove_stale_temporaries(directory: str, prefix: str) -> None:
+    """Deletes temporary files a save of this target left behind on this host when its process
+    died before renaming them (kill -9, OOM killer): they are never renamed over anything, so only
+    their space is lost, but it is a whole model's worth each time."""
+    try:
+        with os.scandir(directory) as listing:
+            entries = list(listing)
+    except OSError:
+        return
+    for entry in entries:
+        if not (entry.name.startswith(prefix + _HOST + "-") and entry.name.endswith(".tmp")):
+            continue
+        pid = entry.name[len(prefix + _HOST) + 1 :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # another thread's save in progress
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def _in_place(target: str) -> Iterator[Destination]:

@@ -8,7 +8,11 @@ reserved for them, or read from the offset HDF5 recorded. The tensor bytes never
 from __future__ import annotations
 
 import bisect
+import errno
 import math
+import os
+import resource
+import tempfile
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
@@ -135,9 +139,9 @@ _LAYOUTS_LOCK = threading.Lock()
 _MAX_LAYOUTS = 8
 
 
-def _layout_key(plan: WeightsPlan) -> tuple | None:
+def _layout_key(plan: WeightsPlan, driver: str) -> tuple | None:
     """Everything h5py's layout depends on, or None when h5py writes bytes of its own (strings)."""
-    key: list = [h5py.version.version, h5py.version.hdf5_version, h5py.get_config().track_order]
+    key: list = [driver, h5py.version.version, h5py.version.hdf5_version, h5py.get_config().track_order]
     for step in plan.steps:
         if isinstance(step, PlannedGroup):
             attrs = tuple((k, type(v).__name__, repr(v)) for k, v in (step.attrs or {}).items())
@@ -151,21 +155,30 @@ def _layout_key(plan: WeightsPlan) -> tuple | None:
     return tuple(key)
 
 
-def _lay_out(plan: WeightsPlan) -> tuple[Layout, list[np.ndarray]]:
-    """Runs h5py over an in-memory image; returns the layout and the tensors in its order.
+# HDF5's drivers lay the same calls out differently: stock writes a `.keras` member through h5py's
+# file-object driver and a `.weights.h5` file through the POSIX one, so each gets the driver stock uses.
+FILE_OBJECT, POSIX = "fileobj", "sec2"
 
-    The bytes between the tensors are HDF5's writes replayed in order; writes inside a tensor's
-    stretch (the element that made HDF5 allocate it) are dropped: the tensor's own bytes go there.
-    """
-    image = SparseImage()
-    placed = write_skeleton(image, plan)
+
+def _gaps(placed: list[tuple[int, np.ndarray]], size: int) -> list[tuple[int, int]]:
+    """The (start, end) stretches of a `size`-byte file that no placed tensor covers."""
     gaps, cursor = [], 0
     for start, end in sorted((o, o + a.nbytes) for o, a in placed):
         if start > cursor:
             gaps.append((cursor, start))
         cursor = max(cursor, end)
-    if image.size > cursor:
-        gaps.append((cursor, image.size))
+    if size > cursor:
+        gaps.append((cursor, size))
+    return gaps
+
+
+def _lay_out_in_memory(plan: WeightsPlan) -> tuple[int, list[tuple[int, np.ndarray]], list[bytes]]:
+    """h5py's file-object driver over an in-memory image; the bytes between the tensors are its
+    writes replayed in order (writes inside a tensor's stretch, the element that made HDF5 allocate
+    it, are dropped: the tensor's own bytes go there)."""
+    image = SparseImage()
+    placed = write_skeleton(image, plan)
+    gaps = _gaps(placed, image.size)
     starts = [g for g, _ in gaps]
     contents = [bytearray(end - start) for start, end in gaps]
     for offset, data in image.writes:
@@ -175,21 +188,48 @@ def _lay_out(plan: WeightsPlan) -> tuple[Layout, list[np.ndarray]]:
             if lo < hi:
                 contents[i][lo - gaps[i][0] : hi - gaps[i][0]] = data[lo - offset : hi - offset]
             i += 1
-    metadata = tuple((start, bytes(c)) for (start, _), c in zip(gaps, contents, strict=True))
-    return Layout(image.size, tuple(o for o, _ in placed), metadata), [a for _, a in placed]
+    return image.size, placed, [bytes(c) for c in contents]
 
 
-def layout_for(plan: WeightsPlan) -> tuple[Layout, list[np.ndarray]]:
+def _lay_out_on_scratch(plan: WeightsPlan) -> tuple[int, list[tuple[int, np.ndarray]], list[bytes]]:
+    """HDF5's POSIX driver writing a scratch file in memory-backed /dev/shm (sparse: the tensors'
+    stretches are never written); the bytes between the tensors are read back from it. h5py never
+    writes where the user's file goes, so a full disk there is a clean `OSError` from the Rust core."""
+    directory = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    limit, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if limit != resource.RLIM_INFINITY and limit < sum(d.array.nbytes for d in plan.datasets):
+        # The sparse scratch file is as long as the model: let no write of libhdf5's fail (it may crash).
+        raise OSError(errno.EFBIG, "the model is larger than the file size limit (RLIMIT_FSIZE)")
+    fd, scratch = tempfile.mkstemp(prefix="kerassave-layout-", suffix=".h5", dir=directory)
+    try:
+        os.close(fd)
+        placed = write_skeleton(scratch, plan)
+        with open(scratch, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            contents = [os.pread(f.fileno(), end - start, start) for start, end in _gaps(placed, size)]
+    finally:
+        os.unlink(scratch)
+    return size, placed, contents
+
+
+def _lay_out(plan: WeightsPlan, driver: str) -> tuple[Layout, list[np.ndarray]]:
+    """Runs h5py with `driver`; returns the layout and the tensors in its order."""
+    size, placed, contents = (_lay_out_on_scratch if driver == POSIX else _lay_out_in_memory)(plan)
+    metadata = tuple((start, data) for (start, _), data in zip(_gaps(placed, size), contents, strict=True))
+    return Layout(size, tuple(o for o, _ in placed), metadata), [a for _, a in placed]
+
+
+def layout_for(plan: WeightsPlan, driver: str = FILE_OBJECT) -> tuple[Layout, list[np.ndarray]]:
     """The plan's layout (remembered from an earlier save of the same plan, or made now) and the
     tensors in its order. The layout does not depend on where the HDF5 file will sit."""
-    key = _layout_key(plan)
+    key = _layout_key(plan, driver)
     with _LAYOUTS_LOCK:
         layout = _LAYOUTS.get(key) if key is not None else None
         if layout is not None:
             _LAYOUTS.move_to_end(key)
     if layout is not None:
         return layout, [d.array for d in plan.datasets if d.reserved and d.array.nbytes]
-    layout, tensors = _lay_out(plan)
+    layout, tensors = _lay_out(plan, driver)
     if key is not None:
         with _LAYOUTS_LOCK:
             _LAYOUTS[key] = layout
@@ -209,11 +249,10 @@ def write_layout(file: TensorFile, start: int, layout: Layout, tensors: list[np.
 
 
 def write_weights_file(destination: Destination, plan: WeightsPlan, threads: int = 0) -> None:
-    """Writes a `.weights.h5` file: h5py lays it out on disk through HDF5's POSIX driver, as stock's
-    is (a different layout from a zip member's), then the tensors go to the offsets it chose."""
-    placed = write_skeleton(destination.path, plan)
-    destination.check_is_our_file()  # h5py wrote by name: into the file the tensors go to?
-    destination.file.write_tensors([o for o, _ in placed], [as_bytes(a) for _, a in placed], threads)
+    """Writes a `.weights.h5` file laid out as stock's is (HDF5's POSIX driver), metadata and
+    tensors in one parallel call of the Rust core."""
+    layout, tensors = layout_for(plan, POSIX)
+    write_layout(destination.file, 0, layout, tensors, threads)
 
 
 @dataclass

@@ -217,6 +217,10 @@ def save_and_return_nodes(obj, export_dir: str, signatures=None, options=None, t
     return saved_nodes, node_paths
 
 
+# Whether the variables start being written while TensorFlow traces (see `_EarlyWrite`).
+WRITE_WHILE_TRACING = True
+
+
 class _EarlyWrite:
     """Writes the model's own checkpoint tensors on a background thread, then completes the bundle
     from the SavedModel's real list of tensors (`finish`)."""
@@ -225,10 +229,10 @@ class _EarlyWrite:
         self._writer = writer
         self._threads = threads
         self._error: BaseException | None = None
-        try:
-            self._early = checkpoint_tensors(model._checkpoint._saver)[:-1]  # the object graph will differ
-        except NotFast:
-            self._early = []
+        self._early = []
+        if WRITE_WHILE_TRACING:
+            with contextlib.suppress(NotFast):
+                self._early = checkpoint_tensors(model._checkpoint._saver)[:-1]  # the object graph will differ
         self._thread = threading.Thread(target=self._write_early, name="kerassave-bundle", daemon=True)
 
     def __enter__(self):
@@ -240,7 +244,9 @@ class _EarlyWrite:
 
     def _write_early(self) -> None:
         try:
-            self._writer.add(tensor_bundle.items(self._early), self._threads)
+            # One writer by default: TensorFlow traces on the other core meanwhile (measured on 2 cores:
+            # two writers beside the tracing were no faster).
+            self._writer.add(tensor_bundle.items(self._early), self._threads or 1)
         except BaseException as e:  # re-raised by `finish`
             self._error = e
 
