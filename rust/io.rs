@@ -309,6 +309,16 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn open_rw(path: &Path) -> File {
+        File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .unwrap()
+    }
+
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
         (0..len)
             .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -319,13 +329,7 @@ mod tests {
     fn write_then_read_round_trips_with_matching_crcs() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.bin");
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
+        let file = open_rw(&path);
         let a = pattern(3 * CHUNK + 17, 1);
         let b = pattern(5, 2);
         let empty: Vec<u8> = Vec::new();
@@ -346,13 +350,7 @@ mod tests {
     fn crc32c_variant_matches_whole_buffer_crc32c() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.bin");
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
+        let file = open_rw(&path);
         let a = pattern(2 * CHUNK + 5, 3);
         let b = pattern(7, 4);
         let tensors = [(0u64, &a[..]), (a.len() as u64, &b[..])];
