@@ -9,7 +9,6 @@ import os as _os
 
 from ._core import BadKerasZipFile, KerasSaveError
 from .api import (
-    OverwriteRefused,
     legacy_keras_requested,
     load_model,
     load_model_as,
@@ -18,6 +17,7 @@ from .api import (
     save_weights,
 )
 from .install import install, installed, uninstall
+from .overwrite import OverwriteRefused
 
 __all__ = [
     "BadKerasZipFile",

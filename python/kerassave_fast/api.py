@@ -7,7 +7,6 @@ else goes to the stock implementation of the model's flavour, with stock behavio
 from __future__ import annotations
 
 import contextlib
-import errno
 import gc
 import os
 import sys
@@ -16,16 +15,10 @@ import warnings
 
 from ._core import MAX_THREADS
 from .formats import keras_zip, weights_file
+from .overwrite import ask_to_replace, prompt_refusals
 from .stock import KERAS3_SAVING_API, TF_KERAS_SAVING_API, stock
 
 _LEGACY_KERAS_VALUES = ("true", "True", "1")  # tensorflow/python/util/lazy_loader.py
-
-
-class OverwriteRefused(FileExistsError, EOFError):
-    """`overwrite=False`, the file exists, and no answer came to the question whether to replace it.
-
-    Also an `EOFError`: what stock's prompt raises (from `input()`) when nobody can answer it.
-    """
 
 
 def legacy_keras_requested() -> bool:
@@ -108,34 +101,6 @@ def _threads(value) -> int:
     return value
 
 
-def _refusal(filepath) -> OverwriteRefused:
-    return OverwriteRefused(
-        errno.EEXIST,
-        "the file exists, overwrite=False, and no answer came to the prompt asking whether to replace it "
-        "(pass overwrite=True to replace it)",
-        os.fspath(filepath) if isinstance(filepath, str | os.PathLike) else str(filepath),
-    )
-
-
-def _raised_by_prompt(e: BaseException) -> bool:
-    tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and tb.tb_frame.f_code.co_name == "ask_to_proceed_with_overwrite"
-
-
-@contextlib.contextmanager
-def _prompt_refusals(filepath):
-    """Stock's overwrite prompt, left without an answer (`EOFError` from `input()`), raises
-    `OverwriteRefused` instead: still an `EOFError`, and a `FileExistsError` naming the file."""
-    try:
-        yield
-    except EOFError as e:
-        if isinstance(e, OverwriteRefused) or not _raised_by_prompt(e):
-            raise
-        raise _refusal(filepath) from e
-
-
 def _may_write(filepath, overwrite: bool) -> bool:
     """Keras 3's overwrite rule for the files we write: an existing file is replaced only when
     `overwrite` is true or the user says so at stock's prompt."""
@@ -143,14 +108,7 @@ def _may_write(filepath, overwrite: bool) -> bool:
         exists = os.path.exists(filepath)
     except TypeError:
         exists = False
-    if not exists or overwrite:
-        return True
-    if sys.stdin is None:
-        raise _refusal(filepath)
-    from keras.src.utils import io_utils
-
-    with _prompt_refusals(filepath):
-        return io_utils.ask_to_proceed_with_overwrite(filepath)
+    return not exists or overwrite or ask_to_replace(filepath, "keras3")
 
 
 @contextlib.contextmanager
@@ -202,7 +160,7 @@ def save_model(model, filepath, overwrite=True, *args, save_format=None, **kwarg
         if tf_saved_model.can_save_fast(model, path, save_format, kwargs):
             with _no_gc_pauses():
                 return tf_saved_model.save(model, path, overwrite, **kwargs, threads=threads)
-        with _prompt_refusals(filepath):
+        with prompt_refusals(filepath):
             return stock(TF_KERAS_SAVING_API, "save_model")(
                 model, filepath, overwrite=overwrite, save_format=save_format, **kwargs
             )
@@ -220,7 +178,7 @@ def save_model(model, filepath, overwrite=True, *args, save_format=None, **kwarg
     if not fast:
         if save_format:
             kwargs["save_format"] = save_format
-        with _compile_config_kept(model), _prompt_refusals(filepath):
+        with _compile_config_kept(model), prompt_refusals(filepath):
             return stock(KERAS3_SAVING_API, "save_model")(model, filepath, overwrite, **kwargs)
     if not _may_write(filepath, overwrite):
         return None
@@ -299,14 +257,14 @@ def save_weights(model, filepath, overwrite=True, *args, **kwargs):
                 if tf_checkpoint.save_weights(model, path, overwrite, threads):
                     return None
             overwrite = True  # stock's question, if any, was asked and answered yes
-        with _prompt_refusals(filepath):
+        with prompt_refusals(filepath):
             return stock(TF_KERAS_SAVING_API, "save_weights")(model, filepath, overwrite=overwrite, **kwargs)
     _positional("save_weights", ("max_shard_size",), args, kwargs)
     if kwargs.get("max_shard_size", 0) is None:
         del kwargs["max_shard_size"]
     path = _local_path(filepath, "keras3")
     if path is None or not path.endswith(".weights.h5") or kwargs:
-        with _prompt_refusals(filepath):
+        with prompt_refusals(filepath):
             return stock(KERAS3_SAVING_API, "save_weights")(model, filepath, overwrite, **kwargs)
     if not _may_write(filepath, overwrite):
         return None

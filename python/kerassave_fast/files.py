@@ -22,9 +22,8 @@ class Destination:
     """Where a save writes: `path` and an open `file` on it. Every byte goes through `file`: the
     path is never reopened, so nothing can be written into another file that took its name."""
 
-    path: str
+    path: str  # the target itself when written in place, else a temporary file beside it
     file: TensorFile
-    in_place: bool  # True: the target itself, as stock writes it; False: a temporary file beside it
 
 
 # rename(2) over a file that is a mount point (a single-file bind mount) fails with these.
@@ -61,7 +60,7 @@ def atomic_replace(filepath: str) -> Iterator[Destination]:
         return
     try:
         _carry_over(fd, target, previous)
-        yield Destination(tmp_path, TensorFile(tmp_path, writable=True, fd=fd), in_place=False)
+        yield Destination(tmp_path, TensorFile(tmp_path, writable=True, fd=fd))
         os.close(fd)
         fd = -1
         try:
@@ -135,7 +134,7 @@ def _alive(pid: int) -> bool:
 def _in_place(target: str) -> Iterator[Destination]:
     fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
     try:
-        yield Destination(target, TensorFile(target, writable=True, fd=fd), in_place=True)
+        yield Destination(target, TensorFile(target, writable=True, fd=fd))
     finally:
         os.close(fd)
 

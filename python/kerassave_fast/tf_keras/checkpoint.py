@@ -18,7 +18,6 @@ partitioned or sliced tensors, several devices -- is left to stock.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import warnings
 
@@ -26,6 +25,7 @@ import numpy as np
 
 from ..formats import tensor_bundle
 from ..formats.tensor_bundle import DT_STRING, OBJECT_GRAPH_KEY, BundleReader, BundleTensor
+from ..overwrite import ask_to_replace
 from ..tensors import adoptable_tensor
 
 # TensorFlow versions whose checkpoint internals this module was checked against.
@@ -159,18 +159,6 @@ def checkpoint_tensors(saver) -> list[BundleTensor]:
     return tensors
 
 
-def _prompt(check_filepath: str) -> bool:
-    """Stock's overwrite question about `check_filepath` (tf_keras' io_utils), refused as api.py refuses it."""
-    from tf_keras.src.utils import io_utils
-
-    from ..api import _prompt_refusals, _refusal
-
-    if sys.stdin is None:
-        raise _refusal(check_filepath)
-    with _prompt_refusals(check_filepath):
-        return io_utils.ask_to_proceed_with_overwrite(check_filepath)
-
-
 def can_save_fast(model, path: str | None, save_format, options) -> bool:
     import tensorflow as tf
 
@@ -190,7 +178,7 @@ def save_weights(model, filepath: str, overwrite: bool = True, threads: int = 0)
 
     model._assert_weights_created()
     index = tensor_bundle.index_path(filepath)
-    if not overwrite and os.path.isfile(index) and not _prompt(index):
+    if not overwrite and os.path.isfile(index) and not ask_to_replace(index, "tf_keras"):
         return True
     try:
         tensors = checkpoint_tensors(model._checkpoint._saver)

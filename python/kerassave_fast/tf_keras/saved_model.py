@@ -36,7 +36,8 @@ import numpy as np
 
 from ..formats import tensor_bundle
 from ..formats.tensor_bundle import BundleTensor
-from .checkpoint import NotFast, _prompt, checkpoint_tensors, tf_internals_supported
+from ..overwrite import ask_to_replace
+from .checkpoint import NotFast, checkpoint_tensors, tf_internals_supported
 
 SAVE_KWARGS = frozenset({"include_optimizer", "signatures", "options", "save_traces"})
 # What a SavedModel directory holds (tensorflow/python/saved_model/constants.py, keras_metadata.pb):
@@ -144,7 +145,7 @@ def _keras_saved_model_save(model, filepath, overwrite, include_optimizer, signa
     from tf_keras.src.saving.legacy.saved_model import constants, save_impl, utils
     from tf_keras.src.saving.legacy.saved_model import save as keras_save
 
-    if not overwrite and os.path.exists(filepath) and not _prompt(filepath):
+    if not overwrite and os.path.exists(filepath) and not ask_to_replace(filepath, "tf_keras"):
         return
     if save_traces and save_impl.should_skip_serialization(model):
         saving_utils.raise_model_input_error(model)
