@@ -89,6 +89,46 @@ def stock_build(path: str):
     return saving_lib._model_from_config(config, None, True, True)
 
 
+@dataclass(frozen=True)
+class Format:
+    """A container and the flavour of the model saved in it: what stock calls to save and load
+    it, what we call, and how the floor's build makes the model from its config."""
+
+    name: str
+    suffix: str
+    stock_save: Callable[[object, str], object]
+    stock_load: Callable[[str], object]
+    ours_load: Callable[[str], object]
+    build: Callable[[object, str], object]  # (model, our file) -> the model built from its config
+
+
+KERAS = Format(
+    "keras", ".keras", keras.saving.save_model, keras.saving.load_model, ksf.load_model, lambda _, p: stock_build(p)
+)
+# Keras 3's legacy `.h5`; note that stock's load leaves the optimizer unbuilt (its state dropped).
+H5 = Format(
+    "h5",
+    ".h5",
+    keras.saving.save_model,
+    keras.saving.load_model,
+    ksf.load_model,
+    lambda model, _: keras.models.model_from_json(model.to_json()),
+)
+
+
+def tf_keras_h5() -> Format:
+    import tf_keras
+
+    return Format(
+        "tf_keras h5",
+        ".h5",
+        tf_keras.models.save_model,
+        tf_keras.models.load_model,
+        lambda p: ksf.load_model_as("tf_keras", p),
+        lambda model, _: tf_keras.models.model_from_json(model.to_json()),
+    )
+
+
 @dataclass
 class Result:
     """Medians (seconds) and single values of one model in one directory."""
@@ -97,6 +137,7 @@ class Result:
     directory: str
     nbytes: int
     variables: int
+    format: str = "keras"
     times: dict[str, float] = field(default_factory=dict)
     spread: dict[str, tuple[float, float]] = field(default_factory=dict)
     extra_rss: dict[str, int] = field(default_factory=dict)
@@ -114,22 +155,24 @@ class Result:
         return self.__dict__
 
 
-def run(model_name: str, model, directory: str, repeats: int, log: Callable[[str], None]) -> Result:
+def run(
+    model_name: str, model, directory: str, repeats: int, log: Callable[[str], None], fmt: Format = KERAS
+) -> Result:
     arrays = model_arrays(model)
-    result = Result(model_name, directory, sum(a.nbytes for a in arrays), len(arrays))
+    result = Result(model_name, directory, sum(a.nbytes for a in arrays), len(arrays), fmt.name)
     paths = {n: os.path.join(directory, f"ksf-bench-{model_name}-{n}") for n in ("raw", "raw_atomic", "stock", "ours")}
-    paths["stock"] += ".keras"
-    paths["ours"] += ".keras"
+    paths["stock"] += fmt.suffix
+    paths["ours"] += fmt.suffix
     ops: dict[str, Callable[[], object]] = {
         "raw_write": lambda: raw_write(arrays, paths["raw"]),
         "raw_write_atomic": lambda: raw_write_atomic(arrays, paths["raw_atomic"]),
-        "stock_save": lambda: keras.saving.save_model(model, paths["stock"]),
+        "stock_save": lambda: fmt.stock_save(model, paths["stock"]),
         "ours_save": lambda: ksf.save_model(model, paths["ours"]),
         "ours_save_first": lambda: save_first(model, paths["ours"]),
         "raw_read": lambda: raw_read(paths["raw"]),
-        "stock_build": lambda: stock_build(paths["ours"]),
-        "stock_load": lambda: keras.saving.load_model(paths["stock"]),
-        "ours_load": lambda: ksf.load_model(paths["ours"]),
+        "stock_build": lambda: fmt.build(model, paths["ours"]),
+        "stock_load": lambda: fmt.stock_load(paths["stock"]),
+        "ours_load": lambda: fmt.ours_load(paths["ours"]),
     }
     try:
         for op in ops.values():  # warm-up: first calls trace functions and fill caches

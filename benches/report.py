@@ -126,6 +126,12 @@ def markdown(results: list[Result], info: dict, repeats: int) -> str:
             f"{t['stock_load'] / t['ours_load']:.1f}× | "
             f"{r.file_size['stock'] / 1e6:.1f} / {r.file_size['ours'] / 1e6:.1f} |"
         )
+    if any(r.format == "h5" for r in results):
+        lines += [
+            "",
+            "Keras 3's stock `.h5` load does less than ours: it leaves the optimizer without its saved state "
+            "(built on no variables; the next training step fails), where ours restores it.",
+        ]
     lines += [
         "",
         "**Targets** (from the measurements above)",

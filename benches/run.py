@@ -1,7 +1,8 @@
 """`make bench`: stock Keras 3 vs kerassave_fast vs raw I/O of the same bytes, in one run.
 
 Default: 4 x Dense(4096) + Adam after one training step (~0.8 GB of weights and optimizer state)
-and ResNet50(weights=None) + Adam (~750 variables), each in /dev/shm and in a disk directory.
+and ResNet50(weights=None) + Adam (~750 variables) as `.keras`, each in /dev/shm and in a disk
+directory; the dense model as a legacy `.h5` of Keras 3 and of tf_keras, in /dev/shm.
 `--units 8192 --models dense --dirs DISK_DIR` is the 3.2 GB case. Writes benches/results/.
 """
 
@@ -18,7 +19,7 @@ import keras
 import numpy as np
 
 import report
-from measure import Result, run, save_json
+from measure import H5, KERAS, Result, run, save_json, tf_keras_h5
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -41,9 +42,45 @@ def resnet_model() -> keras.Model:
     return model
 
 
+def dense_h5_model(units: int) -> keras.Model:
+    """The dense model for Keras 3's legacy `.h5`, its loss an object: stock Keras 3.15.1 cannot
+    load the `.h5` of a model compiled with `loss="mse"`."""
+    model = keras.Sequential([keras.Input((units,))] + [keras.layers.Dense(units) for _ in range(4)])
+    model.compile(optimizer="adam", loss=keras.losses.MeanSquaredError())
+    rng = np.random.default_rng(0)
+    model.train_on_batch(rng.normal(size=(8, units)).astype("float32"), rng.normal(size=(8, units)).astype("float32"))
+    return model
+
+
+def tf_keras_dense_model(units: int):
+    """The dense model in tf_keras (Keras 2), for its legacy `.h5`."""
+    import tf_keras
+
+    model = tf_keras.Sequential([tf_keras.layers.Dense(units, input_shape=(units,))])
+    for _ in range(3):
+        model.add(tf_keras.layers.Dense(units))
+    model.compile(optimizer="adam", loss="mse")
+    rng = np.random.default_rng(0)
+    model.train_on_batch(rng.normal(size=(8, units)).astype("float32"), rng.normal(size=(8, units)).astype("float32"))
+    return model
+
+
+MODELS = {
+    # name: (make(units), label(units), format, only in the first directory)
+    "dense": (dense_model, "dense{}", lambda: KERAS, False),
+    "resnet50": (lambda _: resnet_model(), "resnet50", lambda: KERAS, False),
+    "dense-h5": (dense_h5_model, "dense{} .h5", lambda: H5, True),
+    "tf_keras-dense-h5": (tf_keras_dense_model, "tf_keras dense{} .h5", tf_keras_h5, True),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="dense,resnet50", help="comma-separated: dense, resnet50")
+    parser.add_argument(
+        "--models",
+        default=",".join(MODELS),
+        help=f"comma-separated, from: {', '.join(MODELS)} (the .h5 ones are measured in the first directory only)",
+    )
     parser.add_argument("--units", type=int, default=4096, help="width of the dense model (8192: 3.2 GB)")
     parser.add_argument(
         "--dirs",
@@ -66,11 +103,11 @@ def main() -> None:
     results: list[Result] = []
     for name in args.models.split(","):
         log(f"building {name}")
-        model = dense_model(args.units) if name == "dense" else resnet_model()
-        label = f"dense{args.units}" if name == "dense" else name
-        for directory in directories:
+        make, label, fmt, first_only = MODELS[name]
+        model, label = make(args.units), label.format(args.units)
+        for directory in directories[:1] if first_only else directories:
             log(f"measuring {label} in {directory}")
-            results.append(run(label, model, directory, args.repeats, log))
+            results.append(run(label, model, directory, args.repeats, log, fmt()))
         del model
         keras.backend.clear_session()
 

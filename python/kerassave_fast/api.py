@@ -14,7 +14,7 @@ import threading
 import warnings
 
 from ._core import MAX_THREADS
-from .formats import keras_zip, weights_file
+from .formats import keras_zip, legacy_h5, weights_file, weights_h5
 from .overwrite import ask_to_replace, prompt_refusals
 from .stock import KERAS3_SAVING_API, TF_KERAS_SAVING_API, stock
 
@@ -91,6 +91,18 @@ def _no_gc_pauses():
                 gc.enable()
 
 
+@contextlib.contextmanager
+def _naming(path: str):
+    """Errors out of a load keep stock's type and message (HDF5's own rarely name the file) and
+    gain a note naming the file."""
+    try:
+        yield
+    except Exception as e:
+        if path not in str(e):
+            e.add_note(f"(while loading {path!r} with kerassave_fast)")
+        raise
+
+
 def _threads(value) -> int:
     if value is None:
         return 0
@@ -154,12 +166,20 @@ def save_model(model, filepath, overwrite=True, *args, save_format=None, **kwarg
         given = {} if save_format is None else {"save_format": save_format}
         _positional("save_model", ("save_format",), args, given)
         save_format = given.get("save_format")
+        from .tf_keras import legacy_h5 as tf_legacy_h5
         from .tf_keras import saved_model as tf_saved_model
 
         path = _local_path(filepath, "tf_keras")
         if tf_saved_model.can_save_fast(model, path, save_format, kwargs):
             with _no_gc_pauses():
                 return tf_saved_model.save(model, path, overwrite, **kwargs, threads=threads)
+        if tf_legacy_h5.can_save_model_fast(model, path, save_format, kwargs):
+            warnings.warn(tf_legacy_h5.H5_SAVE_WARNING, stacklevel=2)
+            if overwrite or not os.path.isfile(path) or ask_to_replace(path, "tf_keras"):
+                with _no_gc_pauses():
+                    contents = tf_legacy_h5.model_contents(model, kwargs.get("include_optimizer", True))
+                    legacy_h5.save(contents, path, threads)
+            return None
         with prompt_refusals(filepath):
             return stock(TF_KERAS_SAVING_API, "save_model")(
                 model, filepath, overwrite=overwrite, save_format=save_format, **kwargs
@@ -170,7 +190,7 @@ def save_model(model, filepath, overwrite=True, *args, save_format=None, **kwarg
     include_optimizer = kwargs.get("include_optimizer", True)
     fast = (
         path is not None
-        and path.endswith(".keras")
+        and path.endswith((".keras", ".h5", ".hdf5"))
         and kwargs.get("zipped", True) in (None, True)
         and not save_format
         and set(kwargs) <= {"include_optimizer", "zipped"}
@@ -180,6 +200,17 @@ def save_model(model, filepath, overwrite=True, *args, save_format=None, **kwarg
             kwargs["save_format"] = save_format
         with _compile_config_kept(model), prompt_refusals(filepath):
             return stock(KERAS3_SAVING_API, "save_model")(model, filepath, overwrite, **kwargs)
+    if not path.endswith(".keras"):
+        from absl import logging
+
+        from .keras3 import legacy_h5 as keras3_legacy_h5
+
+        logging.warning(keras3_legacy_h5.H5_SAVE_WARNING)
+        if _may_write(filepath, overwrite):
+            with _no_gc_pauses(), _compile_config_kept(model):
+                contents = keras3_legacy_h5.model_contents(model, include_optimizer)
+                legacy_h5.save(contents, path, threads)
+        return None
     if not _may_write(filepath, overwrite):
         return None
     if not model.built:
@@ -219,12 +250,23 @@ def load_model_as(flavour: str, filepath, custom_objects=None, compile=True, saf
         raise ValueError(f"`flavour` must be 'keras3' or 'tf_keras'. Received: flavour={flavour!r}")
     threads = _threads(kwargs.pop("threads", None))
     if flavour == "tf_keras":
+        from .tf_keras import legacy_h5 as tf_legacy_h5
+
+        path = _local_path(filepath, "tf_keras")
+        if tf_legacy_h5.can_load_model_fast(path, kwargs):
+            with _no_gc_pauses(), _naming(path), legacy_h5.opened(path) as h5:
+                return tf_legacy_h5.load_model(h5, custom_objects, compile)
         return stock(TF_KERAS_SAVING_API, "load_model")(
             filepath, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode, **kwargs
         )
     for name in kwargs:  # Keras 3's load_model has no **kwargs
         raise TypeError(f"load_model() got an unexpected keyword argument '{name}'")
     path = _local_path(filepath, "keras3")
+    if path is not None and path.endswith((".h5", ".hdf5")) and not os.path.isdir(path):
+        from .keras3 import legacy_h5 as keras3_legacy_h5
+
+        with _no_gc_pauses(), _naming(path), weights_h5.read_ahead(path, threads) as opened:
+            return keras3_legacy_h5.load_model(opened, path, custom_objects, compile, safe_mode)
     if path is None or not path.endswith(".keras") or os.path.isdir(path):
         return stock(KERAS3_SAVING_API, "load_model")(filepath, custom_objects, compile, safe_mode)
     if not os.path.exists(path):
@@ -248,6 +290,7 @@ def save_weights(model, filepath, overwrite=True, *args, **kwargs):
     if flavour == "tf_keras":
         _positional("save_weights", ("save_format", "options"), args, kwargs)
         from .tf_keras import checkpoint as tf_checkpoint
+        from .tf_keras import legacy_h5 as tf_legacy_h5
 
         path = _local_path(filepath, "tf_keras")
         if set(kwargs) <= {"save_format", "options"} and tf_checkpoint.can_save_fast(
@@ -257,6 +300,14 @@ def save_weights(model, filepath, overwrite=True, *args, **kwargs):
                 if tf_checkpoint.save_weights(model, path, overwrite, threads):
                     return None
             overwrite = True  # stock's question, if any, was asked and answered yes
+        if set(kwargs) <= {"save_format", "options"} and tf_legacy_h5.can_save_weights_fast(
+            path, kwargs.get("save_format")
+        ):
+            model._assert_weights_created()
+            if overwrite or not os.path.isfile(path) or ask_to_replace(path, "tf_keras"):
+                with _no_gc_pauses():
+                    legacy_h5.save(tf_legacy_h5.weights_file_contents(model), path, threads)
+            return None
         with prompt_refusals(filepath):
             return stock(TF_KERAS_SAVING_API, "save_weights")(model, filepath, overwrite=overwrite, **kwargs)
     _positional("save_weights", ("max_shard_size",), args, kwargs)

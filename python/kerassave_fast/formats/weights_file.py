@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
-import h5py
-
-from .._core import KerasSaveError, TensorFile
-from ..files import FileRegion, atomic_replace
+from ..files import atomic_replace
 from ..keras3 import state
 from .keras_zip import KerasArchive
-from .weights_h5 import read_weights, write_weights_file
+from .weights_h5 import read_ahead, read_weights, write_weights_file
 
 
 def _require_built(model, doing: str) -> None:
@@ -42,21 +37,6 @@ def load(model, filepath: str, skip_mismatch: bool = False, threads: int = 0) ->
             arrays = archive.checked_arrays(weights, reading)
             state.load_model_state(state.BuiltModel(model), weights.h5, arrays, None, skip_mismatch=skip_mismatch)
         return True
-    file = TensorFile(filepath)
-    before = os.fstat(file.fileno())
-    region = FileRegion(file.fileno(), 0, before.st_size, filepath)
-    with h5py.File(region, "r") as h5:
-        read = read_weights(h5, file, 0, before.st_size, filepath, threads).result()
-        region.freeze([(offset, data) for offset, data, _ in read.stretches])
-        state.load_model_state(state.BuiltModel(model), h5, read.arrays, None, skip_mismatch=skip_mismatch)
-    if _changed(before, os.fstat(file.fileno())):  # HDF5 keeps no checksum: the file's times tell
-        raise KerasSaveError(f"{filepath}: the file changed while it was being read")
+    with read_ahead(filepath, threads) as opened:
+        state.load_model_state(state.BuiltModel(model), opened.h5, opened.tensors, None, skip_mismatch=skip_mismatch)
     return True
-
-
-def _changed(before: os.stat_result, after: os.stat_result) -> bool:
-    return (before.st_size, before.st_mtime_ns, before.st_ctime_ns) != (
-        after.st_size,
-        after.st_mtime_ns,
-        after.st_ctime_ns,
-    )

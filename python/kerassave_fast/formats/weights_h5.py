@@ -1,4 +1,5 @@
-"""The `model.weights.h5` payload of Keras 3 (also a `.weights.h5` file on its own).
+"""HDF5 files of model state: the `model.weights.h5` payload of Keras 3 (also a `.weights.h5` file on
+its own) and legacy `.h5` files (see legacy_h5.py), described as a plan of stock's h5py calls.
 
 h5py lays out the HDF5 metadata (groups, attributes, dataset headers) exactly where stock Keras
 would have it; each tensor's bytes are then moved by the Rust core straight to the offset HDF5
@@ -8,6 +9,7 @@ reserved for them, or read from the offset HDF5 recorded. The tensor bytes never
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import math
 import os
@@ -15,6 +17,7 @@ import resource
 import tempfile
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -24,44 +27,63 @@ from h5py import h5d, h5o, h5s
 from h5py._hl.dataset import make_new_dset
 
 from .._core import KerasSaveError, TensorFile
-from ..files import Destination, SparseImage
+from ..files import Destination, FileRegion, SparseImage
 from ..tensors import BFLOAT16, aligned_empty, as_bytes, snapshot
 
 
 @dataclass
 class PlannedGroup:
-    """A `vars` group, created when stock Keras would create it, with its attributes."""
+    """A group, created when stock would create it (its parent made if missing), with its attributes."""
 
     path: str
     attrs: dict | None
 
 
 @dataclass
+class PlannedAttribute:
+    """`h5[path].attrs[name] = value` on a group that exists ("" is the root)."""
+
+    path: str
+    name: str
+    value: object
+
+
+@dataclass
 class PlannedDataset:
-    """One variable's tensor: dataset `name` of group `group`, bytes from `array`."""
+    """One variable's tensor: dataset `name` of group `group`, bytes from `array`.
+
+    `created`: made as by `group.create_dataset(name, shape, dtype)` and then written, as the legacy
+    `.h5` writers do (`name` may hold '/': missing groups are made); else as by `group[name] = array`.
+    """
 
     group: str
     name: str
     array: np.ndarray
+    created: bool = False
 
     @property
     def reserved(self) -> bool:
         """Whether HDF5 only reserves room and the Rust core writes the bytes (fixed-size numbers)."""
         dtype = self.array.dtype
-        return dtype == BFLOAT16 or (dtype.kind in "biufc" and dtype.isnative)
+        if dtype == BFLOAT16:  # Keras 3 stores it as uint16 plus a `dtype` attribute; legacy code as h5py does
+            return not self.created
+        return dtype.kind in "biufc" and dtype.isnative
 
 
 @dataclass
 class WeightsPlan:
     """What stock Keras would write into the weights file, in its order, holding no copies."""
 
-    steps: list[PlannedGroup | PlannedDataset] = field(default_factory=list)
+    steps: list[PlannedGroup | PlannedAttribute | PlannedDataset] = field(default_factory=list)
 
-    def add_group(self, path: str, attrs: dict | None) -> None:
-        self.steps.append(PlannedGroup(f"{path}/vars" if path else "vars", attrs))
+    def add_group(self, path: str, attrs: dict | None = None) -> None:
+        self.steps.append(PlannedGroup(path, attrs))
 
-    def add_dataset(self, path: str, name: str, value) -> PlannedDataset:
-        dataset = PlannedDataset(f"{path}/vars" if path else "vars", name, snapshot(value))
+    def add_attribute(self, path: str, name: str, value) -> None:
+        self.steps.append(PlannedAttribute(path, name, value))
+
+    def add_dataset(self, group: str, name: str, value, created: bool = False) -> PlannedDataset:
+        dataset = PlannedDataset(group, name, snapshot(value), created)
         self.steps.append(dataset)
         return dataset
 
@@ -92,6 +114,14 @@ def _create_reserved_dataset(group: h5py.Group, name: str, array: np.ndarray, na
     return dsid
 
 
+def _write_as_stock(group: h5py.Group, step: PlannedDataset) -> None:
+    if not step.created:
+        group[step.name] = step.array
+        return
+    dataset = group.create_dataset(step.name, step.array.shape, dtype=step.array.dtype)
+    dataset[() if not step.array.shape else slice(None)] = step.array
+
+
 def write_skeleton(target: str | SparseImage, plan: WeightsPlan) -> list[tuple[int, np.ndarray]]:
     """Writes the HDF5 file's metadata to `target`; returns (offset, array) of each reserved tensor.
 
@@ -100,21 +130,27 @@ def write_skeleton(target: str | SparseImage, plan: WeightsPlan) -> list[tuple[i
     """
     placed: list[tuple[int, np.ndarray]] = []
     with h5py.File(target, "w") as f:
-        group = None
+        group = f
         for step in plan.steps:
             if isinstance(step, PlannedGroup):
                 parent, _, leaf = step.path.rpartition("/")
-                group = (f.create_group(parent) if parent else f).create_group(leaf)
+                group = (f.require_group(parent) if parent else f).create_group(leaf)
                 for key, value in (step.attrs or {}).items():
                     group.attrs[key] = value
                 continue
-            if group is None or group.name != "/" + step.group:
-                group = f[step.group]
+            if isinstance(step, PlannedAttribute):
+                (f[step.path] if step.path else f).attrs[step.name] = step.value
+                continue
+            if group.name != "/" + step.group:
+                group = f[step.group] if step.group else f
             if not step.reserved:  # strings and other objects: small, written by h5py as stock does
-                group[step.name] = step.array
+                _write_as_stock(group, step)
                 continue
             bfloat16 = step.array.dtype == BFLOAT16
-            dsid = _create_reserved_dataset(group, step.name, step.array, named=bfloat16)
+            parent, _, leaf = step.name.rpartition("/") if step.created else ("", "", step.name)
+            dsid = _create_reserved_dataset(
+                group.require_group(parent) if parent else group, leaf, step.array, named=bfloat16 or step.created
+            )
             if bfloat16:
                 h5py.Dataset(dsid).attrs["dtype"] = "bfloat16"
             offset = dsid.get_offset()
@@ -144,15 +180,23 @@ def _layout_key(plan: WeightsPlan, driver: str) -> tuple | None:
     key: list = [driver, h5py.version.version, h5py.version.hdf5_version, h5py.get_config().track_order]
     for step in plan.steps:
         if isinstance(step, PlannedGroup):
-            attrs = tuple((k, type(v).__name__, repr(v)) for k, v in (step.attrs or {}).items())
+            attrs = tuple((k, _attribute_key(v)) for k, v in (step.attrs or {}).items())
             key.append(("group", step.path, attrs))
+        elif isinstance(step, PlannedAttribute):
+            key.append(("attribute", step.path, step.name, _attribute_key(step.value)))
         elif step.reserved:
-            key.append(
-                ("dataset", step.group, step.name, step.array.shape, step.array.dtype.str, step.array.dtype.name)
-            )
+            array = step.array
+            key.append(("dataset", step.group, step.name, step.created, array.shape, array.dtype.str, array.dtype.name))
         else:
             return None
     return tuple(key)
+
+
+def _attribute_key(value) -> tuple:
+    """An attribute value, exactly (numpy's repr of a long array elides its middle)."""
+    if isinstance(value, np.ndarray):
+        return ("ndarray", value.dtype.str, value.shape, value.tobytes())
+    return (type(value).__name__, repr(value))
 
 
 # HDF5's drivers lay the same calls out differently: stock writes a `.keras` member through h5py's
@@ -249,7 +293,7 @@ def write_layout(file: TensorFile, start: int, layout: Layout, tensors: list[np.
 
 
 def write_weights_file(destination: Destination, plan: WeightsPlan, threads: int = 0) -> None:
-    """Writes a `.weights.h5` file laid out as stock's is (HDF5's POSIX driver), metadata and
+    """Writes an HDF5 file (`.weights.h5`, legacy `.h5`) laid out as stock's is (HDF5's POSIX driver), metadata and
     tensors in one parallel call of the Rust core."""
     layout, tensors = layout_for(plan, POSIX)
     write_layout(destination.file, 0, layout, tensors, threads)
@@ -311,6 +355,43 @@ def stored_tensors(h5: h5py.File, size: int, where: str) -> list[StoredTensor]:
             raise KerasSaveError(f"{where}: datasets '{previous}' and '{tensor.name}' overlap (corrupted file)")
         end_of_previous, previous = tensor.offset + tensor.nbytes, tensor.name
     return found
+
+
+class ReadAhead:
+    """An HDF5 file open for reading through one descriptor: h5py (`.h5`) sees its metadata, every
+    page read once, while the Rust core reads the tensors in the background (`tensors`, {dataset
+    path: array}, waits for them). Use through `read_ahead`."""
+
+    def __init__(self, h5: h5py.File, region: FileRegion, reading: Future[ReadTensors]):
+        self.h5 = h5
+        self._region = region
+        self._reading = reading
+        self._tensors: dict[str, np.ndarray] | None = None
+
+    @property
+    def tensors(self) -> dict[str, np.ndarray]:
+        if self._tensors is None:
+            read = self._reading.result()
+            # From now on h5py sees bytes consistent with the tensors as read.
+            self._region.freeze([(offset, data) for offset, data, _ in read.stretches])
+            self._tensors = read.arrays
+        return self._tensors
+
+
+@contextlib.contextmanager
+def read_ahead(filepath: str, threads: int = 0) -> Iterator[ReadAhead]:
+    """Opens an HDF5 file (`.weights.h5`, legacy `.h5`) for loading; refuses it at the end if it
+    changed meanwhile (HDF5 keeps no checksum: its size and times tell)."""
+    file = TensorFile(filepath)
+    before = os.fstat(file.fileno())
+    region = FileRegion(file.fileno(), 0, before.st_size, filepath)
+    with h5py.File(region, "r") as h5:
+        opened = ReadAhead(h5, region, read_weights(h5, file, 0, before.st_size, filepath, threads))
+        yield opened
+        opened.tensors  # noqa: B018 -- the checks of `freeze`, even if nothing asked for the tensors
+    after = os.fstat(file.fileno())
+    if any(getattr(before, k) != getattr(after, k) for k in ("st_size", "st_mtime_ns", "st_ctime_ns")):
+        raise KerasSaveError(f"{filepath}: the file changed while it was being read")
 
 
 @dataclass

@@ -14,6 +14,7 @@ import inspect
 import json
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import h5py
@@ -35,6 +36,11 @@ from ..formats.weights_h5 import WeightsPlan
 from ..tensors import adoptable_tensor
 
 
+def _vars_group(path: str) -> str:
+    """Where stock's `H5IOStore` keeps the variables of the object at `path`."""
+    return f"{path}/vars" if path else "vars"
+
+
 class _WeightsRecorder(saving_lib.H5IOStore):
     """Stands in for stock's write-mode `H5IOStore`: records each group and tensor in stock's order."""
 
@@ -53,14 +59,14 @@ class _WeightsRecorder(saving_lib.H5IOStore):
             raise ValueError(f"`metadata` should be a dict or `None`. Received: {metadata}")
         self._path, self._group_made, self._keys = path, bool(metadata), []
         if metadata:
-            self.plan.add_group(path, metadata)
+            self.plan.add_group(_vars_group(path), metadata)
         return self
 
     def __setitem__(self, key, value):
         if not self._group_made:  # stock creates a group without metadata on its first tensor
-            self.plan.add_group(self._path, None)
+            self.plan.add_group(_vars_group(self._path), None)
             self._group_made = True
-        self.plan.add_dataset(self._path, key, value)
+        self.plan.add_dataset(_vars_group(self._path), key, value)
         self._keys.append(key)
 
     def keys(self):
@@ -214,35 +220,73 @@ class BuiltModel:
     optimizer_to_build: BaseOptimizer | None = None
 
 
+def _build_deferred(build: Callable[[], BuiltModel], stock_build: Callable[[], object]) -> BuiltModel:
+    """`build()` with the variables it creates left uninitialized (recorded in the result); when
+    that cannot be done, `stock_build()`, which initializes everything."""
+    if not _can_defer_initialization():
+        return BuiltModel(stock_build())
+    first_new = len(_uninitialized_registry())
+    try:
+        built = build()
+    except Exception:
+        del _uninitialized_registry()[first_new:]
+        return BuiltModel(stock_build())
+    registry = _uninitialized_registry()
+    built.uninitialized = registry[first_new:]
+    del registry[first_new:]
+    return built
+
+
+def _deserialize_uninitialized(deserialize: Callable[[], object]):
+    with StatelessScope(initialize_variables=False) as scope:
+        model = deserialize()
+    if scope.state_mapping:
+        raise _CannotDefer("a layer assigned variables while building")
+    return model
+
+
 def build_model(config_json: bytes | str, custom_objects, compile: bool, safe_mode: bool) -> BuiltModel:
     """Builds the model from its config like stock loading, without running variable initializers.
 
     Anything this cannot do falls back to stock's build, which initializes everything.
     """
-    if not _can_defer_initialization():
-        return BuiltModel(saving_lib._model_from_config(config_json, custom_objects, compile, safe_mode))
-    config = json.loads(config_json)
-    compile_config = config.get("compile_config") if compile else None
-    config["compile_config"] = None
-    first_new = len(_uninitialized_registry())
-    optimizer = None
-    try:
+
+    def build() -> BuiltModel:
+        config = json.loads(config_json)
+        compile_config = config.get("compile_config") if compile else None
+        config["compile_config"] = None
+        optimizer = None
         with ObjectSharingScope():
-            with StatelessScope(initialize_variables=False) as scope:
-                model = deserialize_keras_object(config, custom_objects, safe_mode=safe_mode)
-            if scope.state_mapping:
-                raise _CannotDefer("a layer assigned variables while building")
+            model = _deserialize_uninitialized(
+                lambda: deserialize_keras_object(config, custom_objects, safe_mode=safe_mode)
+            )
             if compile_config:
                 with CustomObjectScope(custom_objects), SafeModeScope(safe_mode):
                     optimizer = _compile_without_optimizer_build(model, compile_config)
                 model.compiled = True
-    except Exception:
-        del _uninitialized_registry()[first_new:]
-        return BuiltModel(saving_lib._model_from_config(config_json, custom_objects, compile, safe_mode))
-    registry = _uninitialized_registry()
-    uninitialized = registry[first_new:]
-    del registry[first_new:]
-    return BuiltModel(model, uninitialized, optimizer)
+        return BuiltModel(model, optimizer_to_build=optimizer)
+
+    def stock_build():
+        return saving_lib._model_from_config(config_json, custom_objects, compile, safe_mode)
+
+    return _build_deferred(build, stock_build)
+
+
+def build_model_with(deserialize: Callable[[], object]) -> BuiltModel:
+    """`deserialize()` (a stock model build from a config), its variables left uninitialized when possible."""
+    return _build_deferred(lambda: BuiltModel(_deserialize_uninitialized(deserialize)), deserialize)
+
+
+@contextlib.contextmanager
+def initializing(built: BuiltModel, arrays=()):
+    """While stock code assigns the model's variables, those built uninitialized take the assigned
+    value as their first, and any of `arrays` (64-byte aligned, handed to no one else) assigned is
+    adopted without a copy; at the end, any variable still uninitialized gets its initializer's value."""
+    try:
+        with _adopting(_variables_of(built), arrays):
+            yield
+    finally:
+        _initialize_leftovers(built)
 
 
 class _PreloadedWeights(saving_lib.H5IOStore):
@@ -376,6 +420,14 @@ def _build_optimizer(built: BuiltModel) -> None:
     registry = _uninitialized_registry()
     built.uninitialized += registry[first_new:]
     del registry[first_new:]
+
+
+def build_optimizer(model) -> BuiltModel:
+    """`model.optimizer.build(model.trainable_variables)`, its slots left uninitialized when possible
+    (returned in `uninitialized`: give them values under `initializing`)."""
+    built = BuiltModel(model, optimizer_to_build=model.optimizer)
+    _build_optimizer(built)
+    return built
 
 
 def _path_of(model, child) -> str:

@@ -1,0 +1,252 @@
+"""Legacy HDF5 `.h5` files of both flavours: `save_model(model, "m.h5")`, `load_model("m.h5")` and
+tf_keras' `save_weights(model, "w.h5")`. Stock is the oracle: our files are stock's byte for
+byte, and a load restores what the original model held, optimizer state included."""
+
+from __future__ import annotations
+
+import os
+
+import h5py
+import keras
+import numpy as np
+import pytest
+
+import kerassave_fast as ksf
+from conftest import CUSTOM_OBJECTS, MODELS, _batch, assert_same_state
+from kerassave_fast import KerasSaveError
+from kerassave_fast.formats import weights_h5
+
+tf_keras = pytest.importorskip("tf_keras")
+import tf_keras_models  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def saved(model_zoo, tmp_path_factory):
+    """(model, our .h5, stock's .h5) for a zoo model, each saved once."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            model = model_zoo(name)
+            base = tmp_path_factory.mktemp(f"h5_{name}")
+            ours, stock = str(base / "ours.h5"), str(base / "stock.h5")
+            stock_save(model, stock)
+            ksf.save_model(model, ours)
+            cache[name] = model, ours, stock
+        return cache[name]
+
+    return get
+
+
+def stock_save(model, path, **kwargs) -> None:
+    """Stock's `.h5` save, undoing its side effect on the model: it drops "optimizer" from the
+    compile config, and these models are shared with other tests (which save them as `.keras`)."""
+    compile_config = getattr(model, "_compile_config", None)
+    kept = dict(compile_config.config) if compile_config is not None else None
+    keras.saving.save_model(model, path, **kwargs)
+    if kept is not None:
+        compile_config.config.update(kept)
+
+
+def _read(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_keras3_h5_is_stocks_byte_for_byte(saved, name):
+    _, ours, stock = saved(name)
+    assert _read(ours) == _read(stock)
+
+
+@pytest.mark.parametrize("include_optimizer", [True, False])
+def test_keras3_h5_without_optimizer_or_uncompiled_is_stocks(tmp_path, model_zoo, include_optimizer):
+    uncompiled = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    for i, model in enumerate([model_zoo("optimizer_adam"), uncompiled]):
+        stock_save(model, tmp_path / f"stock{i}.h5", include_optimizer=include_optimizer)
+        ksf.save_model(model, tmp_path / f"ours{i}.h5", include_optimizer=include_optimizer)
+        assert _read(tmp_path / f"ours{i}.h5") == _read(tmp_path / f"stock{i}.h5")
+
+
+def test_keras3_h5_save_leaves_the_models_compile_config_alone(tmp_path, model_zoo):
+    """Stock's metadata step pops "optimizer" out of the compile config; a second save must still record it."""
+    model = model_zoo("optimizer_sgd_momentum")
+    ksf.save_model(model, tmp_path / "a.h5")
+    ksf.save_model(model, tmp_path / "b.h5")
+    with h5py.File(tmp_path / "b.h5") as f:
+        assert b"optimizer_config" in f.attrs["training_config"].encode()
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("which", ["ours", "stock"])
+def test_keras3_h5_load_restores_weights_and_optimizer_state(saved, name, which):
+    """Stock Keras 3.15 cannot load these files back (their loss is "mse"), and loses the optimizer
+    state of those it loads; ours restores both, bitwise, from its files and from stock's."""
+    model, ours, stock = saved(name)
+    loaded = ksf.load_model(ours if which == "ours" else stock, custom_objects=CUSTOM_OBJECTS)
+    assert_same_state(model, loaded)
+
+
+@pytest.mark.parametrize("name", ["seed_example", "low_precision", "optimizer_adamw", "optimizer_rmsprop", "convnet"])
+def test_keras3_h5_next_training_step_is_the_originals(saved, name, tmp_path):
+    """One more step after our `.h5` load equals one more step after stock's `.keras` load, bitwise."""
+    model, ours, _ = saved(name)
+    keras.saving.save_model(model, tmp_path / "m.keras")
+    reference = keras.saving.load_model(tmp_path / "m.keras")
+    loaded = ksf.load_model(ours)
+    x, y = _batch(model, seed=5)
+    reference.train_on_batch(x, y)
+    loaded.train_on_batch(x, y)
+    assert_same_state(reference, loaded)
+    assert int(loaded.optimizer.iterations.numpy()) == int(model.optimizer.iterations.numpy()) + 1
+
+
+def test_stock_keras3_reads_our_h5(saved):
+    """Stock's own reader, on a file of ours: the weights it gets are the original's."""
+    model, ours, _ = saved("custom_layers")
+    loaded = keras.saving.load_model(ours, custom_objects=CUSTOM_OBJECTS, compile=False)
+    for a, b in zip(model.weights, loaded.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_keras3_h5_loss_objects_and_compile_false(tmp_path):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer="adam", loss=keras.losses.MeanSquaredError(), metrics=["mae"])
+    model.train_on_batch(np.ones((2, 3), "float32"), np.ones((2, 2), "float32"))
+    ksf.save_model(model, tmp_path / "m.h5")
+    assert isinstance(ksf.load_model(tmp_path / "m.h5").loss, keras.losses.MeanSquaredError)
+    assert not ksf.load_model(tmp_path / "m.h5", compile=False).compiled
+    stock = keras.saving.load_model(tmp_path / "m.h5")  # stock loads this one (a loss object)
+    for a, b in zip(stock.weights, ksf.load_model(tmp_path / "m.h5").weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_keras3_h5_save_makes_the_directory_and_a_failed_save_keeps_the_old_file(tmp_path, model_zoo):
+    path = tmp_path / "new" / "dir" / "m.h5"
+    ksf.save_model(model_zoo("seed_example"), path)
+    before = _read(path)
+    bad = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, name="x" * 70000)])
+    with pytest.raises(RuntimeError, match="larger than"):  # stock's own refusal, raised before any write
+        ksf.save_model(bad, path)
+    assert _read(path) == before
+    assert sorted(os.listdir(path.parent)) == ["m.h5"]
+
+
+def test_keras3_h5_truncated_file_is_refused_naming_it(saved, tmp_path):
+    _, ours, _ = saved("optimizer_adam")
+    data = _read(ours)
+    for cut in (len(data) - 100, len(data) // 2, 600):
+        path = tmp_path / f"cut{cut}.h5"
+        path.write_bytes(data[:cut])
+        with pytest.raises((KerasSaveError, OSError, ValueError, KeyError)) as raised:
+            ksf.load_model(path)
+        named = [str(raised.value), *getattr(raised.value, "__notes__", [])]
+        assert any(str(path) in text for text in named)
+
+
+def test_keras3_h5_tensor_read_by_h5py_when_not_contiguous(tmp_path, saved):
+    """A dataset stored chunked and compressed (as other writers may) is read by h5py, not by offset."""
+    model, ours, _ = saved("seed_example")
+    path = tmp_path / "chunked.h5"
+    with h5py.File(ours) as src, h5py.File(path, "w") as dst:
+        for k, v in src.attrs.items():
+            dst.attrs[k] = v
+
+        def copy_item(name, obj):
+            if isinstance(obj, h5py.Group):
+                group = dst.require_group(name)
+                for k, v in obj.attrs.items():
+                    group.attrs[k] = v
+            elif obj.ndim:
+                dst.create_dataset(name, data=obj[()], chunks=True, compression="gzip")
+            else:
+                dst.create_dataset(name, data=obj[()])
+
+        src.visititems(copy_item)
+    assert_same_state(model, ksf.load_model(path))
+
+
+# --- tf_keras -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=tf_keras_models.MODELS, ids=lambda f: f.__name__)
+def tf_keras_saved(request, tmp_path_factory):
+    model = tf_keras_models.trained(request.param)
+    base = tmp_path_factory.mktemp(f"tfk_h5_{request.param.__name__}")
+    paths = {k: str(base / f"{k}.h5") for k in ("stock", "ours", "stock_w", "ours_w")}
+    model.save(paths["stock"])
+    ksf.save_model(model, paths["ours"])
+    model.save_weights(paths["stock_w"])
+    ksf.save_weights(model, paths["ours_w"])
+    return model, paths
+
+
+def test_tf_keras_h5_is_stocks_byte_for_byte(tf_keras_saved):
+    _, paths = tf_keras_saved
+    assert _read(paths["ours"]) == _read(paths["stock"])
+    assert _read(paths["ours_w"]) == _read(paths["stock_w"])
+
+
+def test_tf_keras_h5_without_optimizer_is_stocks(tmp_path):
+    model = tf_keras_models.trained(tf_keras_models.dense_adam)
+    model.save(tmp_path / "stock.h5", include_optimizer=False)
+    ksf.save_model(model, tmp_path / "ours.h5", include_optimizer=False)
+    assert _read(tmp_path / "ours.h5") == _read(tmp_path / "stock.h5")
+
+
+@pytest.mark.parametrize("which", ["ours", "stock"])
+def test_tf_keras_h5_loads_as_stock_loads_it(tf_keras_saved, which):
+    model, paths = tf_keras_saved
+    try:
+        reference = tf_keras.models.load_model(paths["stock"])
+    except ValueError as e:  # bfloat16 weights: stock cannot read back what it wrote; nor can we
+        with pytest.raises(type(e), match=str(e)):
+            ksf.load_model_as("tf_keras", paths[which])
+        return
+    loaded = ksf.load_model_as("tf_keras", paths[which])
+    tf_keras_models.assert_same_state(reference, loaded)
+    for a, b in zip(model.weights, loaded.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_tf_keras_h5_weights_load_into_a_fresh_model(tf_keras_saved):
+    """Stock's `load_weights` on our weights file does what it does on its own: loads the
+    original's weights, or (bfloat16 weights) fails the same way."""
+    model, paths = tf_keras_saved
+    outcomes = []
+    for which in ("stock_w", "ours_w"):
+        fresh = tf_keras.models.clone_model(model)
+        try:
+            fresh.load_weights(paths[which])
+            outcomes.append([w.numpy().tobytes() for w in fresh.weights])
+        except ValueError as e:
+            outcomes.append(str(e))
+    assert outcomes[0] == outcomes[1]
+    if not isinstance(outcomes[0], str):
+        assert outcomes[0] == [w.numpy().tobytes() for w in model.weights]
+
+
+def test_tf_keras_subclassed_model_h5_is_stocks_refusal(tmp_path):
+    class Sub(tf_keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.d = tf_keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.d(x)
+
+    model = Sub()
+    model(np.ones((1, 3), "float32"))
+    with pytest.raises(NotImplementedError):
+        ksf.save_model(model, tmp_path / "m.h5")
+
+
+def test_layouts_are_cached_per_architecture(tmp_path, model_zoo, monkeypatch):
+    model = model_zoo("optimizer_rmsprop")
+    ksf.save_model(model, tmp_path / "a.h5")
+    calls = []
+    real = weights_h5.write_skeleton
+    monkeypatch.setattr(weights_h5, "write_skeleton", lambda *a: calls.append(1) or real(*a))
+    ksf.save_model(model, tmp_path / "b.h5")
+    assert not calls
+    assert _read(tmp_path / "a.h5") == _read(tmp_path / "b.h5")
