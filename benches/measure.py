@@ -169,6 +169,7 @@ def run(
         "stock_save": lambda: fmt.stock_save(model, paths["stock"]),
         "ours_save": lambda: ksf.save_model(model, paths["ours"]),
         "ours_save_first": lambda: save_first(model, paths["ours"]),
+        "ours_save_fsync": lambda: ksf.save_model(model, paths["ours"], fsync=True),
         "raw_read": lambda: raw_read(paths["raw"]),
         "stock_build": lambda: fmt.build(model, paths["ours"]),
         "stock_load": lambda: fmt.stock_load(paths["stock"]),

@@ -91,12 +91,13 @@ def markdown(results: list[Result], info: dict, repeats: int) -> str:
         "**Save** (floor: one thread writing the same bytes over the previous file; the atomic raw write "
         "writes a new file and renames it over the previous one, as a save that never destroys the old "
         'file must; "ours" is a repeated save, which reuses the HDF5 layout of the first save of the '
-        "same architecture; the first save is timed separately)",
+        "same architecture; the first save is timed separately, and so is a save with `fsync=True`, "
+        "which returns only once the file and its directory entry are on the device)",
         "",
         "| model | dir | MB | vars | raw write s | atomic raw write s | stock s | ours s | ours/raw | "
-        "ours/atomic raw | ours first save s (/raw) | stock/raw | speed-up | extra RSS stock MiB | "
-        "extra RSS ours MiB (budget) |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "ours/atomic raw | ours first save s (/raw) | ours fsync=True s (/raw) | stock/raw | speed-up | "
+        "extra RSS stock MiB | extra RSS ours MiB (budget) |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in results:
         t = r.times
@@ -105,6 +106,7 @@ def markdown(results: list[Result], info: dict, repeats: int) -> str:
             f"{_s(t['raw_write_atomic'])} | {_s(t['stock_save'])} | {_s(t['ours_save'])} | "
             f"{r.ratio('ours_save', 'raw_write'):.2f}× | {r.ratio('ours_save', 'raw_write_atomic'):.2f}× | "
             f"{_s(t['ours_save_first'])} ({r.ratio('ours_save_first', 'raw_write'):.2f}×) | "
+            f"{_s(t['ours_save_fsync'])} ({r.ratio('ours_save_fsync', 'raw_write'):.2f}×) | "
             f"{r.ratio('stock_save', 'raw_write'):.2f}× | {t['stock_save'] / t['ours_save']:.1f}× | "
             f"{r.extra_rss['stock_save'] / MIB:.0f} | {r.extra_rss['ours_save'] / MIB:.0f} "
             f"({rss_budget(r.nbytes) / MIB:.0f}) |"
@@ -142,6 +144,13 @@ def markdown(results: list[Result], info: dict, repeats: int) -> str:
     for r in results:
         for name, ok in targets(r):
             lines.append(f"| {r.model} | `{r.directory}` | {name} | {_check(ok)} |")
+    lines += ["", "Per array (median time / number of arrays, µs): save stock / ours, load stock / ours", ""]
+    for r in results:
+        t, per = r.times, 1e6 / r.variables
+        lines.append(
+            f"- {r.model} `{r.directory}` ({r.variables} arrays): save {t['stock_save'] * per:.0f} / "
+            f"{t['ours_save'] * per:.0f}, load {t['stock_load'] * per:.0f} / {t['ours_load'] * per:.0f}"
+        )
     lines += ["", "Spread (min–max seconds) of each median:", ""]
     for r in results:
         spread = ", ".join(f"{k} {lo:.3f}–{hi:.3f}" for k, (lo, hi) in r.spread.items())

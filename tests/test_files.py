@@ -245,3 +245,54 @@ def test_file_rewritten_before_the_check_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(keras_zip.state, "build_model", build_then_rewrite)
     with pytest.raises(zipfile.BadZipFile, match="changed while being read"):
         ksf.load_model(path)
+
+
+def _fsynced(monkeypatch) -> list[str]:
+    """What gets fsynced from now on: the path behind each fsynced descriptor."""
+    synced: list[str] = []
+    real = os.fsync
+
+    def record(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    return synced
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [("save_model", "m.keras"), ("save_model", "m.h5"), ("save_weights", "m.weights.h5"), ("save_model", "m_dir")],
+)
+def test_fsync_syncs_the_file_then_the_directory_naming_it(model, tmp_path, monkeypatch, call, name):
+    kwargs = {"zipped": False} if name == "m_dir" else {}  # a directory, written by stock
+    synced = _fsynced(monkeypatch)
+    getattr(ksf, call)(model, tmp_path / f"plain_{name}", **kwargs)
+    assert synced == []  # stock's default: nothing is fsynced
+    path = tmp_path / name
+    getattr(ksf, call)(model, path, fsync=True, **kwargs)
+    assert synced[-1] == str(tmp_path)  # last, the directory entry naming the new file
+    if name == "m_dir":
+        assert any(s.startswith(f"{path}/") for s in synced)
+    else:  # first, the data of the temporary file, before a rename names it
+        assert synced[0].startswith(f"{tmp_path}/.{name}.") and synced[0].endswith(".tmp")
+
+
+def test_fsync_of_a_tf_keras_checkpoint_and_saved_model(tmp_path, monkeypatch):
+    tf_keras = pytest.importorskip("tf_keras")
+    model = tf_keras.Sequential([tf_keras.layers.Dense(2, input_shape=(3,))])
+    model.compile(optimizer="adam", loss="mse")
+    synced = _fsynced(monkeypatch)
+    ksf.save_weights(model, tmp_path / "ckpt" / "w", fsync=True)
+    assert {str(tmp_path / "ckpt"), str(tmp_path / "ckpt" / "checkpoint")} <= set(synced)
+    assert len(synced) >= 4  # index, data, TensorFlow's `checkpoint` file, directory
+    synced.clear()
+    ksf.save_model(model, tmp_path / "sm", save_format="tf", fsync=True)
+    assert str(tmp_path / "sm" / "variables") in synced and str(tmp_path) == synced[-1]
+    assert any(s.endswith("saved_model.pb") for s in synced)
+
+
+def test_fsync_must_be_a_bool(model, tmp_path):
+    with pytest.raises(ValueError, match="fsync"):
+        ksf.save_model(model, tmp_path / "m.keras", fsync="yes")
+    assert not (tmp_path / "m.keras").exists()

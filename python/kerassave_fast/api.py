@@ -14,6 +14,7 @@ import threading
 import warnings
 
 from ._core import MAX_THREADS
+from .files import durability, sync
 from .formats import keras_zip, legacy_h5, weights_file, weights_h5
 from .overwrite import ask_to_replace, prompt_refusals
 from .stock import KERAS3_SAVING_API, TF_KERAS_SAVING_API, stock
@@ -113,6 +114,12 @@ def _threads(value) -> int:
     return value
 
 
+def _fsync(value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"`fsync` must be True or False. Received: fsync={value!r}")
+    return value
+
+
 def _may_write(filepath, overwrite: bool) -> bool:
     """Keras 3's overwrite rule for the files we write: an existing file is replaced only when
     `overwrite` is true or the user says so at stock's prompt."""
@@ -152,15 +159,26 @@ def save_model(model, filepath, overwrite=True, *args, save_format=None, **kwarg
         save_format: as in stock (`"keras"`, `"h5"`, `"tf"` for tf_keras; deprecated in Keras 3).
         **kwargs: stock's `include_optimizer`, `signatures`, `options`, `save_traces` (tf_keras
             SavedModel), `zipped` (Keras 3), plus our own `threads` (I/O threads, default one
-            per core) and `compression` (reserved: only `None` for now).
+            per core), `fsync` (default False, as stock: when True, the saved files and then the
+            directory entries naming them are fsynced before the call returns, so the save
+            survives a power loss) and `compression` (reserved: only `None` for now).
 
     The `.keras` file is byte-layout-compatible with stock's: it loads in stock Keras, and a save
     that fails leaves any previous file untouched.
     """
     threads = _threads(kwargs.pop("threads", None))
+    fsync = _fsync(kwargs.pop("fsync", False))
     compression = kwargs.pop("compression", None)
     if compression is not None:
         raise ValueError(f"`compression` is not supported yet; only None is. Received: compression={compression!r}")
+    with durability(fsync):
+        result = _save_model(model, filepath, overwrite, threads, args, save_format, kwargs)
+        if fsync and (path := _local_path(filepath, _flavour(model))) is not None:
+            sync(path)  # what stock wrote for us; ours is synced already (a second fsync costs nothing)
+    return result
+
+
+def _save_model(model, filepath, overwrite, threads, args, save_format, kwargs):
     flavour = _flavour(model)
     if flavour == "tf_keras":
         given = {} if save_format is None else {"save_format": save_format}
@@ -174,7 +192,7 @@ def save_model(model, filepath, overwrite=True, *args, save_format=None, **kwarg
             with _no_gc_pauses():
                 return tf_saved_model.save(model, path, overwrite, **kwargs, threads=threads)
         if tf_legacy_h5.can_save_model_fast(model, path, save_format, kwargs):
-            warnings.warn(tf_legacy_h5.H5_SAVE_WARNING, stacklevel=2)
+            warnings.warn(tf_legacy_h5.H5_SAVE_WARNING, stacklevel=3)
             if overwrite or not os.path.isfile(path) or ask_to_replace(path, "tf_keras"):
                 with _no_gc_pauses():
                     contents = tf_legacy_h5.model_contents(model, kwargs.get("include_optimizer", True))
@@ -217,7 +235,7 @@ def save_model(model, filepath, overwrite=True, *args, save_format=None, **kwarg
         warnings.warn(
             "You are saving a model that has not yet been built. It might not contain any weights yet. "
             "Consider building the model first by calling it on some data.",
-            stacklevel=2,
+            stacklevel=3,
         )
     with _no_gc_pauses():
         keras_zip.save(model, path, include_optimizer=include_optimizer, threads=threads)
@@ -283,9 +301,19 @@ def save_weights(model, filepath, overwrite=True, *args, **kwargs):
     The fourth positional argument is the flavour's own: `max_shard_size` for Keras 3 (as
     `keras.saving.save_weights`), `save_format` then `options` for tf_keras (as `Model.save_weights`).
     Keras 3: `.weights.h5` files are written by the fast path (same layout as stock); sharded
-    saves (`max_shard_size`) go to stock. tf_keras: stock.
+    saves (`max_shard_size`) go to stock. tf_keras: stock. Our own keywords: `threads`, `fsync`
+    (as in `save_model`).
     """
     threads = _threads(kwargs.pop("threads", None))
+    fsync = _fsync(kwargs.pop("fsync", False))
+    with durability(fsync):
+        result = _save_weights(model, filepath, overwrite, threads, args, kwargs)
+        if fsync and (path := _local_path(filepath, _flavour(model))) is not None:
+            sync(path)  # what stock wrote for us; ours is synced already
+    return result
+
+
+def _save_weights(model, filepath, overwrite, threads, args, kwargs):
     flavour = _flavour(model)
     if flavour == "tf_keras":
         _positional("save_weights", ("save_format", "options"), args, kwargs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import contextvars
 import errno
 import io
 import os
@@ -24,6 +25,60 @@ class Destination:
 
     path: str  # the target itself when written in place, else a temporary file beside it
     file: TensorFile
+
+
+# Whether saves on this thread (or task) fsync what they write: `save_model(..., fsync=True)`.
+_FSYNC: contextvars.ContextVar[bool] = contextvars.ContextVar("kerassave_fast_fsync", default=False)
+
+
+@contextlib.contextmanager
+def durability(fsync: bool) -> Iterator[None]:
+    """Within the block, every file a save completes is fsynced, then the directory entry that
+    names it, before the save returns (see `sync`)."""
+    token = _FSYNC.set(fsync)
+    try:
+        yield
+    finally:
+        _FSYNC.reset(token)
+
+
+def _sync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync(path: str) -> None:
+    """When saves are durable here: fsyncs `path` (a file, or a directory and everything in it),
+    then the directory that holds it, so the save survives a power loss once it returns."""
+    if not _FSYNC.get() or not os.path.exists(path):
+        return
+    if os.path.isdir(path):
+        for root, dirs, files in os.walk(path):
+            for name in files:
+                _sync_file(os.path.join(root, name))
+            for name in dirs:
+                _sync_directory(os.path.join(root, name))
+        _sync_directory(path)
+    else:
+        _sync_file(path)
+    _sync_directory(os.path.dirname(os.path.abspath(path)))
+
+
+def sync_name(path: str) -> None:
+    """When saves are durable here: fsyncs the directory holding `path`, after a rename made it."""
+    if _FSYNC.get():
+        _sync_directory(os.path.dirname(os.path.abspath(path)))
+
+
+def _sync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # rename(2) over a file that is a mount point (a single-file bind mount) fails with these.
@@ -61,6 +116,8 @@ def atomic_replace(filepath: str) -> Iterator[Destination]:
     try:
         _carry_over(fd, target, previous)
         yield Destination(tmp_path, TensorFile(tmp_path, writable=True, fd=fd))
+        if _FSYNC.get():
+            os.fsync(fd)  # the data first: a rename must never name a file whose bytes may be lost
         os.close(fd)
         fd = -1
         try:
@@ -70,6 +127,9 @@ def atomic_replace(filepath: str) -> Iterator[Destination]:
                 raise
             shutil.copyfile(tmp_path, target)  # in place, as stock writes
             os.unlink(tmp_path)
+            sync(target)
+        if _FSYNC.get():
+            _sync_directory(directory)  # then the name
     except BaseException:
         if fd >= 0:
             os.close(fd)
@@ -135,6 +195,8 @@ def _in_place(target: str) -> Iterator[Destination]:
     fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
     try:
         yield Destination(target, TensorFile(target, writable=True, fd=fd))
+        if _FSYNC.get():
+            os.fsync(fd)
     finally:
         os.close(fd)
 

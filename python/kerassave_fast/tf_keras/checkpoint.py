@@ -23,6 +23,7 @@ import warnings
 
 import numpy as np
 
+from ..files import sync
 from ..formats import tensor_bundle
 from ..formats.tensor_bundle import DT_STRING, OBJECT_GRAPH_KEY, BundleReader, BundleTensor
 from ..overwrite import ask_to_replace
@@ -194,6 +195,7 @@ def save_weights(model, filepath: str, overwrite: bool = True, threads: int = 0)
         save_relative_paths=True,
         all_model_checkpoint_paths=[filepath],
     )
+    sync(os.path.join(directory, "checkpoint"))  # TensorFlow's bookkeeping file, when saves are durable
     return True
 
 

@@ -34,6 +34,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ..files import sync, sync_name
 from ..formats import tensor_bundle
 from ..formats.tensor_bundle import BundleTensor
 from ..overwrite import ask_to_replace
@@ -286,6 +287,7 @@ def _staged_directory(filepath: str) -> Iterator[str]:
     previous = _entries_or_none(target)
     if previous is not None and not previous <= SAVED_MODEL_ENTRIES:
         yield filepath
+        sync(filepath)
         return
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
@@ -295,12 +297,15 @@ def _staged_directory(filepath: str) -> Iterator[str]:
         if previous is None:
             raise
         yield filepath  # a directory we may write into, in a parent we may not: in place, as stock
+        sync(filepath)
         return
     try:
         mode = os.stat(target).st_mode & 0o7777 if previous is not None else 0o777 & ~_umask()
         os.chmod(staging, mode)
         yield staging
+        sync(staging)
         _move_into_place(staging, target)
+        sync_name(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
