@@ -250,3 +250,31 @@ def test_layouts_are_cached_per_architecture(tmp_path, model_zoo, monkeypatch):
     ksf.save_model(model, tmp_path / "b.h5")
     assert not calls
     assert _read(tmp_path / "a.h5") == _read(tmp_path / "b.h5")
+
+
+@pytest.mark.parametrize("name", ["convnet", "custom_layers", "low_precision"])
+def test_keras3_load_weights_of_an_h5_is_stocks(saved, name):
+    """`load_weights` of a legacy `.h5` (ours and stock's) into a fresh model: the original's weights."""
+    model, ours, stock = saved(name)
+    for path in (ours, stock):
+        fresh = keras.models.clone_model(model)
+        ksf.load_weights(fresh, path)
+        for a, b in zip(model.weights, fresh.weights, strict=True):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+    if name == "low_precision":
+        return  # stock's reader (below) cannot read the bfloat16 weights it wrote
+    fresh = keras.models.clone_model(model)
+    ksf.load_weights(fresh, ours, by_name=True)  # stock's keyword: stock's path
+    for a, b in zip(model.weights, fresh.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_keras3_load_weights_of_an_h5_skip_mismatch(tmp_path):
+    small = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2), keras.layers.Dense(1)])
+    other = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2), keras.layers.Dense(4)])
+    ksf.save_model(small, tmp_path / "m.h5")
+    with pytest.raises(ValueError, match="Shape mismatch"):
+        ksf.load_weights(other, tmp_path / "m.h5")
+    with pytest.warns(UserWarning, match="Skipping loading weights"):
+        ksf.load_weights(other, tmp_path / "m.h5", skip_mismatch=True)
+    np.testing.assert_array_equal(small.layers[0].kernel.numpy(), other.layers[0].kernel.numpy())

@@ -355,9 +355,9 @@ def _save_weights(model, filepath, overwrite, threads, args, kwargs):
 def load_weights(model, filepath, skip_mismatch=False, **kwargs):
     """Loads weights saved by `save_weights`/`save_model` (ours or stock's) into a built model.
 
-    Keras 3: `.keras` and `.weights.h5` files are read by the fast path; legacy `.h5`, sharded
-    `.weights.json` and stock's keyword arguments go to stock. tf_keras: stock, with its own
-    keyword arguments (`by_name`, `options`).
+    Keras 3: `.keras`, `.weights.h5` and legacy `.h5` files are read by the fast path; sharded
+    `.weights.json` and stock's keyword arguments (`by_name`, `objects_to_skip`) go to stock.
+    tf_keras: stock, with its own keyword arguments (`by_name`, `options`).
     """
     threads = _threads(kwargs.pop("threads", None))
     flavour = _flavour(model)
@@ -376,4 +376,9 @@ def load_weights(model, filepath, skip_mismatch=False, **kwargs):
         with _no_gc_pauses():
             if weights_file.load(model, path, skip_mismatch=skip_mismatch, threads=threads):
                 return None
+    elif path is not None and not kwargs and path.endswith((".h5", ".hdf5")) and os.path.isfile(path):
+        from .keras3 import legacy_h5 as keras3_legacy_h5
+
+        with _no_gc_pauses(), _naming(path), weights_h5.read_ahead(path, threads) as opened:
+            return keras3_legacy_h5.load_weights(opened, model, skip_mismatch)
     return stock(KERAS3_SAVING_API, "load_weights")(model, filepath, skip_mismatch=skip_mismatch, **kwargs)

@@ -110,7 +110,7 @@ def _bfloat16_where_expected(values: list[np.ndarray], variables) -> list[np.nda
     ] + values[len(variables) :]
 
 
-def _load_weights(group, model, tensors: _Tensors) -> None:
+def _load_weights(group, model, tensors: _Tensors, skip_mismatch: bool = False) -> None:
     """Stock's `load_weights_from_hdf5_group` (topological loading; same checks, same errors),
     the tensors taken from those read ahead."""
     filtered_layers = [layer for layer in model.layers if legacy_h5_format._legacy_weights(layer)]
@@ -134,7 +134,9 @@ def _load_weights(group, model, tensors: _Tensors) -> None:
                 f"the save file). Layer expects {len(symbolic_weights)} weight(s). Received "
                 f"{len(weight_values)} saved weight(s)"
             )
-        legacy_h5_format._set_weights(layer, symbolic_weights, weight_values, name=f"layer #{k} (named {layer.name})")
+        legacy_h5_format._set_weights(
+            layer, symbolic_weights, weight_values, name=f"layer #{k} (named {layer.name})", skip_mismatch=skip_mismatch
+        )
     if "top_level_model_weights" in group:
         symbolic_weights = [
             v for v in model._trainable_variables + model._non_trainable_variables if v in model.weights
@@ -148,7 +150,9 @@ def _load_weights(group, model, tensors: _Tensors) -> None:
                 f"Model expects {len(symbolic_weights)} top-level weight(s). "
                 f"Received {len(weight_values)} saved top-level weight(s)"
             )
-        legacy_h5_format._set_weights(model, symbolic_weights, weight_values, name="top-level model")
+        legacy_h5_format._set_weights(
+            model, symbolic_weights, weight_values, name="top-level model", skip_mismatch=skip_mismatch
+        )
 
 
 def _restore_optimizer(model, h5, tensors: _Tensors) -> None:
@@ -217,3 +221,15 @@ def load_model(opened: ReadAhead, filepath: str, custom_objects=None, compile: b
     if "optimizer_weights" in h5:
         _restore_optimizer(model, h5, tensors)
     return model
+
+
+def load_weights(opened: ReadAhead, model, skip_mismatch: bool = False) -> None:
+    """Stock's `load_weights` of a legacy `.h5` (topological, a model's file or a weights file),
+    the variables adopting the tensors read ahead."""
+    h5 = opened.h5
+    group = h5
+    if "layer_names" not in h5.attrs and "model_weights" in h5:
+        group = safe_get_h5_group(h5, "model_weights")
+    tensors = _Tensors(opened.tensors)
+    with state.initializing(state.BuiltModel(model), tensors.arrays.values()):
+        _load_weights(group, model, tensors, skip_mismatch)
