@@ -171,11 +171,16 @@ def save_model(model, filepath, overwrite=True, *args, save_format=None, **kwarg
     compression = kwargs.pop("compression", None)
     if compression is not None:
         raise ValueError(f"`compression` is not supported yet; only None is. Received: compression={compression!r}")
-    with durability(fsync):
+    with durability(fsync) as durable:
         result = _save_model(model, filepath, overwrite, threads, args, save_format, kwargs)
-        if fsync and (path := _local_path(filepath, _flavour(model))) is not None:
-            sync(path)  # what stock wrote for us; ours is synced already (a second fsync costs nothing)
+        _sync_what_stock_wrote(durable, filepath, model)
     return result
+
+
+def _sync_what_stock_wrote(durable, filepath, model) -> None:
+    """A durable save that went to stock: fsync what stock wrote (our own writers synced theirs)."""
+    if durable is not None and not durable.synced and (path := _local_path(filepath, _flavour(model))) is not None:
+        sync(path)
 
 
 def _save_model(model, filepath, overwrite, threads, args, save_format, kwargs):
@@ -306,10 +311,9 @@ def save_weights(model, filepath, overwrite=True, *args, **kwargs):
     """
     threads = _threads(kwargs.pop("threads", None))
     fsync = _fsync(kwargs.pop("fsync", False))
-    with durability(fsync):
+    with durability(fsync) as durable:
         result = _save_weights(model, filepath, overwrite, threads, args, kwargs)
-        if fsync and (path := _local_path(filepath, _flavour(model))) is not None:
-            sync(path)  # what stock wrote for us; ours is synced already
+        _sync_what_stock_wrote(durable, filepath, model)
     return result
 
 

@@ -27,25 +27,39 @@ class Destination:
     file: TensorFile
 
 
-# Whether saves on this thread (or task) fsync what they write: `save_model(..., fsync=True)`.
-_FSYNC: contextvars.ContextVar[bool] = contextvars.ContextVar("kerassave_fast_fsync", default=False)
+@dataclass
+class Durable:
+    """A save that fsyncs what it writes (`save_model(..., fsync=True)`)."""
+
+    synced: bool = False  # whether it has fsynced anything yet
+
+
+# The durable save running on this thread (or task), if any.
+_FSYNC: contextvars.ContextVar[Durable | None] = contextvars.ContextVar("kerassave_fast_fsync", default=None)
 
 
 @contextlib.contextmanager
-def durability(fsync: bool) -> Iterator[None]:
+def durability(fsync: bool) -> Iterator[Durable | None]:
     """Within the block, every file a save completes is fsynced, then the directory entry that
-    names it, before the save returns (see `sync`)."""
-    token = _FSYNC.set(fsync)
+    names it, before the save returns (see `sync`). Yields the durable save, None if not asked."""
+    token = _FSYNC.set(Durable() if fsync else None)
     try:
-        yield
+        yield _FSYNC.get()
     finally:
         _FSYNC.reset(token)
+
+
+def _fsync(fd: int) -> None:
+    os.fsync(fd)
+    durable = _FSYNC.get()
+    if durable is not None:
+        durable.synced = True
 
 
 def _sync_directory(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
+        _fsync(fd)
     finally:
         os.close(fd)
 
@@ -76,7 +90,7 @@ def sync_name(path: str) -> None:
 def _sync_file(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
+        _fsync(fd)
     finally:
         os.close(fd)
 
@@ -117,7 +131,7 @@ def atomic_replace(filepath: str) -> Iterator[Destination]:
         _carry_over(fd, target, previous)
         yield Destination(tmp_path, TensorFile(tmp_path, writable=True, fd=fd))
         if _FSYNC.get():
-            os.fsync(fd)  # the data first: a rename must never name a file whose bytes may be lost
+            _fsync(fd)  # the data first: a rename must never name a file whose bytes may be lost
         os.close(fd)
         fd = -1
         try:
@@ -196,7 +210,7 @@ def _in_place(target: str) -> Iterator[Destination]:
     try:
         yield Destination(target, TensorFile(target, writable=True, fd=fd))
         if _FSYNC.get():
-            os.fsync(fd)
+            _fsync(fd)
     finally:
         os.close(fd)
 

@@ -52,7 +52,8 @@ def can_save_weights_fast(path: str | None, save_format) -> bool:
     return isinstance(save_format, str) and save_format.lower().strip() in ("hdf5", "h5", "keras")
 
 
-def _weights_contents(model) -> LegacyH5Contents:
+def weights_file_contents(model) -> LegacyH5Contents:
+    """`save_weights(model, "w.h5")`: `save_weights_to_hdf5_group` at the file's root."""
     from tf_keras.src import __version__ as keras_version
     from tf_keras.src import backend
     from tf_keras.src.saving.legacy import hdf5_format
@@ -65,11 +66,6 @@ def _weights_contents(model) -> LegacyH5Contents:
         lambda v: v.name,
         model._trainable_weights + model._non_trainable_weights,
     )
-
-
-def weights_file_contents(model) -> LegacyH5Contents:
-    """`save_weights(model, "w.h5")`: `save_weights_to_hdf5_group` at the file's root."""
-    return _weights_contents(model)
 
 
 def model_contents(model, include_optimizer: bool = True) -> LegacyH5Contents:
@@ -92,7 +88,7 @@ def model_contents(model, include_optimizer: bool = True) -> LegacyH5Contents:
                 '`save_format="tf"`.'
             )
         metadata = saving_utils.model_metadata(model, include_optimizer)
-        contents = _weights_contents(model)
+        contents = weights_file_contents(model)
         contents.root_attributes = encode_metadata(metadata, json_utils.get_json_type)
         optimizer = model.optimizer
         if include_optimizer and optimizer and not isinstance(optimizer, optimizer_v1.TFOptimizer):
@@ -123,7 +119,7 @@ def can_load_model_fast(path: str | None, kwargs: dict) -> bool:
 def load_model(h5, custom_objects=None, compile: bool = True):
     """Stock's legacy `load_model` (saving/legacy/save.py) for an HDF5 file, given to stock's reader
     open through HDF5's own driver instead of through TensorFlow's GFile, whose reads took 2.7 s
-    of a 5 s load of 768 MiB here."""
+    of a 5 s load of 768 MiB in a profile here."""
     import tensorflow as tf
     from tf_keras.src.saving import object_registration
     from tf_keras.src.saving.legacy import hdf5_format, serialization
