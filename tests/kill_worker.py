@@ -1,6 +1,8 @@
 """Saves a model over and over until killed; test_faults.py kills it at chosen moments.
 
 Usage: python kill_worker.py PATH [EVENT]
+PATH ending in `.keras`, `.h5` or `.weights.h5`: a Keras 3 model saved there; any other PATH: a
+tf_keras model saved there as a SavedModel directory (time-chosen kills only, no EVENT).
 Prints "ready" once the model is built and PATH holds a complete save. Without EVENT it then saves
 forever (the test kills it at a moment of its choosing); with EVENT=N it kills itself with SIGKILL
 just before the N-th write-level step of the next save (a zip member, the tensors, the central
@@ -20,22 +22,28 @@ import numpy as np
 
 import kerassave_fast as ksf
 from kerassave_fast import files
-from kerassave_fast.formats import keras_zip, weights_file
+from kerassave_fast.formats import keras_zip, legacy_h5, weights_file
 
 
-def model() -> keras.Model:
-    keras.utils.set_random_seed(7)
-    m = keras.Sequential([keras.Input((256,))] + [keras.layers.Dense(256) for _ in range(6)])
+def is_saved_model(path: str) -> bool:
+    return not path.endswith((".keras", ".h5"))
+
+
+def model(flavour=keras) -> keras.Model:
+    flavour.utils.set_random_seed(7)
+    m = flavour.Sequential([flavour.Input((256,))] + [flavour.layers.Dense(256) for _ in range(6)])
     m.compile(optimizer="adam", loss="mse")
     m.train_on_batch(np.ones((2, 256), "float32"), np.ones((2, 256), "float32"))
     return m
 
 
 def save(m, path: str) -> None:
-    if path.endswith(".keras"):
-        ksf.save_model(m, path)
-    else:
+    if path.endswith(".weights.h5"):
         ksf.save_weights(m, path)
+    elif is_saved_model(path):
+        ksf.save_model(m, path, save_format="tf")
+    else:
+        ksf.save_model(m, path)
 
 
 def die_at(event: int) -> None:
@@ -62,12 +70,18 @@ def die_at(event: int) -> None:
     keras_zip.ZipWriter = CountingZipWriter
     keras_zip.write_layout = step(keras_zip.write_layout)
     weights_file.write_weights_file = step(weights_file.write_weights_file)
+    legacy_h5.write_weights_file = step(legacy_h5.write_weights_file)
     files.os.replace = step(os.replace)
 
 
 def main() -> None:
     path, event = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None
-    m = model()
+    if is_saved_model(path):
+        import tf_keras
+
+        m = model(tf_keras)
+    else:
+        m = model()
     save(m, path)
     print("ready", flush=True)
     if event is not None:

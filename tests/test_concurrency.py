@@ -131,3 +131,56 @@ def test_concurrent_saves_and_loads(model_zoo, tmp_path):
 def test_thread_counts_are_bounded(model_zoo, tmp_path, threads):
     with pytest.raises(ValueError, match="threads"):
         ksf.save_model(model_zoo("seed_example"), tmp_path / "m.keras", threads=threads)
+
+
+READER = """
+import hashlib, os, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import kerassave_fast as ksf
+path, stop = sys.argv[1], sys.argv[2]
+while not os.path.exists(stop):
+    weights = ksf.load_model(path, compile=False).get_weights()
+    print(hashlib.sha256(b"".join(w.tobytes() for w in weights)).hexdigest(), flush=True)
+"""
+
+
+def _weights_digest(model) -> str:
+    import hashlib
+
+    return hashlib.sha256(b"".join(w.tobytes() for w in model.get_weights())).hexdigest()
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_save_while_another_process_loads_the_file(model_zoo, tmp_path, suffix):
+    """A process loading the file in a loop while saves replace it sees, each time, one whole save:
+    the previous model's weights or the new one's, never a mix, never an error."""
+    import subprocess
+    import sys
+
+    import keras
+
+    a = model_zoo("optimizer_adam")
+    b = keras.models.clone_model(a)  # another model of the same architecture, other weights
+    b.set_weights([w + 1 for w in a.get_weights()])
+    expected = {_weights_digest(a), _weights_digest(b)}
+    path, stop = tmp_path / f"m{suffix}", tmp_path / "stop"
+    ksf.save_model(a, path)
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(path), str(stop)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    seen: list[str] = []
+    listener = threading.Thread(target=lambda: seen.extend(line.split()[0] for line in reader.stdout if line.split()))
+    listener.start()
+    try:
+        saves, deadline = 0, time.monotonic() + 120
+        while len(seen) < 12 and reader.poll() is None and time.monotonic() < deadline:
+            ksf.save_model(b if saves % 2 == 0 else a, path)  # each load overlaps several saves
+            saves += 1
+    finally:
+        stop.touch()
+        _, err = reader.communicate(timeout=120)
+        listener.join()
+    assert reader.returncode == 0, err[-3000:]
+    assert set(seen) <= expected, f"a load saw weights of neither save: {set(seen) - expected}"
+    assert len(seen) >= 12 and saves > len(seen), (len(seen), saves)
+    assert len(set(seen)) == 2, "the loads never saw a save replace the file"

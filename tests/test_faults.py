@@ -4,7 +4,6 @@ previous file survives whole and loadable, and nothing is left that a later save
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -40,8 +39,12 @@ def _worker(path: Path, *args: str) -> subprocess.Popen:
 
 
 def _loaded_state(path: Path, like: keras.Model | None) -> list[bytes]:
-    if path.suffix == ".keras":
+    if path.suffix in (".keras", ".h5") and not path.name.endswith(".weights.h5"):
         model = ksf.load_model(path)
+    elif path.suffix == "":  # a tf_keras SavedModel: stock's loader is the judge
+        import tf_keras
+
+        return [w.tobytes() for w in tf_keras.models.load_model(path).get_weights()]
     else:
         model = keras.models.clone_model(like)
         model.compile(optimizer="adam", loss="mse")
@@ -50,24 +53,31 @@ def _loaded_state(path: Path, like: keras.Model | None) -> list[bytes]:
     return [b.tobytes() for _, b in state_of(model)]
 
 
-def _kill_plan(points: int) -> list[tuple[str, float | int]]:
-    by_step = [("step", 1 + k % STEPS) for k in range(points // 2)]
-    by_time = [("time", 0.4 * k / max(1, points - points // 2)) for k in range(points - points // 2)]
-    return by_step + by_time
+def _kill_plan(points: int, by_step: bool, seconds: float) -> list[tuple[str, float | int]]:
+    steps = [("step", 1 + k % STEPS) for k in range(points // 2 if by_step else 0)]
+    times = points - len(steps)
+    return steps + [("time", seconds * k / max(1, times)) for k in range(times)]
 
 
-@pytest.mark.parametrize("suffix", [".keras", ".weights.h5"])
-def test_kill_minus_9_at_any_moment_keeps_the_previous_file(tmp_path, suffix):
-    path = tmp_path / f"m{suffix}"
-    reference = tmp_path / f"reference{suffix}"
-    points = KILL_POINTS if suffix == ".keras" else max(4, KILL_POINTS // 2)
-    like, expected, survived = None, None, 0
-    for kind, when in _kill_plan(points):
+# name of the target -> (kill points, whether write-level steps are counted, seconds over which time kills spread)
+KILL_TARGETS = {
+    "m.keras": (KILL_POINTS, True, 0.4),
+    "m.weights.h5": (max(4, KILL_POINTS // 2), True, 0.4),
+    "m.h5": (max(4, KILL_POINTS // 2), True, 0.4),
+    "m_savedmodel": (max(4, KILL_POINTS // 2), False, 3.0),  # tf_keras, a directory moved into place
+}
+
+
+@pytest.mark.parametrize("name", KILL_TARGETS)
+def test_kill_minus_9_at_any_moment_keeps_the_previous_file(tmp_path, name):
+    path = tmp_path / name
+    points, by_step, seconds = KILL_TARGETS[name]
+    like, expected, survived, left_behind = None, None, 0, set()
+    for kind, when in _kill_plan(points, by_step, seconds):
         if kind == "step":
             proc = _worker(path, str(when))
         else:
-            proc = _worker(path)
-            shutil.copyfile(path, reference)  # a complete save of the worker's model
+            proc = _worker(path)  # `path` now holds a complete save of the worker's model
             proc.stdout.close()
             try:
                 proc.wait(timeout=when)
@@ -82,15 +92,22 @@ def test_kill_minus_9_at_any_moment_keeps_the_previous_file(tmp_path, suffix):
         state = _loaded_state(path, like)  # raises if the file is not a complete save
         if expected is None:
             expected = state
-        assert state == expected, f"after a kill at {kind} {when}, the file holds other weights"
-        names = [n for n in os.listdir(tmp_path) if n not in (path.name, reference.name)]
-        assert all(n.startswith(f".{path.name}.") and n.endswith(".tmp") for n in names), names
+        assert state == expected, f"after a kill at {kind} {when}, {name} holds other weights"
+        names = [n for n in os.listdir(tmp_path) if n != path.name]
+        assert all(n.startswith(f".{path.name}.") and n.endswith((".tmp", ".old")) for n in names), names
+        left_behind.update(names)
         survived += 1
     assert survived == points
+    assert left_behind, "no kill landed in the middle of a save"
     ksf.save_weights(like, tmp_path / "other.weights.h5")  # a save beside it does not touch its temporaries
-    (ksf.save_model if suffix == ".keras" else ksf.save_weights)(like, path)
-    left = sorted(n for n in os.listdir(tmp_path) if n.endswith(".tmp"))
-    assert not left, f"temporary files of killed saves were not cleaned up: {left}"
+    if path.suffix == "":
+        _worker(path, "0").communicate(timeout=120)  # a save that completes, by a tf_keras process
+    elif path.name.endswith(".weights.h5"):
+        ksf.save_weights(like, path)
+    else:
+        ksf.save_model(like, path)
+    left = sorted(n for n in os.listdir(tmp_path) if n.endswith((".tmp", ".old")))
+    assert not left, f"temporaries of killed saves were not cleaned up: {left}"
 
 
 def _worker_model() -> keras.Model:

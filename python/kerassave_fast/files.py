@@ -117,10 +117,8 @@ def atomic_replace(filepath: str) -> Iterator[Destination]:
         _check_writable(target, filepath)
     fd, tmp_path = -1, None
     if previous is None or previous.st_dev == os.stat(directory).st_dev:
-        prefix = _temporary_prefix(os.path.basename(target))
-        _remove_stale_temporaries(directory, prefix)
         try:
-            fd, tmp_path = tempfile.mkstemp(prefix=f"{prefix}{_HOST}-{os.getpid()}.", suffix=".tmp", dir=directory)
+            fd, tmp_path = tempfile.mkstemp(prefix=_our_temporary_prefix(target), suffix=".tmp", dir=directory)
         except PermissionError:
             if previous is None:  # stock could not create it either
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), filepath) from None
@@ -175,21 +173,42 @@ def _temporary_prefix(name: str) -> str:
     return f".{name[:120]}."
 
 
+def _our_temporary_prefix(target: str) -> str:
+    """The name prefix of this process's temporaries for `target` (a real path), after removing
+    those that saves of `target` left behind on this host when their process died."""
+    prefix = _temporary_prefix(os.path.basename(target))
+    _remove_stale_temporaries(os.path.dirname(target), prefix)
+    return f"{prefix}{_HOST}-{os.getpid()}."
+
+
+def staging_directory(target: str, suffix: str = ".tmp") -> str:
+    """A new directory beside `target` (a real path) to build its next content in (a SavedModel),
+    named so that a later save removes it if this process dies before moving it into place."""
+    return tempfile.mkdtemp(prefix=_our_temporary_prefix(target), suffix=suffix, dir=os.path.dirname(target))
+
+
+_TEMPORARY_SUFFIXES = (".tmp", ".old")  # being written; a previous SavedModel moved aside to be removed
+
+
 def _remove_stale_temporaries(directory: str, prefix: str) -> None:
-    """Deletes temporary files a save of this target left behind on this host when its process
-    died before renaming them (kill -9, OOM killer): they are never renamed over anything, so only
-    their space is lost, but it is a whole model's worth each time."""
+    """Deletes temporary files and directories a save of this target left behind on this host when
+    its process died before renaming them (kill -9, OOM killer): they are never renamed over
+    anything, so only their space is lost, but it is a whole model's worth each time."""
     try:
         with os.scandir(directory) as listing:
             entries = list(listing)
     except OSError:
         return
     for entry in entries:
-        if not (entry.name.startswith(prefix + _HOST + "-") and entry.name.endswith(".tmp")):
+        if not (entry.name.startswith(prefix + _HOST + "-") and entry.name.endswith(_TEMPORARY_SUFFIXES)):
             continue
         pid = entry.name[len(prefix + _HOST) + 1 :].split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            with contextlib.suppress(OSError):
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
                 os.unlink(entry.path)
 
 

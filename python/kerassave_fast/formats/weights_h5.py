@@ -389,9 +389,17 @@ def read_ahead(filepath: str, threads: int = 0) -> Iterator[ReadAhead]:
         opened = ReadAhead(h5, region, read_weights(h5, file, 0, before.st_size, filepath, threads))
         yield opened
         opened.tensors  # noqa: B018 -- the checks of `freeze`, even if nothing asked for the tensors
-    after = os.fstat(file.fileno())
-    if any(getattr(before, k) != getattr(after, k) for k in ("st_size", "st_mtime_ns", "st_ctime_ns")):
+    if _changed(before, os.fstat(file.fileno())):
         raise KerasSaveError(f"{filepath}: the file changed while it was being read")
+
+
+def _changed(before: os.stat_result, after: os.stat_result) -> bool:
+    """Whether a file's bytes may have changed between two `fstat`s of one descriptor. Its change
+    time also moves when a save renames a new file over it (one link less), which leaves the bytes
+    we read alone; a write that put back the modification time shows only there."""
+    if before.st_size != after.st_size or before.st_mtime_ns != after.st_mtime_ns:
+        return True
+    return before.st_ctime_ns != after.st_ctime_ns and before.st_nlink == after.st_nlink
 
 
 @dataclass

@@ -27,14 +27,13 @@ import ctypes.util
 import errno
 import os
 import shutil
-import tempfile
 import threading
 import warnings
 from collections.abc import Iterator
 
 import numpy as np
 
-from ..files import sync, sync_name
+from ..files import staging_directory, sync, sync_name
 from ..formats import tensor_bundle
 from ..formats.tensor_bundle import BundleTensor
 from ..overwrite import ask_to_replace
@@ -292,7 +291,7 @@ def _staged_directory(filepath: str) -> Iterator[str]:
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     try:
-        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=parent)
+        staging = staging_directory(target)
     except PermissionError:
         if previous is None:
             raise
@@ -341,7 +340,7 @@ def _move_into_place(staging: str, target: str) -> None:
         if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
             raise
     if not _exchange(staging, target):
-        aside = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", suffix=".old", dir=os.path.dirname(target))
+        aside = staging_directory(target, suffix=".old")
         os.rename(target, os.path.join(aside, "old"))
         os.rename(staging, target)
         staging = aside
