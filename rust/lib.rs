@@ -13,6 +13,7 @@ use pyo3::types::{PyBytes, PyDict, PyTuple, PyType};
 
 pub mod bundle;
 pub mod error;
+pub mod hdf5;
 pub mod io;
 pub mod zip;
 
@@ -576,6 +577,54 @@ impl TensorBundleReader {
     }
 }
 
+/// A dataset readable by offset: (h5py path, offset in the HDF5 file, shape, numpy dtype name).
+type StoredDatasetTuple = (String, u64, Vec<u64>, &'static str);
+
+/// The datasets of an HDF5 file readable by offset (see `hdf5::reader`), its metadata parsed
+/// without libhdf5 and with the GIL released; None when the file cannot be walked here (h5py may
+/// still read it); `KerasSaveError` when it is corrupted beyond what libhdf5 survives. `source` is
+/// a `TensorFile` holding the HDF5 file at `start..start+length`, or the file's bytes.
+#[pyfunction]
+#[pyo3(signature = (source, start = 0, length = None))]
+fn hdf5_stored_datasets(
+    py: Python<'_>,
+    source: &Bound<'_, PyAny>,
+    start: u64,
+    length: Option<u64>,
+) -> PyResult<Option<Vec<StoredDatasetTuple>>> {
+    let (source, path) = if let Ok(file) = source.cast::<TensorFile>() {
+        let file = file.get();
+        let len = match length {
+            Some(len) => len,
+            None => file.size()?.saturating_sub(start),
+        };
+        let source = hdf5::Source::File {
+            file: Arc::clone(&file.file),
+            start,
+            len,
+        };
+        (source, file.path.clone())
+    } else {
+        let bytes: &[u8] = source.extract()?;
+        let end = length.map_or(bytes.len() as u64, |len| start.saturating_add(len));
+        let stretch = usize::try_from(start)
+            .ok()
+            .zip(usize::try_from(end).ok())
+            .and_then(|(s, e)| bytes.get(s..e))
+            .ok_or_else(|| PyValueError::new_err("start/length outside the bytes"))?;
+        (hdf5::Source::Bytes(Arc::from(stretch)), PathBuf::from("<memory>"))
+    };
+    Ok(match py.detach(|| hdf5::list_stored_datasets(source, &path))? {
+        hdf5::Listing::Listed(found) => Some(
+            found
+                .into_iter()
+                .map(|d| (d.path, d.offset, d.shape, d.dtype))
+                .collect(),
+        ),
+        hdf5::Listing::Unreadable(_) => None,
+    })
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("KerasSaveError", m.py().get_type::<KerasSaveError>())?;
@@ -588,5 +637,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ZipMember>()?;
     m.add_class::<TensorBundleReader>()?;
     m.add_class::<TensorBundleWriter>()?;
+    m.add_function(wrap_pyfunction!(hdf5_stored_datasets, m)?)?;
     Ok(())
 }

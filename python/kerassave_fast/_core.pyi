@@ -77,3 +77,9 @@ class TensorBundleReader:
     def entries(self) -> list[tuple[str, int, list[int], int, bool, int, int]]: ...
     def read_tensors(self, keys: Sequence[str], buffers: Sequence[Buffer], threads: int = 0) -> None: ...
     def read_strings(self, key: str) -> list[bytes]: ...
+
+def hdf5_stored_datasets(
+    source: TensorFile | bytes, start: int = 0, length: int | None = None
+) -> list[tuple[str, int, list[int], str]]:
+    """(h5py path, offset in the HDF5 file, shape, numpy dtype name) of each dataset readable by
+    offset: contiguous, unfiltered, allocated, plain little-endian numbers or Keras' bfloat16."""

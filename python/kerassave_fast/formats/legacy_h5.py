@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import h5py
 
+from .._core import TensorFile, hdf5_stored_datasets
 from ..files import atomic_replace
 from .weights_h5 import WeightsPlan, write_weights_file
 
@@ -86,7 +87,15 @@ def _add_weights(plan: WeightsPlan, contents: LegacyH5Contents, group: str, weig
 
 @contextlib.contextmanager
 def opened(filepath: str) -> Iterator[h5py.File]:
-    """The file open for reading as stock opens it (HDF5's own POSIX driver)."""
+    """The file open for reading as stock opens it (HDF5's own POSIX driver), once the Rust core
+    found nothing in it that libhdf5 would hang on (`KerasSaveError` then)."""
+    try:
+        file = TensorFile(filepath)
+    except OSError:
+        pass  # h5py's error, as stock's
+    else:
+        hdf5_stored_datasets(file)
+        del file
     with h5py.File(filepath, "r") as h5:
         yield h5
 

@@ -26,7 +26,7 @@ import numpy as np
 from h5py import h5d, h5o, h5s
 from h5py._hl.dataset import make_new_dset
 
-from .._core import KerasSaveError, TensorFile
+from .._core import KerasSaveError, TensorFile, hdf5_stored_datasets
 from ..files import Destination, FileRegion, SparseImage
 from ..tensors import BFLOAT16, aligned_empty, as_bytes, snapshot
 
@@ -333,8 +333,7 @@ def _as_stored_tensor(h5: h5py.File, name: bytes) -> StoredTensor | None:
     return tensor if dsid.get_storage_size() == tensor.nbytes else None
 
 
-def stored_tensors(h5: h5py.File, size: int, where: str) -> list[StoredTensor]:
-    """Every dataset readable by offset, checked to lie inside the file's `size` bytes without overlap."""
+def _listed_by_h5py(h5: h5py.File) -> list[StoredTensor]:
     names: list[bytes] = []
 
     def visit(name: bytes, info) -> None:
@@ -342,7 +341,30 @@ def stored_tensors(h5: h5py.File, size: int, where: str) -> list[StoredTensor]:
             names.append(name)
 
     h5o.visit(h5.id, visit, info=True)  # each object once, through hard links only
-    found = [t for t in (_as_stored_tensor(h5, n) for n in names) if t is not None and t.nbytes]
+    return [t for t in (_as_stored_tensor(h5, n) for n in names) if t is not None and t.nbytes]
+
+
+def _listed_by_rust(source: TensorFile | bytes, start: int, size: int) -> list[StoredTensor] | None:
+    """The Rust core's listing (no libhdf5, a fraction of the cost per dataset), or None for a
+    file it cannot walk (h5py lists that one, and stock's errors follow). A file corrupted in a way
+    libhdf5 does not survive (it hangs) is refused with `KerasSaveError` before h5py reads it."""
+    found = hdf5_stored_datasets(source, start, size)
+    if found is None:
+        return None
+    return [
+        StoredTensor(name, offset, tuple(shape), BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype))
+        for name, offset, shape, dtype in found
+    ]
+
+
+def stored_tensors(
+    h5: h5py.File, size: int, where: str, source: TensorFile | bytes | None = None, start: int = 0
+) -> list[StoredTensor]:
+    """Every dataset readable by offset, checked to lie inside the file's `size` bytes without
+    overlap. Listed by the Rust core from `source` (the HDF5 file at `start`) when given, else by h5py."""
+    found = _listed_by_rust(source, start, size) if source is not None else None
+    if found is None:
+        found = _listed_by_h5py(h5)
     found.sort(key=lambda t: t.offset)
     end_of_previous, previous = 0, None
     for tensor in found:
@@ -419,7 +441,7 @@ def read_weights(
     Lists the datasets now (h5py), then moves the bytes on a thread (the Rust core releases the
     GIL), so the caller can build the model meanwhile.
     """
-    tensors = stored_tensors(h5, size, where)
+    tensors = stored_tensors(h5, size, where, source, start)
     arrays = {t.name: aligned_empty(t.shape, t.dtype) for t in tensors}
     buffers = [as_bytes(arrays[t.name]) for t in tensors]
     future: Future[ReadTensors] = Future()

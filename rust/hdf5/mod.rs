@@ -1,0 +1,8 @@
+//! HDF5, the container of Keras' weights (`.weights.h5`, legacy `.h5`, the `model.weights.h5` of a
+//! `.keras` zip). Reading goes through the pure-Rust `hdf5-reader` crate, with what untrusted
+//! files need on top (`reader.rs`): bounded reads, hard links only, no cycles, datatypes checked
+//! bit for bit before a byte is taken as a number.
+
+pub mod reader;
+
+pub use reader::{list_stored_datasets, Listing, Source, StoredDataset};

@@ -1,0 +1,510 @@
+//! Lists the datasets of an HDF5 file whose bytes can be read by offset: contiguous, unfiltered,
+//! allocated, of a plain little-endian number type (or Keras' bfloat16), stored exactly as large
+//! as their shape says. Everything else is left to the caller's slower path (h5py and stock's
+//! checks), so this listing never has to agree with HDF5 on anything but the simple case.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use hdf5_reader::btree_v1;
+use hdf5_reader::btree_v2::{self, BTreeV2Header, BTreeV2Record};
+use hdf5_reader::fractal_heap::FractalHeap;
+use hdf5_reader::group::Group;
+use hdf5_reader::io::Cursor;
+use hdf5_reader::local_heap::LocalHeap;
+use hdf5_reader::messages::layout::DataLayout;
+use hdf5_reader::messages::link::{self, LinkTarget};
+use hdf5_reader::messages::HdfMessage;
+use hdf5_reader::symbol_table::SymbolTableNode;
+use hdf5_reader::{Datatype, Hdf5File, OpenOptions, Storage, StorageBuffer};
+
+use crate::error::{Error, Result};
+
+/// Where the HDF5 file's bytes are: a stretch of an open file (a whole `.h5`, a STORED zip
+/// member), or memory (an inflated member).
+pub enum Source {
+    File { file: Arc<File>, start: u64, len: u64 },
+    Bytes(Arc<[u8]>),
+}
+
+/// A dataset readable by offset: `path` as h5py names it ("/layers/dense/vars/0"), its bytes at
+/// `offset` of the HDF5 file, `dtype` as numpy spells it ("<f4", "|u1", or "bfloat16").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredDataset {
+    pub path: String,
+    pub offset: u64,
+    pub shape: Vec<u64>,
+    pub dtype: &'static str,
+}
+
+/// What the listing found: the datasets, or why the file could not be walked here (a layout the
+/// crate does not read, or damage it cannot make sense of; h5py may still read it).
+#[derive(Debug)]
+pub enum Listing {
+    Listed(Vec<StoredDataset>),
+    Unreadable(String),
+}
+
+/// Why a walk stopped: the crate could not go on, or the file is definitely corrupted in a way
+/// that makes libhdf5 misbehave (a global heap whose objects do not tile it loops forever in
+/// libhdf5's loader; stock Keras hangs on such a file), so no one should read it further.
+#[derive(Debug)]
+enum Failure {
+    Unreadable(String),
+    Corrupt(String),
+}
+
+impl From<String> for Failure {
+    fn from(msg: String) -> Self {
+        Failure::Unreadable(msg)
+    }
+}
+
+/// Groups nested deeper than this are not listed (stock Keras nests a handful of levels).
+const MAX_DEPTH: usize = 64;
+
+/// The HDF5 file as a stretch of an open file, read in blocks kept in memory: the metadata is
+/// many small reads clustered between the tensors, which this turns into a few large ones.
+struct FileRange {
+    file: Arc<File>,
+    start: u64,
+    len: u64,
+    blocks: Mutex<HashMap<u64, Arc<[u8]>>>,
+}
+
+const BLOCK: u64 = 64 << 10;
+/// Blocks kept at most (16 MiB); past that the cache starts over.
+const MAX_BLOCKS: usize = 256;
+
+impl FileRange {
+    fn block(&self, index: u64) -> std::io::Result<Arc<[u8]>> {
+        let mut blocks = self.blocks.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(block) = blocks.get(&index) {
+            return Ok(Arc::clone(block));
+        }
+        let offset = index * BLOCK;
+        let mut buffer = vec![0u8; BLOCK.min(self.len - offset) as usize];
+        self.file.read_exact_at(&mut buffer, self.start + offset)?;
+        if blocks.len() >= MAX_BLOCKS {
+            blocks.clear();
+        }
+        let block: Arc<[u8]> = buffer.into();
+        blocks.insert(index, Arc::clone(&block));
+        Ok(block)
+    }
+}
+
+impl Storage for FileRange {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn read_range(&self, offset: u64, len: usize) -> hdf5_reader::error::Result<StorageBuffer> {
+        let end = offset.checked_add(len as u64).filter(|&end| end <= self.len);
+        let Some(end) = end else {
+            return Err(hdf5_reader::error::Error::UnexpectedEof {
+                offset,
+                needed: len as u64,
+                available: self.len.saturating_sub(offset),
+            });
+        };
+        let mut buffer = vec![0u8; len];
+        if len as u64 > 4 * BLOCK {
+            self.file.read_exact_at(&mut buffer, self.start + offset)?;
+            return Ok(StorageBuffer::from_vec(buffer));
+        }
+        let mut at = offset;
+        while at < end {
+            let block = self.block(at / BLOCK)?;
+            let within = (at % BLOCK) as usize;
+            let n = (block.len() - within).min((end - at) as usize);
+            buffer[(at - offset) as usize..][..n].copy_from_slice(&block[within..within + n]);
+            at += n as u64;
+        }
+        Ok(StorageBuffer::from_vec(buffer))
+    }
+}
+
+/// Reads no more metadata than a Keras file can need: a hostile file cannot make a read, a header
+/// or a chunk allocate more.
+fn bounded_options() -> OpenOptions {
+    OpenOptions::default()
+        .with_max_read_bytes(64 << 20)
+        .with_max_chunk_bytes(16 << 20)
+        .with_max_object_header_bytes(1 << 20)
+        .with_chunk_cache_bytes(0)
+}
+
+/// Every dataset of the file readable by offset, each object once (through hard links only), or
+/// `Unreadable` when the walk cannot be done here. `path` names the file in errors: an error is a
+/// file found corrupted (see `Failure`). Never panics: a panic inside the parser is `Unreadable`.
+pub fn list_stored_datasets(source: Source, path: &Path) -> Result<Listing> {
+    match catch_unwind(AssertUnwindSafe(|| list(source))) {
+        Ok(Ok(found)) => Ok(Listing::Listed(found)),
+        Ok(Err(Failure::Unreadable(msg))) => Ok(Listing::Unreadable(msg)),
+        Ok(Err(Failure::Corrupt(msg))) => Err(Error::format(path, format!("corrupted HDF5 file: {msg}"))),
+        Err(_) => Ok(Listing::Unreadable("the HDF5 parser failed".to_string())),
+    }
+}
+
+fn list(source: Source) -> std::result::Result<Vec<StoredDataset>, Failure> {
+    let file = match source {
+        Source::File { file, start, len } => {
+            let blocks = Mutex::new(HashMap::new());
+            let range = FileRange {
+                file,
+                start,
+                len,
+                blocks,
+            };
+            Hdf5File::from_storage_with_options(Arc::new(range), bounded_options())
+        }
+        Source::Bytes(bytes) => Hdf5File::from_shared_bytes_with_options(bytes, bounded_options()),
+    }
+    .map_err(|e| e.to_string())?;
+    // Addresses count from the superblock: with a user block before it (never in Keras files) they
+    // are not file offsets, and which base libhdf5 takes is its own business.
+    let signature = file.storage().read_range(0, 8).map_err(|e| e.to_string())?;
+    if signature.as_ref() != b"\x89HDF\r\n\x1a\n" || file.superblock().base_address != 0 {
+        return Err(Failure::Unreadable(
+            "the superblock is not at the start of the file".into(),
+        ));
+    }
+    let mut walk = Walk {
+        file: &file,
+        visited: HashSet::new(),
+        heaps: HashSet::new(),
+        found: Vec::new(),
+    };
+    let root = file.root_group().map_err(|e| e.to_string())?;
+    walk.group(&root, "", 0)?;
+    let mut heaps: Vec<u64> = walk.heaps.into_iter().collect();
+    heaps.sort_unstable();
+    for address in heaps {
+        check_global_heap(&file, address)?;
+    }
+    Ok(walk.found)
+}
+
+struct Walk<'a> {
+    file: &'a Hdf5File,
+    visited: HashSet<u64>,
+    /// Global heap collections holding the variable-length values of the attributes seen.
+    heaps: HashSet<u64>,
+    found: Vec<StoredDataset>,
+}
+
+impl Walk<'_> {
+    fn group(&mut self, group: &Group, path: &str, depth: usize) -> std::result::Result<(), Failure> {
+        if depth > MAX_DEPTH || !self.visited.insert(group.address()) {
+            return Ok(()); // a cycle, or nesting no Keras file has: nothing more is listed from here
+        }
+        self.note_heaps(group.address())?;
+        let hard = hard_link_names(self.file, group.address())?;
+        let (groups, datasets) = group.members().map_err(|e| e.to_string())?;
+        for dataset in datasets {
+            // Names decoded lossily could stand for another object's: only exact ones are listed.
+            if !hard.contains(dataset.name()) || dataset.name().contains('\u{fffd}') {
+                continue;
+            }
+            if !self.visited.insert(dataset.address()) {
+                continue;
+            }
+            self.note_heaps(dataset.address())?;
+            let name = format!("{path}/{}", dataset.name());
+            if let Some(stored) = stored_dataset(self.file, &dataset, name)? {
+                self.found.push(stored);
+            }
+        }
+        for child in groups {
+            if hard.contains(child.name()) && !child.name().contains('\u{fffd}') {
+                let name = format!("{path}/{}", child.name());
+                self.group(&child, &name, depth + 1)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Notes the global heap collections that the object's variable-length attributes point into
+    /// (h5py writes `str` attributes so: `model_config`, `keras_version`, Keras 3's `dtype`).
+    fn note_heaps(&mut self, address: u64) -> std::result::Result<(), String> {
+        let header = self.file.get_or_parse_header(address).map_err(|e| e.to_string())?;
+        let os = usize::from(self.file.superblock().offset_size);
+        for message in &header.messages {
+            let HdfMessage::Attribute(attribute) = message else {
+                continue;
+            };
+            if !matches!(attribute.datatype, Datatype::VarLen { .. }) {
+                continue;
+            }
+            // Each element: its length (4 bytes), the collection's address, the object's index (4 bytes).
+            for element in attribute.raw_data.chunks_exact(8 + os) {
+                let mut address = [0u8; 8];
+                address[..os.min(8)].copy_from_slice(&element[4..4 + os.min(8)]);
+                let address = u64::from_le_bytes(address);
+                let length = u32::from_le_bytes([element[0], element[1], element[2], element[3]]);
+                if length > 0 && !Cursor::is_undefined_offset(address, self.file.superblock().offset_size) {
+                    self.heaps.insert(address);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Largest global heap collection read (libhdf5 makes them 4 KiB, or one object's size).
+const MAX_HEAP_COLLECTION: u64 = 256 << 20;
+
+/// Checks that a global heap collection's objects tile it exactly, as libhdf5's loader walks them:
+/// an object that claims no room, or more than is left, is corruption that makes libhdf5 loop
+/// forever or read past the collection.
+fn check_global_heap(file: &Hdf5File, address: u64) -> std::result::Result<(), Failure> {
+    let storage = file.storage();
+    let ls = usize::from(file.superblock().length_size);
+    let corrupt = |what: String| Failure::Corrupt(format!("global heap collection at {address}: {what}"));
+    let header = storage
+        .read_range(address, 8 + ls)
+        .map_err(|e| corrupt(e.to_string()))?;
+    if header.get(0..4) != Some(b"GCOL".as_slice()) {
+        return Err(corrupt("no GCOL signature".into()));
+    }
+    let size = header[8..8 + ls]
+        .iter()
+        .rev()
+        .fold(0u64, |n, &b| (n << 8) | u64::from(b));
+    if size < (8 + ls) as u64 || size > MAX_HEAP_COLLECTION {
+        return Err(corrupt(format!("size {size}")));
+    }
+    let size = size as usize;
+    let bytes = storage.read_range(address, size).map_err(|e| corrupt(e.to_string()))?;
+    let object_header = 8 + ls;
+    let mut at = object_header;
+    while at < size {
+        if at + object_header > size {
+            break; // too small for an object: free space, as libhdf5 takes it
+        }
+        let index = u16::from_le_bytes([bytes[at], bytes[at + 1]]);
+        let length = bytes[at + 8..at + 8 + ls]
+            .iter()
+            .rev()
+            .fold(0u64, |n, &b| (n << 8) | u64::from(b));
+        let need = if index > 0 {
+            length
+                .checked_add(7)
+                .map(|n| n / 8 * 8)
+                .and_then(|n| n.checked_add(object_header as u64))
+        } else {
+            Some(length) // the free space, its header included
+        };
+        match need {
+            Some(need) if need > 0 && need <= (size - at) as u64 => at += need as usize,
+            _ => {
+                return Err(corrupt(format!(
+                    "object {index} at {at} claims {length} bytes of the {} left",
+                    size - at
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The dataset's place in the file, when its bytes are its elements verbatim.
+fn stored_dataset(
+    file: &Hdf5File,
+    dataset: &hdf5_reader::Dataset,
+    path: String,
+) -> std::result::Result<Option<StoredDataset>, Failure> {
+    let header = file.get_or_parse_header(dataset.address()).map_err(|e| e.to_string())?;
+    let mut layout = None;
+    for message in &header.messages {
+        match message {
+            HdfMessage::DataLayout(l) => layout = Some(&l.layout),
+            HdfMessage::FilterPipeline(p) if !p.filters.is_empty() => return Ok(None),
+            HdfMessage::ExternalFiles(_) => return Ok(None),
+            _ => {}
+        }
+    }
+    let Some(&DataLayout::Contiguous { address, size }) = layout else {
+        return Ok(None);
+    };
+    let superblock = file.superblock();
+    if Cursor::is_undefined_offset(address, superblock.offset_size) {
+        return Ok(None); // never written: reading gives fill values
+    }
+    let Some(dtype) = numpy_dtype(dataset)? else {
+        return Ok(None);
+    };
+    let shape = dataset.shape().to_vec();
+    let itemsize = if dtype == "bfloat16" {
+        2
+    } else {
+        dtype[2..].parse::<u64>().unwrap_or(0)
+    };
+    let nbytes = shape.iter().try_fold(itemsize, |n, &d| n.checked_mul(d));
+    if nbytes != Some(size) || size == 0 {
+        return Ok(None);
+    }
+    let placed = address
+        .checked_add(superblock.base_address)
+        .and_then(|o| Some((o, o.checked_add(size)?)));
+    let Some((offset, _)) = placed.filter(|&(_, end)| end <= file.storage().len()) else {
+        let what = format!("dataset '{path}' needs bytes {address}..+{size}, past the end (truncated?)");
+        return Err(Failure::Corrupt(what));
+    };
+    Ok(Some(StoredDataset {
+        path,
+        offset,
+        shape,
+        dtype,
+    }))
+}
+
+/// numpy's name for the dataset's element type, when its stored bytes are native little-endian
+/// numbers; checked on the datatype message as stored (bit offsets, precision, exponent and
+/// mantissa layout), since HDF5 converts any other layout on read.
+fn numpy_dtype(dataset: &hdf5_reader::Dataset) -> std::result::Result<Option<&'static str>, String> {
+    let raw = dataset.raw_datatype().map_err(|e| e.to_string())?;
+    let dtype = match (dataset.dtype(), standard_number(&raw)) {
+        (Datatype::FixedPoint { .. } | Datatype::FloatingPoint { .. }, Some(name)) => Some(name),
+        (Datatype::Opaque { size: 2, .. }, _) if is_keras_bfloat16(dataset) => Some("bfloat16"),
+        _ => None,
+    };
+    Ok(dtype)
+}
+
+/// Keras 3 stores a bfloat16 tensor as 2-byte opaque data with a `dtype` attribute saying so.
+fn is_keras_bfloat16(dataset: &hdf5_reader::Dataset) -> bool {
+    dataset.attributes().iter().any(|a| {
+        a.name == "dtype" && a.shape.is_empty() && a.read_strings().is_ok_and(|s| s.len() == 1 && s[0] == "bfloat16")
+    })
+}
+
+/// The numpy name of an HDF5 datatype message that is exactly one of HDF5's standard
+/// little-endian integers (`H5T_STD_[IU]{8,16,32,64}LE`) or IEEE floats (`H5T_IEEE_F{16,32,64}LE`)
+/// (version-1 object headers pad the message: bytes past its properties are ignored).
+fn standard_number(raw: &[u8]) -> Option<&'static str> {
+    let class = raw.first()? & 0x0f;
+    let bits = *raw.get(1)?;
+    let (bits2, bits3) = (*raw.get(2)?, *raw.get(3)?);
+    let size = u32::from_le_bytes(raw.get(4..8)?.try_into().ok()?);
+    let u16_at = |i: usize| raw.get(i..i + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let (offset, precision) = (u16_at(8)?, u16_at(10)?);
+    if offset != 0 || u32::from(precision) != size * 8 || bits3 != 0 {
+        return None;
+    }
+    match class {
+        0 => {
+            // fixed point: little-endian, zero padding; bit 3 says signed
+            if bits & !0x08 != 0 || bits2 != 0 {
+                return None;
+            }
+            let signed = bits & 0x08 != 0;
+            Some(match (size, signed) {
+                (1, true) => "|i1",
+                (1, false) => "|u1",
+                (2, true) => "<i2",
+                (2, false) => "<u2",
+                (4, true) => "<i4",
+                (4, false) => "<u4",
+                (8, true) => "<i8",
+                (8, false) => "<u8",
+                _ => return None,
+            })
+        }
+        1 => {
+            // floating point: little-endian, zero padding, implied mantissa bit, sign in the top bit
+            let (epos, esize, mpos, msize) = (*raw.get(12)?, *raw.get(13)?, *raw.get(14)?, *raw.get(15)?);
+            let bias = u32::from_le_bytes(raw.get(16..20)?.try_into().ok()?);
+            if bits != 0x20 || u32::from(bits2) != size * 8 - 1 || mpos != 0 {
+                return None;
+            }
+            Some(match (size, epos, esize, msize, bias) {
+                (2, 10, 5, 10, 15) => "<f2",
+                (4, 23, 8, 23, 127) => "<f4",
+                (8, 52, 11, 52, 1023) => "<f8",
+                _ => return None,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Names of the group's hard links. Soft and external links are left out: stock refuses to load
+/// through them, and the crate's own walk would follow them.
+fn hard_link_names(file: &Hdf5File, address: u64) -> std::result::Result<HashSet<String>, String> {
+    let error = |e: hdf5_reader::error::Error| e.to_string();
+    let storage = file.storage();
+    let (os, ls) = (file.superblock().offset_size, file.superblock().length_size);
+    let header = file.get_or_parse_header(address).map_err(error)?;
+    let mut names = HashSet::new();
+    let mut dense = None;
+    for message in &header.messages {
+        match message {
+            HdfMessage::SymbolTable(table) => {
+                let heap = LocalHeap::parse_at_storage(storage, table.heap_address, os, ls).map_err(error)?;
+                let leaves =
+                    btree_v1::collect_btree_v1_leaves_storage(storage, table.btree_address, os, ls, None, &[], None)
+                        .map_err(error)?;
+                for (_, node_address) in leaves {
+                    for entry in symbol_table_node(storage, node_address, os, ls)?.entries {
+                        if entry.cache_type != 2 {
+                            // cache type 2 is a soft link
+                            names.insert(
+                                heap.get_string_storage(entry.link_name_offset, storage)
+                                    .map_err(error)?,
+                            );
+                        }
+                    }
+                }
+            }
+            HdfMessage::Link(l) => {
+                if let LinkTarget::Hard { .. } = l.target {
+                    names.insert(l.name.clone());
+                }
+            }
+            HdfMessage::LinkInfo(info) => dense = Some(info.clone()),
+            _ => {}
+        }
+    }
+    if let Some(info) = dense.filter(|i| !Cursor::is_undefined_offset(i.fractal_heap_address, os)) {
+        let heap = FractalHeap::parse_at_storage(storage, info.fractal_heap_address, os, ls).map_err(error)?;
+        let tree = BTreeV2Header::parse_at_storage(storage, info.btree_name_index_address, os, ls).map_err(error)?;
+        for record in
+            btree_v2::collect_btree_v2_records_storage(storage, &tree, os, ls, None, &[], None).map_err(error)?
+        {
+            let BTreeV2Record::LinkNameHash { heap_id, .. } = record else {
+                continue;
+            };
+            let bytes = heap.get_object_storage(&heap_id, storage, os, ls).map_err(error)?;
+            let l = link::parse(&mut Cursor::new(&bytes), os, ls, bytes.len()).map_err(error)?;
+            if let LinkTarget::Hard { .. } = l.target {
+                names.insert(l.name);
+            }
+        }
+    }
+    Ok(names)
+}
+
+fn symbol_table_node(
+    storage: &dyn Storage,
+    address: u64,
+    os: u8,
+    ls: u8,
+) -> std::result::Result<SymbolTableNode, String> {
+    let prefix = storage.read_range(address, 8).map_err(|e| e.to_string())?;
+    if prefix.get(0..4) != Some(b"SNOD".as_slice()) {
+        return Err(format!("no symbol table node at {address}"));
+    }
+    let entries = usize::from(u16::from_le_bytes([prefix[6], prefix[7]]));
+    let length = 8 + entries * (2 * usize::from(os) + 24);
+    let bytes = storage.read_range(address, length).map_err(|e| e.to_string())?;
+    SymbolTableNode::parse(&mut Cursor::new(bytes.as_ref()), os, ls).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,207 @@
+"""The Rust core's HDF5 listing (no libhdf5) against h5py's, the reference: on every file stock
+Keras writes and on the layouts h5py can produce, the same datasets at the same offsets with the
+same shapes and dtypes; anything the listing leaves out goes through h5py and stock's checks.
+Mutated files give a list or a `KerasSaveError`, never a crash."""
+
+from __future__ import annotations
+
+import io
+import random
+import zipfile
+
+import h5py
+import keras
+import ml_dtypes
+import numpy as np
+import pytest
+
+from conftest import MODELS
+from kerassave_fast._core import KerasSaveError, TensorFile, hdf5_stored_datasets
+from kerassave_fast.formats.weights_h5 import _listed_by_h5py, _listed_by_rust
+from test_legacy_h5 import stock_save
+
+
+def _views(path) -> tuple[set, set]:
+    """(Rust's listing, h5py's listing) of the HDF5 file at `path`, as comparable sets."""
+    with open(path, "rb") as f:
+        data = f.read()
+    rust = _listed_by_rust(TensorFile(str(path)), 0, len(data))
+    assert rust is not None, f"the Rust listing refused {path}"
+    with h5py.File(io.BytesIO(data), "r") as h5:
+        reference = _listed_by_h5py(h5)
+    as_set = lambda tensors: {(t.name, t.offset, t.shape, t.dtype.name) for t in tensors}  # noqa: E731
+    return as_set(rust), as_set(reference)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_stock_file_is_listed_as_h5py_lists_it(model_zoo, tmp_path, name):
+    model = model_zoo(name)
+    keras.saving.save_model(model, tmp_path / "m.keras")
+    with zipfile.ZipFile(tmp_path / "m.keras") as z:
+        (tmp_path / "member.h5").write_bytes(z.read("model.weights.h5"))
+    model.save_weights(tmp_path / "m.weights.h5")
+    stock_save(model, tmp_path / "m.h5")
+    for file in ("member.h5", "m.weights.h5", "m.h5"):
+        rust, reference = _views(tmp_path / file)
+        only_rust, only_h5py = sorted(rust - reference)[:3], sorted(reference - rust)[:3]
+        assert rust == reference, f"{name} {file}: only Rust {only_rust}, only h5py {only_h5py}"
+        assert rust, f"{name} {file}: nothing listed"
+
+
+def _write_layouts(path, libver, track_order) -> None:
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w", libver=libver, track_order=track_order) as f:
+        f.attrs["model_config"] = "x" * 70_000  # an attribute large enough for dense storage (latest)
+        many = f.create_group("many")  # more links than compact storage holds
+        for i in range(40):
+            many.create_dataset(str(i), data=rng.standard_normal((i + 1,)).astype("float32"))
+        plain = f.create_group("layers/dense/vars")
+        for dtype in ("float16", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32"):
+            plain[dtype] = rng.integers(0, 100, (3, 5)).astype(dtype)
+        plain["int64"] = np.arange(7, dtype="int64")
+        plain["scalar"] = np.float32(3.5)
+        plain["empty"] = np.zeros((0, 4), "float32")
+        plain["bool"] = np.array([True, False])
+        plain["big_endian"] = np.arange(4, dtype=">f4")
+        plain["strings"] = np.array([b"a", b"bc"])
+        plain.create_dataset("never_written", (4, 4), "float32")
+        plain.create_dataset("gzip", data=np.ones((64, 64), "float32"), compression="gzip", shuffle=True)
+        plain.create_dataset("fletcher32", data=np.ones((8,), "float32"), fletcher32=True)
+        plain.create_dataset("chunked", data=np.ones((8, 8), "float32"), chunks=(4, 4))
+        ds = plain.create_dataset("bf16", data=np.arange(6).astype(ml_dtypes.bfloat16))
+        ds.attrs["dtype"] = "bfloat16"
+        plain.create_dataset("opaque_no_attr", data=np.arange(6).astype(ml_dtypes.bfloat16))
+        plain["soft"] = h5py.SoftLink("/layers/dense/vars/float32")
+        plain["external"] = h5py.ExternalLink("other.h5", "/x")
+        plain["hard_again"] = plain["float64"]  # one object, two names: listed once
+
+
+@pytest.mark.parametrize("libver", ["earliest", "latest"])
+@pytest.mark.parametrize("track_order", [False, True])
+def test_h5py_layouts_are_listed_as_h5py_lists_them(tmp_path, libver, track_order):
+    path = tmp_path / "layouts.h5"
+    _write_layouts(path, libver, track_order)
+    rust, reference = _views(path)
+    # "hard_again" and "float64" name one object: each lister keeps the first name it reaches.
+    # Booleans (an HDF5 enum) are left to h5py, which converts them.
+    assert {t[1:] for t in rust} == {t[1:] for t in reference if t[3] != "bool"}
+    names = {t[0].rsplit("/", 1)[-1] for t in rust}
+    assert len(rust) == 40 + 12, sorted(names)  # 9 dtypes, int64, scalar, bf16
+    assert names.isdisjoint({"big_endian", "strings", "never_written", "gzip", "fletcher32", "chunked", "soft"})
+    assert "bf16" in names and "opaque_no_attr" not in names and "empty" not in names
+
+
+def test_a_user_block_is_left_to_h5py(tmp_path):
+    """Addresses then count from the superblock, not from the file's start (Keras never writes one)."""
+    path = tmp_path / "userblock.h5"
+    with h5py.File(path, "w", userblock_size=1024) as f:
+        f["x"] = np.arange(10, dtype="float32")
+    assert hdf5_stored_datasets(TensorFile(str(path))) is None
+
+
+def test_bytes_and_file_sources_agree(model_zoo, tmp_path):
+    model_zoo("seed_example").save_weights(tmp_path / "m.weights.h5")
+    data = (tmp_path / "m.weights.h5").read_bytes()
+    padded = b"\0" * 100 + data  # the HDF5 file at an offset, as a member inside a zip
+    (tmp_path / "padded").write_bytes(padded)
+    from_file = hdf5_stored_datasets(TensorFile(str(tmp_path / "padded")), 100, len(data))
+    assert from_file == hdf5_stored_datasets(data) == hdf5_stored_datasets(padded, 100, len(data))
+    assert from_file
+
+
+def _mutants(data: bytes, count: int, seed: int):
+    rng = random.Random(seed)
+    for _ in range(count):
+        mutated = bytearray(data)
+        kind = rng.randrange(4)
+        at = rng.randrange(len(data))
+        if kind == 0:
+            mutated[at] ^= 1 << rng.randrange(8)
+        elif kind == 1:
+            mutated[at] = rng.choice((0, 0xFF))
+        elif kind == 2:
+            mutated[at : at + 8] = rng.choice((2**63 - 1, 2**32, len(data) - 8)).to_bytes(8, "little")
+        else:
+            mutated = mutated[:at]
+        yield bytes(mutated[: len(data)])
+
+
+def test_mutated_files_give_a_listing_or_a_clean_error(model_zoo, tmp_path):
+    """Bytes flipped, zeroed, set to huge offsets, cut: the listing returns datasets inside the
+    file, None (left to h5py) or raises `KerasSaveError` naming the file."""
+    model = model_zoo("optimizer_adam")
+    stock_save(model, tmp_path / "m.h5")
+    model.save_weights(tmp_path / "m.weights.h5")
+    outcomes = {"listed": 0, "left to h5py": 0, "refused": 0}
+    for seed, file in enumerate(("m.h5", "m.weights.h5")):
+        data = (tmp_path / file).read_bytes()
+        for mutated in _mutants(data, 1500, seed):
+            try:
+                listed = hdf5_stored_datasets(mutated)
+            except KerasSaveError as e:
+                assert str(e).startswith("<memory>: corrupted HDF5 file"), e
+                outcomes["refused"] += 1
+                continue
+            if listed is None:
+                outcomes["left to h5py"] += 1
+                continue
+            for name, offset, shape, dtype in listed:
+                nbytes = int(np.prod(shape)) * (2 if dtype == "bfloat16" else np.dtype(dtype).itemsize)
+                assert 0 < nbytes and offset + nbytes <= len(mutated), (name, offset, nbytes, len(mutated))
+            outcomes["listed"] += 1
+    assert all(outcomes.values()), outcomes
+
+
+HANGS_STOCK = """
+import sys
+import kerassave_fast as ksf
+try:
+    ksf.load_model(sys.argv[1])
+except Exception as e:
+    print(type(e).__name__, e)
+"""
+
+
+def _grow_last_heap_object(data: bytearray) -> None:
+    """Grows the size of the last object of the first global heap collection by 16 bytes, so the
+    next object header libhdf5 reads lies inside the zero-filled free space: index 0, size 0."""
+    collection = data.index(b"GCOL")
+    end = collection + int.from_bytes(data[collection + 8 : collection + 16], "little")
+    at, last = collection + 16, None
+    while at + 16 <= end:
+        index, size = int.from_bytes(data[at : at + 2], "little"), int.from_bytes(data[at + 8 : at + 16], "little")
+        if index == 0:
+            assert size >= 64, "too little free space to land in"
+            break
+        last, at = at, at + 16 + (size + 7) // 8 * 8
+    size = int.from_bytes(data[last + 8 : last + 16], "little")
+    data[last + 8 : last + 16] = (size + 16).to_bytes(8, "little")
+
+
+@pytest.mark.parametrize("flavour", ["keras", "tf_keras"])
+def test_a_file_libhdf5_hangs_on_is_refused_naming_it(model_zoo, tmp_path, flavour):
+    """A `.h5` whose global heap (where h5py keeps `str` attributes) has its last object's size
+    grown: libhdf5 then loops forever reading `model_config` (stock Keras hangs, and h5py: checked
+    here with a timeout); ours refuses the file, naming it."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "m.h5"
+    if flavour == "keras":
+        stock_save(model_zoo("optimizer_adam"), path)
+    else:
+        import tf_keras
+
+        tf_keras.Sequential([tf_keras.Input((4,)), tf_keras.layers.Dense(2)]).save(path)
+    data = bytearray(path.read_bytes())
+    _grow_last_heap_object(data)
+    path.write_bytes(bytes(data))
+    h5py_read = "import h5py, sys; h5py.File(sys.argv[1], 'r').attrs.get('model_config')"
+    with pytest.raises(subprocess.TimeoutExpired):
+        subprocess.run([sys.executable, "-c", h5py_read, str(path)], capture_output=True, timeout=10)
+    env = {**os.environ, "TF_USE_LEGACY_KERAS": "1" if flavour == "tf_keras" else "0", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    command = [sys.executable, "-c", HANGS_STOCK, str(path)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert run.stdout.startswith("KerasSaveError"), run.stdout + run.stderr[-2000:]
+    assert str(path) in run.stdout and "global heap" in run.stdout
