@@ -165,9 +165,9 @@ def test_save_while_another_process_loads_the_file(model_zoo, tmp_path, suffix):
     expected = {_weights_digest(a), _weights_digest(b)}
     path, stop = tmp_path / f"m{suffix}", tmp_path / "stop"
     ksf.save_model(a, path)
-    reader = subprocess.Popen(
-        [sys.executable, "-c", READER, str(path), str(stop)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    errors = open(tmp_path / "reader.err", "w+")  # a file: a pipe nobody reads could fill and block it
+    command = [sys.executable, "-c", READER, str(path), str(stop)]
+    reader = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True)
     seen: list[str] = []
     listener = threading.Thread(target=lambda: seen.extend(line.split()[0] for line in reader.stdout if line.split()))
     listener.start()
@@ -178,8 +178,12 @@ def test_save_while_another_process_loads_the_file(model_zoo, tmp_path, suffix):
             saves += 1
     finally:
         stop.touch()
-        _, err = reader.communicate(timeout=120)
-        listener.join()
+        reader.wait(timeout=120)
+        listener.join()  # it owns stdout until the reader exits
+        reader.stdout.close()
+        errors.seek(0)
+        err = errors.read()
+        errors.close()
     assert reader.returncode == 0, err[-3000:]
     assert set(seen) <= expected, f"a load saw weights of neither save: {set(seen) - expected}"
     assert len(seen) >= 12 and saves > len(seen), (len(seen), saves)
