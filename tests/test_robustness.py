@@ -9,6 +9,7 @@ import os
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 import zlib
@@ -114,7 +115,10 @@ def _run_corpus(original: Path, directory: Path, per_file: float = 120) -> dict[
     names, outcomes, after = sorted(p.name for p in directory.iterdir()), {}, ""
     while len(outcomes) < len(names):
         command = [sys.executable, str(HERE / "corpus_worker.py"), str(original), str(directory), after]
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # stderr to a file: a pipe nobody reads fills up after a few hundred loads' warnings and
+        # blocks the worker, which would look like a hang.
+        errors = tempfile.TemporaryFile("w+")
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True)
         lines: queue.Queue = queue.Queue()
 
         def forward(stdout=proc.stdout, lines=lines) -> None:
@@ -136,7 +140,8 @@ def _run_corpus(original: Path, directory: Path, per_file: float = 120) -> dict[
                 break
             if line is None:
                 proc.wait()
-                died = f"worker died ({proc.returncode}) at {current}: {proc.stderr.read()[-2000:]}"
+                errors.seek(0)
+                died = f"worker died ({proc.returncode}) at {current}: {errors.read()[-2000:]}"
                 assert proc.returncode == 0, died
                 break
             record = json.loads(line)
@@ -146,7 +151,7 @@ def _run_corpus(original: Path, directory: Path, per_file: float = 120) -> dict[
                 outcomes[record["file"]] = record
                 after = record["file"]
         proc.stdout.close()
-        proc.stderr.close()
+        errors.close()
     return outcomes
 
 
