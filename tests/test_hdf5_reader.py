@@ -205,3 +205,24 @@ def test_a_file_libhdf5_hangs_on_is_refused_naming_it(model_zoo, tmp_path, flavo
     run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert run.stdout.startswith("KerasSaveError"), run.stdout + run.stderr[-2000:]
     assert str(path) in run.stdout and "global heap" in run.stdout
+
+
+def test_damaged_datatypes_on_h5pys_path_are_refused(tmp_path):
+    """Datasets the Rust listing leaves out go through h5py; there, a float of no IEEE layout (a
+    flipped bit in its datatype message: libhdf5 converts the bytes into other numbers) is refused,
+    and a standard one served."""
+    from h5py import h5d, h5s, h5t
+
+    from kerassave_fast.formats.weights_h5 import consistent
+
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f["standard"] = np.arange(4, dtype="float32")
+        odd = h5t.IEEE_F32LE.copy()
+        odd.set_ebias(100)  # what a flipped exponent-bias byte makes of a float32
+        dsid = h5d.create(f.id, b"odd", odd, h5s.create_simple((4,)))
+        dsid.write(h5s.ALL, h5s.ALL, np.arange(4, dtype="float32"))
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        assert consistent(f["standard"]) is not None
+        with pytest.raises(KerasSaveError, match=r"f\.h5: dataset '/odd' has a floating-point type of no standard"):
+            consistent(f["odd"])
+    assert [d[0] for d in hdf5_stored_datasets(TensorFile(str(tmp_path / "f.h5")))] == ["/standard"]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import h5py
 import numpy as np
-from h5py import h5d, h5o, h5s
+from h5py import h5d, h5o, h5s, h5t
 from h5py._hl.dataset import make_new_dset
 
 from .._core import KerasSaveError, TensorFile, hdf5_stored_datasets
@@ -377,6 +377,33 @@ def stored_tensors(
             raise KerasSaveError(f"{where}: datasets '{previous}' and '{tensor.name}' overlap (corrupted file)")
         end_of_previous, previous = tensor.offset + tensor.nbytes, tensor.name
     return found
+
+
+_IEEE_FLOATS = (h5t.IEEE_F16LE, h5t.IEEE_F16BE, h5t.IEEE_F32LE, h5t.IEEE_F32BE, h5t.IEEE_F64LE, h5t.IEEE_F64BE)
+
+
+def consistent(dataset: h5py.Dataset) -> h5py.Dataset:
+    """`dataset`, unless it is contiguous and its datatype or shape was damaged: a float of no IEEE
+    layout (libhdf5 would convert its bytes into other numbers), or stored bytes that are neither
+    none (fill values) nor exactly its shape times its element size (libhdf5 would read past them,
+    into the next tensor's, or short of them). Stock loads such a file, wrong."""
+    plist = dataset.id.get_create_plist()
+    if plist.get_layout() != h5d.CONTIGUOUS or plist.get_external_count() or dataset.shape is None:
+        return dataset
+    file_type = dataset.id.get_type()
+    if file_type.get_class() == h5t.FLOAT and not any(file_type.equal(t) for t in _IEEE_FLOATS):
+        raise KerasSaveError(
+            f"{dataset.file.filename}: dataset '{dataset.name}' has a floating-point type of no standard "
+            "layout (corrupted file: HDF5 would convert its bytes into other numbers)"
+        )
+    stored = dataset.id.get_storage_size()
+    declared = math.prod(dataset.shape) * file_type.get_size()
+    if stored not in (0, declared):
+        raise KerasSaveError(
+            f"{dataset.file.filename}: dataset '{dataset.name}' stores {stored} bytes but its shape and "
+            f"type need {declared} (corrupted file)"
+        )
+    return dataset
 
 
 class ReadAhead:

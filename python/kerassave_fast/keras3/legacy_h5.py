@@ -13,7 +13,7 @@ from keras.src.saving.saving_lib import safe_get_h5_dataset, safe_get_h5_group
 from keras.src.saving.serialization_lib import SafeModeScope
 
 from ..formats.legacy_h5 import LegacyH5Contents, NamedVariables, encode_metadata, weights_contents
-from ..formats.weights_h5 import ReadAhead
+from ..formats.weights_h5 import ReadAhead, consistent
 from ..tensors import BFLOAT16
 from . import state
 
@@ -91,7 +91,7 @@ class _Tensors:
         # Read-ahead tensors are listed under their hard-link paths: the same textual path means
         # the same dataset, reached through hard links only, as stock requires.
         array = self.arrays.pop(f"{group.name}/{name}", None)
-        return array if array is not None else np.asarray(safe_get_h5_dataset(group, name))
+        return array if array is not None else np.asarray(consistent(safe_get_h5_dataset(group, name)))
 
     def of_group(self, group) -> list[np.ndarray]:
         """`load_subset_weights_from_hdf5_group`."""

@@ -32,7 +32,7 @@ from keras.src.saving.serialization_lib import (
     deserialize_keras_object,
 )
 
-from ..formats.weights_h5 import WeightsPlan
+from ..formats.weights_h5 import WeightsPlan, consistent
 from ..tensors import adoptable_tensor
 
 
@@ -320,6 +320,8 @@ class _PreloadedWeights(saving_lib.H5IOStore):
                 # Keras' own loaders hand it straight to a variable, which adopts its memory; code of
                 # anyone else (a custom `load_own_variables`) may keep it, so it gets a copy, as from stock.
                 return array if _called_from_keras() else np.array(array)
+            if hard:
+                consistent(saving_lib.safe_get_h5_dataset(group, key))
         return super().__getitem__(key)
 
     def close(self):
