@@ -5,7 +5,7 @@ DEPS   := $(VENV)/.deps-installed
 BUILT  := $(VENV)/.extension-built
 RUST_SOURCES := $(wildcard rust/*.rs rust/*/*.rs) Cargo.toml Cargo.lock
 
-.PHONY: test bench build lint fmt clean stock-suites
+.PHONY: test bench build lint fmt clean stock-suites fuzz corpus compat
 
 $(DEPS): requirements-dev.txt
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -31,6 +31,19 @@ bench: $(BUILT)
 # Stock's own saving tests, on stock and with kerassave_fast.install(), diffed (~25 min; not in CI).
 stock-suites: $(BUILT)
 	$(PYTHON) tests/stock_suites/compare.py $(SUITES_ARGS)
+
+# The hostile-file corpora of tests/test_robustness.py at CORPUS_FILES files per format (~1 h; not in CI).
+CORPUS_FILES ?= 10000
+corpus: $(BUILT)
+	KSF_CORPUS_FILES=$(CORPUS_FILES) $(PYTHON) -m pytest tests/test_robustness.py -k mutated -s -p no:cacheprovider
+
+# The interop tests on each Keras 3 minor release 3.10-3.15 and tf_keras 2.16-2.21 (~30 min; not in CI).
+compat: $(BUILT)
+	bash tests/compat/run.sh
+
+# Coverage-guided fuzzing of the Rust parsers, FUZZ_SECONDS each (default 300; nightly + cargo-fuzz; not in CI).
+fuzz:
+	bash fuzz/run.sh
 
 lint: $(DEPS)
 	cargo fmt --check

@@ -1,9 +1,13 @@
-"""Loads every mutated file (`.keras`, `.h5`) of a directory in a separate process and reports each outcome.
+"""Loads every mutated file of a directory in a separate process and reports each outcome.
 
 Run by test_robustness.py: a crash (abort, segfault) here fails that test instead of killing pytest,
 and a load that never returns is seen by the test's per-file timeout (each load is announced first).
-Usage: python corpus_worker.py ORIGINAL MUTANTS_DIR [AFTER]  ->  JSON lines on stdout: {"start": file}
-then the outcome, for each mutant in name order (those after AFTER only, when given).
+Usage: python corpus_worker.py ORIGINAL MUTANTS_DIR MODE [AFTER]  ->  JSON lines on stdout:
+{"start": file} then the outcome, for each mutant in name order (those after AFTER only, when given).
+MODE "model": `load_model` of each mutant (`.keras`, `.h5`), compared with ORIGINAL's state.
+MODE "weights": `load_weights` of each mutant (a weights file, or a directory holding a TF
+checkpoint `ckpt`) into ORIGINAL's model, whose weights are first set to other values.
+The Keras flavour is TensorFlow's: tf_keras when TF_USE_LEGACY_KERAS=1.
 """
 
 from __future__ import annotations
@@ -30,19 +34,47 @@ def weights(model) -> list[bytes]:
     return [np.atleast_1d(np.asarray(v.numpy())).tobytes() for v in model.weights]
 
 
-def main(original: str, mutants: str, after: str = "") -> None:
+def refusal(name: str, e: Exception) -> dict:
+    """Every refusal is recorded; the test judges its type and message."""
+    outcome = {"file": name, "outcome": "refused", "type": type(e).__name__, "message": str(e)[:300]}
+    outcome["mro"] = [c.__name__ for c in type(e).__mro__]
+    outcome["notes"] = [str(n) for n in getattr(e, "__notes__", [])]
+    return outcome
+
+
+def load_weights_of(model, mutants: str, names: list[str]) -> None:
+    """Each mutant's weights loaded into `model`, reset first to values no file holds, so that a
+    variable the load skips shows as different."""
+    reference = weights(model)
+    other = [np.full_like(np.asarray(w), 3) for w in model.get_weights()]
+    for name in names:
+        print(json.dumps({"start": name}), flush=True)
+        path = os.path.join(mutants, name)
+        path = os.path.join(path, "ckpt") if os.path.isdir(path) else path
+        model.set_weights(other)
+        try:
+            ksf.load_weights(model, path)
+        except Exception as e:
+            outcome = refusal(name, e)
+        else:
+            outcome = {"file": name, "outcome": "equal" if weights(model) == reference else "DIFFERENT"}
+        print(json.dumps(outcome), flush=True)
+
+
+def main(original: str, mutants: str, mode: str, after: str = "") -> None:
     warnings.simplefilter("ignore")
     model = ksf.load_model(original)
     reference, reference_weights = state(model), weights(model)
-    for name in sorted(n for n in os.listdir(mutants) if n > after):
+    names = sorted(n for n in os.listdir(mutants) if n > after)
+    if mode == "weights":
+        return load_weights_of(model, mutants, names)
+    for name in names:
         print(json.dumps({"start": name}), flush=True)
         path = os.path.join(mutants, name)
         try:
             loaded = ksf.load_model(path)
-        except Exception as e:  # every refusal is recorded; the test judges its type and message
-            outcome = {"file": name, "outcome": "refused", "type": type(e).__name__, "message": str(e)[:300]}
-            outcome["mro"] = [c.__name__ for c in type(e).__mro__]
-            outcome["notes"] = [str(n) for n in getattr(e, "__notes__", [])]
+        except Exception as e:
+            outcome = refusal(name, e)
         else:
             if getattr(loaded, "optimizer", None) is None:
                 # A damaged training config: stock too loads the weights alone, uncompiled.
@@ -59,4 +91,4 @@ def main(original: str, mutants: str, after: str = "") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

@@ -6,6 +6,7 @@ import io
 import os
 import stat
 import sys
+import threading
 
 import keras
 import numpy as np
@@ -322,3 +323,29 @@ def test_delegation_reaches_stock_even_when_stock_is_routed_through_us(model, tm
     loaded = ksf.load_model(tmp_path / "m.h5", compile=False)
     for a, b in zip(model.weights, loaded.weights, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_a_keras_without_a_hook_we_use_goes_to_stock_with_one_warning(model_zoo, tmp_path, monkeypatch):
+    """A Keras release lacking (or having changed) a private piece the fast paths call: saves and
+    loads go to stock, and one warning names the piece."""
+    import warnings
+
+    from kerassave_fast.keras3 import hooks
+
+    assert hooks.missing() == (), "the installed Keras must have every hook"
+    monkeypatch.setattr(hooks, "missing", lambda: ("keras.src.saving.saving_lib._save_state is missing",))
+    monkeypatch.setattr(hooks, "_warned", threading.Event())
+
+    def not_ours(*args, **kwargs):
+        raise AssertionError("the fast path ran")
+
+    monkeypatch.setattr(keras_zip, "save", not_ours)
+    monkeypatch.setattr(keras_zip, "load", not_ours)
+    model = model_zoo("optimizer_adam")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ksf.save_model(model, tmp_path / "m.keras")
+        loaded = ksf.load_model(tmp_path / "m.keras")
+    ours = [str(w.message) for w in caught if "kerassave_fast" in str(w.message)]
+    assert len(ours) == 1 and "_save_state is missing" in ours[0] and "go to stock Keras" in ours[0], ours
+    assert_same_state(model, loaded)

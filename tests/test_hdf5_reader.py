@@ -226,3 +226,57 @@ def test_damaged_datatypes_on_h5pys_path_are_refused(tmp_path):
         with pytest.raises(KerasSaveError, match=r"f\.h5: dataset '/odd' has a floating-point type of no standard"):
             consistent(f["odd"])
     assert [d[0] for d in hdf5_stored_datasets(TensorFile(str(tmp_path / "f.h5")))] == ["/standard"]
+
+
+MOVED_BIAS = """
+import os, sys
+import numpy as np
+import kerassave_fast as ksf
+if os.environ["TF_USE_LEGACY_KERAS"] == "1":
+    import tf_keras as keras
+else:
+    import keras
+original, moved = (keras.models.load_model(p, compile=False).get_weights() for p in sys.argv[1:3])
+print("stock:", "different" if any((a != b).any() for a, b in zip(original, moved)) else "same")
+try:
+    ksf.load_model(sys.argv[2])
+    print("ours: loaded")
+except Exception as e:
+    print("ours:", type(e).__name__, e)
+"""
+
+
+@pytest.mark.parametrize("flavour", ["keras", "tf_keras"])
+def test_a_data_address_moved_onto_metadata_is_refused(model_zoo, tmp_path, flavour):
+    """A bias whose contiguous data address is damaged so that it points into a B-tree node: stock
+    loads those bytes as the bias, silently; ours refuses the file, naming it."""
+    import os
+    import subprocess
+    import sys
+
+    path, moved = tmp_path / "m.h5", tmp_path / "moved.h5"
+    if flavour == "keras":
+        stock_save(model_zoo("optimizer_adam"), path)
+    else:
+        import tf_keras
+
+        tf_keras.Sequential([tf_keras.Input((4,)), tf_keras.layers.Dense(2)]).save(path)
+    data = bytearray(path.read_bytes())
+    with h5py.File(path, "r") as f:
+        bias = next(f[n] for n in _all_datasets(f) if n.rsplit("/", 1)[-1].startswith("bias"))
+        address = bias.id.get_offset().to_bytes(8, "little")
+    assert data.count(address) == 1
+    at = data.index(address)
+    data[at : at + 8] = (data.index(b"TREE") + 8).to_bytes(8, "little")
+    moved.write_bytes(bytes(data))
+    env = {**os.environ, "TF_USE_LEGACY_KERAS": "1" if flavour == "tf_keras" else "0", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    command = [sys.executable, "-c", MOVED_BIAS, str(path), str(moved)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert "stock: different" in run.stdout, run.stdout + run.stderr[-2000:]
+    assert f"ours: KerasSaveError {moved}: corrupted HDF5 file: the bytes of dataset" in run.stdout, run.stdout
+
+
+def _all_datasets(f: h5py.File) -> list[str]:
+    names = []
+    f.visititems(lambda name, o: names.append(name) if isinstance(o, h5py.Dataset) else None)
+    return names

@@ -72,13 +72,30 @@ def _regions(path: Path) -> dict[str, list[tuple[int, int]]]:
     }
 
 
+# Files per format: `make corpus` sets KSF_CORPUS_FILES=10000; `make test` runs a few hundred.
+CORPUS_FILES = int(os.environ.get("KSF_CORPUS_FILES", "0"))
+
+
 def _positions(ranges, count, rng) -> list[int]:
     pool = np.concatenate([np.arange(a, b) for a, b in ranges if b > a])
     return sorted(rng.choice(pool, size=min(count, len(pool)), replace=False).tolist())
 
 
-def _write_corpus(original: Path, directory: Path) -> dict[str, str]:
-    """Writes the mutants; returns {file name: region it damages}."""
+def _flips(ranges, count, rng) -> list[tuple[int, int]]:
+    """Up to `count` distinct (byte position, bit) pairs inside `ranges`."""
+    pool = np.concatenate([np.arange(a, b) for a, b in ranges if b > a])
+    picks = rng.choice(len(pool) * 8, size=min(count, len(pool) * 8), replace=False)
+    return sorted((int(pool[p // 8]), int(p % 8)) for p in picks)
+
+
+def _flipped(data: bytes, pos: int, bit: int) -> bytes:
+    mutated = bytearray(data)
+    mutated[pos] ^= 1 << bit
+    return bytes(mutated)
+
+
+def _write_corpus(original: Path, directory: Path, files: int = 0) -> dict[str, str]:
+    """Writes the mutants (about `files` of them, or a few hundred); returns {file name: region it damages}."""
     data = original.read_bytes()
     regions = _regions(original)
     rng = np.random.default_rng(20261125)
@@ -92,11 +109,14 @@ def _write_corpus(original: Path, directory: Path) -> dict[str, str]:
     cuts = sorted({*range(0, len(data), max(1, len(data) // 40)), *(b + d for b in boundaries for d in (-1, 0, 1))})
     for cut in (c for c in cuts if 0 <= c < len(data)):
         put(f"truncate-{cut:07d}.keras", "truncation", data[:cut])
-    for region, ranges in regions.items():
-        for i, pos in enumerate(_positions(ranges, 40, rng)):
-            mutated = bytearray(data)
-            mutated[pos] ^= 1 << int(rng.integers(8))
-            put(f"flip-{region}-{i:03d}.keras", region, bytes(mutated))
+    # Flips shared out between the regions, the smallest first: what one cannot hold goes to the next.
+    wanted = max(files - len(corpus), 0) or 200
+    by_size = sorted(regions, key=lambda r: sum(b - a for a, b in regions[r]))
+    for n, region in enumerate(by_size):
+        flips = _flips(regions[region], wanted // (len(by_size) - n), rng)
+        wanted -= len(flips)
+        for i, (pos, bit) in enumerate(flips):
+            put(f"flip-{region}-{i:05d}.keras", region, _flipped(data, pos, bit))
     for region in ("hdf5_metadata", "tensor_data", "directory"):
         for i, pos in enumerate(_positions(regions[region], 12, rng)):
             mutated = bytearray(data)
@@ -106,19 +126,23 @@ def _write_corpus(original: Path, directory: Path) -> dict[str, str]:
     return corpus
 
 
-def _run_corpus(original: Path, directory: Path, per_file: float = 120) -> dict[str, dict]:
-    """Each mutant's outcome from corpus_worker.py: a load that takes longer than `per_file`
-    seconds is recorded as "HANG" (the worker is killed and restarted after that file)."""
+def _run_corpus(
+    original: Path, directory: Path, mode: str = "model", env: dict | None = None, per_file: float = 120
+) -> dict[str, dict]:
+    """Each mutant's outcome from corpus_worker.py (`mode`: see there): a load that takes longer
+    than `per_file` seconds is recorded as "HANG" (the worker is killed and restarted after that file)."""
     import queue
     import threading
 
     names, outcomes, after = sorted(p.name for p in directory.iterdir()), {}, ""
     while len(outcomes) < len(names):
-        command = [sys.executable, str(HERE / "corpus_worker.py"), str(original), str(directory), after]
+        command = [sys.executable, str(HERE / "corpus_worker.py"), str(original), str(directory), mode, after]
         # stderr to a file: a pipe nobody reads fills up after a few hundred loads' warnings and
         # blocks the worker, which would look like a hang.
         errors = tempfile.TemporaryFile("w+")
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True)
+        proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=errors, text=True, env={**os.environ, **(env or {})}
+        )
         lines: queue.Queue = queue.Queue()
 
         def forward(stdout=proc.stdout, lines=lines) -> None:
@@ -178,21 +202,30 @@ def _check_outcomes(outcomes: dict[str, dict], corpus: dict[str, str], directory
     assert set(outcomes) == set(corpus)
 
 
+def _report(kind: str, outcomes: dict[str, dict]) -> collections.Counter:
+    counts = collections.Counter(o["outcome"] for o in outcomes.values())
+    print(f"{kind} corpus outcomes:", len(outcomes), dict(counts))
+    assert counts["refused"] and counts["equal"], counts
+    return counts
+
+
 def test_mutated_files_are_refused_or_load_bitwise_equal(original, tmp_path):
-    corpus = _write_corpus(original, tmp_path)
+    corpus = _write_corpus(original, tmp_path, CORPUS_FILES)
     outcomes = _run_corpus(original, tmp_path)
     _check_outcomes(outcomes, corpus, tmp_path)
     for name, o in outcomes.items():
         if corpus[name] in ("tensor_data", "hdf5_metadata", "config") and name.startswith("flip"):
             assert o["outcome"] == "refused" and "CRC-32" in o["message"], f"{name}: {o}"
-    refused = sum(o["outcome"] == "refused" for o in outcomes.values())
-    assert refused > len(outcomes) // 2, "the corpus should mostly be refused"
+    counts = _report(".keras", outcomes)
+    assert counts["refused"] > len(outcomes) // 2, "the corpus should mostly be refused"
 
 
 def _write_h5_corpus(original: Path, directory: Path, flips: int) -> dict[str, str]:
-    """Mutants of a legacy `.h5` in its metadata only (HDF5 keeps no checksum of tensor bytes, so
-    a flipped tensor byte loads, in stock and here): truncations, bit flips, zeroed runs."""
+    """Mutants of an HDF5 file (`.h5`, `.weights.h5`) in its metadata only (HDF5 keeps no checksum
+    of tensor bytes, so a flipped tensor byte loads, in stock and here): truncations, bit flips,
+    zeroed runs. Each keeps `original`'s suffixes."""
     data = original.read_bytes()
+    suffix = "".join(original.suffixes)
     tensors = []
     with h5py.File(original, "r") as f:
         f.visititems(
@@ -216,17 +249,21 @@ def _write_h5_corpus(original: Path, directory: Path, flips: int) -> dict[str, s
 
     for cut in sorted({*range(0, len(data), max(1, len(data) // 30)), *(b for r in metadata for b in r)}):
         if 0 <= cut < len(data):
-            put(f"truncate-{cut:07d}.h5", "truncation", data[:cut])
-    for i, pos in enumerate(_positions(metadata, flips, rng)):
-        mutated = bytearray(data)
-        mutated[pos] ^= 1 << int(rng.integers(8))
-        put(f"flip-{i:04d}.h5", "hdf5_metadata", bytes(mutated))
+            put(f"truncate-{cut:07d}{suffix}", "truncation", data[:cut])
+    for i, (pos, bit) in enumerate(_flips(metadata, flips, rng)):
+        put(f"flip-{i:05d}{suffix}", "hdf5_metadata", _flipped(data, pos, bit))
     for i, pos in enumerate(_positions(metadata, flips // 10, rng)):
         mutated = bytearray(data)
-        mutated[pos : pos + 16] = bytes(len(mutated[pos : pos + 16]))
+        end = min(pos + 16, next(b for a, b in metadata if a <= pos < b))  # tensor bytes stay as they are
+        mutated[pos:end] = bytes(end - pos)
         if bytes(mutated) != data:
-            put(f"zero-{i:04d}.h5", "hdf5_metadata", bytes(mutated))
+            put(f"zero-{i:04d}{suffix}", "hdf5_metadata", bytes(mutated))
     return corpus
+
+
+def _h5_flips() -> int:
+    """Flips making an HDF5 corpus of at least CORPUS_FILES files (truncations and zeroed runs come on top)."""
+    return CORPUS_FILES or 150
 
 
 def test_mutated_h5_files_are_refused_or_load_bitwise_equal(model_zoo, tmp_path):
@@ -236,12 +273,96 @@ def test_mutated_h5_files_are_refused_or_load_bitwise_equal(model_zoo, tmp_path)
     ksf.save_model(model_zoo("optimizer_adam"), original)
     mutants = tmp_path / "mutants"
     mutants.mkdir()
-    corpus = _write_h5_corpus(original, mutants, int(os.environ.get("KSF_H5_CORPUS_FLIPS", "150")))
+    corpus = _write_h5_corpus(original, mutants, _h5_flips())
     outcomes = _run_corpus(original, mutants)
     _check_outcomes(outcomes, corpus, mutants, h5=True)
-    counts = collections.Counter(o["outcome"] for o in outcomes.values())
-    print("h5 corpus outcomes:", len(outcomes), dict(counts))
-    assert counts["refused"] and counts["equal"], counts
+    _report(".h5", outcomes)
+
+
+def test_mutated_weights_files_are_refused_or_load_bitwise_equal(model_zoo, tmp_path):
+    """`load_weights` of mutated `.weights.h5` files into a model: refused naming the file, or
+    every weight loaded bitwise equal."""
+    original = tmp_path / "original.keras"
+    model = model_zoo("low_precision")
+    ksf.save_model(model, original)
+    weights = tmp_path / "original.weights.h5"
+    ksf.save_weights(model, weights)
+    mutants = tmp_path / "mutants"
+    mutants.mkdir()
+    corpus = _write_h5_corpus(weights, mutants, _h5_flips())
+    outcomes = _run_corpus(original, mutants, mode="weights")
+    _check_outcomes(outcomes, corpus, mutants, h5=True)
+    _report(".weights.h5", outcomes)
+
+
+def _write_checkpoint_corpus(prefix: Path, directory: Path, flips: int) -> dict[str, str]:
+    """Mutated TF checkpoints, each a directory holding `ckpt.index` and `ckpt.data-00000-of-00001`:
+    the index truncated at every byte and bit-flipped, the data bit-flipped (CRC32C) and truncated."""
+    index, data = Path(f"{prefix}.index"), Path(f"{prefix}.data-00000-of-00001")
+    rng = np.random.default_rng(20261127)
+    corpus = {}
+
+    def put(name: str, region: str, index_bytes: bytes | None = None, data_bytes: bytes | None = None) -> None:
+        (directory / name).mkdir()
+        for source, content in ((index, index_bytes), (data, data_bytes)):
+            target = directory / name / source.name.replace(prefix.name, "ckpt")
+            if content is None:
+                os.link(source, target)  # unchanged: shared, not copied
+            else:
+                target.write_bytes(content)
+        corpus[name] = region
+
+    index_bytes, data_bytes = index.read_bytes(), data.read_bytes()
+    for cut in range(len(index_bytes)):
+        put(f"index-truncate-{cut:06d}", "truncation", index_bytes=index_bytes[:cut])
+    for i, (pos, bit) in enumerate(_flips([(0, len(index_bytes))], flips, rng)):
+        put(f"index-flip-{i:05d}", "index", index_bytes=_flipped(index_bytes, pos, bit))
+    for i, (pos, bit) in enumerate(_flips([(0, len(data_bytes))], max(flips // 10, 10), rng)):
+        put(f"data-flip-{i:05d}", "data", data_bytes=_flipped(data_bytes, pos, bit))
+    for cut in sorted({*range(0, len(data_bytes), max(1, len(data_bytes) // 20))}):
+        put(f"data-truncate-{cut:07d}", "truncation", data_bytes=data_bytes[:cut])
+    return corpus
+
+
+TF_KERAS = {"TF_USE_LEGACY_KERAS": "1"}
+
+
+@pytest.fixture(scope="module")
+def tf_keras_original(tmp_path_factory) -> Path:
+    """A trained tf_keras Dense + Adam model in a `.h5` that our load reads back bitwise."""
+    import tf_keras_models
+
+    path = tmp_path_factory.mktemp("tf_keras_corpus") / "original.h5"
+    ksf.save_model(tf_keras_models.trained(tf_keras_models.dense_adam), path)
+    return path
+
+
+def test_mutated_tf_keras_h5_files_are_refused_or_load_bitwise_equal(tf_keras_original, tmp_path):
+    """tf_keras `load_model` of mutated `.h5` files (stock's reader behind our HDF5 walk)."""
+    corpus = _write_h5_corpus(tf_keras_original, tmp_path, _h5_flips())
+    outcomes = _run_corpus(tf_keras_original, tmp_path, env=TF_KERAS)
+    _check_outcomes(outcomes, corpus, tmp_path, h5=True)
+    _report("tf_keras .h5", outcomes)
+
+
+def test_mutated_tf_checkpoints_are_refused_or_load_bitwise_equal(tf_keras_original, tmp_path):
+    """tf_keras `load_weights` of mutated TF checkpoints (the tensor bundle our Rust core reads)."""
+    import tf_keras
+
+    model = tf_keras.models.load_model(tf_keras_original)
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    ksf.save_weights(model, saved / "original")
+    mutants = tmp_path / "mutants"
+    mutants.mkdir()
+    flips = int(CORPUS_FILES * 0.85) if CORPUS_FILES else 150
+    corpus = _write_checkpoint_corpus(saved / "original", mutants, flips)
+    outcomes = _run_corpus(tf_keras_original, mutants, mode="weights", env=TF_KERAS)
+    _check_outcomes(outcomes, corpus, mutants)
+    for name, o in outcomes.items():
+        if corpus[name] == "data":
+            assert o["outcome"] == "refused", f"{name}: {o}"
+    _report("TF checkpoint", outcomes)
 
 
 # ---------------------------------------------------------------------------------------------

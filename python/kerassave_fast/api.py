@@ -15,7 +15,8 @@ import warnings
 
 from ._core import MAX_THREADS
 from .files import durability, sync
-from .formats import keras_zip, legacy_h5, weights_file, weights_h5
+from .formats import legacy_h5, weights_h5
+from .keras3 import hooks as keras3_hooks
 from .overwrite import ask_to_replace, prompt_refusals
 from .stock import KERAS3_SAVING_API, TF_KERAS_SAVING_API, stock
 
@@ -60,6 +61,8 @@ def _local_path(filepath, flavour: str) -> str | None:
     path = os.fspath(filepath)
     if not isinstance(path, str):
         return None
+    if flavour == "keras3" and not keras3_hooks.usable():
+        return None  # this Keras lacks a piece the fast paths use: stock does it all
     if flavour == "tf_keras":
         from tf_keras.src.saving.saving_lib import is_remote_path
     else:
@@ -242,6 +245,8 @@ def _save_model(model, filepath, overwrite, threads, args, save_format, kwargs):
             "Consider building the model first by calling it on some data.",
             stacklevel=3,
         )
+    from .formats import keras_zip
+
     with _no_gc_pauses():
         keras_zip.save(model, path, include_optimizer=include_optimizer, threads=threads)
     return None
@@ -279,9 +284,10 @@ def load_model_as(flavour: str, filepath, custom_objects=None, compile=True, saf
         if tf_legacy_h5.can_load_model_fast(path, kwargs):
             with _no_gc_pauses(), _naming(path), legacy_h5.opened(path) as h5:
                 return tf_legacy_h5.load_model(h5, custom_objects, compile)
-        return stock(TF_KERAS_SAVING_API, "load_model")(
-            filepath, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode, **kwargs
-        )
+        with _naming(path) if path is not None else contextlib.nullcontext():
+            return stock(TF_KERAS_SAVING_API, "load_model")(
+                filepath, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode, **kwargs
+            )
     for name in kwargs:  # Keras 3's load_model has no **kwargs
         raise TypeError(f"load_model() got an unexpected keyword argument '{name}'")
     path = _local_path(filepath, "keras3")
@@ -296,6 +302,8 @@ def load_model_as(flavour: str, filepath, custom_objects=None, compile=True, saf
         raise ValueError(
             f"File not found: filepath={filepath}. Please ensure the file is an accessible `.keras` zip file."
         )
+    from .formats import keras_zip
+
     with _no_gc_pauses():
         return keras_zip.load(path, custom_objects, compile, safe_mode, threads)
 
@@ -351,6 +359,8 @@ def _save_weights(model, filepath, overwrite, threads, args, kwargs):
             return stock(KERAS3_SAVING_API, "save_weights")(model, filepath, overwrite, **kwargs)
     if not _may_write(filepath, overwrite):
         return None
+    from .formats import weights_file
+
     with _no_gc_pauses():
         weights_file.save(model, path, threads=threads)
     return None
@@ -372,12 +382,14 @@ def load_weights(model, filepath, skip_mismatch=False, **kwargs):
         if set(kwargs) <= {"by_name", "options"} and tf_checkpoint.can_load_fast(
             model, path, kwargs.get("by_name", False), skip_mismatch, kwargs.get("options")
         ):
-            with _no_gc_pauses(), contextlib.suppress(tf_checkpoint.NotFast):
+            with _no_gc_pauses(), _naming(path), contextlib.suppress(tf_checkpoint.NotFast):
                 return tf_checkpoint.load_weights(model, path, threads)
         return stock(TF_KERAS_SAVING_API, "load_weights")(model, filepath, skip_mismatch=skip_mismatch, **kwargs)
     path = _local_path(filepath, "keras3")
     if path is not None and not kwargs and path.endswith((".keras", ".weights.h5")):
-        with _no_gc_pauses():
+        from .formats import weights_file
+
+        with _no_gc_pauses(), _naming(path):
             if weights_file.load(model, path, skip_mismatch=skip_mismatch, threads=threads):
                 return None
     elif path is not None and not kwargs and path.endswith((".h5", ".hdf5")) and os.path.isfile(path):

@@ -6,6 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+#[cfg(not(fuzzing))]
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -16,6 +17,7 @@ use hdf5_reader::fractal_heap::FractalHeap;
 use hdf5_reader::group::Group;
 use hdf5_reader::io::Cursor;
 use hdf5_reader::local_heap::LocalHeap;
+use hdf5_reader::messages::datatype::VarLenKind;
 use hdf5_reader::messages::layout::DataLayout;
 use hdf5_reader::messages::link::{self, LinkTarget};
 use hdf5_reader::messages::HdfMessage;
@@ -39,6 +41,8 @@ pub struct StoredDataset {
     pub offset: u64,
     pub shape: Vec<u64>,
     pub dtype: &'static str,
+    /// Bytes stored: the shape's elements times the type's size.
+    pub nbytes: u64,
 }
 
 /// What the listing found: the datasets, or why the file could not be walked here (a layout the
@@ -143,7 +147,12 @@ fn bounded_options() -> OpenOptions {
 /// `Unreadable` when the walk cannot be done here. `path` names the file in errors: an error is a
 /// file found corrupted (see `Failure`). Never panics: a panic inside the parser is `Unreadable`.
 pub fn list_stored_datasets(source: Source, path: &Path) -> Result<Listing> {
-    match catch_unwind(AssertUnwindSafe(|| list(source))) {
+    // Fuzzing (fuzz/) wants the parser's panics to surface, not to be turned into `Unreadable`.
+    #[cfg(fuzzing)]
+    let walked: std::thread::Result<_> = Ok(list(source));
+    #[cfg(not(fuzzing))]
+    let walked = catch_unwind(AssertUnwindSafe(|| list(source)));
+    match walked {
         Ok(Ok(found)) => Ok(Listing::Listed(found)),
         Ok(Err(Failure::Unreadable(msg))) => Ok(Listing::Unreadable(msg)),
         Ok(Err(Failure::Corrupt(msg))) => Err(Error::format(path, format!("corrupted HDF5 file: {msg}"))),
@@ -179,15 +188,80 @@ fn list(source: Source) -> std::result::Result<Vec<StoredDataset>, Failure> {
         visited: HashSet::new(),
         heaps: HashSet::new(),
         found: Vec::new(),
+        metadata: vec![(0, superblock_len(&file))],
     };
     let root = file.root_group().map_err(|e| e.to_string())?;
     walk.group(&root, "", 0)?;
     let mut heaps: Vec<u64> = walk.heaps.into_iter().collect();
     heaps.sort_unstable();
     for address in heaps {
-        check_global_heap(&file, address)?;
+        let size = check_global_heap(&file, address)?;
+        walk.metadata.push((address, size));
     }
+    check_disjoint(&walk.found, walk.metadata)?;
     Ok(walk.found)
+}
+
+/// Refuses a file whose tensors overlap each other or metadata the walk read: libhdf5 never lays
+/// them out so, and a damaged data address that lands there would load other bytes silently.
+fn check_disjoint(found: &[StoredDataset], metadata: Vec<(u64, u64)>) -> std::result::Result<(), Failure> {
+    let mut extents: Vec<(u64, u64, Option<&str>)> = found
+        .iter()
+        .map(|d| (d.offset, d.offset + d.nbytes, Some(d.path.as_str())))
+        .chain(metadata.into_iter().map(|(at, len)| (at, at.saturating_add(len), None)))
+        .filter(|&(start, end, _)| end > start)
+        .collect();
+    extents.sort_unstable();
+    // Metadata may share bytes with metadata (a heap inside a header block): only overlaps that
+    // involve a tensor count, so each extent is compared with the furthest-reaching one before it.
+    let mut reach: Option<(u64, Option<&str>)> = None;
+    for (start, end, tensor) in extents {
+        if let Some((before_end, before)) = reach.filter(|&(e, _)| e > start) {
+            if let Some(name) = tensor.or(before) {
+                let other = match (tensor, before) {
+                    (Some(_), Some(b)) => format!("dataset '{b}'"),
+                    _ => "the file's metadata".to_string(),
+                };
+                return Err(Failure::Corrupt(format!(
+                    "the bytes of dataset '{name}' overlap {other} (a damaged data address?)"
+                )));
+            }
+            if end <= before_end {
+                continue;
+            }
+        }
+        reach = Some((end, tensor));
+    }
+    Ok(())
+}
+
+/// Bytes of the superblock (versions 0-1 end with the root group's symbol table entry).
+fn superblock_len(file: &Hdf5File) -> u64 {
+    let superblock = file.superblock();
+    let os = u64::from(superblock.offset_size);
+    match superblock.version {
+        0 => 24 + 4 * os + (2 * os + 24),
+        1 => 28 + 4 * os + (2 * os + 24),
+        _ => 12 + 4 * os + 4,
+    }
+}
+
+/// The first chunk of the object header at `address` (continuation chunks are not located).
+fn header_extent(storage: &dyn Storage, address: u64) -> std::result::Result<(u64, u64), String> {
+    let prefix = storage.read_range(address, 16).map_err(|e| e.to_string())?;
+    let le = |b: &[u8]| b.iter().rev().fold(0u64, |n, &x| (n << 8) | u64::from(x));
+    if prefix.get(0..4) != Some(b"OHDR".as_slice()) {
+        // version 1: a 16-byte prefix (12 and padding), then the messages' bytes
+        return Ok((address, 16 + le(&prefix[8..12])));
+    }
+    let flags = prefix[5];
+    let mut at = 6 + if flags & 0x20 != 0 { 16 } else { 0 } + if flags & 0x10 != 0 { 4 } else { 0 };
+    let width = 1usize << (flags & 3);
+    let size = storage
+        .read_range(address + at as u64, width)
+        .map_err(|e| e.to_string())?;
+    at += width;
+    Ok((address, at as u64 + le(&size) + 4)) // and the checksum
 }
 
 struct Walk<'a> {
@@ -196,6 +270,8 @@ struct Walk<'a> {
     /// Global heap collections holding the variable-length values of the attributes seen.
     heaps: HashSet<u64>,
     found: Vec<StoredDataset>,
+    /// (address, length) of the metadata read: headers, heaps, symbol table nodes.
+    metadata: Vec<(u64, u64)>,
 }
 
 impl Walk<'_> {
@@ -204,7 +280,7 @@ impl Walk<'_> {
             return Ok(()); // a cycle, or nesting no Keras file has: nothing more is listed from here
         }
         self.note_heaps(group.address())?;
-        let hard = hard_link_names(self.file, group.address())?;
+        let hard = hard_link_names(self.file, group.address(), &mut self.metadata)?;
         let (groups, datasets) = group.members().map_err(|e| e.to_string())?;
         for dataset in datasets {
             // Names decoded lossily could stand for another object's: only exact ones are listed.
@@ -231,15 +307,25 @@ impl Walk<'_> {
 
     /// Notes the global heap collections that the object's variable-length attributes point into
     /// (h5py writes `str` attributes so: `model_config`, `keras_version`, Keras 3's `dtype`).
-    fn note_heaps(&mut self, address: u64) -> std::result::Result<(), String> {
+    fn note_heaps(&mut self, address: u64) -> std::result::Result<(), Failure> {
         let header = self.file.get_or_parse_header(address).map_err(|e| e.to_string())?;
+        self.metadata.push(header_extent(self.file.storage(), address)?);
         let os = usize::from(self.file.superblock().offset_size);
         for message in &header.messages {
             let HdfMessage::Attribute(attribute) = message else {
                 continue;
             };
-            if !matches!(attribute.datatype, Datatype::VarLen { .. }) {
+            let Datatype::VarLen { kind, base, .. } = &attribute.datatype else {
                 continue;
+            };
+            // libhdf5 reads a variable-length type of no known kind, or a string of wider than
+            // byte characters, as a sequence of something: h5py crashes converting it.
+            let byte_string = matches!(base.as_ref(), Datatype::FixedPoint { size: 1, .. });
+            if matches!(kind, VarLenKind::Unknown(_)) || (*kind == VarLenKind::String && !byte_string) {
+                return Err(Failure::Corrupt(format!(
+                    "attribute '{}' at {address} has a damaged variable-length type",
+                    attribute.name
+                )));
             }
             // Each element: its length (4 bytes), the collection's address, the object's index (4 bytes).
             for element in attribute.raw_data.chunks_exact(8 + os) {
@@ -261,8 +347,8 @@ const MAX_HEAP_COLLECTION: u64 = 256 << 20;
 
 /// Checks that a global heap collection's objects tile it exactly, as libhdf5's loader walks them:
 /// an object that claims no room, or more than is left, is corruption that makes libhdf5 loop
-/// forever or read past the collection.
-fn check_global_heap(file: &Hdf5File, address: u64) -> std::result::Result<(), Failure> {
+/// forever or read past the collection. Returns the collection's size.
+fn check_global_heap(file: &Hdf5File, address: u64) -> std::result::Result<u64, Failure> {
     let storage = file.storage();
     let ls = usize::from(file.superblock().length_size);
     let corrupt = |what: String| Failure::Corrupt(format!("global heap collection at {address}: {what}"));
@@ -310,7 +396,7 @@ fn check_global_heap(file: &Hdf5File, address: u64) -> std::result::Result<(), F
             }
         }
     }
-    Ok(())
+    Ok(size as u64)
 }
 
 /// The dataset's place in the file, when its bytes are its elements verbatim.
@@ -336,15 +422,10 @@ fn stored_dataset(
     if Cursor::is_undefined_offset(address, superblock.offset_size) {
         return Ok(None); // never written: reading gives fill values
     }
-    let Some(dtype) = numpy_dtype(dataset)? else {
+    let Some((dtype, itemsize)) = numpy_dtype(dataset)? else {
         return Ok(None);
     };
     let shape = dataset.shape().to_vec();
-    let itemsize = if dtype == "bfloat16" {
-        2
-    } else {
-        dtype[2..].parse::<u64>().unwrap_or(0)
-    };
     let nbytes = shape.iter().try_fold(itemsize, |n, &d| n.checked_mul(d));
     if nbytes != Some(size) || size == 0 {
         return Ok(None);
@@ -361,17 +442,18 @@ fn stored_dataset(
         offset,
         shape,
         dtype,
+        nbytes: size,
     }))
 }
 
-/// numpy's name for the dataset's element type, when its stored bytes are native little-endian
-/// numbers; checked on the datatype message as stored (bit offsets, precision, exponent and
-/// mantissa layout), since HDF5 converts any other layout on read.
-fn numpy_dtype(dataset: &hdf5_reader::Dataset) -> std::result::Result<Option<&'static str>, String> {
+/// numpy's name for the dataset's element type and its size, when its stored bytes are native
+/// little-endian numbers; checked on the datatype message as stored (bit offsets, precision,
+/// exponent and mantissa layout), since HDF5 converts any other layout on read.
+fn numpy_dtype(dataset: &hdf5_reader::Dataset) -> std::result::Result<Option<(&'static str, u64)>, String> {
     let raw = dataset.raw_datatype().map_err(|e| e.to_string())?;
     let dtype = match (dataset.dtype(), standard_number(&raw)) {
         (Datatype::FixedPoint { .. } | Datatype::FloatingPoint { .. }, Some(name)) => Some(name),
-        (Datatype::Opaque { size: 2, .. }, _) if is_keras_bfloat16(dataset) => Some("bfloat16"),
+        (Datatype::Opaque { size: 2, .. }, _) if is_keras_bfloat16(dataset) => Some(("bfloat16", 2)),
         _ => None,
     };
     Ok(dtype)
@@ -384,10 +466,10 @@ fn is_keras_bfloat16(dataset: &hdf5_reader::Dataset) -> bool {
     })
 }
 
-/// The numpy name of an HDF5 datatype message that is exactly one of HDF5's standard
+/// The numpy name and size of an HDF5 datatype message that is exactly one of HDF5's standard
 /// little-endian integers (`H5T_STD_[IU]{8,16,32,64}LE`) or IEEE floats (`H5T_IEEE_F{16,32,64}LE`)
 /// (version-1 object headers pad the message: bytes past its properties are ignored).
-fn standard_number(raw: &[u8]) -> Option<&'static str> {
+fn standard_number(raw: &[u8]) -> Option<(&'static str, u64)> {
     let class = raw.first()? & 0x0f;
     let bits = *raw.get(1)?;
     let (bits2, bits3) = (*raw.get(2)?, *raw.get(3)?);
@@ -404,7 +486,7 @@ fn standard_number(raw: &[u8]) -> Option<&'static str> {
                 return None;
             }
             let signed = bits & 0x08 != 0;
-            Some(match (size, signed) {
+            let name = match (size, signed) {
                 (1, true) => "|i1",
                 (1, false) => "|u1",
                 (2, true) => "<i2",
@@ -414,7 +496,8 @@ fn standard_number(raw: &[u8]) -> Option<&'static str> {
                 (8, true) => "<i8",
                 (8, false) => "<u8",
                 _ => return None,
-            })
+            };
+            Some((name, u64::from(size)))
         }
         1 => {
             // floating point: little-endian, zero padding, implied mantissa bit, sign in the top bit
@@ -423,12 +506,13 @@ fn standard_number(raw: &[u8]) -> Option<&'static str> {
             if bits != 0x20 || u32::from(bits2) != size * 8 - 1 || mpos != 0 {
                 return None;
             }
-            Some(match (size, epos, esize, msize, bias) {
+            let name = match (size, epos, esize, msize, bias) {
                 (2, 10, 5, 10, 15) => "<f2",
                 (4, 23, 8, 23, 127) => "<f4",
                 (8, 52, 11, 52, 1023) => "<f8",
                 _ => return None,
-            })
+            };
+            Some((name, u64::from(size)))
         }
         _ => None,
     }
@@ -436,7 +520,13 @@ fn standard_number(raw: &[u8]) -> Option<&'static str> {
 
 /// Names of the group's hard links. Soft and external links are left out: stock refuses to load
 /// through them, and the crate's own walk would follow them.
-fn hard_link_names(file: &Hdf5File, address: u64) -> std::result::Result<HashSet<String>, String> {
+/// The local heaps, B-tree root nodes and symbol table nodes read are added to `metadata`, with
+/// the size libhdf5 allocates them.
+fn hard_link_names(
+    file: &Hdf5File,
+    address: u64,
+    metadata: &mut Vec<(u64, u64)>,
+) -> std::result::Result<HashSet<String>, String> {
     let error = |e: hdf5_reader::error::Error| e.to_string();
     let storage = file.storage();
     let (os, ls) = (file.superblock().offset_size, file.superblock().length_size);
@@ -447,11 +537,20 @@ fn hard_link_names(file: &Hdf5File, address: u64) -> std::result::Result<HashSet
         match message {
             HdfMessage::SymbolTable(table) => {
                 let heap = LocalHeap::parse_at_storage(storage, table.heap_address, os, ls).map_err(error)?;
+                metadata.push((table.heap_address, 8 + 2 * u64::from(ls) + u64::from(os)));
+                metadata.push((heap.data_segment_address, heap.data_segment_size));
+                // The root node of the group's B-tree, allocated whole: 2K children, 2K+1 keys.
+                let k = u64::from(file.superblock().group_internal_node_k);
+                let (o, l) = (u64::from(os), u64::from(ls));
+                metadata.push((table.btree_address, 8 + 2 * o + 2 * k * o + (2 * k + 1) * l));
                 let leaves =
                     btree_v1::collect_btree_v1_leaves_storage(storage, table.btree_address, os, ls, None, &[], None)
                         .map_err(error)?;
                 for (_, node_address) in leaves {
-                    for entry in symbol_table_node(storage, node_address, os, ls)?.entries {
+                    let leaf_k = file.superblock().group_leaf_node_k;
+                    let (node, length) = symbol_table_node(storage, node_address, os, ls, leaf_k)?;
+                    metadata.push((node_address, length));
+                    for entry in node.entries {
                         if entry.cache_type != 2 {
                             // cache type 2 is a soft link
                             names.insert(
@@ -495,7 +594,8 @@ fn symbol_table_node(
     address: u64,
     os: u8,
     ls: u8,
-) -> std::result::Result<SymbolTableNode, String> {
+    leaf_k: u16,
+) -> std::result::Result<(SymbolTableNode, u64), String> {
     let prefix = storage.read_range(address, 8).map_err(|e| e.to_string())?;
     if prefix.get(0..4) != Some(b"SNOD".as_slice()) {
         return Err(format!("no symbol table node at {address}"));
@@ -503,7 +603,8 @@ fn symbol_table_node(
     let entries = usize::from(u16::from_le_bytes([prefix[6], prefix[7]]));
     let length = 8 + entries * (2 * usize::from(os) + 24);
     let bytes = storage.read_range(address, length).map_err(|e| e.to_string())?;
-    SymbolTableNode::parse(&mut Cursor::new(bytes.as_ref()), os, ls).map_err(|e| e.to_string())
+    let node = SymbolTableNode::parse(&mut Cursor::new(bytes.as_ref()), os, ls).map_err(|e| e.to_string())?;
+    Ok((node, 8 + 2 * u64::from(leaf_k) * (2 * u64::from(os) + 24))) // allocated for 2K entries
 }
 
 #[cfg(test)]

@@ -38,6 +38,7 @@ _ZIPINFO_DEFAULT_DATE = (1980, 1, 1, 0, 0, 0)
 _OWNER_RW = 0o600 << 16
 _UTF8_NAME = 0x800
 _EXTRACT_BOMB_FLOOR = saving_lib._ZIP_EXTRACT_BOMB_FLOOR_BYTES
+_METHODS_ANYONE_READS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 _MAX_EXPANSION = saving_lib._ZIP_MEMBER_MAX_EXPANSION
 
 
@@ -113,7 +114,14 @@ class KerasArchive:
     @property
     def readable_here(self) -> bool:
         """Whether every member is STORED or DEFLATED, the methods read here (stock also reads
-        BZIP2 and LZMA members, through `zipfile`)."""
+        BZIP2 and LZMA members, through `zipfile`). A method no one reads is refused, naming the
+        file, where `zipfile` would raise a bare NotImplementedError."""
+        for m in self.members:
+            if m.method not in _METHODS_ANYONE_READS:
+                raise BadKerasZipFile(
+                    f"{self.path}: member {member_name(m)!r} has compression method {m.method}, "
+                    "which no zip reader here supports (a damaged file?)"
+                )
         return all(m.method in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) for m in self.members)
 
     def read(self, name: str) -> bytes:

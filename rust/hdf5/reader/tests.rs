@@ -92,6 +92,42 @@ fn a_global_heap_libhdf5_would_loop_on_is_corrupt_and_named() {
     assert!(matches!(list(bytes(&with_heap_object_grown(0))), Ok(found) if found.len() == 4));
 }
 
+/// The fixture with the first dataset's data address (in its layout message) set to `to`.
+fn with_first_address(to: u64) -> Vec<u8> {
+    let mut data = fixture();
+    let from = list(bytes(&data)).unwrap()[0].offset.to_le_bytes();
+    let field = data.windows(8).position(|w| w == from).unwrap();
+    data[field..field + 8].copy_from_slice(&to.to_le_bytes());
+    data
+}
+
+#[test]
+fn a_tensor_lying_over_metadata_or_another_tensor_is_corrupt() {
+    let data = fixture();
+    let found = list(bytes(&data)).unwrap();
+    let at = |signature: &[u8]| data.windows(4).position(|w| w == signature).unwrap() as u64;
+    // Each lands the 48-byte tensor on bytes the walk read as something else.
+    let targets = [
+        ("superblock", 0),
+        ("B-tree node", at(b"TREE") + 16),
+        ("local heap", at(b"HEAP")),
+        ("symbol table node", at(b"SNOD") + 40),
+        ("global heap", at(b"GCOL") + 8),
+        ("dataset", found[1].offset - 8),
+    ];
+    for (what, to) in targets {
+        let message = list_stored_datasets(bytes(&with_first_address(to)), Path::new("m.h5"))
+            .map(|listing| format!("{listing:?}"))
+            .unwrap_or_else(|e| e.to_string());
+        assert!(
+            message.starts_with("m.h5: corrupted HDF5 file: the bytes of dataset '/layers/dense/vars/")
+                && message.contains("' overlap"),
+            "{what}: {message}"
+        );
+    }
+    assert_eq!(list(bytes(&with_first_address(found[0].offset))).unwrap(), found);
+}
+
 #[test]
 fn every_truncation_is_refused_or_lists_inside_the_file() {
     let data = fixture();
