@@ -282,8 +282,8 @@ def load_model_as(flavour: str, filepath, custom_objects=None, compile=True, saf
 
         path = _local_path(filepath, "tf_keras")
         if tf_legacy_h5.can_load_model_fast(path, kwargs):
-            with _no_gc_pauses(), _naming(path), legacy_h5.opened(path) as h5:
-                return tf_legacy_h5.load_model(h5, custom_objects, compile)
+            with _no_gc_pauses(), _naming(path), weights_h5.read_ahead(path, threads) as opened:
+                return tf_legacy_h5.load_model(opened, custom_objects, compile)
         with _naming(path) if path is not None else contextlib.nullcontext():
             return stock(TF_KERAS_SAVING_API, "load_model")(
                 filepath, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode, **kwargs

@@ -37,9 +37,10 @@ ASSETS = saving_lib._ASSETS_DIRNAME
 _ZIPINFO_DEFAULT_DATE = (1980, 1, 1, 0, 0, 0)
 _OWNER_RW = 0o600 << 16
 _UTF8_NAME = 0x800
-_EXTRACT_BOMB_FLOOR = saving_lib._ZIP_EXTRACT_BOMB_FLOOR_BYTES
+# Stock's zip-bomb limits for extracted members (Keras 3.14 and older 3.13 have none: 3.15's then).
+_EXTRACT_BOMB_FLOOR = getattr(saving_lib, "_ZIP_EXTRACT_BOMB_FLOOR_BYTES", 1 << 28)
 _METHODS_ANYONE_READS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
-_MAX_EXPANSION = saving_lib._ZIP_MEMBER_MAX_EXPANSION
+_MAX_EXPANSION = getattr(saving_lib, "_ZIP_MEMBER_MAX_EXPANSION", 100)
 
 
 class _AssetsInto:

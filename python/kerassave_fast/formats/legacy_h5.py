@@ -9,15 +9,11 @@ fills with the tensors' bytes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import h5py
-
-from .._core import TensorFile, hdf5_stored_datasets
 from ..files import atomic_replace
 from .weights_h5 import WeightsPlan, write_weights_file
 
@@ -83,21 +79,6 @@ def _add_weights(plan: WeightsPlan, contents: LegacyH5Contents, group: str, weig
     contents.save_attributes(_AttributesOf(plan, group), "weight_names", [name for name, _ in weights])
     for name, variable in weights:
         plan.add_dataset(group, name.decode("utf-8", "surrogateescape"), variable, created=True)
-
-
-@contextlib.contextmanager
-def opened(filepath: str) -> Iterator[h5py.File]:
-    """The file open for reading as stock opens it (HDF5's own POSIX driver), once the Rust core
-    found nothing in it that libhdf5 would hang on (`KerasSaveError` then)."""
-    try:
-        file = TensorFile(filepath)
-    except OSError:
-        pass  # h5py's error, as stock's
-    else:
-        hdf5_stored_datasets(file)
-        del file
-    with h5py.File(filepath, "r") as h5:
-        yield h5
 
 
 def plan_legacy_h5(contents: LegacyH5Contents) -> WeightsPlan:

@@ -7,6 +7,8 @@ import os
 
 from ..formats import legacy_h5
 from ..formats.legacy_h5 import LegacyH5Contents, NamedVariables, encode_metadata
+from ..formats.weights_h5 import ReadAhead, consistent
+from ..tensors import adoptable_tensor
 
 SAVE_KWARGS = frozenset({"include_optimizer", "signatures", "options", "save_traces"})
 # Stock's deprecation message for `.h5` saves (tf_keras/src/saving/saving_api.py).
@@ -116,13 +118,163 @@ def can_load_model_fast(path: str | None, kwargs: dict) -> bool:
     return h5py.is_hdf5(path)
 
 
-def load_model(h5, custom_objects=None, compile: bool = True):
-    """Stock's legacy `load_model` (saving/legacy/save.py) for an HDF5 file, given to stock's reader
-    open through HDF5's own driver instead of through TensorFlow's GFile, whose reads took 2.7 s
-    of a 5 s load of 768 MiB in a profile here."""
+def _subset(group, arrays: dict) -> list:
+    """Stock's `load_subset_weights_from_hdf5_group`, each tensor taken from those read ahead
+    (each served once), or else read by h5py after `consistent`'s checks."""
+    from tf_keras.src.saving.legacy.hdf5_format import load_attributes_from_hdf5_group
+
+    names = load_attributes_from_hdf5_group(group, "weight_names")
+    return [_take(group, name, arrays) for name in names]
+
+
+def _take(group, name: str, arrays: dict):
+    import numpy as np
+
+    array = arrays.pop(f"{group.name}/{name}", None)
+    return array if array is not None else np.asarray(consistent(group[name]))
+
+
+def _set_values(pairs) -> None:
+    """Stock's `backend.batch_set_value` (eager), each variable adopting its array's buffer where
+    it can instead of copying it: the array was read into memory of its own for this load."""
+    import numpy as np
+    from tf_keras.src import backend
+
+    for variable, value in pairs:
+        value = np.asarray(value, dtype=backend.dtype_numpy(variable))
+        variable.assign(adoptable_tensor(value))
+
+
+def _load_weights(f, model, arrays: dict) -> None:
+    """Stock's `load_weights_from_hdf5_group` (topological; same checks, same errors)."""
+    from tf_keras.src.saving.legacy.hdf5_format import (
+        _legacy_weights,
+        load_attributes_from_hdf5_group,
+        preprocess_weights_for_loading,
+    )
+
+    def attribute(name, default):
+        value = f.attrs[name] if name in f.attrs else default
+        return value.decode("utf8") if hasattr(value, "decode") else value
+
+    original_keras_version, original_backend = attribute("keras_version", "1"), attribute("backend", None)
+    filtered_layers = [layer for layer in model.layers if _legacy_weights(layer)]
+    layer_names = [
+        name
+        for name in load_attributes_from_hdf5_group(f, "layer_names")
+        if load_attributes_from_hdf5_group(f[name], "weight_names")
+    ]
+    if len(layer_names) != len(filtered_layers):
+        raise ValueError(
+            "Layer count mismatch when loading weights from file. "
+            f"Model expected {len(filtered_layers)} layers, found {len(layer_names)} saved layers."
+        )
+    pairs = []
+    for k, name in enumerate(layer_names):
+        layer = filtered_layers[k]
+        symbolic_weights = _legacy_weights(layer)
+        weight_values = preprocess_weights_for_loading(
+            layer, _subset(f[name], arrays), original_keras_version, original_backend
+        )
+        if len(weight_values) != len(symbolic_weights):
+            raise ValueError(
+                f"Weight count mismatch for layer #{k} (named {layer.name} in the current model, {name} in "
+                f"the save file). Layer expects {len(symbolic_weights)} weight(s). Received "
+                f"{len(weight_values)} saved weight(s)"
+            )
+        pairs += zip(symbolic_weights, weight_values, strict=True)
+    if "top_level_model_weights" in f:
+        symbolic_weights = model._trainable_weights + model._non_trainable_weights
+        weight_values = _subset(f["top_level_model_weights"], arrays)
+        if len(weight_values) != len(symbolic_weights):
+            raise ValueError(
+                "Weight count mismatch for top-level weights when loading weights from file. "
+                f"Model expects {len(symbolic_weights)} top-level weight(s). "
+                f"Received {len(weight_values)} saved top-level weight(s)"
+            )
+        pairs += zip(symbolic_weights, weight_values, strict=True)
+    _set_values(pairs)
+    for layer in model._flatten_layers():
+        layer.finalize_state()
+
+
+def _restore_optimizer(model, f, arrays: dict) -> None:
+    """Stock's optimizer restore in `load_model_from_hdf5`, same warnings."""
+    from absl import logging
+    from tf_keras.src.optimizers import optimizer as optimizer_base
+
+    try:
+        if isinstance(model.optimizer, optimizer_base.Optimizer):
+            model.optimizer.build(model.trainable_variables)
+        else:
+            model.optimizer._create_all_weights(model.trainable_variables)
+    except (NotImplementedError, AttributeError):
+        logging.warning(
+            "Error when creating the weights of optimizer {}, making it impossible to restore the saved "
+            "optimizer state. As a result, your model is starting with a freshly initialized optimizer."
+        )
+    values = _subset(f["optimizer_weights"], arrays)
+    if isinstance(model.optimizer, optimizer_base.Optimizer):
+        values = [adoptable_tensor(v) for v in values]  # its `set_weights` assigns them one by one
+    try:
+        model.optimizer.set_weights(values)
+    except ValueError:
+        logging.warning(
+            "Error in loading the saved optimizer state. As a result, your model is starting with a "
+            "freshly initialized optimizer."
+        )
+
+
+def _load_model_from_hdf5(opened: ReadAhead, custom_objects: dict, compile: bool):
+    """Stock's `load_model_from_hdf5`, the tensors read ahead while the model is built."""
+    from absl import logging
+    from tf_keras.src.saving import object_registration
+    from tf_keras.src.saving.legacy import model_config as model_config_lib
+    from tf_keras.src.saving.legacy import saving_utils
+    from tf_keras.src.saving.legacy.saved_model import json_utils
+
+    f = opened.h5
+    custom_objects = {
+        **(custom_objects or {}),
+        **object_registration._THREAD_LOCAL_CUSTOM_OBJECTS.__dict__,
+        **object_registration._GLOBAL_CUSTOM_OBJECTS,
+    }
+    model_config = f.attrs.get("model_config")
+    if model_config is None:
+        raise ValueError(f"No model config found in the file at {f}.")
+    if hasattr(model_config, "decode"):
+        model_config = model_config.decode("utf-8")
+    model = model_config_lib.model_from_config(json_utils.decode(model_config), custom_objects=custom_objects)
+    arrays = opened.tensors  # each popped as it is served: no two variables share a buffer
+    _load_weights(f["model_weights"], model, arrays)
+    if compile:
+        training_config = f.attrs.get("training_config")
+        if hasattr(training_config, "decode"):
+            training_config = training_config.decode("utf-8")
+        if training_config is None:
+            logging.warning(
+                "No training configuration found in the save file, so the model was *not* compiled. "
+                "Compile it manually."
+            )
+            return model
+        model.compile(
+            **saving_utils.compile_args_from_training_config(json_utils.decode(training_config), custom_objects),
+            from_serialized=True,
+        )
+        saving_utils.try_build_compiled_arguments(model)
+        if "optimizer_weights" in f:
+            _restore_optimizer(model, f, arrays)
+    return model
+
+
+def load_model(opened: ReadAhead, custom_objects=None, compile: bool = True):
+    """Stock's legacy `load_model` (saving/legacy/save.py) for an HDF5 file: stock's reader
+    (`load_model_from_hdf5`, followed step by step) with the tensors read ahead by the Rust core
+    in parallel while the model is built, each variable adopting its tensor's buffer (stock reads
+    through TensorFlow's GFile and copies every tensor twice)."""
     import tensorflow as tf
     from tf_keras.src.saving import object_registration
-    from tf_keras.src.saving.legacy import hdf5_format, serialization
+    from tf_keras.src.saving.legacy import serialization
     from tf_keras.src.saving.legacy.saved_model.utils import keras_option_scope
 
     with serialization.SharedObjectLoadingScope():
@@ -136,4 +288,4 @@ def load_model(h5, custom_objects=None, compile: bool = True):
             keras_option_scope(save_traces=False, in_tf_saved_model_scope=True),
             tf.__internal__.load_context(None),
         ):
-            return hdf5_format.load_model_from_hdf5(h5, custom_objects, compile)
+            return _load_model_from_hdf5(opened, custom_objects, compile)
