@@ -422,6 +422,12 @@ fn stored_dataset(
     if Cursor::is_undefined_offset(address, superblock.offset_size) {
         return Ok(None); // never written: reading gives fill values
     }
+    let raw = dataset.raw_datatype().map_err(|e| e.to_string())?;
+    if reserved_bits_set(&raw) {
+        // libhdf5 ignores these bits: a float whose class bit flipped reads as integers
+        let what = format!("dataset '{path}' has a damaged number type (reserved bits set)");
+        return Err(Failure::Corrupt(what));
+    }
     let Some((dtype, itemsize)) = numpy_dtype(dataset)? else {
         return Ok(None);
     };
@@ -444,6 +450,19 @@ fn stored_dataset(
         dtype,
         nbytes: size,
     }))
+}
+
+/// Whether a fixed-point or floating-point datatype message sets bits its class reserves
+/// (HDF5 spec, datatype message: fixed-point bits 4-23, floating-point bits 7 and 16-23).
+fn reserved_bits_set(raw: &[u8]) -> bool {
+    let (Some(&first), Some(&b1), Some(&b2), Some(&b3)) = (raw.first(), raw.get(1), raw.get(2), raw.get(3)) else {
+        return false;
+    };
+    match first & 0x0f {
+        0 => b1 & 0xf0 != 0 || b2 != 0 || b3 != 0,
+        1 => b1 & 0x80 != 0 || b3 != 0,
+        _ => false,
+    }
 }
 
 /// numpy's name for the dataset's element type and its size, when its stored bytes are native

@@ -162,3 +162,14 @@ proptest! {
         let _ = list(bytes(&data));
     }
 }
+
+#[test]
+fn number_types_with_reserved_bits_are_damaged() {
+    // float32 LE as h5py writes it: class 1 version 1, byte order LE, sign at bit 31
+    assert!(!reserved_bits_set(&[0x11, 0x20, 0x1f, 0x00]));
+    // its class bit flipped to fixed point: the float's mantissa-normalisation bit is reserved there
+    assert!(reserved_bits_set(&[0x10, 0x20, 0x1f, 0x00]));
+    assert!(!reserved_bits_set(&[0x10, 0x08, 0x00, 0x00])); // signed integer
+    assert!(reserved_bits_set(&[0x11, 0x20, 0x1f, 0x01]));
+    assert!(!reserved_bits_set(&[0x13, 0xff, 0xff, 0xff])); // a string: not checked here
+}
