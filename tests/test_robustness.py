@@ -352,9 +352,11 @@ def _write_checkpoint_corpus(prefix: Path, directory: Path, flips: int) -> dict[
     index_bytes, data_bytes = index.read_bytes(), data.read_bytes()
     for cut in range(len(index_bytes)):
         put(f"index-truncate-{cut:06d}", "truncation", index_bytes=index_bytes[:cut])
-    for i, (pos, bit) in enumerate(_flips([(0, len(index_bytes))], flips, rng)):
+    index_flips = _flips([(0, len(index_bytes))], flips, rng)
+    for i, (pos, bit) in enumerate(index_flips):
         put(f"index-flip-{i:05d}", "index", index_bytes=_flipped(index_bytes, pos, bit))
-    for i, (pos, bit) in enumerate(_flips([(0, len(data_bytes))], max(flips // 10, 10), rng)):
+    # The data gets a tenth of the flips, or what the index had no bits left for.
+    for i, (pos, bit) in enumerate(_flips([(0, len(data_bytes))], max(flips // 10, flips - len(index_flips)), rng)):
         put(f"data-flip-{i:05d}", "data", data_bytes=_flipped(data_bytes, pos, bit))
     for cut in sorted({*range(0, len(data_bytes), max(1, len(data_bytes) // 20))}):
         put(f"data-truncate-{cut:07d}", "truncation", data_bytes=data_bytes[:cut])
