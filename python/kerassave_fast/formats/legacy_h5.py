@@ -81,6 +81,12 @@ def _add_weights(plan: WeightsPlan, contents: LegacyH5Contents, group: str, weig
         plan.add_dataset(group, name.decode("utf-8", "surrogateescape"), variable, created=True)
 
 
+def text_attribute(h5, name: str) -> str | None:
+    """A root attribute as stock's readers take it: None when absent, bytes decoded as UTF-8."""
+    value = h5.attrs.get(name)
+    return value.decode("utf-8") if hasattr(value, "decode") else value
+
+
 def plan_legacy_h5(contents: LegacyH5Contents) -> WeightsPlan:
     """Stock's calls, in stock's order, for `contents`."""
     plan = WeightsPlan()

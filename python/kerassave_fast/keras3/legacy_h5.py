@@ -12,7 +12,7 @@ from keras.src.saving import object_registration
 from keras.src.saving.saving_lib import safe_get_h5_dataset, safe_get_h5_group
 from keras.src.saving.serialization_lib import SafeModeScope
 
-from ..formats.legacy_h5 import LegacyH5Contents, NamedVariables, encode_metadata, weights_contents
+from ..formats.legacy_h5 import LegacyH5Contents, NamedVariables, encode_metadata, text_attribute, weights_contents
 from ..formats.weights_h5 import ReadAhead, consistent
 from ..tensors import BFLOAT16
 from . import state
@@ -192,11 +192,9 @@ def load_model(opened: ReadAhead, filepath: str, custom_objects=None, compile: b
         **object_registration.GLOBAL_CUSTOM_OBJECTS,
         **global_state.get_global_attribute("custom_objects_scope_dict", {}),
     }
-    model_config = h5.attrs.get("model_config")
+    model_config = text_attribute(h5, "model_config")
     if model_config is None:
         raise ValueError(f"No model config found in the file at {filepath}.")
-    if hasattr(model_config, "decode"):
-        model_config = model_config.decode("utf-8")
     model_config = json_utils.decode(model_config)
     with saving_options.keras_option_scope(use_legacy_config=True), SafeModeScope(safe_mode):
         built = state.build_model_with(
@@ -208,9 +206,7 @@ def load_model(opened: ReadAhead, filepath: str, custom_objects=None, compile: b
             _load_weights(safe_get_h5_group(h5, "model_weights"), model, tensors)
     if not compile:
         return model
-    training_config = h5.attrs.get("training_config")
-    if hasattr(training_config, "decode"):
-        training_config = training_config.decode("utf-8")
+    training_config = text_attribute(h5, "training_config")
     if training_config is None:
         logging.warning(
             "No training configuration found in the save file, so the model was *not* compiled. Compile it manually."

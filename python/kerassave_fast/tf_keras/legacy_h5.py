@@ -239,18 +239,14 @@ def _load_model_from_hdf5(opened: ReadAhead, custom_objects: dict, compile: bool
         **object_registration._THREAD_LOCAL_CUSTOM_OBJECTS.__dict__,
         **object_registration._GLOBAL_CUSTOM_OBJECTS,
     }
-    model_config = f.attrs.get("model_config")
+    model_config = legacy_h5.text_attribute(f, "model_config")
     if model_config is None:
         raise ValueError(f"No model config found in the file at {f}.")
-    if hasattr(model_config, "decode"):
-        model_config = model_config.decode("utf-8")
     model = model_config_lib.model_from_config(json_utils.decode(model_config), custom_objects=custom_objects)
     arrays = opened.tensors  # each popped as it is served: no two variables share a buffer
     _load_weights(f["model_weights"], model, arrays)
     if compile:
-        training_config = f.attrs.get("training_config")
-        if hasattr(training_config, "decode"):
-            training_config = training_config.decode("utf-8")
+        training_config = legacy_h5.text_attribute(f, "training_config")
         if training_config is None:
             logging.warning(
                 "No training configuration found in the save file, so the model was *not* compiled. "
