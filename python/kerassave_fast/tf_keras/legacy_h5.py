@@ -106,12 +106,16 @@ def model_contents(model, include_optimizer: bool = True) -> LegacyH5Contents:
 
 
 def can_load_model_fast(path: str | None, kwargs: dict) -> bool:
-    """Whether tf_keras' `load_model(path, **kwargs)` reads `path` as a legacy HDF5 model file."""
+    """Whether tf_keras' `load_model(path, **kwargs)` reads `path` as a legacy HDF5 model file, in
+    eager mode (in a TF1-style graph, variables take values through stock's placeholders)."""
     import zipfile
 
     import h5py
+    import tensorflow as tf
 
     if path is None or set(kwargs) - {"options"} or kwargs.get("options") is not None:
+        return False
+    if not tf.executing_eagerly():
         return False
     if not os.path.isfile(path) or (path.endswith(".keras") and zipfile.is_zipfile(path)):
         return False
