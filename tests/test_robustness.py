@@ -6,11 +6,13 @@ import collections
 import io
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -21,7 +23,7 @@ import numpy as np
 import pytest
 
 import kerassave_fast as ksf
-from conftest import member
+from conftest import assert_same_state, member
 
 WEIGHTS = "model.weights.h5"
 HERE = Path(__file__).parent
@@ -592,3 +594,28 @@ def test_file_changed_while_being_read_is_refused(original, tmp_path, monkeypatc
     monkeypatch.setattr(keras_zip, "read_weights", rewrite_then_read)
     with pytest.raises(zipfile.BadZipFile, match="changed while being read"):
         ksf.load_model(path)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["assets/../../ksf-escaped.txt", "/ksf-absolute.txt", "config.json"],
+    ids=["dot-dot", "absolute", "duplicate"],
+)
+def test_hostile_member_names_load_as_in_stock(stock_file, tmp_path, name):
+    """Members named to escape the extraction directory (`../`, absolute) or named twice (the last
+    one wins in `zipfile`): ours does what stock does, and writes nothing outside."""
+    path = tmp_path / "crafted.keras"
+    shutil.copy(stock_file, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns of the duplicate name
+        with zipfile.ZipFile(path, "a") as zf:
+            zf.writestr(name, member(stock_file, "config.json") if name == "config.json" else b"outside")
+    loaded = []
+    for load in (keras.saving.load_model, ksf.load_model):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # stock: "Skipping invalid path during archive extraction"
+            loaded.append(load(path))
+    assert_same_state(*loaded)
+    escaped = Path(name).name
+    for where in (Path(tempfile.gettempdir()), tmp_path, tmp_path.parent, Path.cwd(), Path("/")):
+        assert not (where / escaped).exists() or escaped == "config.json", f"{where / escaped} written"
