@@ -9,12 +9,17 @@ use std::sync::Mutex;
 use _core::zip::{check_not_bomb, data_offset, read_directory, read_member};
 use libfuzzer_sys::fuzz_target;
 
-/// One scratch file per process, rewritten for each input (the reader takes an open file).
+/// One scratch file per process (unlinked; in memory where /dev/shm is), rewritten for each input:
+/// the reader takes an open file.
 static SCRATCH: Mutex<Option<std::fs::File>> = Mutex::new(None);
 
 fuzz_target!(|data: &[u8]| {
     let mut scratch = SCRATCH.lock().unwrap();
-    let file = scratch.get_or_insert_with(|| tempfile_in_shm());
+    let file = scratch.get_or_insert_with(|| {
+        tempfile::tempfile_in("/dev/shm")
+            .or_else(|_| tempfile::tempfile())
+            .unwrap()
+    });
     file.set_len(0).unwrap();
     file.rewind().unwrap();
     file.write_all(data).unwrap();
@@ -29,21 +34,3 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
-
-fn tempfile_in_shm() -> std::fs::File {
-    let dir = if Path::new("/dev/shm").is_dir() {
-        "/dev/shm"
-    } else {
-        "/tmp"
-    };
-    let path = Path::new(dir).join(format!("ksf-fuzz-zip-{}", std::process::id()));
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
-    let _ = std::fs::remove_file(&path); // unlinked: nothing is left behind
-    file
-}
