@@ -55,11 +55,9 @@ fn pool_for(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
     Ok(pool)
 }
 
-/// Runs `f` on a pool of `threads` workers (0 = one per core); 1 thread runs inline.
+/// Runs `f` on a pool of `threads` workers (0 = one per core). One thread is a pool of one too:
+/// run inline, `f`'s parallel iterators would spread over rayon's global pool, one per core.
 pub fn run_on_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> Result<T> {
-    if threads == 1 {
-        return Ok(f());
-    }
     Ok(pool_for(threads)?.install(f))
 }
 

@@ -213,6 +213,44 @@ impl TensorFile {
         Ok(crcs)
     }
 
+    /// Reads chunked HDF5 datasets of the file starting at `start`: each item is (name, chunking
+    /// as `hdf5_stored_datasets` lists it, shape, element size, writable buffer of the dataset);
+    /// every chunk is read, checked, decoded and placed in parallel with the GIL released.
+    #[pyo3(signature = (start, datasets, threads = 0))]
+    fn read_chunked(
+        &self,
+        py: Python<'_>,
+        start: u64,
+        datasets: Vec<ChunkedReadTuple<'_>>,
+        threads: usize,
+    ) -> PyResult<()> {
+        let objects: Vec<Bound<'_, PyAny>> = datasets.iter().map(|d| d.4.clone()).collect();
+        let (buffers, spans) = tensor_spans(vec![0; objects.len()], &objects, true)?;
+        let plans: Vec<(String, hdf5::Chunked, Vec<u64>, usize)> = datasets
+            .into_iter()
+            .map(|(name, c, shape, itemsize, _)| (name, chunked_from(c), shape, itemsize))
+            .collect();
+        py.detach(|| {
+            let requests = plans
+                .iter()
+                .zip(&spans)
+                .map(
+                    |((name, chunked, shape, itemsize), &(_, p, n))| hdf5::chunks::ChunkedRead {
+                        name,
+                        chunked,
+                        shape,
+                        itemsize: *itemsize,
+                        // SAFETY: as in `read_tensors`: writable, exported while `buffers` lives, no two overlapping.
+                        out: unsafe { bytes_mut(p, n) },
+                    },
+                )
+                .collect();
+            hdf5::chunks::read_chunked(&self.file, &self.path, start, requests, threads)
+        })?;
+        drop(buffers);
+        Ok(())
+    }
+
     /// CRC-32 of `length` bytes from `start`; `known` lists (offset, length, crc) stretches not to re-read.
     #[pyo3(signature = (start, length, known = Vec::new(), threads = 0))]
     fn crc32(
@@ -578,7 +616,78 @@ impl TensorBundleReader {
 }
 
 /// A dataset readable by offset: (h5py path, offset in the HDF5 file, shape, numpy dtype name).
-type StoredDatasetTuple = (String, u64, Vec<u64>, &'static str);
+/// (offset in the HDF5 file, stored size, filter mask, element coordinates) of one chunk.
+type ChunkTuple = (u64, u64, u32, Vec<u64>);
+/// (chunk shape, filter ids, chunks) of a chunked dataset.
+type ChunkingTuple = (Vec<u64>, Vec<u16>, Vec<ChunkTuple>);
+type StoredDatasetTuple = (String, u64, Vec<u64>, &'static str, Option<ChunkingTuple>);
+/// (dataset name, chunking, shape, element size, writable buffer) for `TensorFile.read_chunked`.
+type ChunkedReadTuple<'py> = (String, ChunkingTuple, Vec<u64>, usize, Bound<'py, PyAny>);
+
+fn chunking_tuple(c: hdf5::Chunked) -> ChunkingTuple {
+    let chunks = c
+        .chunks
+        .into_iter()
+        .map(|k| (k.offset, k.size, k.skipped, k.coords))
+        .collect();
+    (c.chunk_shape, c.filters, chunks)
+}
+
+fn chunked_from(tuple: ChunkingTuple) -> hdf5::Chunked {
+    let (chunk_shape, filters, chunks) = tuple;
+    let chunks = chunks
+        .into_iter()
+        .map(|(offset, size, skipped, coords)| hdf5::Chunk {
+            offset,
+            size,
+            skipped,
+            coords,
+        })
+        .collect();
+    hdf5::Chunked {
+        chunk_shape,
+        filters,
+        chunks,
+    }
+}
+
+/// Runs HDF5's filter pipeline (`filters`, ids in order) over each raw chunk, in parallel with the
+/// GIL released; returns what HDF5 stores for each (h5py's `write_direct_chunk` takes it).
+#[pyfunction]
+#[pyo3(signature = (chunks, filters, level, itemsize, threads = 0))]
+fn hdf5_encode_chunks<'py>(
+    py: Python<'py>,
+    chunks: Vec<Bound<'py, PyAny>>,
+    filters: Vec<u16>,
+    level: i32,
+    itemsize: usize,
+    threads: usize,
+) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+    if !hdf5::filters::Pipeline::supported(&filters) {
+        return Err(PyValueError::new_err(format!("unsupported HDF5 filters {filters:?}")));
+    }
+    let (buffers, spans) = tensor_spans(vec![0; chunks.len()], &chunks, false)?;
+    let pipeline = hdf5::filters::Pipeline {
+        filters,
+        level,
+        itemsize,
+    };
+    let encoded = py.detach(|| {
+        io::run_on_pool(threads, || {
+            use rayon::prelude::*;
+            // SAFETY: `buffers` keeps every Py_buffer exported until this returns.
+            spans
+                .par_iter()
+                .map(|&(_, p, n)| pipeline.encode(unsafe { bytes(p, n) }))
+                .collect::<Vec<_>>()
+        })
+    })?;
+    drop(buffers);
+    encoded
+        .into_iter()
+        .map(|e| e.map(|data| PyBytes::new(py, &data)).map_err(PyValueError::new_err))
+        .collect()
+}
 
 /// The datasets of an HDF5 file readable by offset (see `hdf5::reader`), its metadata parsed
 /// without libhdf5 and with the GIL released; None when the file cannot be walked here (h5py may
@@ -618,7 +727,7 @@ fn hdf5_stored_datasets(
         hdf5::Listing::Listed(found) => Some(
             found
                 .into_iter()
-                .map(|d| (d.path, d.offset, d.shape, d.dtype))
+                .map(|d| (d.path, d.offset, d.shape, d.dtype, d.chunked.map(chunking_tuple)))
                 .collect(),
         ),
         hdf5::Listing::Unreadable(_) => None,
@@ -638,5 +747,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<TensorBundleReader>()?;
     m.add_class::<TensorBundleWriter>()?;
     m.add_function(wrap_pyfunction!(hdf5_stored_datasets, m)?)?;
+    m.add_function(wrap_pyfunction!(hdf5_encode_chunks, m)?)?;
     Ok(())
 }

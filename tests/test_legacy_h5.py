@@ -144,8 +144,9 @@ def test_keras3_h5_truncated_file_is_refused_naming_it(saved, tmp_path):
         assert any(str(path) in text for text in named)
 
 
-def test_keras3_h5_tensor_read_by_h5py_when_not_contiguous(tmp_path, saved):
-    """A dataset stored chunked and compressed (as other writers may) is read by h5py, not by offset."""
+def test_keras3_h5_chunked_gzip_tensors_from_another_writer_load(tmp_path, saved):
+    """Datasets stored chunked and compressed by h5py's own choice of chunks (as other writers may)
+    are read by the Rust core's chunk reader, bitwise."""
     model, ours, _ = saved("seed_example")
     path = tmp_path / "chunked.h5"
     with h5py.File(ours) as src, h5py.File(path, "w") as dst:

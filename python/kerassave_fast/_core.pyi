@@ -22,6 +22,10 @@ class TensorFile:
     def write_tensors(self, offsets: Sequence[int], buffers: Sequence[Buffer], threads: int = 0) -> list[int]: ...
     def read_tensors(self, offsets: Sequence[int], buffers: Sequence[Buffer], threads: int = 0) -> list[int]: ...
     def crc32(self, start: int, length: int, known: Sequence[tuple[int, int, int]] = (), threads: int = 0) -> int: ...
+    def read_chunked(
+        self, start: int, datasets: Sequence[tuple[str, Chunking, Sequence[int], int, Buffer]], threads: int = 0
+    ) -> None:
+        """Reads, checks and decodes chunked datasets (name, chunking, shape, element size, buffer)."""
 
 DateTime = tuple[int, int, int, int, int, int]
 
@@ -78,8 +82,18 @@ class TensorBundleReader:
     def read_tensors(self, keys: Sequence[str], buffers: Sequence[Buffer], threads: int = 0) -> None: ...
     def read_strings(self, key: str) -> list[bytes]: ...
 
+# (chunk shape, filter ids in pipeline order, [(offset in the HDF5 file, stored size, filter mask, coordinates)])
+Chunking = tuple[list[int], list[int], list[tuple[int, int, int, list[int]]]]
+
 def hdf5_stored_datasets(
     source: TensorFile | bytes, start: int = 0, length: int | None = None
-) -> list[tuple[str, int, list[int], str]]:
-    """(h5py path, offset in the HDF5 file, shape, numpy dtype name) of each dataset readable by
-    offset: contiguous, unfiltered, allocated, plain little-endian numbers or Keras' bfloat16."""
+) -> list[tuple[str, int, list[int], str, Chunking | None]]:
+    """(h5py path, offset in the HDF5 file, shape, numpy dtype name, chunking) of each dataset
+    readable here: plain little-endian numbers or Keras' bfloat16, allocated, and either contiguous
+    and unfiltered (read by offset; chunking None) or chunked in a version 1 B-tree with shuffle,
+    deflate, zstd or Fletcher-32 filters, every chunk present (offset 0)."""
+
+def hdf5_encode_chunks(
+    chunks: Sequence[Buffer], filters: Sequence[int], level: int, itemsize: int, threads: int = 0
+) -> list[bytes]:
+    """HDF5's filter pipeline run over each raw chunk, in parallel: what HDF5 stores for each."""

@@ -164,18 +164,20 @@ def save_model(model, filepath, overwrite=True, *args, save_format=None, **kwarg
             SavedModel), `zipped` (Keras 3), plus our own `threads` (I/O threads, default one
             per core), `fsync` (default False, as stock: when True, the saved files and then the
             directory entries naming them are fsynced before the call returns, so the save
-            survives a power loss) and `compression` (reserved: only `None` for now).
+            survives a power loss), and for `.keras`, `.h5` and `.weights.h5` files `compression`
+            (None, "gzip" or "zstd"; chunked datasets with shuffle, compressed on all cores;
+            stock h5py reads gzip as it is and zstd with `hdf5plugin`), `compression_level`
+            (gzip 0-9, default 4; zstd 1-22, default 3), `chunk_bytes` (about 1 MiB by default)
+            and `checksum` (HDF5's Fletcher-32 filter per chunk, checked by every reader).
 
     The `.keras` file is byte-layout-compatible with stock's: it loads in stock Keras, and a save
     that fails leaves any previous file untouched.
     """
     threads = _threads(kwargs.pop("threads", None))
     fsync = _fsync(kwargs.pop("fsync", False))
-    compression = kwargs.pop("compression", None)
-    if compression is not None:
-        raise ValueError(f"`compression` is not supported yet; only None is. Received: compression={compression!r}")
+    compression = _compression(kwargs)
     with durability(fsync) as durable:
-        result = _save_model(model, filepath, overwrite, threads, args, save_format, kwargs)
+        result = _save_model(model, filepath, overwrite, threads, args, save_format, kwargs, compression)
         _sync_what_stock_wrote(durable, filepath, model)
     return result
 
@@ -186,7 +188,22 @@ def _sync_what_stock_wrote(durable, filepath, model) -> None:
         sync(path)
 
 
-def _save_model(model, filepath, overwrite, threads, args, save_format, kwargs):
+def _compression(kwargs: dict) -> weights_h5.Compression | None:
+    """Our compression keywords, taken out of `kwargs` and checked."""
+    names = ("compression", "compression_level", "chunk_bytes", "checksum")
+    given = {name: kwargs.pop(name) for name in names if name in kwargs}
+    return weights_h5.Compression.from_arguments(**given)
+
+
+def _no_compression_here(compression: weights_h5.Compression | None, filepath) -> None:
+    if compression is not None:
+        raise ValueError(
+            "`compression`, `chunk_bytes` and `checksum` apply to local `.keras`, `.h5` and `.weights.h5` "
+            f"files, not to {filepath!r} (or these arguments)"
+        )
+
+
+def _save_model(model, filepath, overwrite, threads, args, save_format, kwargs, compression=None):
     flavour = _flavour(model)
     if flavour == "tf_keras":
         given = {} if save_format is None else {"save_format": save_format}
@@ -196,7 +213,7 @@ def _save_model(model, filepath, overwrite, threads, args, save_format, kwargs):
         from .tf_keras import saved_model as tf_saved_model
 
         path = _local_path(filepath, "tf_keras")
-        if tf_saved_model.can_save_fast(model, path, save_format, kwargs):
+        if compression is None and tf_saved_model.can_save_fast(model, path, save_format, kwargs):
             with _no_gc_pauses():
                 return tf_saved_model.save(model, path, overwrite, **kwargs, threads=threads)
         if tf_legacy_h5.can_save_model_fast(model, path, save_format, kwargs):
@@ -204,8 +221,9 @@ def _save_model(model, filepath, overwrite, threads, args, save_format, kwargs):
             if overwrite or not os.path.isfile(path) or ask_to_replace(path, "tf_keras"):
                 with _no_gc_pauses():
                     contents = tf_legacy_h5.model_contents(model, kwargs.get("include_optimizer", True))
-                    legacy_h5.save(contents, path, threads)
+                    legacy_h5.save(contents, path, threads, compression)
             return None
+        _no_compression_here(compression, filepath)
         with prompt_refusals(filepath):
             return stock(TF_KERAS_SAVING_API, "save_model")(
                 model, filepath, overwrite=overwrite, save_format=save_format, **kwargs
@@ -222,6 +240,7 @@ def _save_model(model, filepath, overwrite, threads, args, save_format, kwargs):
         and set(kwargs) <= {"include_optimizer", "zipped"}
     )
     if not fast:
+        _no_compression_here(compression, filepath)
         if save_format:
             kwargs["save_format"] = save_format
         with _compile_config_kept(model), prompt_refusals(filepath):
@@ -235,7 +254,7 @@ def _save_model(model, filepath, overwrite, threads, args, save_format, kwargs):
         if _may_write(filepath, overwrite):
             with _no_gc_pauses(), _compile_config_kept(model):
                 contents = keras3_legacy_h5.model_contents(model, include_optimizer)
-                legacy_h5.save(contents, path, threads)
+                legacy_h5.save(contents, path, threads, compression)
         return None
     if not _may_write(filepath, overwrite):
         return None
@@ -248,7 +267,7 @@ def _save_model(model, filepath, overwrite, threads, args, save_format, kwargs):
     from .formats import keras_zip
 
     with _no_gc_pauses():
-        keras_zip.save(model, path, include_optimizer=include_optimizer, threads=threads)
+        keras_zip.save(model, path, include_optimizer=include_optimizer, threads=threads, compression=compression)
     return None
 
 
@@ -314,18 +333,20 @@ def save_weights(model, filepath, overwrite=True, *args, **kwargs):
     The fourth positional argument is the flavour's own: `max_shard_size` for Keras 3 (as
     `keras.saving.save_weights`), `save_format` then `options` for tf_keras (as `Model.save_weights`).
     Keras 3: `.weights.h5` files are written by the fast path (same layout as stock); sharded
-    saves (`max_shard_size`) go to stock. tf_keras: stock. Our own keywords: `threads`, `fsync`
+    saves (`max_shard_size`) go to stock. tf_keras: stock. Our own keywords: `threads`, `fsync`,
+    `compression`, `compression_level`, `chunk_bytes`, `checksum`
     (as in `save_model`).
     """
     threads = _threads(kwargs.pop("threads", None))
     fsync = _fsync(kwargs.pop("fsync", False))
+    compression = _compression(kwargs)
     with durability(fsync) as durable:
-        result = _save_weights(model, filepath, overwrite, threads, args, kwargs)
+        result = _save_weights(model, filepath, overwrite, threads, args, kwargs, compression)
         _sync_what_stock_wrote(durable, filepath, model)
     return result
 
 
-def _save_weights(model, filepath, overwrite, threads, args, kwargs):
+def _save_weights(model, filepath, overwrite, threads, args, kwargs, compression=None):
     flavour = _flavour(model)
     if flavour == "tf_keras":
         _positional("save_weights", ("save_format", "options"), args, kwargs)
@@ -333,8 +354,10 @@ def _save_weights(model, filepath, overwrite, threads, args, kwargs):
         from .tf_keras import legacy_h5 as tf_legacy_h5
 
         path = _local_path(filepath, "tf_keras")
-        if set(kwargs) <= {"save_format", "options"} and tf_checkpoint.can_save_fast(
-            model, path, kwargs.get("save_format"), kwargs.get("options")
+        if (
+            compression is None
+            and set(kwargs) <= {"save_format", "options"}
+            and tf_checkpoint.can_save_fast(model, path, kwargs.get("save_format"), kwargs.get("options"))
         ):
             with _no_gc_pauses():
                 if tf_checkpoint.save_weights(model, path, overwrite, threads):
@@ -346,8 +369,9 @@ def _save_weights(model, filepath, overwrite, threads, args, kwargs):
             model._assert_weights_created()
             if overwrite or not os.path.isfile(path) or ask_to_replace(path, "tf_keras"):
                 with _no_gc_pauses():
-                    legacy_h5.save(tf_legacy_h5.weights_file_contents(model), path, threads)
+                    legacy_h5.save(tf_legacy_h5.weights_file_contents(model), path, threads, compression)
             return None
+        _no_compression_here(compression, filepath)
         with prompt_refusals(filepath):
             return stock(TF_KERAS_SAVING_API, "save_weights")(model, filepath, overwrite=overwrite, **kwargs)
     _positional("save_weights", ("max_shard_size",), args, kwargs)
@@ -355,6 +379,7 @@ def _save_weights(model, filepath, overwrite, threads, args, kwargs):
         del kwargs["max_shard_size"]
     path = _local_path(filepath, "keras3")
     if path is None or not path.endswith(".weights.h5") or kwargs:
+        _no_compression_here(compression, filepath)
         with prompt_refusals(filepath):
             return stock(KERAS3_SAVING_API, "save_weights")(model, filepath, overwrite, **kwargs)
     if not _may_write(filepath, overwrite):
@@ -362,7 +387,7 @@ def _save_weights(model, filepath, overwrite, threads, args, kwargs):
     from .formats import weights_file
 
     with _no_gc_pauses():
-        weights_file.save(model, path, threads=threads)
+        weights_file.save(model, path, threads=threads, compression=compression)
     return None
 
 

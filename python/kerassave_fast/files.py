@@ -428,3 +428,42 @@ class SparseImage(_Seekable):
 
     def flush(self) -> None:
         pass
+
+
+class FileWindow(_Seekable):
+    """A stretch of an open file from `start` on, seen by h5py as a whole writable file: how a
+    compressed HDF5 file (whose size its data decides) goes straight where it belongs, a
+    `.weights.h5` file or the member of a `.keras` zip, through the descriptor of the save."""
+
+    def __init__(self, fd: int, start: int):
+        super().__init__()
+        self._fd = fd
+        self._start = start
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:], self._start + self._pos + done)
+        self._pos += done
+        self._size = max(self._size, self._pos)
+        return done
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        n = os.preadv(self._fd, [view[: max(0, self._size - self._pos)]], self._start + self._pos)
+        view[n:] = bytes(len(view) - n)  # past what was written: zeros, as HDF5's POSIX driver gives
+        self._pos += len(view)
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        # HDF5 saying where its file ends; nothing follows the window while it is written
+        self._size = self._pos if size is None else size
+        os.ftruncate(self._fd, self._start + self._size)
+        return self._size
+
+    def flush(self) -> None:
+        pass

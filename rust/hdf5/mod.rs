@@ -3,6 +3,8 @@
 //! files need on top (`reader.rs`): bounded reads, hard links only, no cycles, datatypes checked
 //! bit for bit before a byte is taken as a number.
 
+pub mod chunks;
+pub mod filters;
 pub mod reader;
 
-pub use reader::{list_stored_datasets, Listing, Source, StoredDataset};
+pub use reader::{list_stored_datasets, Chunk, Chunked, Listing, Source, StoredDataset};

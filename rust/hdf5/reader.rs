@@ -24,6 +24,7 @@ use hdf5_reader::messages::HdfMessage;
 use hdf5_reader::symbol_table::SymbolTableNode;
 use hdf5_reader::{Datatype, Hdf5File, OpenOptions, Storage, StorageBuffer};
 
+use super::filters::Pipeline;
 use crate::error::{Error, Result};
 
 /// Where the HDF5 file's bytes are: a stretch of an open file (a whole `.h5`, a STORED zip
@@ -41,8 +42,34 @@ pub struct StoredDataset {
     pub offset: u64,
     pub shape: Vec<u64>,
     pub dtype: &'static str,
-    /// Bytes stored: the shape's elements times the type's size.
+    /// Bytes of its elements: the shape's elements times the type's size.
     pub nbytes: u64,
+    /// For a chunked dataset, where its chunks are (`offset` is then 0); None when contiguous.
+    pub chunked: Option<Chunked>,
+}
+
+/// A chunked dataset whose filters `filters::Pipeline` undoes, every chunk present exactly once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunked {
+    pub chunk_shape: Vec<u64>,
+    /// Filter ids in pipeline order.
+    pub filters: Vec<u16>,
+    pub chunks: Vec<Chunk>,
+}
+
+/// One stored chunk: `size` bytes at `offset` of the HDF5 file, holding the elements from `coords`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    pub offset: u64,
+    pub size: u64,
+    /// Bit i set: filter i was not applied to this chunk.
+    pub skipped: u32,
+    pub coords: Vec<u64>,
+}
+
+/// A stored chunk larger than this for its raw size is damage, not compression.
+fn max_stored_chunk(raw: u64) -> u64 {
+    raw.saturating_mul(2).saturating_add(4096)
 }
 
 /// What the listing found: the datasets, or why the file could not be walked here (a layout the
@@ -207,7 +234,13 @@ fn list(source: Source) -> std::result::Result<Vec<StoredDataset>, Failure> {
 fn check_disjoint(found: &[StoredDataset], metadata: Vec<(u64, u64)>) -> std::result::Result<(), Failure> {
     let mut extents: Vec<(u64, u64, Option<&str>)> = found
         .iter()
-        .map(|d| (d.offset, d.offset + d.nbytes, Some(d.path.as_str())))
+        .flat_map(|d| {
+            let name = Some(d.path.as_str());
+            match &d.chunked {
+                None => vec![(d.offset, d.offset + d.nbytes, name)],
+                Some(c) => c.chunks.iter().map(|k| (k.offset, k.offset + k.size, name)).collect(),
+            }
+        })
         .chain(metadata.into_iter().map(|(at, len)| (at, at.saturating_add(len), None)))
         .filter(|&(start, end, _)| end > start)
         .collect();
@@ -407,28 +440,32 @@ fn stored_dataset(
 ) -> std::result::Result<Option<StoredDataset>, Failure> {
     let header = file.get_or_parse_header(dataset.address()).map_err(|e| e.to_string())?;
     let mut layout = None;
+    let mut filters = Vec::new();
     for message in &header.messages {
         match message {
             HdfMessage::DataLayout(l) => layout = Some(&l.layout),
-            HdfMessage::FilterPipeline(p) if !p.filters.is_empty() => return Ok(None),
+            HdfMessage::FilterPipeline(p) => filters = p.filters.iter().map(|f| f.id).collect(),
             HdfMessage::ExternalFiles(_) => return Ok(None),
             _ => {}
         }
     }
-    let Some(&DataLayout::Contiguous { address, size }) = layout else {
-        return Ok(None);
-    };
     let superblock = file.superblock();
+    let (address, size) = match layout {
+        Some(&DataLayout::Contiguous { address, size }) if filters.is_empty() => (address, size),
+        Some(DataLayout::Chunked {
+            address,
+            dims,
+            chunk_indexing: None, // a version 1 B-tree, what h5py writes by default
+            ..
+        }) if Pipeline::supported(&filters) && !Cursor::is_undefined_offset(*address, superblock.offset_size) => {
+            return chunked_dataset(file, dataset, path, *address, dims, filters);
+        }
+        _ => return Ok(None),
+    };
     if Cursor::is_undefined_offset(address, superblock.offset_size) {
         return Ok(None); // never written: reading gives fill values
     }
-    let raw = dataset.raw_datatype().map_err(|e| e.to_string())?;
-    if reserved_bits_set(&raw) {
-        // libhdf5 ignores these bits: a float whose class bit flipped reads as integers
-        let what = format!("dataset '{path}' has a damaged number type (reserved bits set)");
-        return Err(Failure::Corrupt(what));
-    }
-    let Some((dtype, itemsize)) = numpy_dtype(dataset)? else {
+    let Some((dtype, itemsize)) = element_type(dataset, &path)? else {
         return Ok(None);
     };
     let shape = dataset.shape().to_vec();
@@ -449,6 +486,112 @@ fn stored_dataset(
         shape,
         dtype,
         nbytes: size,
+        chunked: None,
+    }))
+}
+
+/// The dataset's element type, refusing the number types libhdf5 would misread.
+fn element_type(
+    dataset: &hdf5_reader::Dataset,
+    path: &str,
+) -> std::result::Result<Option<(&'static str, u64)>, Failure> {
+    let raw = dataset.raw_datatype().map_err(|e| e.to_string())?;
+    if reserved_bits_set(&raw) {
+        // libhdf5 ignores these bits: a float whose class bit flipped reads as integers
+        let what = format!("dataset '{path}' has a damaged number type (reserved bits set)");
+        return Err(Failure::Corrupt(what));
+    }
+    Ok(numpy_dtype(dataset)?)
+}
+
+/// A chunked dataset's chunks from its version 1 B-tree, when every chunk of its shape is there
+/// exactly once, inside the file (a partly written dataset reads fill values: h5py does that).
+fn chunked_dataset(
+    file: &Hdf5File,
+    dataset: &hdf5_reader::Dataset,
+    path: String,
+    btree: u64,
+    dims: &[u32],
+    filters: Vec<u16>,
+) -> std::result::Result<Option<StoredDataset>, Failure> {
+    let Some((dtype, itemsize)) = element_type(dataset, &path)? else {
+        return Ok(None);
+    };
+    let shape = dataset.shape().to_vec();
+    let chunk_shape: Vec<u64> = dims.iter().map(|&d| u64::from(d)).collect();
+    if chunk_shape.len() != shape.len() || chunk_shape.contains(&0) || shape.is_empty() {
+        return Ok(None);
+    }
+    let nbytes = shape.iter().try_fold(itemsize, |n, &d| n.checked_mul(d));
+    let chunk_bytes = chunk_shape.iter().try_fold(itemsize, |n, &d| n.checked_mul(d));
+    let expected = shape
+        .iter()
+        .zip(&chunk_shape)
+        .try_fold(1u64, |n, (&d, &c)| n.checked_mul(d.div_ceil(c)));
+    let (Some(nbytes), Some(chunk_bytes), Some(expected)) = (nbytes, chunk_bytes, expected) else {
+        return Ok(None);
+    };
+    if nbytes == 0 || chunk_bytes > 1 << 32 {
+        return Ok(None);
+    }
+    let superblock = file.superblock();
+    let leaves = btree_v1::collect_btree_v1_leaves_storage(
+        file.storage(),
+        btree,
+        superblock.offset_size,
+        superblock.length_size,
+        Some(shape.len() as u32),
+        dims,
+        None,
+    )
+    .map_err(|e| e.to_string())?;
+    if leaves.len() as u64 != expected {
+        return Ok(None);
+    }
+    let mut chunks = Vec::with_capacity(leaves.len());
+    let mut seen = HashSet::with_capacity(leaves.len());
+    for (key, offset) in leaves {
+        let btree_v1::BTreeV1Key::RawData {
+            chunk_size,
+            filter_mask,
+            offsets,
+        } = key
+        else {
+            return Err(Failure::Corrupt(format!(
+                "dataset '{path}' has a chunk index of the wrong kind"
+            )));
+        };
+        let coords = offsets.get(..shape.len()).unwrap_or_default().to_vec();
+        let aligned = coords.len() == shape.len()
+            && coords
+                .iter()
+                .zip(&shape)
+                .zip(&chunk_shape)
+                .all(|((&o, &d), &c)| o < d && o % c == 0);
+        let size = u64::from(chunk_size);
+        let inside = offset.checked_add(size).is_some_and(|end| end <= file.storage().len());
+        if !aligned || !seen.insert(coords.clone()) || !inside || size > max_stored_chunk(chunk_bytes) {
+            let what = format!("dataset '{path}' has a chunk at {coords:?} of {size} bytes at {offset} that does not fit its shape or the file");
+            return Err(Failure::Corrupt(what));
+        }
+        chunks.push(Chunk {
+            offset,
+            size,
+            skipped: filter_mask,
+            coords,
+        });
+    }
+    Ok(Some(StoredDataset {
+        path,
+        offset: 0,
+        shape,
+        dtype,
+        nbytes,
+        chunked: Some(Chunked {
+            chunk_shape,
+            filters,
+            chunks,
+        }),
     }))
 }
 

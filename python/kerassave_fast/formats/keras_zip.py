@@ -25,7 +25,7 @@ from keras.src.utils import file_utils
 from .._core import ZIP64_LIMIT, BadKerasZipFile, KerasSaveError, TensorFile, ZipArchive, ZipMember, ZipWriter
 from ..files import FileRegion, atomic_replace
 from ..keras3 import state
-from .weights_h5 import ReadTensors, layout_for, read_weights, write_layout
+from .weights_h5 import Compression, ReadTensors, layout_for, read_weights, write_compressed, write_layout
 
 CONFIG = saving_lib._CONFIG_FILENAME
 METADATA = saving_lib._METADATA_FILENAME
@@ -61,6 +61,7 @@ def save(
     include_optimizer: bool = True,
     threads: int = 0,
     zip64_limit: int = ZIP64_LIMIT,
+    compression: Compression | None = None,
 ) -> None:
     """Writes `model` to `filepath` as a `.keras` zip, replacing any previous file only when complete.
 
@@ -74,9 +75,15 @@ def save(
             writer = ZipWriter(file, zip64_limit)
             writer.add_stored(METADATA, metadata_json.encode(), _ZIPINFO_DEFAULT_DATE, _OWNER_RW)
             writer.add_stored(CONFIG, config_json.encode(), _ZIPINFO_DEFAULT_DATE, _OWNER_RW)
-            layout, tensors = layout_for(plan)  # its exact size decides ZIP64, as in `zipfile`
-            start = writer.begin_stored(WEIGHTS, time.localtime()[:6], _OWNER_RW, layout.size)
-            writer.end_stored(layout.size, write_layout(file, start, layout, tensors, threads))
+            if compression is None:
+                layout, tensors = layout_for(plan)  # its exact size decides ZIP64, as in `zipfile`
+                start = writer.begin_stored(WEIGHTS, time.localtime()[:6], _OWNER_RW, layout.size)
+                writer.end_stored(layout.size, write_layout(file, start, layout, tensors, threads))
+            else:  # the size comes out of the compression: hint an upper bound (ZIP64 when it may be needed)
+                bound = 2 * sum(d.array.nbytes for d in plan.datasets) + (1 << 20)
+                start = writer.begin_stored(WEIGHTS, time.localtime()[:6], _OWNER_RW, bound)
+                size = write_compressed(file, start, plan, compression, threads)
+                writer.end_stored(size, file.crc32(start, size, [], threads))
             saving_lib._write_to_zip_recursively(_AssetsInto(writer), assets.working_dir, ASSETS)
             writer.finish()
             del writer, file  # close before the rename

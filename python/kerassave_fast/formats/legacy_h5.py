@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..files import atomic_replace
-from .weights_h5 import WeightsPlan, write_weights_file
+from .weights_h5 import Compression, WeightsPlan, write_weights_file
 
 NamedVariables = list[tuple[bytes, object]]  # (weight name as stock encodes it, variable)
 
@@ -114,7 +114,7 @@ def plan_legacy_h5(contents: LegacyH5Contents) -> WeightsPlan:
     return plan
 
 
-def save(contents: LegacyH5Contents, filepath: str, threads: int = 0) -> None:
+def save(contents: LegacyH5Contents, filepath: str, threads: int = 0, compression: Compression | None = None) -> None:
     """Writes the `.h5` file, replacing any old one only when complete. Like stock's writers, a
     whole model's makes its directory if missing, a weights file's does not."""
     plan = plan_legacy_h5(contents)
@@ -122,4 +122,4 @@ def save(contents: LegacyH5Contents, filepath: str, threads: int = 0) -> None:
     if directory and contents.root_attributes is not None:
         os.makedirs(directory, exist_ok=True)
     with atomic_replace(filepath) as destination:
-        write_weights_file(destination, plan, threads)  # laid out as h5py's POSIX driver would
+        write_weights_file(destination, plan, threads, compression)  # laid out as h5py's POSIX driver would

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..files import atomic_replace
 from ..keras3 import state
 from .keras_zip import KerasArchive
-from .weights_h5 import read_ahead, read_weights, write_weights_file
+from .weights_h5 import Compression, read_ahead, read_weights, write_weights_file
 
 
 def _require_built(model, doing: str) -> None:
@@ -16,12 +16,12 @@ def _require_built(model, doing: str) -> None:
         )
 
 
-def save(model, filepath: str, threads: int = 0) -> None:
+def save(model, filepath: str, threads: int = 0, compression: Compression | None = None) -> None:
     """`model.save_weights(filepath)` for a `.weights.h5` path, replacing any old file only when complete."""
     _require_built(model, "saving")
     plan, _ = state.plan_model_state(model, with_assets=False)
     with atomic_replace(filepath) as destination:
-        write_weights_file(destination, plan, threads)
+        write_weights_file(destination, plan, threads, compression)
 
 
 def load(model, filepath: str, skip_mismatch: bool = False, threads: int = 0) -> bool:

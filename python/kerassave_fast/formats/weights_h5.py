@@ -26,8 +26,8 @@ import numpy as np
 from h5py import h5d, h5o, h5s, h5t
 from h5py._hl.dataset import make_new_dset
 
-from .._core import KerasSaveError, TensorFile, hdf5_stored_datasets
-from ..files import Destination, FileRegion, SparseImage
+from .._core import KerasSaveError, TensorFile, hdf5_encode_chunks, hdf5_stored_datasets
+from ..files import Destination, FileRegion, FileWindow, SparseImage
 from ..tensors import BFLOAT16, aligned_empty, as_bytes, snapshot
 
 
@@ -60,6 +60,12 @@ class PlannedDataset:
     name: str
     array: np.ndarray
     created: bool = False
+
+    @property
+    def compressible(self) -> bool:
+        """Whether a compressed save writes it chunked: numbers (bfloat16 included) with elements."""
+        array = self.array
+        return bool(array.ndim and array.size) and (array.dtype == BFLOAT16 or array.dtype.kind in "biufc")
 
     @property
     def reserved(self) -> bool:
@@ -114,6 +120,100 @@ def _create_reserved_dataset(group: h5py.Group, name: str, array: np.ndarray, na
     return dsid
 
 
+GZIP, ZSTD = "gzip", "zstd"
+# HDF5 filter ids: deflate, shuffle, Fletcher-32, and zstd as hdf5plugin registers it.
+_DEFLATE, _SHUFFLE, _FLETCHER32, _ZSTD = 1, 2, 3, 32015
+_LEVELS = {GZIP: (range(10), 4), ZSTD: (range(1, 23), 3)}  # allowed, default (h5py's, zstd's)
+
+
+@dataclass(frozen=True)
+class Compression:
+    """Chunked, filtered datasets (`save_model(..., compression=...)`): shuffle, then deflate or
+    zstd, then optionally Fletcher-32, as h5py sets them up. The Rust core compresses the chunks
+    on all cores; HDF5 is handed them ready to store (`write_direct_chunk`)."""
+
+    codec: str | None = None  # None: stored as they are, only the checksum if asked
+    level: int = 0
+    chunk_bytes: int = 1 << 20
+    checksum: bool = False
+
+    @classmethod
+    def from_arguments(cls, compression=None, compression_level=None, chunk_bytes=None, checksum=False):
+        """The compression asked for, checked; None for none (the stock layout)."""
+        if compression not in (None, GZIP, ZSTD):
+            raise ValueError(f"`compression` must be None, 'gzip' or 'zstd'. Received: compression={compression!r}")
+        if compression is None and compression_level is not None:
+            raise ValueError("`compression_level` needs `compression='gzip'` or `'zstd'`")
+        if not isinstance(checksum, bool):
+            raise ValueError(f"`checksum` must be True or False. Received: checksum={checksum!r}")
+        if compression is None and not checksum:
+            if chunk_bytes is not None:
+                raise ValueError("`chunk_bytes` needs `compression` or `checksum=True`")
+            return None
+        allowed, default = _LEVELS.get(compression, (range(1), 0))
+        level = default if compression_level is None else compression_level
+        if isinstance(level, bool) or level not in allowed:
+            raise ValueError(f"`compression_level` for {compression!r} must be in {allowed}. Received: {level!r}")
+        chunk_bytes = 1 << 20 if chunk_bytes is None else chunk_bytes
+        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or not 0 < chunk_bytes < 1 << 32:
+            raise ValueError(f"`chunk_bytes` must be an integer from 1 to 2**32 - 1. Received: {chunk_bytes!r}")
+        return cls(compression, level, chunk_bytes, checksum)
+
+    @property
+    def filters(self) -> list[int]:
+        codec = {GZIP: [_SHUFFLE, _DEFLATE], ZSTD: [_SHUFFLE, _ZSTD], None: []}[self.codec]
+        return codec + ([_FLETCHER32] if self.checksum else [])
+
+    def chunk_shape(self, shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+        """Whole rows along the first axis, about `chunk_bytes` each: every chunk is then one
+        stretch of the array's memory, and only the last one is partial."""
+        row = math.prod(shape[1:]) * itemsize
+        if row >= 1 << 32:
+            raise ValueError(f"a tensor of shape {shape} has rows too large for an HDF5 chunk (4 GiB)")
+        return (max(1, min(shape[0], self.chunk_bytes // max(row, 1))), *shape[1:])
+
+
+# Raw bytes handed to the Rust core per call when compressing: what a save holds at most besides the model.
+_COMPRESS_BATCH = 32 << 20
+
+
+def _create_compressed_dataset(
+    group: h5py.Group, name: str, array: np.ndarray, compression: Compression, named: bool, threads: int
+) -> h5d.DatasetID:
+    """A chunked dataset as h5py makes one with the same filters, its chunks written already filtered."""
+    encoded, lcpl = group._e(name, lcpl=True)
+    chunks = compression.chunk_shape(array.shape, array.dtype.itemsize)
+    codec = {GZIP: ("gzip", compression.level), ZSTD: (_ZSTD, (compression.level,)), None: (None, None)}
+    dsid = make_new_dset(
+        group,
+        array.shape,
+        array.dtype,
+        name=encoded if named else None,
+        chunks=chunks,
+        compression=codec[compression.codec][0],
+        compression_opts=codec[compression.codec][1],
+        shuffle=compression.codec is not None,
+        fletcher32=compression.checksum,
+        allow_unknown_filter=True,  # zstd is written here; h5py needs hdf5plugin only to read it
+        track_order=h5py.get_config().track_order,
+    )
+    flat = as_bytes(array)
+    chunk_len = math.prod(chunks) * array.dtype.itemsize
+    starts = list(range(0, flat.nbytes, chunk_len))
+    per_call = max(1, _COMPRESS_BATCH // chunk_len)
+    for first in range(0, len(starts), per_call):
+        batch = starts[first : first + per_call]
+        raw = [flat[b : b + chunk_len] for b in batch]
+        if len(raw[-1]) < chunk_len:  # HDF5 stores an edge chunk whole; its tail is never read
+            raw[-1] = np.concatenate([raw[-1], np.zeros(chunk_len - len(raw[-1]), np.uint8)])
+        stored = hdf5_encode_chunks(raw, compression.filters, compression.level, array.dtype.itemsize, threads)
+        for b, data in zip(batch, stored, strict=True):
+            dsid.write_direct_chunk((b // chunk_len * chunks[0],) + (0,) * (array.ndim - 1), data)
+    if not named:
+        h5o.link(dsid, group.id, encoded, lcpl=lcpl)
+    return dsid
+
+
 def _write_as_stock(group: h5py.Group, step: PlannedDataset) -> None:
     if not step.created:
         group[step.name] = step.array
@@ -122,11 +222,14 @@ def _write_as_stock(group: h5py.Group, step: PlannedDataset) -> None:
     dataset[() if not step.array.shape else slice(None)] = step.array
 
 
-def write_skeleton(target: str | SparseImage, plan: WeightsPlan) -> list[tuple[int, np.ndarray]]:
+def write_skeleton(
+    target: str | SparseImage | FileWindow, plan: WeightsPlan, compression: Compression | None = None, threads: int = 0
+) -> list[tuple[int, np.ndarray]]:
     """Writes the HDF5 file's metadata to `target`; returns (offset, array) of each reserved tensor.
 
     `target` is what stock gives h5py: a path for a `.weights.h5` file (HDF5's POSIX driver), a file
     object for the member of a `.keras` zip (h5py's file-object driver) -- the two lay files out differently.
+    With `compression`, every tensor with elements is written here, chunked, and none is returned.
     """
     placed: list[tuple[int, np.ndarray]] = []
     with h5py.File(target, "w") as f:
@@ -143,17 +246,21 @@ def write_skeleton(target: str | SparseImage, plan: WeightsPlan) -> list[tuple[i
                 continue
             if group.name != "/" + step.group:
                 group = f[step.group] if step.group else f
-            if not step.reserved:  # strings and other objects: small, written by h5py as stock does
+            compressed = compression is not None and step.compressible
+            if not step.reserved and not compressed:  # strings and other objects: written by h5py as stock does
                 _write_as_stock(group, step)
                 continue
-            bfloat16 = step.array.dtype == BFLOAT16
+            keras_bfloat16 = step.array.dtype == BFLOAT16 and not step.created  # Keras 3's bf16 + attribute
             parent, _, leaf = step.name.rpartition("/") if step.created else ("", "", step.name)
-            dsid = _create_reserved_dataset(
-                group.require_group(parent) if parent else group, leaf, step.array, named=bfloat16 or step.created
-            )
-            if bfloat16:
+            parent_group = group.require_group(parent) if parent else group
+            named = keras_bfloat16 or step.created
+            if compressed:
+                dsid = _create_compressed_dataset(parent_group, leaf, step.array, compression, named, threads)
+            else:
+                dsid = _create_reserved_dataset(parent_group, leaf, step.array, named=named)
+            if keras_bfloat16:
                 h5py.Dataset(dsid).attrs["dtype"] = "bfloat16"
-            offset = dsid.get_offset()
+            offset = dsid.get_offset()  # None for a chunked dataset
             if offset is not None and step.array.nbytes:
                 placed.append((offset, step.array))
     return placed
@@ -292,21 +399,41 @@ def write_layout(file: TensorFile, start: int, layout: Layout, tensors: list[np.
     return file.crc32(start, layout.size, known, threads)
 
 
-def write_weights_file(destination: Destination, plan: WeightsPlan, threads: int = 0) -> None:
+def write_weights_file(
+    destination: Destination, plan: WeightsPlan, threads: int = 0, compression: Compression | None = None
+) -> None:
     """Writes an HDF5 file (`.weights.h5`, legacy `.h5`) laid out as stock's is (HDF5's POSIX driver), metadata and
-    tensors in one parallel call of the Rust core."""
+    tensors in one parallel call of the Rust core; compressed, h5py writes it through the save's descriptor."""
+    if compression is not None:
+        write_compressed(destination.file, 0, plan, compression, threads)
+        return
     layout, tensors = layout_for(plan, POSIX)
     write_layout(destination.file, 0, layout, tensors, threads)
 
 
+def write_compressed(
+    file: TensorFile, start: int, plan: WeightsPlan, compression: Compression, threads: int = 0
+) -> int:
+    """Writes the plan as an HDF5 file with chunked, filtered tensors at `start` of `file`, through
+    h5py's file-object driver (its size depends on the data: no layout is remembered); returns its size."""
+    window = FileWindow(file.fileno(), start)
+    placed = write_skeleton(window, plan, compression, threads)
+    # Scalars and empty tensors stay contiguous: HDF5 reserved their room; their bytes go there.
+    if placed:
+        file.write_tensors([start + o for o, _ in placed], [as_bytes(a) for _, a in placed], threads)
+    return window.size
+
+
 @dataclass
 class StoredTensor:
-    """A dataset whose bytes lie contiguous and unfiltered in the file, readable by offset."""
+    """A dataset whose bytes lie contiguous and unfiltered in the file, readable by offset, or
+    chunked with filters the Rust core undoes (`chunking`, as `hdf5_stored_datasets` lists it)."""
 
     name: str
     offset: int
     shape: tuple[int, ...]
     dtype: np.dtype
+    chunking: tuple | None = None
 
     @property
     def nbytes(self) -> int:
@@ -352,8 +479,8 @@ def _listed_by_rust(source: TensorFile | bytes, start: int, size: int) -> list[S
     if found is None:
         return None
     return [
-        StoredTensor(name, offset, tuple(shape), BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype))
-        for name, offset, shape, dtype in found
+        StoredTensor(name, offset, tuple(shape), BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype), chunking)
+        for name, offset, shape, dtype, chunking in found
     ]
 
 
@@ -365,7 +492,10 @@ def stored_tensors(
     found = _listed_by_rust(source, start, size) if source is not None else None
     if found is None:
         found = _listed_by_h5py(h5)
-    found.sort(key=lambda t: t.offset)
+    if not isinstance(source, TensorFile):  # chunks are read from a file; h5py reads them from memory
+        found = [t for t in found if t.chunking is None]
+    chunked = [t for t in found if t.chunking is not None]  # the Rust core checked their chunks
+    found = sorted((t for t in found if t.chunking is None), key=lambda t: t.offset)
     end_of_previous, previous = 0, None
     for tensor in found:
         if tensor.offset + tensor.nbytes > size:
@@ -376,7 +506,7 @@ def stored_tensors(
         if tensor.offset < end_of_previous:
             raise KerasSaveError(f"{where}: datasets '{previous}' and '{tensor.name}' overlap (corrupted file)")
         end_of_previous, previous = tensor.offset + tensor.nbytes, tensor.name
-    return found
+    return found + chunked
 
 
 _IEEE_FLOATS = (h5t.IEEE_F16LE, h5t.IEEE_F16BE, h5t.IEEE_F32LE, h5t.IEEE_F32BE, h5t.IEEE_F64LE, h5t.IEEE_F64BE)
@@ -473,12 +603,19 @@ def read_weights(
     buffers = [as_bytes(arrays[t.name]) for t in tensors]
     future: Future[ReadTensors] = Future()
 
+    chunked = [(t, b) for t, b in zip(tensors, buffers, strict=True) if t.chunking is not None]
+    buffers = [b for t, b in zip(tensors, buffers, strict=True) if t.chunking is None]
+    tensors = [t for t in tensors if t.chunking is None]
+
     def read() -> None:
         try:
             stretches = []
             if isinstance(source, TensorFile):
                 crcs = source.read_tensors([start + t.offset for t in tensors], buffers, threads)
                 stretches = [(t.offset, memoryview(b), c) for t, b, c in zip(tensors, buffers, crcs, strict=True)]
+                if chunked:
+                    items = [(t.name, t.chunking, t.shape, t.dtype.itemsize, b) for t, b in chunked]
+                    source.read_chunked(start, items, threads)
             else:  # an inflated (DEFLATED) member already in memory
                 for t, buffer in zip(tensors, buffers, strict=True):
                     buffer[:] = np.frombuffer(source, np.uint8, t.nbytes, start + t.offset)

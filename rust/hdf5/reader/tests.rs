@@ -31,9 +31,13 @@ fn lists_plain_numbers_and_keras_bfloat16_only() {
             ("/layers/dense/vars/0", &[3u64, 4][..], "<f4"),
             ("/layers/dense/vars/1", &[4][..], "<f4"),
             ("/layers/low/vars/0", &[6][..], "bfloat16"),
+            ("/layers/low/vars/1", &[16, 16][..], "<f4"),
             ("/optimizer/vars/0", &[][..], "<i8"),
         ]
     );
+    assert!(found
+        .iter()
+        .all(|d| d.chunked.is_none() == (d.path != "/layers/low/vars/1")));
     // The bytes at each offset are the values make.py wrote.
     let data = fixture();
     let first = &found[0];
@@ -43,6 +47,52 @@ fn lists_plain_numbers_and_keras_bfloat16_only() {
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
         .collect();
     assert_eq!(values, (0..12).map(|v| v as f32).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_gzip_dataset_is_listed_by_chunk_and_decodes_to_its_values() {
+    let data = fixture();
+    let found = list(bytes(&data)).unwrap();
+    let low = found.iter().find(|d| d.path == "/layers/low/vars/1").unwrap();
+    let chunked = low.chunked.as_ref().unwrap();
+    assert_eq!(
+        chunked.filters,
+        [crate::hdf5::filters::SHUFFLE, crate::hdf5::filters::DEFLATE]
+    );
+    let mut file = tempfile::tempfile().unwrap();
+    file.write_all(&data).unwrap();
+    let mut out = vec![0u8; 16 * 16 * 4];
+    let read = |chunked: &Chunked, out: &mut [u8]| {
+        let request = crate::hdf5::chunks::ChunkedRead {
+            name: &low.path,
+            chunked,
+            shape: &low.shape,
+            itemsize: 4,
+            out,
+        };
+        crate::hdf5::chunks::read_chunked(&file, Path::new("m.h5"), 0, vec![request], 2)
+    };
+    read(chunked, &mut out).unwrap();
+    assert!(out.chunks(4).all(|c| f32::from_le_bytes(c.try_into().unwrap()) == 1.0));
+    // A chunk listed twice, or one missing, is refused naming the file and the dataset.
+    let mut twice = chunked.clone();
+    twice.chunks.push(twice.chunks[0].clone());
+    let message = read(&twice, &mut out).unwrap_err().to_string();
+    assert!(message.starts_with("m.h5: dataset '/layers/low/vars/1'"), "{message}");
+    // A damaged chunk does not inflate.
+    let mut damaged = data.clone();
+    let first = &chunked.chunks[0];
+    damaged[first.offset as usize + 5] ^= 0xFF;
+    let mut file = tempfile::tempfile().unwrap();
+    file.write_all(&damaged).unwrap();
+    let request = crate::hdf5::chunks::ChunkedRead {
+        name: "x",
+        chunked,
+        shape: &low.shape,
+        itemsize: 4,
+        out: &mut out,
+    };
+    assert!(crate::hdf5::chunks::read_chunked(&file, Path::new("m.h5"), 0, vec![request], 1).is_err());
 }
 
 #[test]
@@ -89,7 +139,7 @@ fn a_global_heap_libhdf5_would_loop_on_is_corrupt_and_named() {
             "{message}"
         );
     }
-    assert!(matches!(list(bytes(&with_heap_object_grown(0))), Ok(found) if found.len() == 4));
+    assert!(matches!(list(bytes(&with_heap_object_grown(0))), Ok(found) if found.len() == 5));
 }
 
 /// The fixture with the first dataset's data address (in its layout message) set to `to`.

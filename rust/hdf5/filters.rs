@@ -1,0 +1,252 @@
+//! HDF5's filter pipeline for one chunk, both ways: byte shuffle, deflate (libdeflate), zstd
+//! (registered filter 32015, a plain zstd frame as hdf5plugin writes it) and Fletcher-32, in the
+//! order h5py's `create_dataset(shuffle=..., compression=..., fletcher32=...)` sets them up.
+
+/// What is wrong with a chunk; the caller names the file and dataset.
+pub type Result<T> = std::result::Result<T, String>;
+
+/// HDF5 filter identifiers.
+pub const DEFLATE: u16 = 1;
+pub const SHUFFLE: u16 = 2;
+pub const FLETCHER32: u16 = 3;
+pub const ZSTD: u16 = 32015;
+
+/// How a chunk's bytes were (or are to be) filtered, in pipeline order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pipeline {
+    pub filters: Vec<u16>,
+    /// The codec's level (deflate 0-9, zstd 1-22); unused when decoding.
+    pub level: i32,
+    /// Element size in bytes, the shuffle filter's parameter.
+    pub itemsize: usize,
+}
+
+impl Pipeline {
+    /// Whether every filter is one of ours (the rest go to libhdf5 through h5py).
+    pub fn supported(filters: &[u16]) -> bool {
+        filters
+            .iter()
+            .all(|f| matches!(*f, DEFLATE | SHUFFLE | FLETCHER32 | ZSTD))
+    }
+
+    /// Runs the pipeline forward over one chunk's raw bytes: what HDF5 stores for it.
+    pub fn encode(&self, raw: &[u8]) -> Result<Vec<u8>> {
+        let mut data: Vec<u8> = raw.to_vec();
+        for &filter in &self.filters {
+            data = match filter {
+                SHUFFLE => shuffle(&data, self.itemsize),
+                DEFLATE => deflate(&data, self.level)?,
+                ZSTD => compress_zstd(&data, self.level)?,
+                FLETCHER32 => {
+                    let sum = fletcher32(&data);
+                    data.extend_from_slice(&sum.to_le_bytes());
+                    data
+                }
+                other => return Err(format!("HDF5 filter {other} is not supported here")),
+            };
+        }
+        Ok(data)
+    }
+
+    /// Runs the pipeline backwards over a stored chunk into `out` (exactly the chunk's raw size).
+    /// `skipped` is the chunk's filter mask: bit i set means filter i was not applied to it.
+    pub fn decode(&self, stored: Vec<u8>, skipped: u32, out: &mut [u8]) -> Result<()> {
+        let mut data = stored;
+        for (i, &filter) in self.filters.iter().enumerate().rev() {
+            if i < 32 && skipped & (1 << i) != 0 {
+                continue;
+            }
+            data = match filter {
+                FLETCHER32 => strip_fletcher32(data)?,
+                DEFLATE => inflate(&data, out.len())?,
+                ZSTD => unzstd(&data, out.len())?,
+                SHUFFLE => unshuffle(&data, self.itemsize),
+                other => return Err(format!("HDF5 filter {other} is not supported here")),
+            };
+        }
+        if data.len() != out.len() {
+            let (got, want) = (data.len(), out.len());
+            return Err(format!("a chunk decodes to {got} bytes, not the {want} of its shape"));
+        }
+        out.copy_from_slice(&data);
+        Ok(())
+    }
+}
+
+/// HDF5's byte shuffle: byte k of every element, then byte k+1 of every element, ...; a tail
+/// shorter than an element stays where it is (H5Zshuffle.c).
+pub fn shuffle(data: &[u8], itemsize: usize) -> Vec<u8> {
+    if itemsize <= 1 || data.len() < itemsize {
+        return data.to_vec();
+    }
+    let n = data.len() / itemsize;
+    let mut out = vec![0u8; data.len()];
+    for (k, plane) in out.chunks_mut(n).take(itemsize).enumerate() {
+        for (j, byte) in plane.iter_mut().enumerate() {
+            *byte = data[j * itemsize + k];
+        }
+    }
+    out[n * itemsize..].copy_from_slice(&data[n * itemsize..]);
+    out
+}
+
+/// The inverse of `shuffle`.
+pub fn unshuffle(data: &[u8], itemsize: usize) -> Vec<u8> {
+    if itemsize <= 1 || data.len() < itemsize {
+        return data.to_vec();
+    }
+    let n = data.len() / itemsize;
+    let mut out = vec![0u8; data.len()];
+    for (k, plane) in data.chunks(n).take(itemsize).enumerate() {
+        for (j, &byte) in plane.iter().enumerate() {
+            out[j * itemsize + k] = byte;
+        }
+    }
+    out[n * itemsize..].copy_from_slice(&data[n * itemsize..]);
+    out
+}
+
+/// HDF5's Fletcher-32 (H5_checksum_fletcher32): big-endian 16-bit words, sums folded every 360 words.
+pub fn fletcher32(data: &[u8]) -> u32 {
+    let (mut sum1, mut sum2) = (0u32, 0u32);
+    let words = data.chunks_exact(2);
+    let odd = words.remainder().first().copied();
+    let mut count = 0;
+    for word in words {
+        sum1 += u32::from(u16::from_be_bytes([word[0], word[1]]));
+        sum2 += sum1;
+        count += 1;
+        if count == 360 {
+            (sum1, sum2, count) = (fold(sum1), fold(sum2), 0);
+        }
+    }
+    if count != 0 {
+        (sum1, sum2) = (fold(sum1), fold(sum2));
+    }
+    if let Some(byte) = odd {
+        sum1 += u32::from(byte) << 8;
+        sum2 += sum1;
+        (sum1, sum2) = (fold(sum1), fold(sum2));
+    }
+    (fold(sum2) << 16) | fold(sum1)
+}
+
+fn fold(sum: u32) -> u32 {
+    (sum & 0xffff) + (sum >> 16)
+}
+
+/// Checks and removes the trailing checksum. libhdf5 also accepts it byte-swapped, which
+/// HDF5 releases before 1.6.3 wrote (H5Zfletcher32.c).
+fn strip_fletcher32(mut data: Vec<u8>) -> Result<Vec<u8>> {
+    let Some(body) = data.len().checked_sub(4) else {
+        return Err("a chunk is too short to hold its Fletcher-32 checksum".into());
+    };
+    let stored = u32::from_le_bytes([data[body], data[body + 1], data[body + 2], data[body + 3]]);
+    let sum = fletcher32(&data[..body]);
+    let swapped = ((sum & 0x00ff_00ff) << 8) | ((sum & 0xff00_ff00) >> 8);
+    if stored != sum && stored != swapped {
+        return Err("a chunk fails its Fletcher-32 checksum (corrupted data)".into());
+    }
+    data.truncate(body);
+    Ok(data)
+}
+
+fn deflate(data: &[u8], level: i32) -> Result<Vec<u8>> {
+    let level = libdeflater::CompressionLvl::new(level).map_err(|_| format!("deflate level {level}"))?;
+    let mut compressor = libdeflater::Compressor::new(level);
+    let mut out = vec![0u8; compressor.zlib_compress_bound(data.len())];
+    let n = compressor
+        .zlib_compress(data, &mut out)
+        .map_err(|e| format!("deflate: {e}"))?;
+    out.truncate(n);
+    Ok(out)
+}
+
+/// A zstd frame with its content checksum (a reader verifies it: a damaged chunk does not decode
+/// silently, as zlib's Adler-32 guarantees for deflate).
+fn compress_zstd(data: &[u8], level: i32) -> Result<Vec<u8>> {
+    let mut compressor = zstd::bulk::Compressor::new(level).map_err(|e| format!("zstd: {e}"))?;
+    compressor
+        .set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
+        .map_err(|e| format!("zstd: {e}"))?;
+    compressor.compress(data).map_err(|e| format!("zstd: {e}"))
+}
+
+/// Inflates a zlib stream that must give exactly `len` bytes (more is refused, never allocated).
+fn inflate(data: &[u8], len: usize) -> Result<Vec<u8>> {
+    let mut out = vec![0u8; len];
+    let n = libdeflater::Decompressor::new()
+        .zlib_decompress(data, &mut out)
+        .map_err(|e| format!("a deflated chunk does not inflate ({e:?})"))?;
+    out.truncate(n);
+    Ok(out)
+}
+
+fn unzstd(data: &[u8], len: usize) -> Result<Vec<u8>> {
+    zstd::bulk::decompress(data, len).map_err(|e| format!("a zstd chunk does not decompress ({e})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shuffle_round_trips_with_a_tail() {
+        let data: Vec<u8> = (0..=22).collect();
+        let shuffled = shuffle(&data, 4);
+        assert_eq!(&shuffled[..5], &[0, 4, 8, 12, 16]);
+        assert_eq!(&shuffled[20..], &[20, 21, 22]);
+        assert_eq!(unshuffle(&shuffled, 4), data);
+    }
+
+    #[test]
+    fn fletcher32_matches_hdf5_reference_values() {
+        // H5_checksum_fletcher32 by hand: words 0x0102, 0x0304 -> sum1 0x0406, sum2 0x0508.
+        assert_eq!(fletcher32(&[1, 2, 3, 4]), 0x0508_0406);
+        // Odd length: the last byte counts as the high byte of a word.
+        assert_eq!(fletcher32(&[1, 2, 3]), 0x0504_0402);
+        assert_eq!(fletcher32(&[]), 0);
+    }
+
+    #[test]
+    fn pipelines_round_trip_and_refuse_damage() {
+        let raw: Vec<u8> = (0..100_000u32).flat_map(|i| (i % 977).to_le_bytes()).collect();
+        for codec in [DEFLATE, ZSTD] {
+            let pipeline = Pipeline {
+                filters: vec![SHUFFLE, codec, FLETCHER32],
+                level: 1,
+                itemsize: 4,
+            };
+            let mut stored = pipeline.encode(&raw).unwrap();
+            assert!(stored.len() < raw.len() / 4);
+            let mut out = vec![0u8; raw.len()];
+            pipeline.decode(stored.clone(), 0, &mut out).unwrap();
+            assert_eq!(out, raw);
+            stored[10] ^= 1;
+            assert!(pipeline.decode(stored, 0, &mut out).is_err());
+            // Without the checksum, damage is still caught by the codec or the size check.
+            let bare = Pipeline {
+                filters: vec![SHUFFLE, codec],
+                level: 1,
+                itemsize: 4,
+            };
+            let mut stored = bare.encode(&raw).unwrap();
+            stored.truncate(stored.len() / 2);
+            assert!(bare.decode(stored, 0, &mut out).is_err());
+        }
+    }
+
+    #[test]
+    fn a_skipped_filter_is_not_undone() {
+        let raw = vec![7u8; 64];
+        let pipeline = Pipeline {
+            filters: vec![SHUFFLE, DEFLATE],
+            level: 1,
+            itemsize: 4,
+        };
+        let mut out = vec![0u8; 64];
+        // libhdf5 stores a chunk unfiltered when a filter fails on it and marks the filter skipped.
+        pipeline.decode(shuffle(&raw, 4), 0b10, &mut out).unwrap();
+        assert_eq!(out, raw);
+    }
+}

@@ -1,0 +1,195 @@
+"""Compressed HDF5 (`compression="gzip"|"zstd"`, `checksum=True`): stock h5py/Keras read ours
+bitwise (zstd through hdf5plugin), we read ours and files h5py compressed with its own chunking,
+and a damaged chunk is refused naming the file."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import h5py
+import hdf5plugin  # noqa: F401 -- registers zstd (filter 32015) in h5py's libhdf5: stock's way to read it
+import keras
+import numpy as np
+import pytest
+
+import kerassave_fast as ksf
+from conftest import CUSTOM_OBJECTS, assert_same_state
+from kerassave_fast import KerasSaveError
+from kerassave_fast._core import TensorFile, hdf5_stored_datasets
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tf_keras_models
+
+SETTINGS = [
+    {"compression": "gzip"},
+    {"compression": "gzip", "compression_level": 1, "checksum": True},
+    {"compression": "zstd"},
+    {"compression": "zstd", "compression_level": 9, "checksum": True},
+    {"checksum": True},
+]
+# (filter ids h5py reports, in pipeline order) for each setting
+FILTERS = {"gzip": ["32002", "1"], "zstd": ["32002", "32015"]}
+
+
+def _ids(settings: dict) -> str:
+    return "-".join(f"{k}={v}" for k, v in settings.items())
+
+
+def _filters_of(dataset: h5py.Dataset) -> list[str]:
+    plist = dataset.id.get_create_plist()
+    return [str(plist.get_filter(i)[0]) for i in range(plist.get_nfilters())]
+
+
+def _expected_filters(settings: dict) -> list[str]:
+    shuffle_codec = {"gzip": ["2", "1"], "zstd": ["2", "32015"]}.get(settings.get("compression"), [])
+    return shuffle_codec + (["3"] if settings.get("checksum") else [])
+
+
+def _check_layout(path, settings: dict, chunked_names: set[str] | None = None) -> None:
+    """Every dataset with elements is chunked with the filters asked for; scalars stay contiguous."""
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset) and obj.shape and obj.size:
+            assert obj.chunks is not None, name
+            assert _filters_of(obj) == _expected_filters(settings), name
+
+    with h5py.File(path, "r") as f:
+        f.visititems(visit)
+    listed = hdf5_stored_datasets(TensorFile(str(path)))
+    assert any(chunking is not None for *_, chunking in listed)  # our reader reads them by chunk
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=_ids)
+@pytest.mark.parametrize("name", ["convnet", "low_precision", "embedding_lstm"])
+def test_keras3_files_round_trip_and_load_in_stock(model_zoo, tmp_path, name, settings):
+    model = model_zoo(name)
+    keras_path, h5_path, weights_path = tmp_path / "m.keras", tmp_path / "m.h5", tmp_path / "m.weights.h5"
+    ksf.save_model(model, keras_path, **settings, chunk_bytes=4096)
+    ksf.save_model(model, h5_path, **settings, chunk_bytes=4096)
+    ksf.save_weights(model, weights_path, **settings, chunk_bytes=4096)
+    _check_layout(weights_path, settings)
+    _check_layout(h5_path, settings)
+    assert_same_state(model, keras.saving.load_model(keras_path, custom_objects=CUSTOM_OBJECTS))  # stock
+    assert_same_state(model, ksf.load_model(keras_path, custom_objects=CUSTOM_OBJECTS))
+    assert_same_state(model, ksf.load_model(h5_path, custom_objects=CUSTOM_OBJECTS))
+    for load in (keras.Model.load_weights, ksf.load_weights):  # stock, ours
+        fresh = keras.models.clone_model(model)
+        fresh.compile(optimizer=model.optimizer.__class__.from_config(model.optimizer.get_config()), loss="mse")
+        fresh.optimizer.build(fresh.trainable_variables)
+        load(fresh, weights_path)
+        for a, b in zip(model.weights, fresh.weights, strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("settings", SETTINGS[:3], ids=_ids)
+def test_tf_keras_h5_round_trips_and_loads_in_stock(tmp_path, settings):
+    import tf_keras
+
+    model = tf_keras_models.trained(tf_keras_models.convnet_batchnorm)
+    path, weights_path = tmp_path / "m.h5", tmp_path / "w.h5"
+    ksf.save_model(model, path, **settings, chunk_bytes=1000)
+    ksf.save_weights(model, weights_path, **settings, chunk_bytes=1000)
+    _check_layout(path, settings)
+    for loaded in (tf_keras.models.load_model(path), ksf.load_model_as("tf_keras", path)):
+        expected = model.weights + model.optimizer.variables()
+        for a, b in zip(expected, loaded.weights + loaded.optimizer.variables(), strict=True):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+    fresh = tf_keras.models.clone_model(model)
+    fresh.load_weights(weights_path)  # stock
+    for a, b in zip(model.weights, fresh.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_h5py_compressed_files_with_its_own_chunks_load_through_our_chunk_reader(model_zoo, tmp_path):
+    """A file another writer compressed with h5py's automatic (N-dimensional) chunks and all three
+    filters: every tensor is read by the Rust core's chunk reader, bitwise."""
+    model = model_zoo("convnet")
+    plain, packed = tmp_path / "plain.weights.h5", tmp_path / "packed.weights.h5"
+    model.save_weights(plain)  # stock
+    with h5py.File(plain) as src, h5py.File(packed, "w") as dst:
+
+        def copy(name, obj):
+            if isinstance(obj, h5py.Group):
+                dst.require_group(name).attrs.update(dict(obj.attrs))
+                return
+            # every axis split in two, edge chunks included: not the row chunks we write
+            chunks = tuple(max(1, (d + 1) // 2) for d in obj.shape)
+            kwargs = {"chunks": chunks, "compression": "gzip", "shuffle": True, "fletcher32": True} if obj.ndim else {}
+            dst.create_dataset(name, data=obj[()], **kwargs).attrs.update(dict(obj.attrs))
+
+        dst.attrs.update(dict(src.attrs))
+        src.visititems(copy)
+    listed = hdf5_stored_datasets(TensorFile(str(packed)))
+    assert all(chunking is not None for _, _, shape, _, chunking in listed if shape), "not all read by chunk"
+    assert any(len(shape) == 4 and len(chunking[2]) == 16 for _, _, shape, _, chunking in listed if chunking)
+    fresh = keras.models.clone_model(model)
+    fresh.build(model.input_shape)
+    ksf.load_weights(fresh, packed)
+    for a, b in zip(model.weights, fresh.weights, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _flip_in_first_big_chunk(path) -> None:
+    listed = hdf5_stored_datasets(TensorFile(str(path)))
+    chunks = max((c[2] for *_, c in listed if c is not None), key=lambda ch: max(k[1] for k in ch))
+    offset, size, _, _ = max(chunks, key=lambda k: k[1])
+    data = bytearray(Path(path).read_bytes())
+    data[offset + size // 2] ^= 0x10
+    Path(path).write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("settings", [{"compression": "gzip"}, {"compression": "zstd"}, {"checksum": True}], ids=_ids)
+def test_a_damaged_chunk_is_refused_naming_the_file(model_zoo, tmp_path, settings):
+    model = model_zoo("convnet")
+    path = tmp_path / "m.weights.h5"
+    ksf.save_weights(model, path, **settings, chunk_bytes=2048)
+    _flip_in_first_big_chunk(path)
+    fresh = keras.models.clone_model(model)
+    fresh.build(model.input_shape)
+    with pytest.raises(KerasSaveError, match=str(path)) as raised:
+        ksf.load_weights(fresh, path)
+    if settings.get("checksum"):
+        assert "Fletcher-32" in str(raised.value)
+
+
+def test_a_compressed_keras_member_is_checked_and_read(model_zoo, tmp_path):
+    """In a `.keras`, the zip's CRC-32 covers the compressed member too: a flipped byte is refused."""
+    model = model_zoo("convnet")
+    path = tmp_path / "m.keras"
+    ksf.save_model(model, path, compression="gzip")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises((KerasSaveError, ValueError, OSError), match=r"m\.keras"):
+        ksf.load_model(path)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"compression": "lz4"},
+        {"compression": "gzip", "compression_level": 10},
+        {"compression": "zstd", "compression_level": 0},
+        {"compression_level": 3},
+        {"chunk_bytes": 4096},
+        {"compression": "gzip", "chunk_bytes": 0},
+        {"checksum": "yes"},
+    ],
+    ids=str,
+)
+def test_bad_compression_arguments_are_refused(model_zoo, tmp_path, kwargs):
+    with pytest.raises(ValueError):
+        ksf.save_model(model_zoo("seed_example"), tmp_path / "m.keras", **kwargs)
+    assert not (tmp_path / "m.keras").exists()
+
+
+def test_compression_where_it_does_not_apply_is_refused(model_zoo, tmp_path):
+    with pytest.raises(ValueError, match="compression"):
+        ksf.save_model(model_zoo("seed_example"), tmp_path / "m.keras", compression="gzip", zipped=False)
+    with pytest.raises(ValueError, match="compression"):
+        ksf.save_weights(model_zoo("seed_example"), tmp_path / "m.weights.json", compression="gzip")
+    model = tf_keras_models.trained(tf_keras_models.dense_adam)
+    with pytest.raises(ValueError, match="compression"):
+        ksf.save_model(model, tmp_path / "saved_model", compression="gzip")
+    assert not (tmp_path / "saved_model").exists()
