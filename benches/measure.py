@@ -117,11 +117,20 @@ H5 = Format(
 
 
 def tf_keras_h5() -> Format:
+    return tf_keras_format(".h5")
+
+
+def tf_keras_keras() -> Format:
+    """tf_keras' own v3 zip."""
+    return tf_keras_format(".keras")
+
+
+def tf_keras_format(suffix: str) -> Format:
     import tf_keras
 
     return Format(
-        "tf_keras h5",
-        ".h5",
+        f"tf_keras {suffix[1:]}",
+        suffix,
         tf_keras.models.save_model,
         tf_keras.models.load_model,
         lambda p: ksf.load_model_as("tf_keras", p),

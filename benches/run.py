@@ -19,7 +19,7 @@ import keras
 import numpy as np
 
 import report
-from measure import H5, KERAS, Result, run, save_json, tf_keras_h5
+from measure import H5, KERAS, Result, run, save_json, tf_keras_h5, tf_keras_keras
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -88,6 +88,7 @@ MODELS = {
     "resnet50": (lambda _: resnet_model(), "resnet50", lambda: KERAS, False),
     "dense-h5": (dense_h5_model, "dense{} .h5", lambda: H5, True),
     "tf_keras-dense-h5": (tf_keras_dense_model, "tf_keras dense{} .h5", tf_keras_h5, True),
+    "tf_keras-dense-keras": (tf_keras_dense_model, "tf_keras dense{} .keras", tf_keras_keras, True),
     # Not in the default run (stock takes ~20 s per load): --models many,many-h5 --repeats 3
     "many": (many_arrays_model, "1000xDense(64)", lambda: KERAS, True),
     "many-h5": (many_arrays_h5_model, "1000xDense(64) .h5", lambda: H5, True),

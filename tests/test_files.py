@@ -235,14 +235,14 @@ def test_file_rewritten_during_load_is_never_mixed(tmp_path, suffix):
 def test_file_rewritten_before_the_check_is_refused(tmp_path, monkeypatch):
     path = tmp_path / "m.keras"
     ksf.save_model(_vocabulary_model(), path)
-    real_build = keras_zip.state.build_model
+    real_build = keras_zip.keras3_state.build_model
 
     def build_then_rewrite(*args, **kwargs):
         built = real_build(*args, **kwargs)
         _rewrite(path, LAST, b"XXXXXXXX")
         return built
 
-    monkeypatch.setattr(keras_zip.state, "build_model", build_then_rewrite)
+    monkeypatch.setattr(keras_zip.keras3_state, "build_model", build_then_rewrite)
     with pytest.raises(zipfile.BadZipFile, match="changed while being read"):
         ksf.load_model(path)
 

@@ -15,6 +15,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+import kerassave_fast as ksf
 from conftest import MODELS
 from kerassave_fast._core import KerasSaveError, TensorFile, hdf5_stored_datasets
 from kerassave_fast.formats.weights_h5 import _listed_by_h5py, _listed_by_rust
@@ -299,3 +300,64 @@ def _all_datasets(f: h5py.File) -> list[str]:
     names = []
     f.visititems(lambda name, o: names.append(name) if isinstance(o, h5py.Dataset) else None)
     return names
+
+
+def _numpy_dtype(name: str) -> np.dtype:
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def _decode_chunked(path) -> dict[str, np.ndarray]:
+    """Every dataset the Rust core reads by chunk, decoded by it."""
+    file = TensorFile(str(path))
+    chunked = [d for d in hdf5_stored_datasets(file) or [] if d[4] is not None]
+    outs = {name: np.empty(shape, _numpy_dtype(dtype)) for name, _, shape, dtype, _ in chunked}
+    items = [(n, c, s, outs[n].itemsize, outs[n].reshape(-1).view(np.uint8)) for n, _, s, _, c in chunked]
+    file.read_chunked(0, items)
+    return outs
+
+
+def test_mutated_compressed_files_decode_exactly_or_are_refused(model_zoo, tmp_path):
+    """Compressed files (ours with gzip + Fletcher-32 and zstd; h5py's own N-dimensional chunks),
+    mutated: the listing and the Rust core's chunk reader give the original values, leave the
+    dataset to h5py, or raise `KerasSaveError` naming the file -- never other values, never a crash."""
+    model = model_zoo("convnet")
+    files = {
+        "gzip.weights.h5": {"compression": "gzip", "checksum": True},
+        "zstd.weights.h5": {"compression": "zstd"},
+    }
+    for name, settings in files.items():
+        ksf.save_weights(model, tmp_path / name, chunk_bytes=512, **settings)
+    with h5py.File(tmp_path / "gzip.weights.h5") as src, h5py.File(tmp_path / "h5py.weights.h5", "w") as dst:
+
+        def copy(name, obj):
+            if isinstance(obj, h5py.Dataset) and obj.ndim:
+                chunks = tuple(max(1, d // 2) for d in obj.shape)
+                dst.create_dataset(name, data=obj[()], chunks=chunks, compression="gzip")
+
+        src.visititems(copy)
+    with h5py.File(tmp_path / "h5py.weights.h5") as h5:  # the decoder against libhdf5's, once
+        for name, values in _decode_chunked(tmp_path / "h5py.weights.h5").items():
+            np.testing.assert_array_equal(values, h5[name][()])
+    outcomes = {"decoded": 0, "refused": 0, "left to h5py": 0}
+    for seed, name in enumerate((*files, "h5py.weights.h5")):
+        data = (tmp_path / name).read_bytes()
+        original = _decode_chunked(tmp_path / name)
+        assert original
+        for i, mutated in enumerate(_mutants(data, 400, 100 + seed)):
+            path = tmp_path / f"mutant-{i % 2}.h5"
+            path.write_bytes(mutated)
+            try:
+                decoded = _decode_chunked(path)
+            except KerasSaveError as e:
+                assert str(path) in str(e), e
+                outcomes["refused"] += 1
+                continue
+            if not decoded:
+                outcomes["left to h5py"] += 1
+                continue
+            for dataset, out in decoded.items():
+                expected = original.get(dataset)
+                if expected is not None and expected.shape == out.shape and expected.dtype == out.dtype:
+                    np.testing.assert_array_equal(out, expected, err_msg=f"{name} mutant {i}: {dataset}")
+            outcomes["decoded"] += 1
+    assert all(outcomes.values()), outcomes

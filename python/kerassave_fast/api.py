@@ -209,6 +209,7 @@ def _save_model(model, filepath, overwrite, threads, args, save_format, kwargs, 
         given = {} if save_format is None else {"save_format": save_format}
         _positional("save_model", ("save_format",), args, given)
         save_format = given.get("save_format")
+        from .tf_keras import keras_v3
         from .tf_keras import legacy_h5 as tf_legacy_h5
         from .tf_keras import saved_model as tf_saved_model
 
@@ -216,6 +217,13 @@ def _save_model(model, filepath, overwrite, threads, args, save_format, kwargs, 
         if compression is None and tf_saved_model.can_save_fast(model, path, save_format, kwargs):
             with _no_gc_pauses():
                 return tf_saved_model.save(model, path, overwrite, **kwargs, threads=threads)
+        if keras_v3.can_save_fast(path, save_format, kwargs):
+            if overwrite or not os.path.exists(path) or ask_to_replace(path, "tf_keras"):
+                from .formats import keras_zip
+
+                with _no_gc_pauses():
+                    keras_zip.save(model, path, threads=threads, compression=compression, flavour=keras_v3)
+            return None
         if tf_legacy_h5.can_save_model_fast(model, path, save_format, kwargs):
             warnings.warn(tf_legacy_h5.H5_SAVE_WARNING, stacklevel=3)
             if overwrite or not os.path.isfile(path) or ask_to_replace(path, "tf_keras"):
@@ -297,9 +305,15 @@ def load_model_as(flavour: str, filepath, custom_objects=None, compile=True, saf
         raise ValueError(f"`flavour` must be 'keras3' or 'tf_keras'. Received: flavour={flavour!r}")
     threads = _threads(kwargs.pop("threads", None))
     if flavour == "tf_keras":
+        from .tf_keras import keras_v3
         from .tf_keras import legacy_h5 as tf_legacy_h5
 
         path = _local_path(filepath, "tf_keras")
+        if keras_v3.can_load_fast(path, kwargs):
+            from .formats import keras_zip
+
+            with _no_gc_pauses(), _naming(path):
+                return keras_zip.load(path, custom_objects, compile, safe_mode, threads, flavour=keras_v3)
         if tf_legacy_h5.can_load_model_fast(path, kwargs):
             with _no_gc_pauses(), _naming(path), weights_h5.read_ahead(path, threads) as opened:
                 return tf_legacy_h5.load_model(opened, custom_objects, compile)

@@ -24,7 +24,7 @@ from keras.src.utils import file_utils
 
 from .._core import ZIP64_LIMIT, BadKerasZipFile, KerasSaveError, TensorFile, ZipArchive, ZipMember, ZipWriter
 from ..files import FileRegion, atomic_replace
-from ..keras3 import state
+from ..keras3 import state as keras3_state
 from .weights_h5 import Compression, ReadTensors, layout_for, read_weights, write_compressed, write_layout
 
 CONFIG = saving_lib._CONFIG_FILENAME
@@ -62,13 +62,15 @@ def save(
     threads: int = 0,
     zip64_limit: int = ZIP64_LIMIT,
     compression: Compression | None = None,
+    flavour=keras3_state,
 ) -> None:
     """Writes `model` to `filepath` as a `.keras` zip, replacing any previous file only when complete.
 
+    `flavour` is the Keras flavour's glue (`keras3.state`, `tf_keras.keras_v3`): its config and state walk.
     `zip64_limit` is `zipfile`'s; tests lower it to exercise ZIP64 framing on small models.
     """
-    config_json, metadata_json = saving_lib._serialize_model_as_json(model)
-    plan, assets = state.plan_model_state(model, include_optimizer)
+    config_json, metadata_json = flavour.serialize_model_as_json(model)
+    plan, assets = flavour.plan_model_state(model, include_optimizer)
     try:
         with atomic_replace(filepath) as destination:
             file = destination.file
@@ -216,11 +218,12 @@ def load(
     compile: bool = True,
     safe_mode: bool = True,
     threads: int = 0,
+    flavour=keras3_state,
 ):
-    """Reads a `.keras` zip written by us or by stock Keras."""
+    """Reads a `.keras` zip written by us or by stock Keras, into the model of `flavour` (see `save`)."""
     archive = KerasArchive(filepath)
     if WEIGHTS not in archive.by_name or not archive.readable_here:  # stock's path and errors
-        return saving_lib.load_model(filepath, custom_objects, compile, safe_mode)
+        return flavour.stock_load_model(filepath, custom_objects, compile, safe_mode)
     config_json = archive.read(CONFIG)
     with (
         archive.open_weights(threads) as weights,
@@ -228,8 +231,8 @@ def load(
     ):
         reading = read_weights(weights.h5, weights.source, weights.start, weights.size, filepath, threads)
         try:  # the model is built while the tensors are read
-            built = state.build_model(config_json, custom_objects, compile, safe_mode)
+            built = flavour.build_model(config_json, custom_objects, compile, safe_mode)
         finally:
             futures.wait([reading])
-        state.load_model_state(built, weights.h5, archive.checked_arrays(weights, reading), assets)
+        flavour.load_model_state(built, weights.h5, archive.checked_arrays(weights, reading), assets)
     return built.model

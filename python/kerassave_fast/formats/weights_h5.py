@@ -60,6 +60,8 @@ class PlannedDataset:
     name: str
     array: np.ndarray
     created: bool = False
+    # Keras 3 stores bfloat16 as 16-bit words plus a `dtype` attribute; tf_keras' stores leave it to h5py.
+    bfloat16_attribute: bool = True
 
     @property
     def compressible(self) -> bool:
@@ -71,8 +73,8 @@ class PlannedDataset:
     def reserved(self) -> bool:
         """Whether HDF5 only reserves room and the Rust core writes the bytes (fixed-size numbers)."""
         dtype = self.array.dtype
-        if dtype == BFLOAT16:  # Keras 3 stores it as uint16 plus a `dtype` attribute; legacy code as h5py does
-            return not self.created
+        if dtype == BFLOAT16:  # Keras 3 stores it as uint16 plus a `dtype` attribute; others as h5py does
+            return self.bfloat16_attribute and not self.created
         return dtype.kind in "biufc" and dtype.isnative
 
 
@@ -88,8 +90,10 @@ class WeightsPlan:
     def add_attribute(self, path: str, name: str, value) -> None:
         self.steps.append(PlannedAttribute(path, name, value))
 
-    def add_dataset(self, group: str, name: str, value, created: bool = False) -> PlannedDataset:
-        dataset = PlannedDataset(group, name, snapshot(value), created)
+    def add_dataset(
+        self, group: str, name: str, value, created: bool = False, bfloat16_attribute: bool = True
+    ) -> PlannedDataset:
+        dataset = PlannedDataset(group, name, snapshot(value), created, bfloat16_attribute)
         self.steps.append(dataset)
         return dataset
 
@@ -250,7 +254,7 @@ def write_skeleton(
             if not step.reserved and not compressed:  # strings and other objects: written by h5py as stock does
                 _write_as_stock(group, step)
                 continue
-            keras_bfloat16 = step.array.dtype == BFLOAT16 and not step.created  # Keras 3's bf16 + attribute
+            keras_bfloat16 = step.array.dtype == BFLOAT16 and step.reserved  # Keras 3's bf16 + attribute
             parent, _, leaf = step.name.rpartition("/") if step.created else ("", "", step.name)
             parent_group = group.require_group(parent) if parent else group
             named = keras_bfloat16 or step.created

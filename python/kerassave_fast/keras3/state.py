@@ -36,6 +36,15 @@ from ..formats.weights_h5 import WeightsPlan, consistent
 from ..tensors import adoptable_tensor
 
 
+def serialize_model_as_json(model) -> tuple[str, str]:
+    """(config.json, metadata.json) as stock's `saving_lib.save_model` writes them."""
+    return saving_lib._serialize_model_as_json(model)
+
+
+def stock_load_model(filepath: str, custom_objects, compile: bool, safe_mode: bool):
+    return saving_lib.load_model(filepath, custom_objects, compile, safe_mode)
+
+
 def _vars_group(path: str) -> str:
     """Where stock's `H5IOStore` keeps the variables of the object at `path`."""
     return f"{path}/vars" if path else "vars"

@@ -1,0 +1,203 @@
+"""tf_keras glue for its own v3 `.keras` zip (tf_keras/src/saving/saving_lib.py): tf_keras
+serializes the config and walks the model; we record where each tensor goes (saving) and serve
+tensors the Rust core already read (loading). The zip itself is `formats/keras_zip`'s.
+
+The flavour interface `formats/keras_zip` calls: `serialize_model_as_json`, `plan_model_state`,
+`build_model`, `load_model_state`, `stock_load_model`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+from dataclasses import dataclass
+
+import h5py
+from tf_keras.src.saving import saving_lib
+
+from ..formats.weights_h5 import WeightsPlan, consistent
+from ..tensors import BFLOAT16
+
+
+@contextlib.contextmanager
+def _v3_saving():
+    """What tf_keras' `save_model`/`load_model` set around their work (layers consult it)."""
+    before = getattr(saving_lib._SAVING_V3_ENABLED, "value", False)
+    saving_lib._SAVING_V3_ENABLED.value = True
+    try:
+        yield
+    finally:
+        saving_lib._SAVING_V3_ENABLED.value = before
+
+
+def serialize_model_as_json(model) -> tuple[str, str]:
+    """(config.json, metadata.json) as tf_keras' `saving_lib.save_model` writes them."""
+    with _v3_saving(), saving_lib.ObjectSharingScope():
+        config = saving_lib.serialize_keras_object(model)
+    metadata = {
+        "keras_version": saving_lib.keras.__version__,
+        "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S"),
+    }
+    return json.dumps(config), json.dumps(metadata)
+
+
+class _VarsRecorder:
+    """The `vars` group stock's `H5IOStore.make` returns, recording each tensor in stock's order."""
+
+    def __init__(self, plan: WeightsPlan, group: str):
+        self._plan, self._group, self._keys = plan, group, []
+
+    def __setitem__(self, key, value):
+        self._plan.add_dataset(self._group, key, value, bfloat16_attribute=False)  # as `group[key] = value`
+        self._keys.append(key)
+
+    def keys(self):
+        return list(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+
+class _WeightsRecorder:
+    """Stands in for stock's write-mode `H5IOStore`: each `make` is a group made at once, as stock's."""
+
+    def __init__(self, plan: WeightsPlan):
+        self.plan = plan
+
+    def __bool__(self) -> bool:
+        return True
+
+    def make(self, path):
+        group = f"{path}/vars" if path else "vars"
+        self.plan.add_group(group)
+        return _VarsRecorder(self.plan, group)
+
+    def close(self):
+        pass
+
+
+def plan_model_state(model, include_optimizer: bool = True):
+    """tf_keras' own `_save_state` walk; returns the weights plan and a temporary assets store.
+
+    Layers and optimizers hand the store `v.numpy()` copies, as they do for stock (which keeps
+    them in an in-memory HDF5 file as well); the caller closes the assets store.
+    """
+    if not include_optimizer:  # stock refuses every keyword argument for this format
+        raise ValueError("`include_optimizer` is not supported with the native TF-Keras format")
+    plan = WeightsPlan()
+    assets = saving_lib.DiskIOStore(saving_lib._ASSETS_DIRNAME, mode="w")
+    try:
+        with _v3_saving():
+            saving_lib._save_state(
+                model,
+                weights_store=_WeightsRecorder(plan),
+                assets_store=assets,
+                inner_path="",
+                visited_trackables=set(),
+            )
+    except BaseException:
+        assets.close()
+        raise
+    return plan, assets
+
+
+@dataclass
+class BuiltModel:
+    model: object
+
+
+def build_model(config_json: bytes | str, custom_objects, compile: bool, safe_mode: bool) -> BuiltModel:
+    """The model from `config.json`, as tf_keras' `saving_lib.load_model` builds it."""
+    config = json.loads(config_json)
+    if not compile:
+        config["compile_config"] = None
+    with _v3_saving(), saving_lib.ObjectSharingScope():
+        return BuiltModel(saving_lib.deserialize_keras_object(config, custom_objects, safe_mode=safe_mode))
+
+
+class _PreloadedVars:
+    """A `vars` group of the open file, serving the tensors already read (others through h5py)."""
+
+    def __init__(self, group: h5py.Group, arrays: dict):
+        self._group, self._arrays = group, arrays
+
+    def keys(self):
+        return self._group.keys()
+
+    def __len__(self):
+        return len(self._group)
+
+    def __contains__(self, key):
+        return key in self._group
+
+    def __getitem__(self, key):
+        # Served once; anyone else asking for it (or a tensor not read by offset) gets h5py's.
+        array = self._arrays.pop(f"{self._group.name}/{key}", None)
+        if array is not None:
+            return array
+        dataset = consistent(self._group[key])
+        if dataset.dtype.kind == "V" and dataset.dtype.itemsize == 2 and dataset.dtype.fields is None:
+            # A bfloat16 variable: h5py stored ml_dtypes' bfloat16 as untagged 2-byte opaque values,
+            # which stock cannot assign back ("No cast function available"); they are bfloat16 bits.
+            return dataset[()].view(BFLOAT16)
+        return dataset
+
+
+class _PreloadedWeights:
+    """Stock's read-mode `H5IOStore` over the open file (its `get` exactly), serving preloaded tensors."""
+
+    def __init__(self, h5_file: h5py.File, arrays: dict):
+        self.h5_file, self._arrays = h5_file, arrays
+
+    def get(self, path):
+        if not path:
+            return _PreloadedVars(self.h5_file["vars"], self._arrays)
+        if path in self.h5_file and "vars" in self.h5_file[path]:
+            return _PreloadedVars(self.h5_file[path]["vars"], self._arrays)
+        return {}
+
+    def close(self):
+        pass
+
+
+def load_model_state(built: BuiltModel, h5_file, arrays: dict, assets_store) -> None:
+    """tf_keras' own `_load_state` walk; each variable is assigned its tensor as read."""
+    with _v3_saving():
+        saving_lib._load_state(
+            built.model,
+            weights_store=_PreloadedWeights(h5_file, arrays),
+            assets_store=assets_store,
+            inner_path="",
+            visited_trackables=set(),
+        )
+
+
+def stock_load_model(filepath: str, custom_objects, compile: bool, safe_mode: bool):
+    return saving_lib.load_model(filepath, custom_objects, compile, safe_mode)
+
+
+def can_save_fast(path: str | None, save_format, kwargs: dict) -> bool:
+    """Whether tf_keras' `save_model(model, path, save_format=..., **kwargs)` writes its v3 zip
+    (stock refuses any keyword argument there: that refusal stays stock's), in eager mode."""
+    import tensorflow as tf
+    from tf_keras.src.saving import saving_api
+
+    if path is None or kwargs or not tf.executing_eagerly():
+        return False
+    try:
+        return saving_api.get_save_format(path, save_format) == "keras"
+    except ValueError:  # stock's error for an unknown format
+        return False
+
+
+def can_load_fast(path: str | None, kwargs: dict) -> bool:
+    """Whether tf_keras' `load_model(path, **kwargs)` reads `path` as its v3 zip, in eager mode."""
+    import os
+    import zipfile
+
+    import tensorflow as tf
+
+    if path is None or kwargs or not tf.executing_eagerly():
+        return False
+    return path.endswith(".keras") and os.path.isfile(path) and zipfile.is_zipfile(path)

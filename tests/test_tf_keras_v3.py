@@ -1,0 +1,105 @@
+"""tf_keras' own `.keras` zip (tf_keras/src/saving/saving_lib.py) through our zip and tensor path:
+the weights member byte-identical to stock's, stock loads ours and we load stock's, bitwise."""
+
+from __future__ import annotations
+
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tf_keras
+from tf_keras.src.saving import saving_lib as tf_keras_saving_lib
+
+import kerassave_fast as ksf
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tf_keras_models
+
+
+@pytest.fixture(scope="module", params=tf_keras_models.MODELS, ids=lambda f: f.__name__)
+def saved(request, tmp_path_factory):
+    model = tf_keras_models.trained(request.param)
+    base = tmp_path_factory.mktemp(f"tfk_v3_{request.param.__name__}")
+    stock, ours = base / "stock.keras", base / "ours.keras"
+    model.save(stock)
+    ksf.save_model(model, ours)
+    return model, stock, ours
+
+
+def _stock_reads_it(model) -> bool:
+    """Stock tf_keras cannot load bfloat16 variables from its own `.keras` (h5py stored them as
+    untagged opaque values; "No cast function available"): ours does."""
+    return not any(v.dtype == "bfloat16" for v in model.weights)
+
+
+def _stock_load(model, path, **kwargs):
+    if _stock_reads_it(model):
+        return tf_keras.models.load_model(path, **kwargs)
+    with pytest.raises(ValueError, match="No cast function"):
+        tf_keras.models.load_model(path, **kwargs)
+    return None
+
+
+def test_the_zip_is_stocks_but_for_timestamps(saved):
+    _, stock, ours = saved
+    with zipfile.ZipFile(stock) as s, zipfile.ZipFile(ours) as o:
+        assert s.namelist() == o.namelist()
+        assert s.read("model.weights.h5") == o.read("model.weights.h5")
+        assert s.read("config.json") == o.read("config.json")
+        for a, b in zip(s.infolist(), o.infolist(), strict=True):
+            assert (a.compress_type, a.external_attr, a.file_size) == (b.compress_type, b.external_attr, b.file_size)
+
+
+@pytest.mark.parametrize("reader", ["stock", "ours"])
+@pytest.mark.parametrize("writer", ["stock", "ours"])
+def test_loads_restore_weights_and_optimizer_state(saved, writer, reader):
+    model, stock, ours = saved
+    path = {"stock": stock, "ours": ours}[writer]
+    loaded = _stock_load(model, path) if reader == "stock" else ksf.load_model_as("tf_keras", path)
+    if loaded is not None:
+        tf_keras_models.assert_same_state(model, loaded)
+
+
+def test_our_paths_run_and_the_next_step_is_the_originals(saved, monkeypatch, tmp_path):
+    model, stock, _ = saved
+
+    def not_stock(*args, **kwargs):
+        raise AssertionError("stock's tf_keras saving_lib was called")
+
+    monkeypatch.setattr(tf_keras_saving_lib, "save_model", not_stock)
+    monkeypatch.setattr(tf_keras_saving_lib, "load_model", not_stock)
+    ksf.save_model(model, tmp_path / "again.keras")
+    ours = ksf.load_model_as("tf_keras", tmp_path / "again.keras")
+    monkeypatch.undo()
+    # The reference: the same model trained again from scratch (deterministic), one step further.
+    make = next(m for m in tf_keras_models.MODELS if stock.parent.name.startswith(f"tfk_v3_{m.__name__}"))
+    reference = tf_keras_models.trained(make)
+    x, y = tf_keras_models.batch(model, seed=1)
+    ours.train_on_batch(x, y)
+    reference.train_on_batch(x, y)
+    tf_keras_models.assert_same_state(reference, ours)
+
+
+def test_compile_false_and_stock_refusals(saved, tmp_path):
+    model, stock, _ = saved
+    ours = ksf.load_model_as("tf_keras", stock, compile=False)
+    assert ours.optimizer is None
+    for a, b in zip(model.weights, ours.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    theirs = _stock_load(model, stock, compile=False)
+    assert theirs is None or theirs.optimizer is None
+    with pytest.raises(ValueError, match="not supported with the native TF-Keras format") as stock_error:
+        model.save(tmp_path / "s.keras", include_optimizer=False)
+    with pytest.raises(ValueError) as our_error:
+        ksf.save_model(model, tmp_path / "o.keras", include_optimizer=False)
+    assert str(our_error.value) == str(stock_error.value)
+
+
+def test_a_compressed_tf_keras_file_loads_in_stock(saved, tmp_path):
+    model, _, _ = saved
+    ksf.save_model(model, tmp_path / "gz.keras", compression="gzip", checksum=True)
+    if (theirs := _stock_load(model, tmp_path / "gz.keras")) is not None:
+        tf_keras_models.assert_same_state(model, theirs)
+    tf_keras_models.assert_same_state(model, ksf.load_model_as("tf_keras", tmp_path / "gz.keras"))
