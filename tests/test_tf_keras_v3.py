@@ -103,3 +103,15 @@ def test_a_compressed_tf_keras_file_loads_in_stock(saved, tmp_path):
     if (theirs := _stock_load(model, tmp_path / "gz.keras")) is not None:
         tf_keras_models.assert_same_state(model, theirs)
     tf_keras_models.assert_same_state(model, ksf.load_model_as("tf_keras", tmp_path / "gz.keras"))
+
+
+def test_stock_saves_after_ours_are_unchanged(saved, tmp_path):
+    """Our saves record tf_keras' base layers and optimizers by reference through a wrapper of
+    their `save_own_variables`; stock's own saves still get stock's method."""
+    from tf_keras.src.engine.base_layer import Layer
+
+    model, stock, _ = saved
+    assert hasattr(Layer.save_own_variables, "recording_original")  # ours ran (fixture)
+    model.save(tmp_path / "again.keras")
+    with zipfile.ZipFile(stock) as before, zipfile.ZipFile(tmp_path / "again.keras") as after:
+        assert before.read("model.weights.h5") == after.read("model.weights.h5")

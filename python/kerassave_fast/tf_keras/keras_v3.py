@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import json
+import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import h5py
+import numpy as np
 from tf_keras.src.saving import saving_lib
 
 from ..formats.weights_h5 import WeightsPlan, consistent
-from ..tensors import BFLOAT16
+from ..tensors import BFLOAT16, adoptable_tensor
 
 
 @contextlib.contextmanager
@@ -77,14 +82,49 @@ class _WeightsRecorder:
         pass
 
 
+def _recording_by_reference(original: Callable, variables_of: Callable) -> Callable:
+    """`original` (a stock `save_own_variables` that stores `v.numpy()` copies), except that for
+    our recording store it records the variables themselves (read later as views, no copy)."""
+
+    @functools.wraps(original)
+    def save_own_variables(self, store):
+        if not isinstance(store, _VarsRecorder):
+            return original(self, store)
+        for i, variable in enumerate(variables_of(self)):
+            store[str(i)] = variable
+        return None
+
+    save_own_variables.recording_original = original
+    return save_own_variables
+
+
+_BY_REFERENCE_LOCK = threading.Lock()
+
+
+def _record_by_reference() -> None:
+    """Installs, once per process, the by-reference recording of tf_keras' base `Layer` and
+    `Optimizer`: every other store (stock's own saves, on any thread) gets stock's method."""
+    from tf_keras.src.engine.base_layer import Layer
+    from tf_keras.src.optimizers.optimizer import Optimizer
+
+    with _BY_REFERENCE_LOCK:
+        if not hasattr(Layer.save_own_variables, "recording_original"):
+            weights = lambda layer: layer._trainable_weights + layer._non_trainable_weights  # noqa: E731
+            Layer.save_own_variables = _recording_by_reference(Layer.save_own_variables, weights)
+        if not hasattr(Optimizer.save_own_variables, "recording_original"):
+            Optimizer.save_own_variables = _recording_by_reference(Optimizer.save_own_variables, lambda o: o.variables)
+
+
 def plan_model_state(model, include_optimizer: bool = True):
     """tf_keras' own `_save_state` walk; returns the weights plan and a temporary assets store.
 
-    Layers and optimizers hand the store `v.numpy()` copies, as they do for stock (which keeps
-    them in an in-memory HDF5 file as well); the caller closes the assets store.
+    Layers and optimizers of tf_keras' base classes record their variables by reference; a class
+    with its own `save_own_variables` hands over what it stores for stock. The caller closes the
+    assets store.
     """
     if not include_optimizer:  # stock refuses every keyword argument for this format
         raise ValueError("`include_optimizer` is not supported with the native TF-Keras format")
+    _record_by_reference()
     plan = WeightsPlan()
     assets = saving_lib.DiskIOStore(saving_lib._ASSETS_DIRNAME, mode="w")
     try:
@@ -135,7 +175,10 @@ class _PreloadedVars:
         # Served once; anyone else asking for it (or a tensor not read by offset) gets h5py's.
         array = self._arrays.pop(f"{self._group.name}/{key}", None)
         if array is not None:
-            return array
+            # tf_keras' own loaders assign it at once: a tensor over our buffer saves TensorFlow a
+            # conversion copy. Anyone else's code (a custom `load_own_variables`) gets its own copy.
+            from_tf_keras = sys._getframe(1).f_globals.get("__name__", "").startswith("tf_keras.")
+            return adoptable_tensor(array) if from_tf_keras else np.array(array)
         dataset = consistent(self._group[key])
         if dataset.dtype.kind == "V" and dataset.dtype.itemsize == 2 and dataset.dtype.fields is None:
             # A bfloat16 variable: h5py stored ml_dtypes' bfloat16 as untagged 2-byte opaque values,
