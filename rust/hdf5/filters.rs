@@ -76,28 +76,15 @@ impl Pipeline {
 /// HDF5's byte shuffle: byte k of every element, then byte k+1 of every element, ...; a tail
 /// shorter than an element stays where it is (H5Zshuffle.c).
 pub fn shuffle(data: &[u8], itemsize: usize) -> Vec<u8> {
-    let mut out = data.to_vec();
-    let body = data.len() - data.len() % itemsize.max(1);
-    if itemsize <= 1 || body == 0 {
-        return out;
-    }
-    let (src, dst) = (&data[..body], &mut out[..body]);
-    match itemsize {
-        2 => planes_from_elements::<2>(src, dst),
-        4 => planes_from_elements::<4>(src, dst),
-        8 => planes_from_elements::<8>(src, dst),
-        n => {
-            let count = body / n;
-            for (k, plane) in dst.chunks_exact_mut(count).enumerate() {
-                plane.iter_mut().zip(src.chunks_exact(n)).for_each(|(o, e)| *o = e[k]);
-            }
-        }
-    }
-    out
+    regroup(data, itemsize, true)
 }
 
 /// The inverse of `shuffle`.
 pub fn unshuffle(data: &[u8], itemsize: usize) -> Vec<u8> {
+    regroup(data, itemsize, false)
+}
+
+fn regroup(data: &[u8], itemsize: usize, to_planes: bool) -> Vec<u8> {
     let mut out = data.to_vec();
     let body = data.len() - data.len() % itemsize.max(1);
     if itemsize <= 1 || body == 0 {
@@ -105,35 +92,30 @@ pub fn unshuffle(data: &[u8], itemsize: usize) -> Vec<u8> {
     }
     let (src, dst) = (&data[..body], &mut out[..body]);
     match itemsize {
-        2 => elements_from_planes::<2>(src, dst),
-        4 => elements_from_planes::<4>(src, dst),
-        8 => elements_from_planes::<8>(src, dst),
-        n => {
-            let count = body / n;
-            for (k, plane) in src.chunks_exact(count).enumerate() {
-                dst.chunks_exact_mut(n).zip(plane).for_each(|(e, &b)| e[k] = b);
-            }
-        }
+        2 => move_bytes::<2>(src, dst, 2, to_planes),
+        4 => move_bytes::<4>(src, dst, 4, to_planes),
+        8 => move_bytes::<8>(src, dst, 8, to_planes),
+        n => move_bytes::<0>(src, dst, n, to_planes),
     }
     out
 }
 
-/// `shuffle` for a known element size: one pass per byte plane, which the compiler unrolls.
-fn planes_from_elements<const N: usize>(src: &[u8], dst: &mut [u8]) {
-    let count = src.len() / N;
-    for (k, plane) in dst.chunks_exact_mut(count.max(1)).enumerate().take(N) {
-        for (o, e) in plane.iter_mut().zip(src.chunks_exact(N)) {
-            *o = e[k];
-        }
-    }
-}
-
-/// `unshuffle` for a known element size.
-fn elements_from_planes<const N: usize>(src: &[u8], dst: &mut [u8]) {
-    let count = src.len() / N;
-    for (k, plane) in src.chunks_exact(count.max(1)).enumerate().take(N) {
-        for (e, &b) in dst.chunks_exact_mut(N).zip(plane) {
-            e[k] = b;
+/// Byte k of element j sits at `j * n + k` in element order and at `k * count + j` in plane
+/// order; this moves every byte from one order to the other, a plane at a time. `N` is `n` when
+/// known at compile time (the loops then unroll), 0 otherwise.
+fn move_bytes<const N: usize>(src: &[u8], dst: &mut [u8], n: usize, to_planes: bool) {
+    let n = if N == 0 { n } else { N };
+    let count = src.len() / n;
+    for k in 0..n {
+        let plane = k * count..(k + 1) * count;
+        if to_planes {
+            for (o, e) in dst[plane].iter_mut().zip(src.chunks_exact(n)) {
+                *o = e[k];
+            }
+        } else {
+            for (e, &b) in dst.chunks_exact_mut(n).zip(&src[plane]) {
+                e[k] = b;
+            }
         }
     }
 }
