@@ -9,7 +9,7 @@ use std::path::Path;
 use rayon::prelude::*;
 
 use super::filters::Pipeline;
-use super::reader::Chunked;
+use super::reader::{max_stored_chunk, Chunked};
 use crate::error::{Error, Result};
 use crate::io::run_on_pool;
 
@@ -116,6 +116,12 @@ fn check_tiling(d: &ChunkedRead<'_>) -> std::result::Result<(), String> {
                 .zip(d.shape)
                 .zip(c)
                 .all(|((&o, &s), &c)| o < s && o % c == 0);
+        if chunk.size > max_stored_chunk(chunk_len(c, d.itemsize) as u64) {
+            return Err(format!(
+                "a chunk at {:?} stores {} bytes, more than its elements could need",
+                chunk.coords, chunk.size
+            ));
+        }
         if !fits || !seen.insert(&chunk.coords) {
             return Err(format!(
                 "a chunk at {:?} does not tile shape {:?}",

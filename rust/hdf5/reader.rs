@@ -68,7 +68,7 @@ pub struct Chunk {
 }
 
 /// A stored chunk larger than this for its raw size is damage, not compression.
-fn max_stored_chunk(raw: u64) -> u64 {
+pub fn max_stored_chunk(raw: u64) -> u64 {
     raw.saturating_mul(2).saturating_add(4096)
 }
 

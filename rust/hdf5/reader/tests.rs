@@ -79,6 +79,11 @@ fn a_gzip_dataset_is_listed_by_chunk_and_decodes_to_its_values() {
     twice.chunks.push(twice.chunks[0].clone());
     let message = read(&twice, &mut out).unwrap_err().to_string();
     assert!(message.starts_with("m.h5: dataset '/layers/low/vars/1'"), "{message}");
+    // A stored size no compression of its elements could need is refused before any allocation.
+    let mut lying = chunked.clone();
+    lying.chunks[0].size = 1 << 40;
+    let message = read(&lying, &mut out).unwrap_err().to_string();
+    assert!(message.contains("more than its elements could need"), "{message}");
     // A damaged chunk does not inflate.
     let mut damaged = data.clone();
     let first = &chunked.chunks[0];
