@@ -115,3 +115,13 @@ def test_stock_saves_after_ours_are_unchanged(saved, tmp_path):
     model.save(tmp_path / "again.keras")
     with zipfile.ZipFile(stock) as before, zipfile.ZipFile(tmp_path / "again.keras") as after:
         assert before.read("model.weights.h5") == after.read("model.weights.h5")
+
+
+def test_the_keras_format_at_another_suffix_is_stocks_error(saved, tmp_path):
+    """Found by tf_keras' own saving_lib_test.py: stock refuses `save_format="keras_v3"` for a path
+    that does not end in `.keras`; so do we, with its message, and nothing is written."""
+    model, _, _ = saved
+    path = tmp_path / "m.notkeras"
+    with pytest.raises(ValueError, match="Invalid `filepath` argument"):
+        ksf.save_model(model, path, save_format="keras_v3")
+    assert not path.exists()

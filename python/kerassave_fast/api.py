@@ -203,6 +203,16 @@ def _no_compression_here(compression: weights_h5.Compression | None, filepath) -
         )
 
 
+def _warn_if_unbuilt(model) -> None:
+    """Both flavours' `.keras` savers warn so (stacklevel: the user's call of `save_model`)."""
+    if not model.built:
+        warnings.warn(
+            "You are saving a model that has not yet been built. It might not contain any weights yet. "
+            "Consider building the model first by calling it on some data.",
+            stacklevel=4,
+        )
+
+
 def _save_model(model, filepath, overwrite, threads, args, save_format, kwargs, compression=None):
     flavour = _flavour(model)
     if flavour == "tf_keras":
@@ -221,6 +231,7 @@ def _save_model(model, filepath, overwrite, threads, args, save_format, kwargs, 
             if overwrite or not os.path.exists(path) or ask_to_replace(path, "tf_keras"):
                 from .formats import keras_zip
 
+                _warn_if_unbuilt(model)
                 with _no_gc_pauses():
                     keras_zip.save(model, path, threads=threads, compression=compression, flavour=keras_v3)
             return None
@@ -266,12 +277,7 @@ def _save_model(model, filepath, overwrite, threads, args, save_format, kwargs, 
         return None
     if not _may_write(filepath, overwrite):
         return None
-    if not model.built:
-        warnings.warn(
-            "You are saving a model that has not yet been built. It might not contain any weights yet. "
-            "Consider building the model first by calling it on some data.",
-            stacklevel=3,
-        )
+    _warn_if_unbuilt(model)
     from .formats import keras_zip
 
     with _no_gc_pauses():

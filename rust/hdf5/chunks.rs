@@ -75,8 +75,8 @@ pub fn read_chunked(
                 level: 0,
                 itemsize: d.itemsize,
             };
-            let mut raw = vec![0u8; chunk_len(&d.chunked.chunk_shape, d.itemsize)];
-            pipeline.decode(stored, chunk.skipped, &mut raw).map_err(fail)?;
+            let raw_len = chunk_len(&d.chunked.chunk_shape, d.itemsize);
+            let raw = pipeline.decode(stored, chunk.skipped, raw_len).map_err(fail)?;
             // SAFETY: the buffer outlives this call (the caller holds it), and the bytes this chunk
             // writes are written by no other task (`check_tiling`).
             let out = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };

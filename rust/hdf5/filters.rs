@@ -2,6 +2,8 @@
 //! (registered filter 32015, a plain zstd frame as hdf5plugin writes it) and Fletcher-32, in the
 //! order h5py's `create_dataset(shuffle=..., compression=..., fletcher32=...)` sets them up.
 
+use std::borrow::Cow;
+
 /// What is wrong with a chunk; the caller names the file and dataset.
 pub type Result<T> = std::result::Result<T, String>;
 
@@ -31,26 +33,28 @@ impl Pipeline {
 
     /// Runs the pipeline forward over one chunk's raw bytes: what HDF5 stores for it.
     pub fn encode(&self, raw: &[u8]) -> Result<Vec<u8>> {
-        let mut data: Vec<u8> = raw.to_vec();
+        // The raw chunk is the caller's tensor: borrowed until a filter makes new bytes.
+        let mut data: Cow<[u8]> = Cow::Borrowed(raw);
         for &filter in &self.filters {
-            data = match filter {
+            data = Cow::Owned(match filter {
                 SHUFFLE => shuffle(&data, self.itemsize),
                 DEFLATE => deflate(&data, self.level)?,
                 ZSTD => compress_zstd(&data, self.level)?,
                 FLETCHER32 => {
                     let sum = fletcher32(&data);
+                    let mut data = data.into_owned();
                     data.extend_from_slice(&sum.to_le_bytes());
                     data
                 }
                 other => return Err(format!("HDF5 filter {other} is not supported here")),
-            };
+            });
         }
-        Ok(data)
+        Ok(data.into_owned())
     }
 
-    /// Runs the pipeline backwards over a stored chunk into `out` (exactly the chunk's raw size).
+    /// Runs the pipeline backwards over a stored chunk: its raw bytes, exactly `len` of them.
     /// `skipped` is the chunk's filter mask: bit i set means filter i was not applied to it.
-    pub fn decode(&self, stored: Vec<u8>, skipped: u32, out: &mut [u8]) -> Result<()> {
+    pub fn decode(&self, stored: Vec<u8>, skipped: u32, len: usize) -> Result<Vec<u8>> {
         let mut data = stored;
         for (i, &filter) in self.filters.iter().enumerate().rev() {
             if i < 32 && skipped & (1 << i) != 0 {
@@ -58,18 +62,17 @@ impl Pipeline {
             }
             data = match filter {
                 FLETCHER32 => strip_fletcher32(data)?,
-                DEFLATE => inflate(&data, out.len())?,
-                ZSTD => unzstd(&data, out.len())?,
+                DEFLATE => inflate(&data, len)?,
+                ZSTD => unzstd(&data, len)?,
                 SHUFFLE => unshuffle(&data, self.itemsize),
                 other => return Err(format!("HDF5 filter {other} is not supported here")),
             };
         }
-        if data.len() != out.len() {
-            let (got, want) = (data.len(), out.len());
-            return Err(format!("a chunk decodes to {got} bytes, not the {want} of its shape"));
+        if data.len() != len {
+            let got = data.len();
+            return Err(format!("a chunk decodes to {got} bytes, not the {len} of its shape"));
         }
-        out.copy_from_slice(&data);
-        Ok(())
+        Ok(data)
     }
 }
 
@@ -85,11 +88,12 @@ pub fn unshuffle(data: &[u8], itemsize: usize) -> Vec<u8> {
 }
 
 fn regroup(data: &[u8], itemsize: usize, to_planes: bool) -> Vec<u8> {
-    let mut out = data.to_vec();
     let body = data.len() - data.len() % itemsize.max(1);
     if itemsize <= 1 || body == 0 {
-        return out;
+        return data.to_vec();
     }
+    let mut out = vec![0u8; data.len()]; // every byte is moved below: no copy to start from
+    out[body..].copy_from_slice(&data[body..]);
     let (src, dst) = (&data[..body], &mut out[..body]);
     match itemsize {
         2 => move_bytes::<2>(src, dst, 2, to_planes),
@@ -246,11 +250,9 @@ mod tests {
             };
             let mut stored = pipeline.encode(&raw).unwrap();
             assert!(stored.len() < raw.len() / 4);
-            let mut out = vec![0u8; raw.len()];
-            pipeline.decode(stored.clone(), 0, &mut out).unwrap();
-            assert_eq!(out, raw);
+            assert_eq!(pipeline.decode(stored.clone(), 0, raw.len()).unwrap(), raw);
             stored[10] ^= 1;
-            assert!(pipeline.decode(stored, 0, &mut out).is_err());
+            assert!(pipeline.decode(stored, 0, raw.len()).is_err());
             // Without the checksum, damage is still caught by the codec or the size check.
             let bare = Pipeline {
                 filters: vec![SHUFFLE, codec],
@@ -259,7 +261,7 @@ mod tests {
             };
             let mut stored = bare.encode(&raw).unwrap();
             stored.truncate(stored.len() / 2);
-            assert!(bare.decode(stored, 0, &mut out).is_err());
+            assert!(bare.decode(stored, 0, raw.len()).is_err());
         }
     }
 
@@ -271,9 +273,7 @@ mod tests {
             level: 1,
             itemsize: 4,
         };
-        let mut out = vec![0u8; 64];
         // libhdf5 stores a chunk unfiltered when a filter fails on it and marks the filter skipped.
-        pipeline.decode(shuffle(&raw, 4), 0b10, &mut out).unwrap();
-        assert_eq!(out, raw);
+        assert_eq!(pipeline.decode(shuffle(&raw, 4), 0b10, 64).unwrap(), raw);
     }
 }

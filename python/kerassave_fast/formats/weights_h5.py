@@ -233,7 +233,8 @@ def write_skeleton(
 
     `target` is what stock gives h5py: a path for a `.weights.h5` file (HDF5's POSIX driver), a file
     object for the member of a `.keras` zip (h5py's file-object driver) -- the two lay files out differently.
-    With `compression`, every tensor with elements is written here, chunked, and none is returned.
+    With `compression`, every tensor with more than one element is written here, chunked; scalars
+    are returned as without it (HDF5 wrote their one element already).
     """
     placed: list[tuple[int, np.ndarray]] = []
     with h5py.File(target, "w") as f:
@@ -421,10 +422,8 @@ def write_compressed(
     """Writes the plan as an HDF5 file with chunked, filtered tensors at `start` of `file`, through
     h5py's file-object driver (its size depends on the data: no layout is remembered); returns its size."""
     window = FileWindow(file.fileno(), start)
-    placed = write_skeleton(window, plan, compression, threads)
-    # Scalars and empty tensors stay contiguous: HDF5 reserved their room; their bytes go there.
-    if placed:
-        file.write_tensors([start + o for o, _ in placed], [as_bytes(a) for _, a in placed], threads)
+    # What stays contiguous is scalars, whose one element HDF5 wrote when it allocated them.
+    write_skeleton(window, plan, compression, threads)
     return window.size
 
 
@@ -602,14 +601,12 @@ def read_weights(
     Lists the datasets now (h5py), then moves the bytes on a thread (the Rust core releases the
     GIL), so the caller can build the model meanwhile.
     """
-    tensors = stored_tensors(h5, size, where, source, start)
-    arrays = {t.name: aligned_empty(t.shape, t.dtype) for t in tensors}
+    listed = stored_tensors(h5, size, where, source, start)
+    arrays = {t.name: aligned_empty(t.shape, t.dtype) for t in listed}
+    tensors = [t for t in listed if t.chunking is None]  # read by offset
     buffers = [as_bytes(arrays[t.name]) for t in tensors]
+    chunked = [(t, as_bytes(arrays[t.name])) for t in listed if t.chunking is not None]
     future: Future[ReadTensors] = Future()
-
-    chunked = [(t, b) for t, b in zip(tensors, buffers, strict=True) if t.chunking is not None]
-    buffers = [b for t, b in zip(tensors, buffers, strict=True) if t.chunking is None]
-    tensors = [t for t in tensors if t.chunking is None]
 
     def read() -> None:
         try:

@@ -226,7 +226,8 @@ def can_save_fast(path: str | None, save_format, kwargs: dict) -> bool:
     import tensorflow as tf
     from tf_keras.src.saving import saving_api
 
-    if path is None or kwargs or not tf.executing_eagerly():
+    # Another suffix in this format is stock's error ("Invalid `filepath` argument").
+    if path is None or not path.endswith(".keras") or kwargs or not tf.executing_eagerly():
         return False
     try:
         return saving_api.get_save_format(path, save_format) == "keras"
