@@ -17,7 +17,7 @@ import kerassave_fast as ksf
 
 tf_keras = pytest.importorskip("tf_keras")
 
-from tf_keras_models import MODELS, batch, compiled, dense_adam, trained  # noqa: E402
+from tf_keras_models import MODELS, batch, compiled, dense_adam, state, trained  # noqa: E402
 
 VARIABLES = ("variables/variables.index", "variables/variables.data-00000-of-00001")
 
@@ -220,3 +220,151 @@ def test_tensors_the_fast_path_cannot_write_go_to_tensorflows_writer(tmp_path, m
     ksf.save_model(model, tmp_path / "ours")
     for name in VARIABLES:
         assert filecmp.cmp(tmp_path / "stock" / name, tmp_path / "ours" / name, shallow=False), name
+
+
+# --- load_model ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _stock_restore_forbidden():
+    """Fails if TensorFlow's `RestoreV2` reads tensors (the Rust reader must)."""
+    from tensorflow.python.checkpoint import functional_saver
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("stock's checkpoint reader ran")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(functional_saver.io_ops, "restore_v2", refuse)
+        yield
+
+
+@pytest.mark.parametrize("writer", ["stock", "ours"])
+def test_load_model_restores_weights_and_the_optimizer_and_training_goes_on_identically(saved, writer):
+    """Stock compiles a fresh optimizer and drops the saved one; ours holds the saved state at once, so
+    the next step equals the original model's next step, bitwise."""
+    model, stock_dir, ours_dir = saved
+    original = tf_keras.models.clone_model(model)  # the saved state, kept apart from `model`
+    original.set_weights(model.get_weights())
+    with _stock_restore_forbidden():
+        loaded = ksf.load_model_as("tf_keras", stock_dir if writer == "stock" else ours_dir)
+    assert type(loaded.optimizer) is type(model.optimizer)
+    weights, optimizer_variables = state(model)
+    loaded_weights, loaded_optimizer_variables = state(loaded)
+    assert len(loaded_optimizer_variables) == len(optimizer_variables) > 1
+    for a, b in zip(optimizer_variables, loaded_optimizer_variables, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(weights, loaded_weights, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # The reference: stock's load, then the optimizer restored from the bundle (FORMATS.md).
+    reference = tf_keras.models.load_model(str(stock_dir))
+    reference.load_weights(str(stock_dir / "variables" / "variables"))
+    step = batch(model, seed=4)
+    assert loaded.train_on_batch(*step) == reference.train_on_batch(*step)
+    for a, b in zip(reference.weights, loaded.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
+    for a, b in zip(reference.optimizer.variables, loaded.optimizer.variables, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
+
+
+def test_load_model_without_compiling_gives_stocks_restored_optimizer(saved):
+    model, stock_dir, _ = saved
+    with _stock_restore_forbidden():
+        loaded = ksf.load_model_as("tf_keras", stock_dir, compile=False)
+    reference = tf_keras.models.load_model(str(stock_dir), compile=False)
+    assert type(loaded.optimizer) is type(reference.optimizer)
+    ours = {v.name: v.numpy() for v in loaded.optimizer.variables}
+    theirs = {v.name: v.numpy() for v in reference.optimizer.variables}
+    assert ours.keys() == theirs.keys() and ours
+    for name, value in theirs.items():
+        np.testing.assert_array_equal(ours[name], value, err_msg=name)
+    for a, b in zip(model.weights, loaded.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_load_model_restores_legacy_optimizer_slots(tmp_path):
+    model = compiled(dense_adam)
+    model.compile(optimizer=tf_keras.optimizers.legacy.Adam(), loss="mse")
+    model.train_on_batch(*batch(model))
+    model.save(str(tmp_path / "stock"), save_format="tf")
+    with _stock_restore_forbidden():
+        loaded = ksf.load_model_as("tf_keras", tmp_path / "stock")
+    assert loaded.optimizer.get_slot_names() == ["m", "v"]
+    saved_state, loaded_state = model.optimizer.variables(), loaded.optimizer.variables()
+    assert len(saved_state) == len(loaded_state) == 1 + 2 * len(model.trainable_variables)
+    for a, b in zip(saved_state, loaded_state, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
+    step = batch(model, seed=4)
+    model.train_on_batch(*step)
+    loaded.train_on_batch(*step)
+    for a, b in zip(model.weights, loaded.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
+
+
+def test_an_optimizer_that_does_not_match_the_saved_state_stays_fresh_as_stock(tmp_path):
+    """The training config compiles an optimizer whose variables differ from the saved ones (here: it
+    was built while a layer was frozen): nothing is restored into it, as stock."""
+    model = compiled(dense_adam)
+    model.layers[0].trainable = False
+    model.compile(optimizer="adam", loss="mse")
+    model.train_on_batch(*batch(model))
+    model.layers[0].trainable = True
+    ksf.save_model(model, tmp_path / "sm")
+    loaded = ksf.load_model_as("tf_keras", tmp_path / "sm")
+    assert int(loaded.optimizer.iterations.numpy()) == 0
+    reference = tf_keras.models.load_model(str(tmp_path / "sm"))
+    step = batch(model, seed=4)
+    loaded.train_on_batch(*step)
+    reference.train_on_batch(*step)
+    for a, b in zip(reference.weights, loaded.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
+
+
+def test_load_model_options_and_other_threads_keep_stocks_reader(tmp_path):
+    """`LoadOptions` that move the reads go to stock; a stock load on another thread while ours runs
+    uses TensorFlow's reader (the hook is per thread)."""
+    import threading
+
+    from tensorflow.python.checkpoint import functional_saver
+
+    model = trained(dense_adam)
+    ksf.save_model(model, tmp_path / "sm")
+    calls = []
+    restore_v2 = functional_saver.io_ops.restore_v2
+
+    def counting(*args, **kwargs):
+        calls.append(threading.get_ident())
+        return restore_v2(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(functional_saver.io_ops, "restore_v2", counting)
+        options = tf.saved_model.LoadOptions(experimental_io_device="/job:localhost")
+        ksf.load_model_as("tf_keras", tmp_path / "sm", options=options)
+        assert calls, "stock's reader should read with experimental_io_device"
+        calls.clear()
+        ksf.load_model_as(
+            "tf_keras", tmp_path / "sm", options=tf.saved_model.LoadOptions(allow_partial_checkpoint=True)
+        )
+        ksf.load_model_as("tf_keras", tmp_path / "sm")
+        assert not calls
+        worker = threading.Thread(target=tf_keras.models.load_model, args=(str(tmp_path / "sm"),))
+        worker.start()
+        worker.join()
+        assert calls and set(calls) == {worker.ident}
+
+
+@pytest.mark.parametrize("damage", ["data", "index"])
+def test_a_damaged_bundle_is_refused_naming_the_file(tmp_path, damage):
+    model = trained(dense_adam)
+    ksf.save_model(model, tmp_path / "sm")
+    name = "variables.data-00000-of-00001" if damage == "data" else "variables.index"
+    path = tmp_path / "sm" / "variables" / name
+    data = bytearray(path.read_bytes())
+    if damage == "data":
+        data[40] ^= 0x10  # inside the first kernel
+    else:
+        data = data[: len(data) // 2]
+    path.write_bytes(bytes(data))
+    with pytest.raises(Exception) as info:
+        ksf.load_model_as("tf_keras", tmp_path / "sm")
+    assert name in str(info.value) + "".join(getattr(info.value, "__notes__", []))

@@ -323,8 +323,22 @@ def load_model_as(flavour: str, filepath, custom_objects=None, compile=True, saf
         if tf_legacy_h5.can_load_model_fast(path, kwargs):
             with _no_gc_pauses(), _naming(path), weights_h5.read_ahead(path, threads) as opened:
                 return tf_legacy_h5.load_model(opened, custom_objects, compile)
+        from .tf_keras import saved_model as tf_saved_model
+
+        stock_load_model = stock(TF_KERAS_SAVING_API, "load_model")
+        if tf_saved_model.can_load_fast(path, kwargs):
+            with _no_gc_pauses(), _naming(path):
+                return tf_saved_model.load(
+                    stock_load_model,
+                    path,
+                    threads,
+                    custom_objects=custom_objects,
+                    compile=compile,
+                    safe_mode=safe_mode,
+                    **kwargs,
+                )
         with _naming(path) if path is not None else contextlib.nullcontext():
-            return stock(TF_KERAS_SAVING_API, "load_model")(
+            return stock_load_model(
                 filepath, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode, **kwargs
             )
     for name in kwargs:  # Keras 3's load_model has no **kwargs

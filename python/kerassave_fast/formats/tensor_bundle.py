@@ -7,6 +7,7 @@ into arrays TensorFlow can adopt.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -77,6 +78,9 @@ class BundleReader:
     def __init__(self, prefix: str):
         self.prefix = prefix
         self._reader = TensorBundleReader(prefix)
+        self._ahead: dict[str, np.ndarray] = {}
+        self._ahead_thread: threading.Thread | None = None
+        self._ahead_error: BaseException | None = None
         self.entries = {
             key: BundleEntry(key, dtype, tuple(shape), size, partitioned, shard, offset)
             for key, dtype, shape, size, partitioned, shard, offset in self._reader.entries()
@@ -87,10 +91,47 @@ class BundleReader:
         return self._reader.index_path
 
     def read_arrays(self, keys: list[str], dtypes: list[np.dtype], threads: int = 0) -> list[np.ndarray]:
-        """The tensors under `keys` (whole, fixed-size dtypes), each in a fresh aligned array."""
+        """The tensors under `keys` (whole, fixed-size dtypes), each in a fresh aligned array (one
+        `read_ahead` read is handed out once, never twice)."""
+        ahead = self._take_read_ahead(keys, dtypes)
+        missing = [i for i, array in enumerate(ahead) if array is None]
+        arrays = [aligned_empty(self.entries[keys[i]].shape, dtypes[i]) for i in missing]
+        if missing:
+            self._reader.read_tensors([keys[i] for i in missing], [as_bytes(a) for a in arrays], threads)
+        for i, array in zip(missing, arrays, strict=True):
+            ahead[i] = array
+        return ahead
+
+    def read_ahead(self, keys: list[str], dtypes: list[np.dtype], threads: int = 0) -> None:
+        """Starts reading `keys` on a background thread (the GIL released), for `read_arrays` later."""
         arrays = [aligned_empty(self.entries[k].shape, dtype) for k, dtype in zip(keys, dtypes, strict=True)]
-        self._reader.read_tensors(keys, [as_bytes(a) for a in arrays], threads)
-        return arrays
+        self._ahead = dict(zip(keys, arrays, strict=True))
+
+        def read() -> None:
+            try:
+                self._reader.read_tensors(keys, [as_bytes(a) for a in arrays], threads)
+            except BaseException as e:  # raised where the arrays are wanted
+                self._ahead_error = e
+
+        self._ahead_thread = threading.Thread(target=read, name="kerassave-read-ahead", daemon=True)
+        self._ahead_thread.start()
+
+    def _take_read_ahead(self, keys: list[str], dtypes: list[np.dtype]) -> list[np.ndarray | None]:
+        if not self._ahead:
+            return [None] * len(keys)
+        self.join()
+        if self._ahead_error is not None:
+            raise self._ahead_error
+        taken = []
+        for key, dtype in zip(keys, dtypes, strict=True):
+            array = self._ahead.get(key)
+            taken.append(self._ahead.pop(key) if array is not None and array.dtype == dtype else None)
+        return taken
+
+    def join(self) -> None:
+        """Waits for `read_ahead`: no thread writes into our arrays after this."""
+        if self._ahead_thread is not None:
+            self._ahead_thread.join()
 
     def read_strings(self, key: str) -> np.ndarray:
         """A DT_STRING tensor as an object array of `bytes` (a scalar gives a 0-d array)."""

@@ -249,6 +249,7 @@ def _restore_coordinator_class():
             super().__init__(*args, **kwargs)
             self.fast_reader = fast_reader
             self.threads = threads
+            self.unused = None  # a predicate on keys whose values nobody will use (not read)
 
         def restore_saveables(self, tensor_saveables, python_positions, registered_savers=None, reader=None):
             if registered_savers or not context.executing_eagerly():
@@ -256,6 +257,8 @@ def _restore_coordinator_class():
             reader = reader or self.fast_reader
             for position in python_positions:
                 key = position.object_proto.attributes[0].checkpoint_key
+                if self.unused is not None and self.unused(key):
+                    continue
                 position.trackable.deserialize(reader.get_tensor(key))
             if tensor_saveables:
                 flat = saveable_object_util.validate_and_slice_inputs(tensor_saveables)
@@ -273,6 +276,12 @@ def _restore_coordinator_class():
             if context.is_custom_device(task.to_string()) or self.options.experimental_io_device:
                 return False
             entries = self.fast_reader.bundle.entries
+            restore_fn_of = saver._keys_to_restore_fn
+            if self.unused is not None:
+                unused_fns = {
+                    fn for fn, keys in saver._restore_fn_to_keys.items() if all(self.unused(k) for k, _ in keys)
+                }
+                shard = [st for st in shard if restore_fn_of[(st.checkpoint_key, st.slice_spec)] not in unused_fns]
             names, dtypes = [], []
             for st in shard:
                 save_spec = st._tensor_save_spec
@@ -294,7 +303,7 @@ def _restore_coordinator_class():
             pending = {fn: len(keys) for fn, keys in saver._restore_fn_to_keys.items()}
             with ops.device(task):
                 for st, array in zip(shard, arrays, strict=True):
-                    restore_fn = saver._keys_to_restore_fn[(st.checkpoint_key, st.slice_spec)]
+                    restore_fn = restore_fn_of[(st.checkpoint_key, st.slice_spec)]
                     inputs.setdefault(restore_fn, {})[st.checkpoint_key] = adoptable_tensor(array)
                     pending[restore_fn] -= 1
                     if pending[restore_fn] == 0:
@@ -306,23 +315,80 @@ def _restore_coordinator_class():
     return FastRestoreCoordinator
 
 
-def restore(tf_checkpoint, save_path: str, threads: int = 0):
+def restore(tf_checkpoint, save_path: str, threads: int = 0, bundle: BundleReader | None = None):
     """`tf.train.Checkpoint.read(save_path)` (eager, default options) through `TrackableSaver.restore`'s
-    steps, reading the index and the tensors restored now through the Rust core."""
+    steps, reading the index and the tensors restored now through the Rust core (through `bundle`,
+    the checkpoint at `save_path` already open, if given)."""
+    return restore_with_saver(tf_checkpoint._saver, save_path, threads, bundle=bundle)
+
+
+def restore_with_saver(saver, save_path: str, threads: int = 0, options=None, unused=None, bundle=None):
+    """`saver.restore(save_path, options)` (`TrackableSaver`, eager) with our reads; returns stock's
+    `CheckpointLoadStatus`. Variables whose every key `unused(key)` is true are matched but left
+    unrestored (their tensors are not read)."""
+    from tensorflow.python.checkpoint import checkpoint as checkpoint_lib
+    from tensorflow.python.checkpoint import restore as restore_lib
+
+    coordinator, reader = _restore_coordinator(saver, save_path, threads, options, bundle)
+    coordinator.unused = unused
+    object_graph_proto = coordinator.object_graph_proto
+    restore_lib.CheckpointPosition(checkpoint=coordinator, proto_id=0).restore(saver._graph_view.root, reader)
+    if saver._graph_view.attached_dependencies:  # as TrackableSaver.restore
+        for ref in saver._graph_view.attached_dependencies:
+            if ref.name == "root":
+                continue
+            proto_id = _child_id(object_graph_proto, ref.name)
+            if proto_id is None or proto_id in coordinator.object_by_proto_id:
+                continue
+            restore_lib.CheckpointPosition(checkpoint=coordinator, proto_id=proto_id).restore(ref.ref, reader)
+    return checkpoint_lib.CheckpointLoadStatus(
+        coordinator, graph_view=saver._graph_view, feed_dict=None, options=coordinator.options
+    )
+
+
+def restore_dependency(root, name: str, save_path: str, threads: int = 0, bundle=None) -> bool:
+    """Restores `root`'s checkpoint dependency `name` (and everything under it) from the checkpoint
+    at `save_path`, as if the checkpoint's root were `root`; False when either side lacks it."""
+    from tensorflow.python.checkpoint import checkpoint as checkpoint_lib
+    from tensorflow.python.checkpoint import graph_view
+    from tensorflow.python.checkpoint import restore as restore_lib
+
+    trackable = root._lookup_dependency(name)
+    if trackable is None:
+        return False
+    saver = checkpoint_lib.TrackableSaver(graph_view.ObjectGraphView(root))
+    coordinator, reader = _restore_coordinator(saver, save_path, threads, bundle=bundle)
+    coordinator.expect_partial = True  # the rest of the checkpoint is not for `trackable`
+    proto_id = _child_id(coordinator.object_graph_proto, name)
+    if proto_id is None:
+        return False
+    restore_lib.CheckpointPosition(checkpoint=coordinator, proto_id=proto_id).restore(trackable, reader)
+    return True
+
+
+def _child_id(object_graph_proto, name: str) -> int | None:
+    """The node id of the root's child `name` in a checkpoint's object graph."""
+    for proto_ref in object_graph_proto.nodes[0].children:
+        if proto_ref.local_name == name:
+            return proto_ref.node_id
+    return None
+
+
+def _restore_coordinator(saver, save_path: str, threads: int, options=None, bundle=None):
+    """The `_CheckpointRestoreCoordinator` `TrackableSaver.restore` makes, reading through the Rust core."""
     from tensorflow.core.protobuf import trackable_object_graph_pb2
     from tensorflow.python.checkpoint import checkpoint as checkpoint_lib
     from tensorflow.python.checkpoint import checkpoint_options
-    from tensorflow.python.checkpoint import restore as restore_lib
     from tensorflow.python.framework import constant_op, ops
 
-    saver = tf_checkpoint._saver
     if checkpoint_lib._ASYNC_CHECKPOINT_THREAD is not None:
         checkpoint_lib._ASYNC_CHECKPOINT_THREAD.join()
-    bundle = BundleReader(save_path)
+    if bundle is None or bundle.prefix != save_path:
+        bundle = BundleReader(save_path)
     if OBJECT_GRAPH_KEY not in bundle.entries:
         raise NotFast("a name-based (TF1) checkpoint")
     reader = BundleCheckpointReader(bundle)
-    options = checkpoint_options.CheckpointOptions()
+    options = options or checkpoint_options.CheckpointOptions()
     with ops.device("/cpu:0"):
         file_prefix_tensor = constant_op.constant(save_path)
     object_graph_proto = trackable_object_graph_pb2.TrackableObjectGraph()
@@ -339,22 +405,7 @@ def restore(tf_checkpoint, save_path: str, threads: int = 0):
         fast_reader=reader,
         threads=threads,
     )
-    restore_lib.CheckpointPosition(checkpoint=coordinator, proto_id=0).restore(saver._graph_view.root, reader)
-    if saver._graph_view.attached_dependencies:  # as TrackableSaver.restore
-        for ref in saver._graph_view.attached_dependencies:
-            if ref.name == "root":
-                continue
-            proto_id = None
-            for proto_ref in object_graph_proto.nodes[0].children:
-                if proto_ref.local_name == ref.name:
-                    proto_id = proto_ref.node_id
-                    break
-            if proto_id is None or proto_id in coordinator.object_by_proto_id:
-                continue
-            restore_lib.CheckpointPosition(checkpoint=coordinator, proto_id=proto_id).restore(ref.ref, reader)
-    return checkpoint_lib.CheckpointLoadStatus(
-        coordinator, graph_view=saver._graph_view, feed_dict=None, options=options
-    )
+    return coordinator, reader
 
 
 def weights_prefix(path: str) -> str | None:

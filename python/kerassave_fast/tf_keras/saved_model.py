@@ -25,6 +25,8 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import functools
+import logging
 import os
 import shutil
 import threading
@@ -35,9 +37,16 @@ import numpy as np
 
 from ..files import staging_directory, sync, sync_name
 from ..formats import tensor_bundle
-from ..formats.tensor_bundle import BundleTensor
+from ..formats.tensor_bundle import DT_STRING, BundleReader, BundleTensor
 from ..overwrite import ask_to_replace
-from .checkpoint import NotFast, checkpoint_tensors, tf_internals_supported
+from .checkpoint import (
+    NotFast,
+    checkpoint_tensors,
+    restore,
+    restore_dependency,
+    restore_with_saver,
+    tf_internals_supported,
+)
 
 SAVE_KWARGS = frozenset({"include_optimizer", "signatures", "options", "save_traces"})
 # What a SavedModel directory holds (tensorflow/python/saved_model/constants.py, keras_metadata.pb):
@@ -363,3 +372,175 @@ def _exchange(a: str, b: str) -> bool:
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
         return False
     raise OSError(err, os.strerror(err), b)
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def can_load_fast(path: str | None, kwargs: dict) -> bool:
+    """Whether tf_keras' `load_model(path, **kwargs)` loads a local SavedModel whose checkpoint this
+    module can read as TensorFlow would."""
+    import tensorflow as tf
+
+    if path is None or not set(kwargs) <= {"options"} or not os.path.isdir(path):
+        return False
+    options = kwargs.get("options")
+    if options is not None and options.experimental_io_device:  # read by another device
+        return False
+    if not os.path.isfile(tensor_bundle.index_path(os.path.join(path, "variables", "variables"))):
+        return False
+    return tf.executing_eagerly() and tf_internals_supported() and _tf_loader() is not None
+
+
+def _tf_loader():
+    """TensorFlow's SavedModel `Loader`, if it has what our checkpoint restore replaces and uses."""
+    from tensorflow.python.saved_model import load as load_lib
+
+    loader = getattr(load_lib, "Loader", None)
+    if loader is None or not hasattr(loader, "_restore_checkpoint") or not hasattr(load_lib, "path_helpers"):
+        return None
+    return loader
+
+
+def load(stock_load_model, path: str, threads: int = 0, **kwargs):
+    """`stock_load_model(path, **kwargs)` -- tf_keras' own `load_model`, every step stock's -- with
+    the SavedModel's checkpoint read by the Rust core; then the optimizer's saved state, which stock
+    drops (it compiles a fresh optimizer), restored into the compiled model's optimizer."""
+    import tensorflow as tf
+
+    _install_fast_restore()
+    compile = kwargs.get("compile", True)
+    bundle = BundleReader(os.path.join(path, "variables", "variables"))
+    # Every tensor is read while the model is built and TensorFlow loads the graph: the restore
+    # below finds them read.
+    keys = [e.key for e in bundle.entries.values() if e.dtype not in NOT_READ_AHEAD and not e.partitioned]
+    bundle.read_ahead(keys, [tf.as_dtype(bundle.entries[k].dtype).as_numpy_dtype for k in keys], threads)
+    _fast_restore.threads, _fast_restore.compile, _fast_restore.bundle = threads, compile, bundle
+    try:
+        with _no_slot_warning():
+            model = stock_load_model(path, **kwargs)
+        if compile:
+            restore_optimizer(model, bundle, threads)
+    finally:
+        del _fast_restore.threads, _fast_restore.compile, _fast_restore.bundle
+        bundle.join()
+    return model
+
+
+# Bundle dtypes left to TensorFlow's own reads: strings, resources, variants.
+NOT_READ_AHEAD = frozenset({DT_STRING, 20, 21})
+
+
+# Set on a thread while it loads a SavedModel through `load`: TensorFlow's loader then restores the
+# checkpoint through our reader. Other threads (stock loads included) get TensorFlow's own restore.
+_fast_restore = threading.local()
+_HOOK_LOCK = threading.Lock()
+
+
+def _install_fast_restore() -> None:
+    """Wraps, once per process, TensorFlow's `Loader._restore_checkpoint` so that a load through `load`
+    on this thread reads the checkpoint through the Rust core."""
+    loader = _tf_loader()
+    with _HOOK_LOCK:
+        stock_restore = loader._restore_checkpoint
+        if hasattr(stock_restore, "stock_restore_checkpoint"):
+            return
+
+        @functools.wraps(stock_restore)
+        def _restore_checkpoint(self):
+            threads = getattr(_fast_restore, "threads", None)
+            if threads is None:
+                return stock_restore(self)
+            try:
+                return _restore_loader_checkpoint(self, threads)
+            except NotFast:  # restores again, everything, as stock
+                return stock_restore(self)
+
+        _restore_checkpoint.stock_restore_checkpoint = stock_restore
+        loader._restore_checkpoint = _restore_checkpoint
+
+
+def _restore_loader_checkpoint(loader, threads: int) -> None:
+    """`Loader._restore_checkpoint` (tensorflow/python/saved_model/load.py, eager) through our reader."""
+    from tensorflow.python.checkpoint import checkpoint, graph_view
+    from tensorflow.python.saved_model import load as load_lib
+
+    variables_path = load_lib.path_helpers.get_variables_path(loader._export_dir)
+    root = loader.get(0)
+    saver = checkpoint.TrackableSaver(graph_view.ObjectGraphView(root))
+    # The optimizer revived here is one stock's `load` replaces when it compiles the model: its state
+    # is read once, by `restore_optimizer`, into the optimizer that replaces it.
+    unused = _is_optimizer_state if _fast_restore.compile and _training_config(root) is not None else None
+    status = restore_with_saver(
+        saver, variables_path, threads, loader._checkpoint_options, unused, bundle=_fast_restore.bundle
+    )
+    if loader._save_options.allow_partial_checkpoint:
+        status.expect_partial().assert_nontrivial_match()
+    else:
+        status.assert_existing_objects_matched()
+
+
+def _training_config(root):
+    """What tf_keras' SavedModel `load` compiles a revived model with (None: it does not compile)."""
+    from tf_keras.src.engine import training
+
+    if not isinstance(root, training.Model):
+        return None
+    return root._serialized_attributes.get("metadata", {}).get("training_config")
+
+
+def _is_optimizer_state(key: str) -> bool:
+    """Whether a checkpoint key of a tf_keras model holds its optimizer's state."""
+    return key.startswith("optimizer/") or "/.OPTIMIZER_SLOT/optimizer/" in key
+
+
+@contextlib.contextmanager
+def _no_slot_warning():
+    """Drops stock's "Slots cannot be restored from saved_model" warning, which `load` makes untrue."""
+
+    def keep(record) -> bool:
+        return "Slots cannot be restored from saved_model" not in record.getMessage()
+
+    logger = logging.getLogger("tensorflow")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
+def restore_optimizer(model, bundle: BundleReader, threads: int = 0) -> bool:
+    """Builds the optimizer `compile` gave a loaded model and restores the state the SavedModel's
+    checkpoint holds for it, when that state has exactly the keys, dtypes and shapes the built
+    optimizer saves; otherwise leaves it fresh, as stock does. Returns whether it restored."""
+    from tf_keras.src.engine import training
+    from tf_keras.src.mixed_precision import loss_scale_optimizer
+    from tf_keras.src.optimizers import optimizer as optimizer_lib
+    from tf_keras.src.optimizers.legacy import optimizer_v2
+
+    optimizer = getattr(model, "optimizer", None)
+    if not isinstance(model, training.Model) or optimizer is None:
+        return False
+    variables = model.trainable_variables
+    if isinstance(optimizer, optimizer_lib.Optimizer | loss_scale_optimizer.LossScaleOptimizerV3):
+        optimizer.build(variables)  # as the first `apply_gradients` would
+        slots_hang_from_variables = False
+    elif isinstance(optimizer, optimizer_v2.OptimizerV2):
+        optimizer._create_all_weights(variables)
+        slots_hang_from_variables = True
+    else:
+        return False
+    try:
+        wanted = {t.key: (t.dtype, t.shape) for t in checkpoint_tensors(model._checkpoint._saver)}
+    except NotFast:
+        return False
+
+    saved = set(filter(_is_optimizer_state, bundle.entries))
+    if not saved or saved != set(filter(_is_optimizer_state, wanted)):
+        return False
+    if any((bundle.entries[k].dtype, bundle.entries[k].shape) != wanted[k] for k in saved):
+        return False
+    if slots_hang_from_variables:  # slots are matched through the variables they belong to
+        restore(model._checkpoint, bundle.prefix, threads, bundle).expect_partial()
+        return True
+    return restore_dependency(model, "optimizer", bundle.prefix, threads, bundle)
