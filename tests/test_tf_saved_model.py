@@ -207,8 +207,8 @@ def test_variables_written_while_tensorflow_traces_match_a_model_changed_meanwhi
 
 
 def test_tensors_the_fast_path_cannot_write_go_to_tensorflows_writer(tmp_path, monkeypatch):
+    from kerassave_fast.formats import saved_model as saved_model_format
     from kerassave_fast.tf_keras import checkpoint as tf_checkpoint
-    from kerassave_fast.tf_keras import saved_model as tf_saved_model
 
     model = trained(dense_adam)
     model.save(str(tmp_path / "stock"), save_format="tf")
@@ -216,7 +216,7 @@ def test_tensors_the_fast_path_cannot_write_go_to_tensorflows_writer(tmp_path, m
     def not_fast(saver):
         raise tf_checkpoint.NotFast("for the test")
 
-    monkeypatch.setattr(tf_saved_model, "checkpoint_tensors", not_fast)
+    monkeypatch.setattr(saved_model_format, "checkpoint_tensors", not_fast)
     ksf.save_model(model, tmp_path / "ours")
     for name in VARIABLES:
         assert filecmp.cmp(tmp_path / "stock" / name, tmp_path / "ours" / name, shallow=False), name
