@@ -10,7 +10,8 @@ TensorFlow's checkpoint writer skipped (`save_and_return_nodes(..., experimental
 the floor of a save whose variables cost nothing. The variables alone are timed as TF-format
 `save_weights` / `load_weights` (the same tensor bundle, the same bytes): TensorFlow's writer and
 reader against ours. Loads of the variables go into a trained copy of the model (its optimizer
-built, so every tensor is restored at once).
+built, so every tensor is restored at once). Last, the same layers in Keras 3: `model.export`
+(an inference SavedModel, weights only) against `export_saved_model`.
 """
 
 from __future__ import annotations
@@ -47,6 +48,16 @@ def dense_model(units: int):
     return model
 
 
+def keras3_dense_model(units: int):
+    """The same model in Keras 3, for `export` (its inference SavedModel holds the weights only)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((units,))] + [keras.layers.Dense(units) for _ in range(4)])
+    model.compile(optimizer="adam", loss="mse")
+    return model
+
+
 def graph_only_save(model, path: str, save_traces: bool) -> None:
     """tf_keras' SavedModel save with TensorFlow's checkpoint writer skipped."""
     from tensorflow.python.saved_model import save as save_lib
@@ -75,6 +86,7 @@ def main() -> None:
     os.makedirs(work)
     model = dense_model(args.units)
     target = dense_model(args.units)
+    keras3_model = keras3_dense_model(args.units)
     arrays = measure.model_arrays(model)
     nbytes = sum(a.nbytes for a in arrays)
     raw_path = os.path.join(work, "raw")
@@ -100,6 +112,8 @@ def main() -> None:
         "variables: load ours": lambda: ksf.load_weights(target, weights),
         "load_model stock": lambda: tf_keras.models.load_model(os.path.join(work, "ref")),
         "load_model ours": lambda: ksf.load_model_as("tf_keras", os.path.join(work, "ref")),
+        "Keras 3 export stock": lambda: keras3_model.export(fresh("e"), verbose=False),
+        "Keras 3 export ours": lambda: ksf.export_saved_model(keras3_model, fresh("e"), verbose=False),
     }
     for traces in (True, False):
         cases |= {
@@ -153,6 +167,8 @@ def main() -> None:
             )
     row("load_model stock")
     row("load_model ours", f"{t['load_model stock'] / t['load_model ours']:.2f}× faster than stock")
+    row("Keras 3 export stock")
+    row("Keras 3 export ours", f"{t['Keras 3 export stock'] / t['Keras 3 export ours']:.2f}× faster than stock")
     targets = [
         (
             "variables: our writer ≥ 3× faster than TensorFlow's",

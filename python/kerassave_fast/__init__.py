@@ -9,6 +9,7 @@ import os as _os
 
 from ._core import BadKerasZipFile, KerasSaveError
 from .api import (
+    export_saved_model,
     legacy_keras_requested,
     load_model,
     load_model_as,
@@ -23,6 +24,7 @@ __all__ = [
     "BadKerasZipFile",
     "KerasSaveError",
     "OverwriteRefused",
+    "export_saved_model",
     "install",
     "installed",
     "legacy_keras_requested",

@@ -361,6 +361,22 @@ def load_model_as(flavour: str, filepath, custom_objects=None, compile=True, saf
         return keras_zip.load(path, custom_objects, compile, safe_mode, threads)
 
 
+def export_saved_model(model, filepath, **kwargs):
+    """Exports the inference SavedModel `model.export(filepath, **kwargs)` writes -- Keras 3's
+    `format="tf_saved_model"` (its default), tf_keras' `export` -- with the variables written by the
+    Rust core while TensorFlow traces. Keyword arguments are `export`'s, plus our own `threads`.
+    Remote paths and other formats go to `model.export` unchanged."""
+    threads = _threads(kwargs.pop("threads", None))
+    path = _local_path(filepath, _flavour(model))
+    if path is None or kwargs.get("format", "tf_saved_model") != "tf_saved_model":
+        return model.export(filepath, **kwargs)
+    from .export import export_saved_model as export
+
+    with _no_gc_pauses():
+        export(model, path, threads, **kwargs)
+    return None
+
+
 def save_weights(model, filepath, overwrite=True, *args, **kwargs):
     """Saves only the weights (and optimizer state) of a model, as `model.save_weights` does.
 
