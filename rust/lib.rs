@@ -526,6 +526,43 @@ impl TensorBundleWriter {
     }
 }
 
+/// Finishes a sharded bundle: each writer's data file (shard `i` of `len(shards)`) cut to what it
+/// wrote, and the index of all of them written to `index_file`. Returns the index's length.
+#[pyfunction]
+fn bundle_write_sharded_index(
+    py: Python<'_>,
+    index_file: &TensorFile,
+    shards: Vec<PyRef<'_, TensorBundleWriter>>,
+) -> PyResult<u64> {
+    let writers: Vec<&TensorBundleWriter> = shards.iter().map(|w| &**w).collect();
+    for (i, w) in writers.iter().enumerate() {
+        if writers[..i].iter().any(|other| std::ptr::eq(*other, *w)) {
+            return Err(PyValueError::new_err(format!("shard {i}: the same writer twice")));
+        }
+    }
+    Ok(py.detach(|| -> Result<u64, Error> {
+        let guards: Vec<_> = writers
+            .iter()
+            .map(|w| w.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+            .collect();
+        for (w, inner) in writers.iter().zip(&guards) {
+            inner.finish_data(&w.data, &w.data_path)?;
+        }
+        let inners: Vec<&bundle::files::BundleWriter> = guards.iter().map(|g| &**g).collect();
+        let index = bundle::files::sharded_index(&inners)?;
+        use std::os::unix::fs::FileExt;
+        index_file
+            .file
+            .write_all_at(&index, 0)
+            .map_err(|e| Error::io(&index_file.path, "write", e))?;
+        index_file
+            .file
+            .set_len(index.len() as u64)
+            .map_err(|e| Error::io(&index_file.path, "truncate", e))?;
+        Ok(index.len() as u64)
+    })?)
+}
+
 /// (key, dtype enum, shape, size in bytes, partitioned, shard, offset) of a bundle entry.
 type BundleEntryInfo = (String, i32, Vec<i64>, u64, bool, i32, u64);
 
@@ -746,6 +783,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ZipMember>()?;
     m.add_class::<TensorBundleReader>()?;
     m.add_class::<TensorBundleWriter>()?;
+    m.add_function(wrap_pyfunction!(bundle_write_sharded_index, m)?)?;
     m.add_function(wrap_pyfunction!(hdf5_stored_datasets, m)?)?;
     m.add_function(wrap_pyfunction!(hdf5_encode_chunks, m)?)?;
     Ok(())

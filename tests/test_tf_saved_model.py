@@ -368,3 +368,73 @@ def test_a_damaged_bundle_is_refused_naming_the_file(tmp_path, damage):
     with pytest.raises(Exception) as info:
         ksf.load_model_as("tf_keras", tmp_path / "sm")
     assert name in str(info.value) + "".join(getattr(info.value, "__notes__", []))
+
+
+# --- sharded variables (`max_shard_size`) -------------------------------------------------------
+
+TINY_SHARDS_GB = 300 / 1024**3  # 300 bytes: the dense model's kernels and moments go one per shard
+
+
+def _data_files(directory) -> list[str]:
+    return sorted(name for name in os.listdir(directory) if ".data-" in name)
+
+
+def test_sharded_saved_model_is_read_by_tensorflow_and_by_us(saved, tmp_path):
+    model, stock_dir, _ = saved
+    with _stock_checkpoint_forbidden():
+        ksf.save_model(model, tmp_path / "sm", max_shard_size=TINY_SHARDS_GB)
+    shards = _data_files(tmp_path / "sm" / "variables")
+    assert len(shards) > 2 and all(name.endswith(f"-of-{len(shards):05d}") for name in shards)
+    ours = tf.train.load_checkpoint(str(tmp_path / "sm" / "variables" / "variables"))
+    theirs = tf.train.load_checkpoint(str(stock_dir / "variables" / "variables"))
+    keys = theirs.get_variable_to_shape_map()
+    assert ours.get_variable_to_shape_map() == keys
+    for key in keys:
+        if key != "_CHECKPOINTABLE_OBJECT_GRAPH":
+            np.testing.assert_array_equal(ours.get_tensor(key), theirs.get_tensor(key), err_msg=key)
+    served = tf.saved_model.load(str(tmp_path / "sm"))
+    x, _ = batch(model, seed=3)
+    (out,) = served.signatures["serving_default"](tf.constant(x)).values()
+    np.testing.assert_array_equal(out.numpy(), model(x, training=False).numpy())
+    with _stock_restore_forbidden():
+        loaded = ksf.load_model_as("tf_keras", tmp_path / "sm")
+    for a, b in zip(state(model), state(loaded), strict=True):
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x, y)
+    stock_loaded = tf_keras.models.load_model(str(tmp_path / "sm"))
+    for a, b in zip(model.weights, stock_loaded.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_sharded_tf_format_weights_load_in_stock_and_ours(tmp_path):
+    model = trained(dense_adam)
+    ksf.save_weights(model, tmp_path / "w" / "ckpt", max_shard_size=TINY_SHARDS_GB)
+    assert len(_data_files(tmp_path / "w")) > 2
+    for load in (lambda m, p: m.load_weights(p), ksf.load_weights):
+        target = trained(dense_adam)
+        target.train_on_batch(*batch(target, seed=9))  # moves every variable away from the saved values
+        load(target, str(tmp_path / "w" / "ckpt"))
+        for a, b in zip(state(model), state(target), strict=True):
+            for x, y in zip(a, b, strict=True):
+                np.testing.assert_array_equal(x, y)
+
+
+def test_sharded_export(tmp_path):
+    model = trained(dense_adam)
+    ksf.export_saved_model(model, tmp_path / "e", max_shard_size=TINY_SHARDS_GB)
+    assert len(_data_files(tmp_path / "e" / "variables")) > 1
+    served = tf.saved_model.load(str(tmp_path / "e"))
+    x, _ = batch(model, seed=3)
+    np.testing.assert_array_equal(served.serve(x).numpy(), model(x).numpy())
+
+
+def test_max_shard_size_is_checked_and_refused_where_it_does_not_apply(tmp_path):
+    model = trained(dense_adam)
+    for bad in (0, -1, "1GB", True):
+        with pytest.raises(ValueError, match="max_shard_size"):
+            ksf.save_model(model, tmp_path / "sm", max_shard_size=bad)
+    with pytest.raises(ValueError, match="max_shard_size"):
+        ksf.save_model(model, tmp_path / "m.h5", max_shard_size=1)
+    with pytest.raises(ValueError, match="max_shard_size"):
+        ksf.save_weights(model, tmp_path / "m.weights.h5", max_shard_size=1)
+    assert not os.listdir(tmp_path)

@@ -70,6 +70,10 @@ class TensorBundleWriter:
     def __len__(self) -> int: ...
     def finish(self) -> tuple[int, int]: ...
 
+def bundle_write_sharded_index(index_file: TensorFile, shards: list[TensorBundleWriter]) -> int:
+    """Cuts each shard's data file to what it wrote and writes the index of all of them (shard `i` of
+    `len(shards)`); returns the index's length."""
+
 class TensorBundleReader:
     """An open tensor bundle (`prefix.index` + `prefix.data-*`), its index read and validated."""
 

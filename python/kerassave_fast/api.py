@@ -15,7 +15,7 @@ import warnings
 
 from ._core import MAX_THREADS
 from .files import durability, sync
-from .formats import legacy_h5, weights_h5
+from .formats import legacy_h5, tensor_bundle, weights_h5
 from .keras3 import hooks as keras3_hooks
 from .overwrite import ask_to_replace, prompt_refusals
 from .stock import KERAS3_SAVING_API, TF_KERAS_SAVING_API, stock
@@ -168,7 +168,10 @@ def save_model(model, filepath, overwrite=True, *args, save_format=None, **kwarg
             (None, "gzip" or "zstd"; chunked datasets with shuffle, compressed on all cores;
             stock h5py reads gzip as it is and zstd with `hdf5plugin`), `compression_level`
             (gzip 0-9, default 4; zstd 1-22, default 3), `chunk_bytes` (about 1 MiB by default)
-            and `checksum` (HDF5's Fletcher-32 filter per chunk, checked by every reader).
+            and `checksum` (HDF5's Fletcher-32 filter per chunk, checked by every reader); for a
+            tf_keras SavedModel, `max_shard_size` (GB, as Keras 3's `save_weights` takes it):
+            `variables/` in data shards of at most that size, written side by side (a larger
+            tensor gets a shard of its own), which TensorFlow reads as any sharded checkpoint.
 
     The `.keras` file is byte-layout-compatible with stock's: it loads in stock Keras, and a save
     that fails leaves any previous file untouched.
@@ -203,6 +206,14 @@ def _no_compression_here(compression: weights_h5.Compression | None, filepath) -
         )
 
 
+def _no_sharding_here(max_shard_bytes: int | None, filepath) -> None:
+    if max_shard_bytes is not None:
+        raise ValueError(
+            "`max_shard_size` applies to local TensorFlow SavedModels and TF-format weights (tensor bundles) "
+            f"that kerassave_fast writes, not to {filepath!r} (or these arguments)"
+        )
+
+
 def _warn_if_unbuilt(model) -> None:
     """Both flavours' `.keras` savers warn so (stacklevel: the user's call of `save_model`)."""
     if not model.built:
@@ -224,9 +235,13 @@ def _save_model(model, filepath, overwrite, threads, args, save_format, kwargs, 
         from .tf_keras import saved_model as tf_saved_model
 
         path = _local_path(filepath, "tf_keras")
+        max_shard_bytes = tensor_bundle.max_shard_bytes(kwargs.pop("max_shard_size", None))
         if compression is None and tf_saved_model.can_save_fast(model, path, save_format, kwargs):
             with _no_gc_pauses():
-                return tf_saved_model.save(model, path, overwrite, **kwargs, threads=threads)
+                return tf_saved_model.save(
+                    model, path, overwrite, **kwargs, threads=threads, max_shard_bytes=max_shard_bytes
+                )
+        _no_sharding_here(max_shard_bytes, filepath)
         if keras_v3.can_save_fast(path, save_format, kwargs):
             if overwrite or not os.path.exists(path) or ask_to_replace(path, "tf_keras"):
                 from .formats import keras_zip
@@ -367,13 +382,15 @@ def export_saved_model(model, filepath, **kwargs):
     Rust core while TensorFlow traces. Keyword arguments are `export`'s, plus our own `threads`.
     Remote paths and other formats go to `model.export` unchanged."""
     threads = _threads(kwargs.pop("threads", None))
+    max_shard_bytes = tensor_bundle.max_shard_bytes(kwargs.pop("max_shard_size", None))
     path = _local_path(filepath, _flavour(model))
     if path is None or kwargs.get("format", "tf_saved_model") != "tf_saved_model":
+        _no_sharding_here(max_shard_bytes, filepath)
         return model.export(filepath, **kwargs)
     from .export import export_saved_model as export
 
     with _no_gc_pauses():
-        export(model, path, threads, **kwargs)
+        export(model, path, threads, max_shard_bytes, **kwargs)
     return None
 
 
@@ -383,9 +400,10 @@ def save_weights(model, filepath, overwrite=True, *args, **kwargs):
     The fourth positional argument is the flavour's own: `max_shard_size` for Keras 3 (as
     `keras.saving.save_weights`), `save_format` then `options` for tf_keras (as `Model.save_weights`).
     Keras 3: `.weights.h5` files are written by the fast path (same layout as stock); sharded
-    saves (`max_shard_size`) go to stock. tf_keras: stock. Our own keywords: `threads`, `fsync`,
-    `compression`, `compression_level`, `chunk_bytes`, `checksum`
-    (as in `save_model`).
+    saves (`max_shard_size`) go to stock. tf_keras: TF-format weights (a tensor bundle) and `.h5` by
+    the fast path. Our own keywords: `threads`, `fsync`, `compression`, `compression_level`,
+    `chunk_bytes`, `checksum` (as in `save_model`), and for tf_keras TF-format weights
+    `max_shard_size` (GB; data shards of at most that size, as for a SavedModel).
     """
     threads = _threads(kwargs.pop("threads", None))
     fsync = _fsync(kwargs.pop("fsync", False))
@@ -404,15 +422,17 @@ def _save_weights(model, filepath, overwrite, threads, args, kwargs, compression
         from .tf_keras import legacy_h5 as tf_legacy_h5
 
         path = _local_path(filepath, "tf_keras")
+        max_shard_bytes = tensor_bundle.max_shard_bytes(kwargs.pop("max_shard_size", None))
         if (
             compression is None
             and set(kwargs) <= {"save_format", "options"}
             and tf_checkpoint.can_save_fast(model, path, kwargs.get("save_format"), kwargs.get("options"))
         ):
             with _no_gc_pauses():
-                if tf_checkpoint.save_weights(model, path, overwrite, threads):
+                if tf_checkpoint.save_weights(model, path, overwrite, threads, max_shard_bytes):
                     return None
             overwrite = True  # stock's question, if any, was asked and answered yes
+        _no_sharding_here(max_shard_bytes, filepath)
         if set(kwargs) <= {"save_format", "options"} and tf_legacy_h5.can_save_weights_fast(
             path, kwargs.get("save_format")
         ):

@@ -21,14 +21,15 @@ _routing = threading.local()
 _ROUTE_LOCK = threading.Lock()
 
 
-def export_saved_model(model, filepath, threads: int = 0, **kwargs) -> None:
-    """`model.export(filepath, **kwargs)` as stock does it, the variables written by the Rust core."""
+def export_saved_model(model, filepath, threads: int = 0, max_shard_bytes: int | None = None, **kwargs) -> None:
+    """`model.export(filepath, **kwargs)` as stock does it, the variables written by the Rust core (in
+    data shards of at most `max_shard_bytes`, if given)."""
     _route_saved_model_save()
-    _routing.threads = threads
+    _routing.threads, _routing.max_shard_bytes = threads, max_shard_bytes
     try:
         model.export(os.fspath(filepath), **kwargs)
     finally:
-        del _routing.threads
+        del _routing.threads, _routing.max_shard_bytes
 
 
 def _route_saved_model_save() -> None:
@@ -40,13 +41,16 @@ def _route_saved_model_save() -> None:
         stock_save = tf.saved_model.save
         if hasattr(stock_save, "stock_save"):
             return
+        # Keras 3 calls it as `tf.saved_model.save`, tf_keras as `tf.compat.v2.saved_model.save`.
+        modules = [m for m in (tf.saved_model, tf.compat.v2.saved_model) if m.save is stock_save]
 
         @functools.wraps(stock_save)
         def save(obj, export_dir, signatures=None, options=None):
             threads = getattr(_routing, "threads", None)
             if threads is None or not saved_model.can_write(options):
                 return stock_save(obj, export_dir, signatures=signatures, options=options)
-            return saved_model.save(obj, export_dir, signatures, options, threads)
+            return saved_model.save(obj, export_dir, signatures, options, threads, _routing.max_shard_bytes)
 
         save.stock_save = stock_save
-        tf.saved_model.save = save
+        for module in modules:
+            module.save = save

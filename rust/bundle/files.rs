@@ -1,5 +1,5 @@
-//! A tensor bundle on disk: writing a single-shard bundle (`prefix.index` + `prefix.data-00000-of-00001`)
-//! and reading any bundle whose entries are whole tensors, through the crate's one tensor path
+//! A tensor bundle on disk: writing a bundle (`prefix.index` + `prefix.data-00000-of-00001`, or N
+//! shards `prefix.data-0000i-of-0000N` written by one [`BundleWriter`] each) and reading any bundle whose entries are whole tensors, through the crate's one tensor path
 //! ([`crate::io`]: positioned parallel writes/reads, CRC32C computed chunk by chunk on the way).
 //!
 //! Writing follows `BundleWriter` as `SaveV2` + `MergeV2Checkpoints` drive it for one shard: tensors
@@ -102,9 +102,13 @@ impl BundleWriter {
 
     /// Sets the data file's length to what was written and returns the `.index` file's bytes.
     pub fn finish(&self, data: &File, data_path: &Path) -> Result<Vec<u8>> {
-        data.set_len(self.end)
-            .map_err(|e| Error::io(data_path, "truncate", e))?;
+        self.finish_data(data, data_path)?;
         write_index(&BundleHeader::default(), &self.entries)
+    }
+
+    /// Sets the data file's length to what was written (a shard of [`sharded_index`]).
+    pub fn finish_data(&self, data: &File, data_path: &Path) -> Result<()> {
+        data.set_len(self.end).map_err(|e| Error::io(data_path, "truncate", e))
     }
 
     /// Forgets everything written, to start the data file over.
@@ -113,6 +117,29 @@ impl BundleWriter {
         self.end = 0;
         data.set_len(0).map_err(|e| Error::io(data_path, "truncate", e))
     }
+}
+
+/// The `.index` file's bytes of a bundle whose data shard `i` (`prefix.data-0000i-of-0000N`) was
+/// written by `shards[i]`: every entry under its shard, as `MergeV2Checkpoints` merges per-shard indexes.
+pub fn sharded_index(shards: &[&BundleWriter]) -> Result<Vec<u8>> {
+    let num_shards = i32::try_from(shards.len())
+        .ok()
+        .filter(|&n| n >= 1)
+        .ok_or_else(|| Error::Argument(format!("tensor bundle: {} shards", shards.len())))?;
+    let mut entries = Vec::with_capacity(shards.iter().map(|w| w.entries.len()).sum());
+    for (shard_id, writer) in (0..num_shards).zip(shards) {
+        entries.extend(writer.entries.iter().cloned().map(|mut e| {
+            if !e.is_partitioned() {
+                e.shard_id = shard_id;
+            }
+            e
+        }));
+    }
+    let header = BundleHeader {
+        num_shards,
+        ..BundleHeader::default()
+    };
+    write_index(&header, &entries)
 }
 
 /// A DT_STRING tensor's data-file bytes and its entry's CRC32C.

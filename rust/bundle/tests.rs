@@ -307,6 +307,58 @@ fn string_tensors() {
 }
 
 #[test]
+fn sharded_bundles_read_back_from_every_shard() {
+    use files::{sharded_index, BundleFiles, BundleTensor, BundleWriter, TensorData};
+
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("w");
+    let tensor = |key: &str, bytes: &'static [u8]| BundleTensor {
+        key: key.as_bytes().to_vec(),
+        dtype: dtype::DT_INT8,
+        shape: vec![bytes.len() as i64],
+        data: TensorData::Bytes(bytes),
+    };
+    let shards: [&[BundleTensor<'_>]; 3] = [
+        &[tensor("b", b"bbbb"), tensor("a", b"aa")],
+        &[tensor("c", b"c")],
+        &[tensor("e", b""), tensor("d", b"dddddd")],
+    ];
+    let mut writers = Vec::new();
+    for (i, tensors) in shards.iter().enumerate() {
+        let path = PathBuf::from(format!("{}{}", prefix.display(), data_file_name("", i as u32, 3)));
+        let file = std::fs::File::options()
+            .create_new(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let mut writer = BundleWriter::default();
+        writer.add(&file, &path, tensors, 1).unwrap();
+        writer.finish_data(&file, &path).unwrap();
+        writers.push(writer);
+    }
+    let index = sharded_index(&writers.iter().collect::<Vec<_>>()).unwrap();
+    std::fs::write(format!("{}.index", prefix.display()), &index).unwrap();
+    let bundle = BundleFiles::open(&prefix).unwrap();
+    for (key, want, shard) in [
+        ("a", &b"aa"[..], 0),
+        ("b", b"bbbb", 0),
+        ("c", b"c", 1),
+        ("d", b"dddddd", 2),
+    ] {
+        let i = bundle.find(key.as_bytes()).unwrap();
+        assert_eq!(bundle.entries[i].shard_id, shard, "{key}");
+        let mut got = vec![0u8; want.len()];
+        bundle.read_into(&mut [(i, &mut got[..])], 1).unwrap();
+        assert_eq!(got, want, "{key}");
+    }
+    assert!(sharded_index(&[]).is_err());
+    // A shard missing on disk is refused when the bundle is opened.
+    std::fs::remove_file(format!("{}{}", prefix.display(), data_file_name("", 1, 3))).unwrap();
+    assert!(BundleFiles::open(&prefix).is_err());
+}
+
+#[test]
 fn crcs_and_names() {
     assert_eq!(crc32c(b"123456789"), 0xe306_9283);
     assert_eq!(mask_crc(0), 0xa282_ead8);

@@ -101,16 +101,18 @@ def can_write(options) -> bool:
     return tf.executing_eagerly() and tf_internals_supported() and _tf_save_internals() is not None
 
 
-def save(obj, export_dir: str, signatures=None, options=None, threads: int = 0) -> None:
+def save(
+    obj, export_dir: str, signatures=None, options=None, threads: int = 0, max_shard_bytes: int | None = None
+) -> None:
     """`tf.saved_model.save(obj, export_dir, signatures, options)` with the variables written by the
-    Rust core while TensorFlow traces, into a directory moved into place when complete. The caller
-    checked `can_write(options)`."""
+    Rust core while TensorFlow traces (in shards, with `max_shard_bytes`), into a directory moved into
+    place when complete. The caller checked `can_write(options)`."""
     from tensorflow.python.saved_model import save as save_lib
 
     export_dir = os.fspath(export_dir)
     save_lib.metrics.IncrementWriteApi(save_lib._SAVE_V2_LABEL)
     with staged_directory(export_dir) as staging:
-        save_and_return_nodes(obj, staging, signatures, options, threads)
+        save_and_return_nodes(obj, staging, signatures, options, threads, max_shard_bytes=max_shard_bytes)
     save_lib.metrics.IncrementWrite(write_version="2")
 
 
@@ -121,10 +123,13 @@ def save_and_return_nodes(
     options=None,
     threads: int = 0,
     first_tensors: Callable[[], list[BundleTensor]] | None = None,
+    max_shard_bytes: int | None = None,
 ):
     """TensorFlow's `save_and_return_nodes` (saved_model/save.py), its checkpoint written by the Rust
     core, overlapped with the tracing: `first_tensors()` (by default, `obj`'s own checkpoint) gives
-    the tensors expected to come first in the SavedModel's checkpoint, written while TensorFlow traces."""
+    the tensors expected to come first in the SavedModel's checkpoint, written while TensorFlow traces.
+    With `max_shard_bytes`, the checkpoint is cut into data shards of at most that size, written side
+    by side once TensorFlow has traced."""
     from tensorflow.core.protobuf import saved_model_pb2
     from tensorflow.python.checkpoint import checkpoint_options
     from tensorflow.python.eager import context
@@ -138,16 +143,27 @@ def save_and_return_nodes(
     save_lib.path_helpers.get_or_create_variables_dir(export_dir)
     prefix = save_lib.path_helpers.get_variables_path(export_dir)
     try:
-        first_tensors = first_tensors or (lambda: _own_checkpoint_tensors(obj))
-        with tensor_bundle.writing(prefix) as writer, _EarlyWrite(writer, first_tensors, threads) as early:
+        if max_shard_bytes is None:
+            first_tensors = first_tensors or (lambda: _own_checkpoint_tensors(obj))
+            with tensor_bundle.writing(prefix) as writer, _EarlyWrite(writer, first_tensors, threads) as early:
+                _, exported_graph, object_saver, asset_info, saved_nodes, node_paths = save_lib._build_meta_graph(
+                    obj, signatures, options, meta_graph_def
+                )
+                early.finish(checkpoint_tensors(object_saver))
+        else:
             _, exported_graph, object_saver, asset_info, saved_nodes, node_paths = save_lib._build_meta_graph(
                 obj, signatures, options, meta_graph_def
             )
-            early.finish(checkpoint_tensors(object_saver))
-    except NotFast:  # stock's own checkpoint writer, as stock calls it
+            tensor_bundle.write(prefix, checkpoint_tensors(object_saver), threads, max_shard_bytes)
+    except NotFast:  # stock's own checkpoint writer, as stock calls it (sharded by TensorFlow's policy)
+        sharding = options.experimental_sharding_callback
+        if max_shard_bytes is not None:
+            from tensorflow.python.checkpoint.sharding import sharding_policies
+
+            sharding = sharding_policies.MaxShardSizePolicy(max_shard_size=max_shard_bytes)
         ckpt_options = checkpoint_options.CheckpointOptions(
             experimental_io_device=options.experimental_io_device,
-            experimental_sharding_callback=options.experimental_sharding_callback,
+            experimental_sharding_callback=sharding,
         )
         object_saver.save(prefix, options=ckpt_options)
     saved_model.saved_model_schema_version = save_lib.constants.SAVED_MODEL_SCHEMA_VERSION

@@ -7,13 +7,15 @@ into arrays TensorFlow can adopt.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from .._core import TensorBundleReader, TensorBundleWriter
+from .._core import TensorBundleReader, TensorBundleWriter, bundle_write_sharded_index
 from ..files import atomic_replace_all
 from ..tensors import aligned_empty, as_bytes
 
@@ -36,8 +38,8 @@ def index_path(prefix: str) -> str:
     return prefix + ".index"
 
 
-def data_path(prefix: str) -> str:
-    return prefix + ".data-00000-of-00001"
+def data_path(prefix: str, shard: int = 0, num_shards: int = 1) -> str:
+    return f"{prefix}.data-{shard:05d}-of-{num_shards:05d}"
 
 
 def items(tensors: list[BundleTensor]) -> list[tuple]:
@@ -53,11 +55,49 @@ def writing(prefix: str) -> Iterator[TensorBundleWriter]:
         yield TensorBundleWriter(data.file, index.file)
 
 
-def write(prefix: str, tensors: list[BundleTensor], threads: int = 0) -> None:
-    """Writes the bundle with the tensors' bytes in the given order (TensorFlow's `SaveV2` order)."""
-    with writing(prefix) as writer:
-        writer.add(items(tensors), threads)
-        writer.finish()
+def write(prefix: str, tensors: list[BundleTensor], threads: int = 0, max_shard_bytes: int | None = None) -> None:
+    """Writes the bundle with the tensors' bytes in the given order (TensorFlow's `SaveV2` order),
+    cut into data shards of at most `max_shard_bytes` each if given (see `shards`)."""
+    groups = shards(tensors, max_shard_bytes) if max_shard_bytes else [tensors]
+    if len(groups) == 1:
+        with writing(prefix) as writer:
+            writer.add(items(tensors), threads)
+            writer.finish()
+        return
+    n = len(groups)
+    with atomic_replace_all([*(data_path(prefix, i, n) for i in range(n)), index_path(prefix)]) as files:
+        writers = [TensorBundleWriter(data.file, files[-1].file) for data in files[:-1]]
+        # One writer per shard at a time, shards side by side: separate files take parallel writes.
+        with ThreadPoolExecutor(min(n, threads or os.cpu_count() or 1)) as pool:
+            for done in [pool.submit(w.add, items(group), 1) for w, group in zip(writers, groups, strict=True)]:
+                done.result()
+        bundle_write_sharded_index(files[-1].file, writers)
+
+
+def max_shard_bytes(max_shard_size) -> int | None:
+    """Our `max_shard_size` argument (GB, as Keras 3's own `save_weights` takes it) in bytes."""
+    if max_shard_size is None:
+        return None
+    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int | float) or not max_shard_size > 0:
+        raise ValueError(
+            f"`max_shard_size` must be a positive number of GB. Received: max_shard_size={max_shard_size!r}"
+        )
+    return max(1, int(max_shard_size * 1024**3))
+
+
+def shards(tensors: list[BundleTensor], max_bytes: int) -> list[list[BundleTensor]]:
+    """The tensors, in order, cut into consecutive shards of at most `max_bytes` of data each; a
+    tensor larger than that has a shard of its own (tensors stay whole: every reader reads them)."""
+    groups: list[list[BundleTensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        nbytes = tensor.value.nbytes if tensor.dtype != DT_STRING else sum(len(b) + 10 for b in tensor.value)
+        if groups[-1] and size + nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(tensor)
+        size += nbytes
+    return groups
 
 
 @dataclass

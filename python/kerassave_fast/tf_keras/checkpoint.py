@@ -32,9 +32,12 @@ def can_save_fast(model, path: str | None, save_format, options) -> bool:
     return options is None and tf.executing_eagerly() and tf_internals_supported()
 
 
-def save_weights(model, filepath: str, overwrite: bool = True, threads: int = 0) -> bool:
-    """tf_keras' `save_weights` (saving/legacy/save.py) for the TF format. Returns False, having written
-    nothing, when stock must do it (the overwrite question, if any, already answered yes)."""
+def save_weights(
+    model, filepath: str, overwrite: bool = True, threads: int = 0, max_shard_bytes: int | None = None
+) -> bool:
+    """tf_keras' `save_weights` (saving/legacy/save.py) for the TF format, in data shards of at most
+    `max_shard_bytes` each if given. Returns False, having written nothing, when stock must do it (the
+    overwrite question, if any, already answered yes)."""
     import tensorflow as tf
 
     model._assert_weights_created()
@@ -48,7 +51,7 @@ def save_weights(model, filepath: str, overwrite: bool = True, threads: int = 0)
     directory = os.path.dirname(filepath)
     if directory:
         os.makedirs(directory, exist_ok=True)  # TrackableSaver.save: file_io.recursive_create_dir
-    tensor_bundle.write(filepath, tensors, threads)
+    tensor_bundle.write(filepath, tensors, threads, max_shard_bytes)
     tf.__internal__.train.update_checkpoint_state(
         save_dir=directory,
         model_checkpoint_path=filepath,

@@ -57,8 +57,10 @@ def save(
     options=None,
     save_traces: bool = True,
     threads: int = 0,
+    max_shard_bytes: int | None = None,
 ) -> None:
-    """tf_keras' legacy `save_model` for the SavedModel format (saving/legacy/save.py)."""
+    """tf_keras' legacy `save_model` for the SavedModel format (saving/legacy/save.py); the variables in
+    data shards of at most `max_shard_bytes` each, if given."""
     from tf_keras.src.saving.legacy import saving_utils, serialization
     from tf_keras.src.saving.legacy.saved_model.utils import keras_option_scope
 
@@ -68,11 +70,13 @@ def save(
         keras_option_scope(save_traces=save_traces, in_tf_saved_model_scope=True),
     ):
         _keras_saved_model_save(
-            model, filepath, overwrite, include_optimizer, signatures, options, save_traces, threads
+            model, filepath, overwrite, include_optimizer, signatures, options, save_traces, threads, max_shard_bytes
         )
 
 
-def _keras_saved_model_save(model, filepath, overwrite, include_optimizer, signatures, options, save_traces, threads):
+def _keras_saved_model_save(
+    model, filepath, overwrite, include_optimizer, signatures, options, save_traces, threads, max_shard_bytes
+):
     """tf_keras/src/saving/legacy/saved_model/save.py `save`, into a directory moved into place at the end."""
     import tensorflow as tf
     from tf_keras.src import backend
@@ -101,6 +105,7 @@ def _keras_saved_model_save(model, filepath, overwrite, include_optimizer, signa
                             threads,
                             # the model's own checkpoint comes first in the SavedModel's
                             first_tensors=lambda: checkpoint_tensors(model._checkpoint._saver),
+                            max_shard_bytes=max_shard_bytes,
                         )
                     metadata = keras_save.generate_keras_metadata(saved_nodes, node_paths)
             with tf.io.gfile.GFile(tf.io.gfile.join(export_dir, constants.SAVED_METADATA_PATH), "wb") as w:
