@@ -5,7 +5,7 @@ DEPS   := $(VENV)/.deps-installed
 BUILT  := $(VENV)/.extension-built
 RUST_SOURCES := $(wildcard rust/*.rs rust/*/*.rs) Cargo.toml Cargo.lock
 
-.PHONY: test bench bench-compression build lint fmt clean stock-suites fuzz corpus compat
+.PHONY: test bench bench-compression bench-saved-model build lint fmt clean stock-suites fuzz corpus compat
 
 $(DEPS): requirements-dev.txt
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -24,14 +24,19 @@ test: $(BUILT)
 	cargo test --release --quiet
 	$(PYTHON) -m pytest
 
-# Benchmark on the built-in default model, then compressed weights files; writes benches/results/.
-# BENCH_ARGS and COMPRESSION_ARGS pass options (`make bench-compression` runs the second alone).
+# Benchmark on the built-in default model, then compressed weights files, then tf_keras SavedModels;
+# writes benches/results/. BENCH_ARGS, COMPRESSION_ARGS and SAVED_MODEL_ARGS pass options
+# (`make bench-compression` and `make bench-saved-model` run those parts alone).
 bench: $(BUILT)
 	$(PYTHON) benches/run.py $(BENCH_ARGS)
 	$(PYTHON) benches/compression.py $(COMPRESSION_ARGS)
+	$(PYTHON) benches/saved_model.py $(SAVED_MODEL_ARGS)
 
 bench-compression: $(BUILT)
 	$(PYTHON) benches/compression.py $(COMPRESSION_ARGS)
+
+bench-saved-model: $(BUILT)
+	$(PYTHON) benches/saved_model.py $(SAVED_MODEL_ARGS)
 
 # Stock's own saving tests, on stock and with kerassave_fast.install(), diffed (~25 min; not in CI).
 stock-suites: $(BUILT)
