@@ -438,3 +438,16 @@ def test_max_shard_size_is_checked_and_refused_where_it_does_not_apply(tmp_path)
     with pytest.raises(ValueError, match="max_shard_size"):
         ksf.save_weights(model, tmp_path / "m.weights.h5", max_shard_size=1)
     assert not os.listdir(tmp_path)
+
+
+def test_string_tensors_are_read_by_us(tmp_path):
+    """String variables (any shape, empty and long elements) restore through our reader, as stock's."""
+    model = trained(dense_adam)
+    model.tags = tf.Variable([[b"a", b""], [b"x" * 300, b"bc"]])
+    model.note = tf.Variable(b"scalar note")
+    model.save(str(tmp_path / "sm"), save_format="tf")
+    reference = tf_keras.models.load_model(str(tmp_path / "sm"))
+    with _stock_restore_forbidden():
+        loaded = ksf.load_model_as("tf_keras", tmp_path / "sm")
+    assert loaded.tags.numpy().tolist() == reference.tags.numpy().tolist() == model.tags.numpy().tolist()
+    assert loaded.note.numpy() == reference.note.numpy() == b"scalar note"

@@ -193,7 +193,7 @@ def _restore_coordinator_class():
     from tensorflow.python.checkpoint import checkpoint as checkpoint_lib
     from tensorflow.python.checkpoint import functional_saver
     from tensorflow.python.eager import context
-    from tensorflow.python.framework import ops
+    from tensorflow.python.framework import constant_op, ops
     from tensorflow.python.trackable import trackable_utils
     from tensorflow.python.training.saving import saveable_object_util
 
@@ -235,7 +235,7 @@ def _restore_coordinator_class():
                     fn for fn, keys in saver._restore_fn_to_keys.items() if all(self.unused(k) for k, _ in keys)
                 }
                 shard = [st for st in shard if restore_fn_of[(st.checkpoint_key, st.slice_spec)] not in unused_fns]
-            names, dtypes = [], []
+            names, dtypes, strings = [], [], {}
             for st in shard:
                 save_spec = st._tensor_save_spec
                 name, spec = (save_spec.name, save_spec.slice_spec) if save_spec else (st.checkpoint_key, st.slice_spec)
@@ -245,19 +245,28 @@ def _restore_coordinator_class():
                     or st.slice_spec
                     or entry is None
                     or entry.partitioned
-                    or entry.dtype in (DT_STRING, 20, 21)  # strings, resources, variants: RestoreV2's business
+                    or entry.dtype in (20, 21)  # resources, variants: RestoreV2's business
                     or entry.dtype != st.dtype.as_datatype_enum
                 ):
                     return False
-                names.append(name)
-                dtypes.append(st.dtype.as_numpy_dtype)
-            arrays = self.fast_reader.bundle.read_arrays(names, dtypes, self.threads)
+                if entry.dtype == DT_STRING:
+                    strings[name] = self.fast_reader.bundle.read_strings(name)
+                else:
+                    names.append(name)
+                    dtypes.append(st.dtype.as_numpy_dtype)
+            arrays = iter(self.fast_reader.bundle.read_arrays(names, dtypes, self.threads))
             inputs: dict = {}
             pending = {fn: len(keys) for fn, keys in saver._restore_fn_to_keys.items()}
             with ops.device(task):
-                for st, array in zip(shard, arrays, strict=True):
+                for st in shard:
                     restore_fn = restore_fn_of[(st.checkpoint_key, st.slice_spec)]
-                    inputs.setdefault(restore_fn, {})[st.checkpoint_key] = adoptable_tensor(array)
+                    name = st._tensor_save_spec.name if st._tensor_save_spec else st.checkpoint_key
+                    tensor = (
+                        constant_op.constant(strings[name], dtype=st.dtype)
+                        if name in strings
+                        else adoptable_tensor(next(arrays))
+                    )
+                    inputs.setdefault(restore_fn, {})[st.checkpoint_key] = tensor
                     pending[restore_fn] -= 1
                     if pending[restore_fn] == 0:
                         restore_fn(
