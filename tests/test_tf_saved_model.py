@@ -451,3 +451,39 @@ def test_string_tensors_are_read_by_us(tmp_path):
         loaded = ksf.load_model_as("tf_keras", tmp_path / "sm")
     assert loaded.tags.numpy().tolist() == reference.tags.numpy().tolist() == model.tags.numpy().tolist()
     assert loaded.note.numpy() == reference.note.numpy() == b"scalar note"
+
+
+def _kernel_after_load(load, path):
+    """A new layer's kernel built right after a seeded load: equal only if the load drew stock's seeds."""
+    tf_keras.utils.set_random_seed(11)
+    load(str(path))
+    layer = tf_keras.layers.Dense(4)
+    layer.build((None, 3))
+    return layer.kernel.numpy()
+
+
+def test_random_streams_after_a_load_are_stocks(saved):
+    """The layers' initializers are not run (the checkpoint overwrites their values) but draw their
+    seeds as stock's do: what the user builds after the load is what it is after stock's load."""
+    _, stock_dir, _ = saved
+    np.testing.assert_array_equal(
+        _kernel_after_load(lambda p: ksf.load_model_as("tf_keras", p), stock_dir),
+        _kernel_after_load(tf_keras.models.load_model, stock_dir),
+    )
+
+
+def test_variables_no_checkpoint_restores_get_stocks_initial_values(tmp_path):
+    """With the checkpoint skipped, every variable holds what its initializer gives, as in stock's load."""
+    model = trained(dense_adam)
+    model.save(str(tmp_path / "sm"), save_format="tf")
+    options = tf.saved_model.LoadOptions(experimental_skip_checkpoint=True)
+    loaded = {}
+    for name, load in (
+        ("stock", tf_keras.models.load_model),
+        ("ours", lambda p, **k: ksf.load_model_as("tf_keras", p, **k)),
+    ):
+        tf_keras.utils.set_random_seed(5)
+        loaded[name] = load(str(tmp_path / "sm"), options=options, compile=False)
+    for a, b in zip(loaded["stock"].weights, loaded["ours"].weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
+    assert not np.array_equal(loaded["ours"].weights[0].numpy(), model.weights[0].numpy())

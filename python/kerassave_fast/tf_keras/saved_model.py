@@ -156,16 +156,85 @@ def load(stock_load_model, path: str, threads: int = 0, **kwargs):
     # below finds them read.
     keys = [e.key for e in bundle.entries.values() if e.dtype not in NOT_READ_AHEAD and not e.partitioned]
     bundle.read_ahead(keys, [tf.as_dtype(bundle.entries[k].dtype).as_numpy_dtype for k in keys], threads)
+    deferred = _DeferredInitialValues()
     _fast_restore.threads, _fast_restore.compile, _fast_restore.bundle = threads, compile, bundle
+    _fast_restore.deferred = deferred
     try:
-        with _no_slot_warning():
+        with _no_slot_warning(), tf.variable_creator_scope(deferred.creator):
             model = stock_load_model(path, **kwargs)
+        deferred.finish()  # no checkpoint was restored (`LoadOptions(experimental_skip_checkpoint=True)`)
         if compile:
             restore_optimizer(model, bundle, threads)
     finally:
-        del _fast_restore.threads, _fast_restore.compile, _fast_restore.bundle
+        del _fast_restore.threads, _fast_restore.compile, _fast_restore.bundle, _fast_restore.deferred
         bundle.join()
     return model
+
+
+class _DeferredInitialValues:
+    """A variable creator for the layers tf_keras builds while it loads a SavedModel: a variable made
+    with one of tf_keras' own initializers starts as uninitialized memory instead of computed values
+    that the checkpoint restore would overwrite (on a big model, most of the build's time). The seed
+    such an initializer draws is drawn at once, as stock's call would draw it, so every random stream
+    afterwards is stock's. `finish` -- right after the restore, before anything reads a variable --
+    gives each variable the restore did not reach its initializer's values, the values stock's has."""
+
+    def __init__(self):
+        self.active = True
+        self.pending: list[tuple[object, functools.partial]] = []
+
+    def creator(self, next_creator, **kwargs):
+        initial_value = kwargs.get("initial_value")
+        placeholder = _placeholder_for(initial_value) if self.active else None
+        if placeholder is None:
+            return next_creator(**kwargs)
+        variable = next_creator(**{**kwargs, "initial_value": placeholder})
+        self.pending.append((variable, initial_value))
+        return variable
+
+    def finish(self, coordinator=None) -> None:
+        """Stops deferring; computes the initial values of the variables `coordinator` (the restore's
+        `_CheckpointRestoreCoordinator`) did not restore -- of every deferred variable, without one."""
+        self.active = False
+        restored: set[int] = set()
+        if coordinator is not None:
+            nodes = coordinator.object_graph_proto.nodes
+            for proto_id, trackable in list(coordinator.object_by_proto_id.items()):
+                if nodes[proto_id].attributes:
+                    restored.add(id(trackable))
+                    restored.add(id(getattr(trackable, "_variable", None)))  # an AutoCastVariable's own
+        for variable, initial_value in self.pending:
+            if id(variable) not in restored:
+                variable.assign(initial_value())
+        self.pending.clear()
+
+
+# tf_keras' own initializers: computing values is all they do (a stateless seed drawn once aside).
+_KERAS_INITIALIZERS_MODULE = "tf_keras.src.initializers.initializers"
+
+
+def _placeholder_for(initial_value):
+    """An uninitialized tensor to stand for `initial_value` (what tf_keras' `make_variable` passes:
+    `partial(initializer, shape, dtype=dtype)`), or None when it must be computed now."""
+    import tensorflow as tf
+
+    if not isinstance(initial_value, functools.partial) or set(initial_value.keywords) != {"dtype"}:
+        return None
+    initializer, args = initial_value.func, initial_value.args
+    if type(initializer).__module__ != _KERAS_INITIALIZERS_MODULE or len(args) != 1:
+        return None
+    try:
+        shape, dtype = tf.TensorShape(args[0]), tf.as_dtype(initial_value.keywords["dtype"])
+    except (TypeError, ValueError):
+        return None
+    if not shape.is_fully_defined() or not (dtype.is_floating or dtype.is_integer or dtype.is_bool):
+        return None
+    generator = getattr(initializer, "_random_generator", None)
+    if generator is not None:
+        if getattr(generator, "_rng_type", None) != "stateless" or not hasattr(generator, "_maybe_init"):
+            return None  # a stateful stream would advance: computed now, as stock
+        generator._maybe_init()  # the seed stock's call would draw, drawn now
+    return lambda: tf.raw_ops.Empty(shape=shape.as_list(), dtype=dtype, init=False)
 
 
 # Bundle dtypes left to TensorFlow's own reads: strings, resources, variants.
@@ -194,7 +263,8 @@ def _install_fast_restore() -> None:
                 return stock_restore(self)
             try:
                 return _restore_loader_checkpoint(self, threads)
-            except NotFast:  # restores again, everything, as stock
+            except NotFast:  # restores again, everything, as stock, over initialized variables
+                _fast_restore.deferred.finish()
                 return stock_restore(self)
 
         _restore_checkpoint.stock_restore_checkpoint = stock_restore
@@ -215,6 +285,7 @@ def _restore_loader_checkpoint(loader, threads: int) -> None:
     status = restore_with_saver(
         saver, variables_path, threads, loader._checkpoint_options, unused, bundle=_fast_restore.bundle
     )
+    _fast_restore.deferred.finish(status._checkpoint)
     if loader._save_options.allow_partial_checkpoint:
         status.expect_partial().assert_nontrivial_match()
     else:
