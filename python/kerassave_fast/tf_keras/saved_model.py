@@ -130,6 +130,8 @@ def can_load_fast(path: str | None, kwargs: dict) -> bool:
         return False
     if not os.path.isfile(tensor_bundle.index_path(os.path.join(path, "variables", "variables"))):
         return False
+    if tf.distribute.has_strategy():  # variables made by a distribution strategy: its own restore
+        return False
     return tf.executing_eagerly() and tf_internals_supported() and _tf_loader() is not None
 
 
