@@ -23,16 +23,37 @@ VARIABLES = ("variables/variables.index", "variables/variables.data-00000-of-000
 
 
 @contextlib.contextmanager
-def _stock_checkpoint_forbidden():
-    """Fails if TensorFlow's checkpoint writer saves the variables (the Rust writer must)."""
-    from tensorflow.python.checkpoint import checkpoint
+def _stock_forbidden(owner, name: str):
+    """Fails if stock's `owner.name` runs (the Rust core must do that work)."""
 
     def refuse(*args, **kwargs):
-        raise AssertionError("stock's checkpoint writer ran")
+        raise AssertionError(f"stock's {name} ran")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(checkpoint.TrackableSaver, "save", refuse)
+        mp.setattr(owner, name, refuse)
         yield
+
+
+def _stock_checkpoint_forbidden():
+    """TensorFlow's checkpoint writer must not save the variables."""
+    from tensorflow.python.checkpoint import checkpoint
+
+    return _stock_forbidden(checkpoint.TrackableSaver, "save")
+
+
+def _stock_restore_forbidden():
+    """TensorFlow's `RestoreV2` must not read the tensors."""
+    from tensorflow.python.checkpoint import functional_saver
+
+    return _stock_forbidden(functional_saver.io_ops, "restore_v2")
+
+
+def _next_steps_equal(reference, model, step) -> None:
+    """One training step of each on the same batch leaves bitwise the same weights."""
+    reference.train_on_batch(*step)
+    model.train_on_batch(*step)
+    for a, b in zip(reference.weights, model.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
 
 
 def _with_metrics(make):
@@ -99,11 +120,7 @@ def test_stock_load_model_restores_ours_and_training_goes_on_identically(saved, 
     loaded.load_weights(str(ours_dir / "variables" / "variables"))
     reference = tf_keras.models.load_model(str(saved[1]))
     reference.load_weights(str(saved[1] / "variables" / "variables"))
-    step = batch(model, seed=4)
-    loaded.train_on_batch(*step)
-    reference.train_on_batch(*step)
-    for a, b in zip(reference.weights, loaded.weights, strict=True):
-        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
+    _next_steps_equal(reference, loaded, batch(model, seed=4))
 
 
 def test_custom_signature_and_options(tmp_path):
@@ -225,19 +242,6 @@ def test_tensors_the_fast_path_cannot_write_go_to_tensorflows_writer(tmp_path, m
 # --- load_model ---------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _stock_restore_forbidden():
-    """Fails if TensorFlow's `RestoreV2` reads tensors (the Rust reader must)."""
-    from tensorflow.python.checkpoint import functional_saver
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("stock's checkpoint reader ran")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(functional_saver.io_ops, "restore_v2", refuse)
-        yield
-
-
 @pytest.mark.parametrize("writer", ["stock", "ours"])
 def test_load_model_restores_weights_and_the_optimizer_and_training_goes_on_identically(saved, writer):
     """Stock compiles a fresh optimizer and drops the saved one; ours holds the saved state at once, so
@@ -294,11 +298,7 @@ def test_load_model_restores_legacy_optimizer_slots(tmp_path):
     for a, b in zip(saved_state, loaded_state, strict=True):
         assert a.shape == b.shape
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
-    step = batch(model, seed=4)
-    model.train_on_batch(*step)
-    loaded.train_on_batch(*step)
-    for a, b in zip(model.weights, loaded.weights, strict=True):
-        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
+    _next_steps_equal(model, loaded, batch(model, seed=4))
 
 
 def test_an_optimizer_that_does_not_match_the_saved_state_stays_fresh_as_stock(tmp_path):
@@ -313,11 +313,7 @@ def test_an_optimizer_that_does_not_match_the_saved_state_stays_fresh_as_stock(t
     loaded = ksf.load_model_as("tf_keras", tmp_path / "sm")
     assert int(loaded.optimizer.iterations.numpy()) == 0
     reference = tf_keras.models.load_model(str(tmp_path / "sm"))
-    step = batch(model, seed=4)
-    loaded.train_on_batch(*step)
-    reference.train_on_batch(*step)
-    for a, b in zip(reference.weights, loaded.weights, strict=True):
-        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
+    _next_steps_equal(reference, loaded, batch(model, seed=4))
 
 
 def test_load_model_options_and_other_threads_keep_stocks_reader(tmp_path):
