@@ -333,8 +333,8 @@ def restore_optimizer(model, bundle: BundleReader, threads: int = 0) -> bool:
     from tf_keras.src.optimizers.legacy import optimizer_v2
 
     optimizer = getattr(model, "optimizer", None)
-    if not isinstance(model, training.Model) or optimizer is None:
-        return False
+    if not isinstance(model, training.Model) or optimizer is None or _training_config(model) is None:
+        return False  # not compiled by stock's load: its optimizer is the revived one, restored as stock
     variables = model.trainable_variables
     if isinstance(optimizer, optimizer_lib.Optimizer | loss_scale_optimizer.LossScaleOptimizerV3):
         optimizer.build(variables)  # as the first `apply_gradients` would
