@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 from datetime import UTC, datetime
+from pathlib import Path
 
 from measure import Result
 
@@ -14,6 +15,16 @@ MIB = 1 << 20
 SAVE_LIMIT = {"resnet50": 3.0}
 DEFAULT_SAVE_LIMIT = 1.25
 LOAD_LIMIT = 1.0
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def shown(directory: str) -> str:
+    """A directory as the user gave it, or relative to the repository when inside it (never the
+    absolute path of the machine the benchmark ran on)."""
+    absolute = Path(directory).resolve()
+    return str(absolute.relative_to(REPO)) if absolute.is_relative_to(REPO) else directory
 
 
 def rss_budget(nbytes: int) -> int:
@@ -84,7 +95,7 @@ def targets(r: Result) -> list[tuple[str, bool]]:
 def markdown(results: list[Result], info: dict, repeats: int) -> str:
     lines = [
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, Linux {info['kernel']}; "
-        + ", ".join(f"`{d}` is {fs}" for d, fs in info["filesystems"].items())
+        + ", ".join(f"`{shown(d)}` is {fs}" for d, fs in info["filesystems"].items())
         + f". {info['date']}. Medians of {repeats} repeats, interleaved in a shuffled order, all in one run.",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + ".",
         "",
@@ -102,7 +113,7 @@ def markdown(results: list[Result], info: dict, repeats: int) -> str:
     for r in results:
         t = r.times
         lines.append(
-            f"| {r.model} | `{r.directory}` | {r.nbytes / 1e6:.0f} | {r.variables} | {_s(t['raw_write'])} | "
+            f"| {r.model} | `{shown(r.directory)}` | {r.nbytes / 1e6:.0f} | {r.variables} | {_s(t['raw_write'])} | "
             f"{_s(t['raw_write_atomic'])} | {_s(t['stock_save'])} | {_s(t['ours_save'])} | "
             f"{r.ratio('ours_save', 'raw_write'):.2f}× | {r.ratio('ours_save', 'raw_write_atomic'):.2f}× | "
             f"{_s(t['ours_save_first'])} ({r.ratio('ours_save_first', 'raw_write'):.2f}×) | "
@@ -122,7 +133,7 @@ def markdown(results: list[Result], info: dict, repeats: int) -> str:
     for r in results:
         t = r.times
         lines.append(
-            f"| {r.model} | `{r.directory}` | {_s(t['raw_read'])} | {_s(t['stock_build'])} | "
+            f"| {r.model} | `{shown(r.directory)}` | {_s(t['raw_read'])} | {_s(t['stock_build'])} | "
             f"{_s(r.floor('read+build'))} | {_s(t['stock_load'])} | {_s(t['ours_load'])} | "
             f"{r.ratio('ours_load', 'read+build'):.2f}× | {r.ratio('stock_load', 'read+build'):.2f}× | "
             f"{t['stock_load'] / t['ours_load']:.1f}× | "
@@ -143,18 +154,18 @@ def markdown(results: list[Result], info: dict, repeats: int) -> str:
     ]
     for r in results:
         for name, ok in targets(r):
-            lines.append(f"| {r.model} | `{r.directory}` | {name} | {_check(ok)} |")
+            lines.append(f"| {r.model} | `{shown(r.directory)}` | {name} | {_check(ok)} |")
     lines += ["", "Per array (median time / number of arrays, µs): save stock / ours, load stock / ours", ""]
     for r in results:
         t, per = r.times, 1e6 / r.variables
         lines.append(
-            f"- {r.model} `{r.directory}` ({r.variables} arrays): save {t['stock_save'] * per:.0f} / "
+            f"- {r.model} `{shown(r.directory)}` ({r.variables} arrays): save {t['stock_save'] * per:.0f} / "
             f"{t['ours_save'] * per:.0f}, load {t['stock_load'] * per:.0f} / {t['ours_load'] * per:.0f}"
         )
     lines += ["", "Spread (min–max seconds) of each median:", ""]
     for r in results:
         spread = ", ".join(f"{k} {lo:.3f}–{hi:.3f}" for k, (lo, hi) in r.spread.items())
-        lines.append(f"- {r.model} `{r.directory}`: {spread}")
+        lines.append(f"- {r.model} `{shown(r.directory)}`: {spread}")
     return "\n".join(lines) + "\n"
 
 
@@ -165,7 +176,7 @@ def plot(results: list[Result], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.9 * len(results) + 2.5))
-    labels = [f"{r.model}\n{r.directory}" for r in results]
+    labels = [f"{r.model}\n{shown(r.directory)}" for r in results]
     for ax, (title, floor, stock, ours, floor_label) in zip(
         axes,
         [

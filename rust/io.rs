@@ -8,6 +8,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crc32fast::Hasher;
@@ -24,6 +25,20 @@ pub struct KnownCrc {
     pub offset: u64,
     pub len: u64,
     pub crc: u32,
+}
+
+/// Tensor bytes written or read by this module in the process so far, for progress bars: one
+/// relaxed add per chunk of up to [`CHUNK`] bytes.
+static TENSOR_BYTES_MOVED: AtomicU64 = AtomicU64::new(0);
+
+/// See [`TENSOR_BYTES_MOVED`].
+pub fn tensor_bytes_moved() -> u64 {
+    TENSOR_BYTES_MOVED.load(Ordering::Relaxed)
+}
+
+/// Counts `n` tensor bytes as moved (chunked HDF5 reads and writes count theirs too).
+pub fn count_moved(n: usize) {
+    TENSOR_BYTES_MOVED.fetch_add(n as u64, Ordering::Relaxed);
 }
 
 /// The most I/O threads a call may ask for: past a few per core they only cost memory and startup.
@@ -178,6 +193,7 @@ pub fn write_tensors_with<C: Checksum>(
                 sum.update(chunk);
                 file.write_all_at(chunk, *offset)
                     .map_err(|e| Error::io(path, "write", e))?;
+                count_moved(chunk.len());
                 Ok(sum)
             })
             .collect()
@@ -210,6 +226,7 @@ pub fn read_tensors_with<C: Checksum>(
             .map(|(_, offset, chunk)| {
                 file.read_exact_at(chunk, *offset)
                     .map_err(|e| read_error(path, *offset, chunk.len(), e))?;
+                count_moved(chunk.len());
                 let mut sum = C::empty();
                 sum.update(chunk);
                 Ok(sum)

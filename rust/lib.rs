@@ -715,7 +715,10 @@ fn hdf5_encode_chunks<'py>(
             // SAFETY: `buffers` keeps every Py_buffer exported until this returns.
             spans
                 .par_iter()
-                .map(|&(_, p, n)| pipeline.encode(unsafe { bytes(p, n) }))
+                .map(|&(_, p, n)| {
+                    io::count_moved(n);
+                    pipeline.encode(unsafe { bytes(p, n) })
+                })
                 .collect::<Vec<_>>()
         })
     })?;
@@ -724,6 +727,12 @@ fn hdf5_encode_chunks<'py>(
         .into_iter()
         .map(|e| e.map(|data| PyBytes::new(py, &data)).map_err(PyValueError::new_err))
         .collect()
+}
+
+/// Tensor bytes the core has written, read or compressed in this process so far (for progress bars).
+#[pyfunction]
+fn tensor_bytes_moved() -> u64 {
+    io::tensor_bytes_moved()
 }
 
 /// The datasets of an HDF5 file readable by offset (see `hdf5::reader`), its metadata parsed
@@ -786,5 +795,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(bundle_write_sharded_index, m)?)?;
     m.add_function(wrap_pyfunction!(hdf5_stored_datasets, m)?)?;
     m.add_function(wrap_pyfunction!(hdf5_encode_chunks, m)?)?;
+    m.add_function(wrap_pyfunction!(tensor_bytes_moved, m)?)?;
     Ok(())
 }

@@ -22,7 +22,7 @@ import numpy as np
 
 import kerassave_fast as ksf
 from kerassave_fast import files
-from kerassave_fast.formats import keras_zip, legacy_h5, weights_file
+from kerassave_fast.formats import keras_zip, weights_h5
 
 
 def is_saved_model(path: str) -> bool:
@@ -69,8 +69,7 @@ def die_at(event: int) -> None:
     real_zip_writer = keras_zip.ZipWriter
     keras_zip.ZipWriter = CountingZipWriter
     keras_zip.write_layout = step(keras_zip.write_layout)
-    weights_file.write_weights_file = step(weights_file.write_weights_file)
-    legacy_h5.write_weights_file = step(legacy_h5.write_weights_file)
+    weights_h5.write_weights_file = step(weights_h5.write_weights_file)  # .weights.h5 and legacy .h5
     files.os.replace = step(os.replace)
 
 

@@ -339,7 +339,7 @@ def test_a_keras_without_a_hook_we_use_goes_to_stock_with_one_warning(model_zoo,
     def not_ours(*args, **kwargs):
         raise AssertionError("the fast path ran")
 
-    monkeypatch.setattr(keras_zip, "save", not_ours)
+    monkeypatch.setattr(keras_zip, "prepare_save", not_ours)
     monkeypatch.setattr(keras_zip, "load", not_ours)
     model = model_zoo("optimizer_adam")
     with warnings.catch_warnings(record=True) as caught:

@@ -27,8 +27,14 @@ def routed():
 def calls(monkeypatch):
     """Counts what reached our fast paths."""
     seen = []
-    for module, name in ((keras_zip, "save"), (keras_zip, "load"), (weights_file, "save"), (weights_file, "load")):
-        label, real = f"{module.__name__.rsplit('.', 1)[-1]}.{name}", getattr(module, name)
+    for module, name in (
+        (keras_zip, "prepare_save"),
+        (keras_zip, "load"),
+        (weights_file, "prepare_save"),
+        (weights_file, "load"),
+    ):
+        label = f"{module.__name__.rsplit('.', 1)[-1]}.{name.removeprefix('prepare_')}"
+        real = getattr(module, name)
 
         def spy(*args, _real=real, _label=label, **kwargs):
             seen.append(_label)

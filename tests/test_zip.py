@@ -106,7 +106,7 @@ def test_prepended_bytes_are_tolerated_like_zipfile(tmp_path):
 def test_keras_file_with_zip64_framing_loads_in_stock(model_zoo, tmp_path):
     model = model_zoo("optimizer_adam")
     path = tmp_path / "zip64.keras"
-    keras_zip.save(model, str(path), zip64_limit=256)
+    keras_zip.prepare_save(model, str(path), zip64_limit=256)()
     with zipfile.ZipFile(path) as zf:
         assert zf.testzip() is None
     assert_same_state(model, keras.saving.load_model(path))
@@ -117,11 +117,11 @@ def test_zip64_decision_uses_the_exact_member_size_like_zipfile(model_zoo, tmp_p
     """`zipfile.writestr` puts ZIP64 fields in a local header when size * 1.05 > ZIP64_LIMIT."""
     model = model_zoo("seed_example")
     probe = tmp_path / "probe.keras"
-    keras_zip.save(model, str(probe))
+    keras_zip.prepare_save(model, str(probe))()
     size = zipfile.ZipFile(probe).getinfo("model.weights.h5").file_size
     for limit, zip64 in ((int(size * 1.05) - 1, True), (int(size * 1.05) + 1, False)):
         path = tmp_path / f"limit{limit}.keras"
-        keras_zip.save(model, str(path), zip64_limit=limit)
+        keras_zip.prepare_save(model, str(path), zip64_limit=limit)()
         with zipfile.ZipFile(path) as zf:
             info = zf.getinfo("model.weights.h5")
             data = path.read_bytes()

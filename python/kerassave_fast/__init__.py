@@ -3,27 +3,38 @@
 Files are laid out exactly as stock Keras lays them out: ours load in stock Keras, stock's load here.
 `install()` routes Keras' own saving functions and `Model` methods through us (so does
 `KERASSAVE_FAST=1` in the environment, at import).
+
+The API is imported on first use, so that the command line's `inspect` and `verify`, which need
+no model, start without importing Keras and TensorFlow.
 """
 
+from __future__ import annotations
+
+import importlib
 import os as _os
+from typing import TYPE_CHECKING
 
 from ._core import BadKerasZipFile, KerasSaveError
-from .api import (
-    export_saved_model,
-    legacy_keras_requested,
-    load_model,
-    load_model_as,
-    load_weights,
-    save_model,
-    save_weights,
-)
+from .asynchronous import SaveHandle
 from .install import install, installed, uninstall
 from .overwrite import OverwriteRefused
+
+if TYPE_CHECKING:
+    from .api import (
+        export_saved_model,
+        legacy_keras_requested,
+        load_model,
+        load_model_as,
+        load_weights,
+        save_model,
+        save_weights,
+    )
 
 __all__ = [
     "BadKerasZipFile",
     "KerasSaveError",
     "OverwriteRefused",
+    "SaveHandle",
     "export_saved_model",
     "install",
     "installed",
@@ -35,7 +46,22 @@ __all__ = [
     "save_weights",
     "uninstall",
 ]
+# The API, imported from `api` on first use: what `__all__` names and nothing above defined.
+_API = frozenset(name for name in __all__ if name not in globals())
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(".api", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _API)
+
 
 if _os.environ.get("KERASSAVE_FAST", "") in ("1", "true", "True"):
     install()

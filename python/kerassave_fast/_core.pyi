@@ -101,3 +101,6 @@ def hdf5_encode_chunks(
     chunks: Sequence[Buffer], filters: Sequence[int], level: int, itemsize: int, threads: int = 0
 ) -> list[bytes]:
     """HDF5's filter pipeline run over each raw chunk, in parallel: what HDF5 stores for each."""
+
+def tensor_bytes_moved() -> int:
+    """Tensor bytes the core has written, read or compressed in this process so far (for progress bars)."""

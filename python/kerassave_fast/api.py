@@ -13,7 +13,9 @@ import sys
 import threading
 import warnings
 
+from . import asynchronous, progress
 from ._core import MAX_THREADS
+from .asynchronous import write_now
 from .files import durability, sync
 from .formats import legacy_h5, tensor_bundle, weights_h5
 from .keras3 import hooks as keras3_hooks
@@ -117,6 +119,12 @@ def _threads(value) -> int:
     return value
 
 
+def _blocking(value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"`blocking` must be True or False. Received: blocking={value!r}")
+    return value
+
+
 def _fsync(value) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"`fsync` must be True or False. Received: fsync={value!r}")
@@ -172,16 +180,46 @@ def save_model(model, filepath, overwrite=True, *args, save_format=None, **kwarg
             tf_keras SavedModel, `max_shard_size` (GB, as Keras 3's `save_weights` takes it):
             `variables/` in data shards of at most that size, written side by side (a larger
             tensor gets a shard of its own), which TensorFlow reads as any sharded checkpoint.
+            `progress` (as `load_model`'s; a background save shows none unless True);
+            `blocking` (default True): when False, the variables are snapshotted (zero-copy) and
+            the call returns a `SaveHandle` while the file is written in the background, so
+            training can go on; `.keras` and `.h5` files and Keras 3 `.weights.h5` files are
+            written so. Other saves are complete when the call returns, their handle already
+            done. Any later kerassave_fast save or load first waits for the one in flight.
 
     The `.keras` file is byte-layout-compatible with stock's: it loads in stock Keras, and a save
     that fails leaves any previous file untouched.
     """
+
+    def save(threads, compression, write):
+        return _save_model(model, filepath, overwrite, threads, args, save_format, kwargs, compression, write)
+
+    return _saving(save, model, filepath, kwargs)
+
+
+def _saving(save, model, filepath, kwargs: dict):
+    """Runs `save(threads, compression, write)` with our own keywords taken out of `kwargs`:
+    durably if `fsync`, and with `blocking=False` its file write deferred to the background
+    (then returns a `SaveHandle`)."""
     threads = _threads(kwargs.pop("threads", None))
     fsync = _fsync(kwargs.pop("fsync", False))
+    blocking = _blocking(kwargs.pop("blocking", True))
+    show = progress.wanted(kwargs.pop("progress", None) if blocking else kwargs.pop("progress", False))
     compression = _compression(kwargs)
-    with durability(fsync) as durable:
-        result = _save_model(model, filepath, overwrite, threads, args, save_format, kwargs, compression)
-        _sync_what_stock_wrote(durable, filepath, model)
+    asynchronous.wait_for_previous()
+    deferred = asynchronous.Deferred()
+    total = progress.model_bytes(model) if show else 0
+    description = f"saving {os.path.basename(os.fspath(filepath))}" if show else ""
+
+    def defer(write):
+        deferred.defer(progress.around(write, total, description) if show else write)
+
+    with durability(fsync) as durable, progress.bar(total, description, show and blocking):
+        result = save(threads, compression, write_now if blocking else defer)
+        if not deferred.pending:  # else the deferred write syncs what it writes
+            _sync_what_stock_wrote(durable, filepath, model)
+        if not blocking:
+            return deferred.start(filepath, result)
     return result
 
 
@@ -220,11 +258,11 @@ def _warn_if_unbuilt(model) -> None:
         warnings.warn(
             "You are saving a model that has not yet been built. It might not contain any weights yet. "
             "Consider building the model first by calling it on some data.",
-            stacklevel=4,
+            stacklevel=6,
         )
 
 
-def _save_model(model, filepath, overwrite, threads, args, save_format, kwargs, compression=None):
+def _save_model(model, filepath, overwrite, threads, args, save_format, kwargs, compression=None, write=write_now):
     flavour = _flavour(model)
     if flavour == "tf_keras":
         given = {} if save_format is None else {"save_format": save_format}
@@ -248,14 +286,14 @@ def _save_model(model, filepath, overwrite, threads, args, save_format, kwargs, 
 
                 _warn_if_unbuilt(model)
                 with _no_gc_pauses():
-                    keras_zip.save(model, path, threads=threads, compression=compression, flavour=keras_v3)
+                    write(keras_zip.prepare_save(model, path, True, threads, compression=compression, flavour=keras_v3))
             return None
         if tf_legacy_h5.can_save_model_fast(model, path, save_format, kwargs):
-            warnings.warn(tf_legacy_h5.H5_SAVE_WARNING, stacklevel=3)
+            warnings.warn(tf_legacy_h5.H5_SAVE_WARNING, stacklevel=5)
             if overwrite or not os.path.isfile(path) or ask_to_replace(path, "tf_keras"):
                 with _no_gc_pauses():
                     contents = tf_legacy_h5.model_contents(model, kwargs.get("include_optimizer", True))
-                    legacy_h5.save(contents, path, threads, compression)
+                    write(legacy_h5.prepare_save(contents, path, threads, compression))
             return None
         _no_compression_here(compression, filepath)
         with prompt_refusals(filepath):
@@ -288,7 +326,7 @@ def _save_model(model, filepath, overwrite, threads, args, save_format, kwargs, 
         if _may_write(filepath, overwrite):
             with _no_gc_pauses(), _compile_config_kept(model):
                 contents = keras3_legacy_h5.model_contents(model, include_optimizer)
-                legacy_h5.save(contents, path, threads, compression)
+                write(legacy_h5.prepare_save(contents, path, threads, compression))
         return None
     if not _may_write(filepath, overwrite):
         return None
@@ -296,7 +334,7 @@ def _save_model(model, filepath, overwrite, threads, args, save_format, kwargs, 
     from .formats import keras_zip
 
     with _no_gc_pauses():
-        keras_zip.save(model, path, include_optimizer=include_optimizer, threads=threads, compression=compression)
+        write(keras_zip.prepare_save(model, path, include_optimizer, threads, compression=compression))
     return None
 
 
@@ -309,7 +347,9 @@ def load_model(filepath, custom_objects=None, compile=True, safe_mode=True, **kw
         custom_objects: mapping of names to custom classes or functions used in the model.
         compile: whether to compile the model after loading, as it was when saved.
         safe_mode: refuse `lambda` deserialization (Keras v3 format), as stock does.
-        **kwargs: our own `threads` (I/O threads, default one per core); for tf_keras, stock's
+        **kwargs: our own `threads` (I/O threads, default one per core) and `progress` (a
+            progress bar in bytes on stderr for a load past a second: True, False, or None, the
+            default, for one when stderr is a terminal and `CI` is not set); for tf_keras, stock's
             `options`.
 
     The flavour follows TensorFlow's rule for `tf.keras`: tf_keras when `TF_USE_LEGACY_KERAS` is
@@ -325,6 +365,17 @@ def load_model_as(flavour: str, filepath, custom_objects=None, compile=True, saf
     if flavour not in ("keras3", "tf_keras"):
         raise ValueError(f"`flavour` must be 'keras3' or 'tf_keras'. Received: flavour={flavour!r}")
     threads = _threads(kwargs.pop("threads", None))
+    show = progress.wanted(kwargs.pop("progress", None))
+    asynchronous.wait_for_previous()
+    with progress.bar(progress.path_bytes(filepath) if show else 0, _loading(filepath), show):
+        return _load_model_as(flavour, filepath, custom_objects, compile, safe_mode, threads, kwargs)
+
+
+def _loading(filepath) -> str:
+    return f"loading {os.path.basename(os.fspath(filepath))}" if isinstance(filepath, str | os.PathLike) else ""
+
+
+def _load_model_as(flavour, filepath, custom_objects, compile, safe_mode, threads, kwargs):
     if flavour == "tf_keras":
         from .tf_keras import keras_v3
         from .tf_keras import legacy_h5 as tf_legacy_h5
@@ -384,6 +435,7 @@ def export_saved_model(model, filepath, **kwargs):
     threads = _threads(kwargs.pop("threads", None))
     max_shard_bytes = tensor_bundle.max_shard_bytes(kwargs.pop("max_shard_size", None))
     path = _local_path(filepath, _flavour(model))
+    asynchronous.wait_for_previous()
     if path is None or kwargs.get("format", "tf_saved_model") != "tf_saved_model":
         _no_sharding_here(max_shard_bytes, filepath)
         return model.export(filepath, **kwargs)
@@ -402,19 +454,17 @@ def save_weights(model, filepath, overwrite=True, *args, **kwargs):
     Keras 3: `.weights.h5` files are written by the fast path (same layout as stock); sharded
     saves (`max_shard_size`) go to stock. tf_keras: TF-format weights (a tensor bundle) and `.h5` by
     the fast path. Our own keywords: `threads`, `fsync`, `compression`, `compression_level`,
-    `chunk_bytes`, `checksum` (as in `save_model`), and for tf_keras TF-format weights
+    `chunk_bytes`, `checksum`, `blocking`, `progress` (as in `save_model`), and for tf_keras TF-format weights
     `max_shard_size` (GB; data shards of at most that size, as for a SavedModel).
     """
-    threads = _threads(kwargs.pop("threads", None))
-    fsync = _fsync(kwargs.pop("fsync", False))
-    compression = _compression(kwargs)
-    with durability(fsync) as durable:
-        result = _save_weights(model, filepath, overwrite, threads, args, kwargs, compression)
-        _sync_what_stock_wrote(durable, filepath, model)
-    return result
+
+    def save(threads, compression, write):
+        return _save_weights(model, filepath, overwrite, threads, args, kwargs, compression, write)
+
+    return _saving(save, model, filepath, kwargs)
 
 
-def _save_weights(model, filepath, overwrite, threads, args, kwargs, compression=None):
+def _save_weights(model, filepath, overwrite, threads, args, kwargs, compression=None, write=write_now):
     flavour = _flavour(model)
     if flavour == "tf_keras":
         _positional("save_weights", ("save_format", "options"), args, kwargs)
@@ -439,7 +489,7 @@ def _save_weights(model, filepath, overwrite, threads, args, kwargs, compression
             model._assert_weights_created()
             if overwrite or not os.path.isfile(path) or ask_to_replace(path, "tf_keras"):
                 with _no_gc_pauses():
-                    legacy_h5.save(tf_legacy_h5.weights_file_contents(model), path, threads, compression)
+                    write(legacy_h5.prepare_save(tf_legacy_h5.weights_file_contents(model), path, threads, compression))
             return None
         _no_compression_here(compression, filepath)
         with prompt_refusals(filepath):
@@ -457,7 +507,7 @@ def _save_weights(model, filepath, overwrite, threads, args, kwargs, compression
     from .formats import weights_file
 
     with _no_gc_pauses():
-        weights_file.save(model, path, threads=threads, compression=compression)
+        write(weights_file.prepare_save(model, path, threads=threads, compression=compression))
     return None
 
 
@@ -469,7 +519,14 @@ def load_weights(model, filepath, skip_mismatch=False, **kwargs):
     tf_keras: stock, with its own keyword arguments (`by_name`, `options`).
     """
     threads = _threads(kwargs.pop("threads", None))
+    show = progress.wanted(kwargs.pop("progress", None))
     flavour = _flavour(model)
+    asynchronous.wait_for_previous()
+    with progress.bar(progress.path_bytes(filepath) if show else 0, _loading(filepath), show):
+        return _load_weights(model, flavour, filepath, skip_mismatch, threads, kwargs)
+
+
+def _load_weights(model, flavour, filepath, skip_mismatch, threads, kwargs):
     if flavour == "tf_keras":
         from .tf_keras import checkpoint as tf_checkpoint
 

@@ -21,9 +21,6 @@ import sys
 import threading
 from collections.abc import Callable
 
-from . import api
-from .stock import KERAS3_SAVING_API, TF_KERAS_SAVING_API, pin
-
 _LOCK = threading.RLock()
 _INSIDE = threading.local()  # .depth: kerassave_fast calls running on this thread
 # What install() changed, to undo: (owner, attribute, value before).
@@ -62,6 +59,8 @@ def _route(original: Callable, ours: Callable, model_first: bool) -> Callable:
 
 def _load_model_as(flavour: str) -> Callable:
     def load_model(filepath, **kwargs):
+        from . import api
+
         return api.load_model_as(flavour, filepath, **kwargs)
 
     return load_model
@@ -69,6 +68,8 @@ def _load_model_as(flavour: str) -> Callable:
 
 def _flavour_entry_points(flavour: str, saving_api, *model_classes) -> list[tuple[object, str, Callable, bool]]:
     """(owner, attribute, ours, model_first) of a flavour's saving functions and `Model` methods."""
+    from . import api
+
     points = [
         (saving_api, "save_model", api.save_model, True),
         (saving_api, "load_model", _load_model_as(flavour), False),
@@ -84,6 +85,8 @@ def _entry_points() -> list[tuple[object, str, Callable, bool]]:
     """Every entry point to route, with what it routes to."""
     from keras.src.models import model as keras3_model
     from keras.src.saving import saving_api as keras3_api
+
+    from .stock import KERAS3_SAVING_API, TF_KERAS_SAVING_API, pin  # (imports Keras: not at our import)
 
     pin(KERAS3_SAVING_API, "save_model", "load_model", "save_weights", "load_weights")
     points = _flavour_entry_points("keras3", keras3_api, keras3_model.Model)

@@ -35,13 +35,16 @@ def snapshot(value) -> np.ndarray:
     afterwards: TensorFlow copies on write while a reader holds the buffer.
     """
     from tensorflow.python.eager import context
+    from tensorflow.python.eager.polymorphic_function.polymorphic_function import UnliftedInitializerVariable
     from tensorflow.python.ops.gen_resource_variable_ops import read_variable_op
     from tensorflow.python.ops.resource_variable_ops import ResourceVariable
 
+    # Plain resource variables, and those made inside a `tf.function` (Keras 3's optimizer slots).
+    plain = (ResourceVariable, UnliftedInitializerVariable)
     inner = getattr(value, "_value", None)  # a Keras 3 variable's backing tf.Variable
-    if type(inner) is ResourceVariable:
+    if type(inner) in plain:
         value = inner
-    if type(value) is ResourceVariable and context.executing_eagerly():
+    if type(value) in plain and context.executing_eagerly():
         # One ReadVariableOp and the tensor's own buffer: a fifth of `np.asarray(v.value())`'s
         # cost, which decides saves of models with thousands of small variables.
         tensor = read_variable_op(value.handle, value.dtype)

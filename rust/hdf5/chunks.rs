@@ -77,6 +77,7 @@ pub fn read_chunked(
             };
             let raw_len = chunk_len(&d.chunked.chunk_shape, d.itemsize);
             let raw = pipeline.decode(stored, chunk.skipped, raw_len).map_err(fail)?;
+            crate::io::count_moved(raw_len);
             // SAFETY: the buffer outlives this call (the caller holds it), and the bytes this chunk
             // writes are written by no other task (`check_tiling`).
             let out = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };

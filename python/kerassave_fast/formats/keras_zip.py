@@ -22,10 +22,12 @@ import h5py
 from keras.src.saving import saving_lib
 from keras.src.utils import file_utils
 
-from .._core import ZIP64_LIMIT, BadKerasZipFile, KerasSaveError, TensorFile, ZipArchive, ZipMember, ZipWriter
+from .._core import ZIP64_LIMIT, BadKerasZipFile, KerasSaveError, TensorFile, ZipArchive, ZipWriter
+from ..asynchronous import Write
 from ..files import FileRegion, atomic_replace
 from ..keras3 import state as keras3_state
 from .weights_h5 import Compression, ReadTensors, layout_for, read_weights, write_compressed, write_layout
+from .zip_members import member_name
 
 CONFIG = saving_lib._CONFIG_FILENAME
 METADATA = saving_lib._METADATA_FILENAME
@@ -36,7 +38,6 @@ ASSETS = saving_lib._ASSETS_DIRNAME
 # `zf.open(name, "w")`, the current time for `zf.writestr(name, data)`, and owner read/write.
 _ZIPINFO_DEFAULT_DATE = (1980, 1, 1, 0, 0, 0)
 _OWNER_RW = 0o600 << 16
-_UTF8_NAME = 0x800
 # Stock's zip-bomb limits for extracted members (Keras 3.14 and older 3.13 have none: 3.15's then).
 _EXTRACT_BOMB_FLOOR = getattr(saving_lib, "_ZIP_EXTRACT_BOMB_FLOOR_BYTES", 1 << 28)
 _METHODS_ANYONE_READS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
@@ -55,7 +56,7 @@ class _AssetsInto:
             self._writer.add_stored(info.filename, f.read(), info.date_time, info.external_attr)
 
 
-def save(
+def prepare_save(
     model,
     filepath: str,
     include_optimizer: bool = True,
@@ -63,41 +64,41 @@ def save(
     zip64_limit: int = ZIP64_LIMIT,
     compression: Compression | None = None,
     flavour=keras3_state,
-) -> None:
-    """Writes `model` to `filepath` as a `.keras` zip, replacing any previous file only when complete.
+) -> Write:
+    """Saves `model` to `filepath` as a `.keras` zip in two halves. This first one takes the model's
+    config, its assets and a snapshot of its variables, now; it returns the second, which writes the
+    file (on any thread), replacing any previous file only when complete, and must be called once.
 
     `flavour` is the Keras flavour's glue (`keras3.state`, `tf_keras.keras_v3`): its config and state walk.
     `zip64_limit` is `zipfile`'s; tests lower it to exercise ZIP64 framing on small models.
     """
     config_json, metadata_json = flavour.serialize_model_as_json(model)
     plan, assets = flavour.plan_model_state(model, include_optimizer)
-    try:
-        with atomic_replace(filepath) as destination:
-            file = destination.file
-            writer = ZipWriter(file, zip64_limit)
-            writer.add_stored(METADATA, metadata_json.encode(), _ZIPINFO_DEFAULT_DATE, _OWNER_RW)
-            writer.add_stored(CONFIG, config_json.encode(), _ZIPINFO_DEFAULT_DATE, _OWNER_RW)
-            if compression is None:
-                layout, tensors = layout_for(plan)  # its exact size decides ZIP64, as in `zipfile`
-                start = writer.begin_stored(WEIGHTS, time.localtime()[:6], _OWNER_RW, layout.size)
-                writer.end_stored(layout.size, write_layout(file, start, layout, tensors, threads))
-            else:  # the size comes out of the compression: hint an upper bound (ZIP64 when it may be needed)
-                bound = 2 * sum(d.array.nbytes for d in plan.datasets) + (1 << 20)
-                start = writer.begin_stored(WEIGHTS, time.localtime()[:6], _OWNER_RW, bound)
-                size = write_compressed(file, start, plan, compression, threads)
-                writer.end_stored(size, file.crc32(start, size, [], threads))
-            saving_lib._write_to_zip_recursively(_AssetsInto(writer), assets.working_dir, ASSETS)
-            writer.finish()
-            del writer, file  # close before the rename
-    finally:
-        assets.close()
 
+    def write() -> None:
+        try:
+            with atomic_replace(filepath) as destination:
+                file = destination.file
+                writer = ZipWriter(file, zip64_limit)
+                writer.add_stored(METADATA, metadata_json.encode(), _ZIPINFO_DEFAULT_DATE, _OWNER_RW)
+                writer.add_stored(CONFIG, config_json.encode(), _ZIPINFO_DEFAULT_DATE, _OWNER_RW)
+                if compression is None:
+                    layout, tensors = layout_for(plan)  # its exact size decides ZIP64, as in `zipfile`
+                    start = writer.begin_stored(WEIGHTS, time.localtime()[:6], _OWNER_RW, layout.size)
+                    writer.end_stored(layout.size, write_layout(file, start, layout, tensors, threads))
+                else:  # the size comes out of the compression: hint an upper bound (ZIP64 when it may be needed)
+                    bound = 2 * sum(d.array.nbytes for d in plan.datasets) + (1 << 20)
+                    start = writer.begin_stored(WEIGHTS, time.localtime()[:6], _OWNER_RW, bound)
+                    size = write_compressed(file, start, plan, compression, threads)
+                    writer.end_stored(size, file.crc32(start, size, [], threads))
+                if assets.working_dir is not None:  # None: no object saved assets
+                    saving_lib._write_to_zip_recursively(_AssetsInto(writer), assets.working_dir, ASSETS)
+                writer.finish()
+                del writer, file  # close before the rename
+        finally:
+            assets.close()
 
-def member_name(member: ZipMember) -> str:
-    """The name `zipfile` would give the member."""
-    raw: bytes = member.raw_name
-    name = raw.decode("utf-8") if member.flags & _UTF8_NAME else raw.decode("cp437")
-    return name.split("\x00", 1)[0]
+    return write
 
 
 @dataclass

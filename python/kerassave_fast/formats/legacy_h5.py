@@ -9,13 +9,14 @@ fills with the tensors' bytes.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..files import atomic_replace
-from .weights_h5 import Compression, WeightsPlan, write_weights_file
+from ..asynchronous import Write
+from .weights_h5 import Compression, WeightsPlan, write_plan
 
 NamedVariables = list[tuple[bytes, object]]  # (weight name as stock encodes it, variable)
 
@@ -114,12 +115,14 @@ def plan_legacy_h5(contents: LegacyH5Contents) -> WeightsPlan:
     return plan
 
 
-def save(contents: LegacyH5Contents, filepath: str, threads: int = 0, compression: Compression | None = None) -> None:
-    """Writes the `.h5` file, replacing any old one only when complete. Like stock's writers, a
-    whole model's makes its directory if missing, a weights file's does not."""
+def prepare_save(
+    contents: LegacyH5Contents, filepath: str, threads: int = 0, compression: Compression | None = None
+) -> Write:
+    """Writes the `.h5` file in two halves: this one snapshots the variables now and returns the
+    second, which writes the file, replacing any old one only when complete. Like stock's writers,
+    a whole model's makes its directory if missing, a weights file's does not."""
     plan = plan_legacy_h5(contents)
     directory = os.path.dirname(filepath)
     if directory and contents.root_attributes is not None:
         os.makedirs(directory, exist_ok=True)
-    with atomic_replace(filepath) as destination:
-        write_weights_file(destination, plan, threads, compression)  # laid out as h5py's POSIX driver would
+    return functools.partial(write_plan, plan, filepath, threads, compression)

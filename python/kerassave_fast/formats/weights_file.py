@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from ..files import atomic_replace
+import functools
+
+from ..asynchronous import Write
 from ..keras3 import state
 from .keras_zip import KerasArchive
-from .weights_h5 import Compression, read_ahead, read_weights, write_weights_file
+from .weights_h5 import Compression, read_ahead, read_weights, write_plan
 
 
 def _require_built(model, doing: str) -> None:
@@ -16,12 +18,12 @@ def _require_built(model, doing: str) -> None:
         )
 
 
-def save(model, filepath: str, threads: int = 0, compression: Compression | None = None) -> None:
-    """`model.save_weights(filepath)` for a `.weights.h5` path, replacing any old file only when complete."""
+def prepare_save(model, filepath: str, threads: int = 0, compression: Compression | None = None) -> Write:
+    """`model.save_weights(filepath)` for a `.weights.h5` path, in two halves: this one snapshots the
+    variables now and returns the second, which writes the file, replacing any old one only when complete."""
     _require_built(model, "saving")
     plan, _ = state.plan_model_state(model, with_assets=False)
-    with atomic_replace(filepath) as destination:
-        write_weights_file(destination, plan, threads, compression)
+    return functools.partial(write_plan, plan, filepath, threads, compression)
 
 
 def load(model, filepath: str, skip_mismatch: bool = False, threads: int = 0) -> bool:

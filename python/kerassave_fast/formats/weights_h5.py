@@ -27,7 +27,7 @@ from h5py import h5d, h5o, h5s, h5t
 from h5py._hl.dataset import make_new_dset
 
 from .._core import KerasSaveError, TensorFile, hdf5_encode_chunks, hdf5_stored_datasets
-from ..files import Destination, FileRegion, FileWindow, SparseImage
+from ..files import Destination, FileRegion, FileWindow, SparseImage, atomic_replace
 from ..tensors import BFLOAT16, aligned_empty, as_bytes, snapshot
 
 
@@ -414,6 +414,12 @@ def write_weights_file(
         return
     layout, tensors = layout_for(plan, POSIX)
     write_layout(destination.file, 0, layout, tensors, threads)
+
+
+def write_plan(plan: WeightsPlan, filepath: str, threads: int = 0, compression: Compression | None = None) -> None:
+    """Writes `filepath` as an HDF5 file of `plan`, replacing any old file only when complete."""
+    with atomic_replace(filepath) as destination:
+        write_weights_file(destination, plan, threads, compression)
 
 
 def write_compressed(

@@ -14,8 +14,9 @@ import inspect
 import json
 import sys
 import threading
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import h5py
 import numpy as np
@@ -32,8 +33,8 @@ from keras.src.saving.serialization_lib import (
     deserialize_keras_object,
 )
 
-from ..formats.weights_h5 import WeightsPlan, consistent
-from ..tensors import adoptable_tensor
+from ..formats.weights_h5 import PlannedDataset, WeightsPlan, consistent
+from ..tensors import adoptable_tensor, snapshot
 
 
 def serialize_model_as_json(model) -> tuple[str, str]:
@@ -59,6 +60,7 @@ class _WeightsRecorder(saving_lib.H5IOStore):
         self._path = ""
         self._group_made = False
         self._keys: list[str] = []
+        self.sources: list = []  # what each dataset was read from
 
     def __bool__(self) -> bool:
         return True
@@ -76,6 +78,7 @@ class _WeightsRecorder(saving_lib.H5IOStore):
             self.plan.add_group(_vars_group(self._path), None)
             self._group_made = True
         self.plan.add_dataset(_vars_group(self._path), key, value)
+        self.sources.append(value)
         self._keys.append(key)
 
     def keys(self):
@@ -156,21 +159,87 @@ def _cache_attr_skipsets() -> None:
             global_state.set_global_attribute(f"saving_attr_skiplist_{obj_type}", skipset)
 
 
+_NO_ARRAY = np.empty(0, np.uint8)
+
+
+class _AssetsRecorder(saving_lib.DiskIOStore):
+    """Stock's write-mode assets store, noting whether any object saved assets."""
+
+    used = False
+
+    def make(self, path):
+        self.used = True
+        return super().make(path)
+
+
+class NoAssets:
+    """The assets store of a walk that saved no assets: nothing to write, nothing to delete."""
+
+    working_dir = None
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class _RememberedWalk:
+    """What stock's walk recorded for a model, and what it depended on (all held weakly)."""
+
+    include_optimizer: bool
+    variables: list  # weak references to every variable of the model and its optimizers, in order
+    plan: WeightsPlan  # its datasets' arrays are stale: each save snapshots their sources again
+    sources: list  # weak references to the variable each dataset was read from
+
+    def plan_again(self, variables: list) -> WeightsPlan | None:
+        """The plan the walk would record now, or None if anything it depended on has changed."""
+        if len(variables) != len(self.variables):
+            return None
+        if any(r() is not v for r, v in zip(self.variables, variables, strict=True)):
+            return None
+        sources = [r() for r in self.sources]
+        if any(s is None for s in sources):
+            return None
+        found = iter(sources)
+        return WeightsPlan(
+            [replace(s, array=snapshot(next(found))) if isinstance(s, PlannedDataset) else s for s in self.plan.steps]
+        )
+
+
+_WALKS_LOCK = threading.Lock()
+_WALKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> _RememberedWalk
+
+
+def _all_variables(model, optimizers: list[BaseOptimizer]) -> list:
+    return list(model.variables) + [v for o in optimizers for v in o.variables]
+
+
 def plan_model_state(model, include_optimizer: bool = True, with_assets: bool = True):
     """Walks `model` as stock saving does; returns its weights plan and a temporary assets store.
 
     The caller closes the assets store (it deletes the temporary directory) once the assets are written.
+
+    Stock's walk costs more than the snapshots it leads to (5 ms for 26 variables, where the
+    snapshots take 1.6): it is remembered per model and replayed while the model and its optimizers
+    have the same variables, when everything it saved was one of those variables and no object
+    saved assets. Anything else (a layer storing computed values, assets) walks every time.
     """
     _cache_attr_skipsets()
-    plan = WeightsPlan()
-    assets = saving_lib.DiskIOStore(saving_lib._ASSETS_DIRNAME, mode="w") if with_assets else None
     optimizers = _optimizers_of(model)
+    variables = _all_variables(model, optimizers)
+    with _WALKS_LOCK:
+        remembered = _WALKS.get(model)
+    if remembered is not None and remembered.include_optimizer == include_optimizer:
+        plan = remembered.plan_again(variables)
+        if plan is not None:
+            return plan, NoAssets() if with_assets else None
+    recorder = _WeightsRecorder(WeightsPlan())
+    assets = _AssetsRecorder(saving_lib._ASSETS_DIRNAME, mode="w") if with_assets else None
     skipped = set() if include_optimizer else {id(o) for o in optimizers}
     try:
         with _optimizer_state_by_reference(optimizers):
             saving_lib._save_state(
                 model,
-                weights_store=_WeightsRecorder(plan),
+                weights_store=recorder,
                 assets_store=assets,
                 inner_path="",
                 visited_saveables=skipped,
@@ -179,7 +248,28 @@ def plan_model_state(model, include_optimizer: bool = True, with_assets: bool = 
         if assets is not None:
             assets.close()
         raise
-    return plan, assets
+    if assets is None or not assets.used:
+        _remember_walk(model, include_optimizer, variables, recorder)
+    return recorder.plan, assets
+
+
+def _remember_walk(model, include_optimizer: bool, variables: list, recorder: _WeightsRecorder) -> None:
+    known = {id(v) for v in variables}
+    if not all(id(s) in known for s in recorder.sources):
+        return
+    # The template keeps no snapshot: a view would keep the variable's old buffer alive after training.
+    steps = [replace(s, array=_NO_ARRAY) if isinstance(s, PlannedDataset) else s for s in recorder.plan.steps]
+    try:
+        walk = _RememberedWalk(
+            include_optimizer,
+            [weakref.ref(v) for v in variables],
+            WeightsPlan(steps),
+            [weakref.ref(s) for s in recorder.sources],
+        )
+    except TypeError:  # something not weakly referenceable: walk every time
+        return
+    with _WALKS_LOCK:
+        _WALKS[model] = walk
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,224 @@
+"""What a training script sees, all in one run: background checkpoints (`blocking=False`), saves and
+loads routed by `install()`, and the command line's `inspect`/`verify` against a load. Writes
+benches/results/adoption.md.
+
+    python benches/adoption.py [--units 4096] [--repeats 7] [--dirs /dev/shm,benches/scratch]
+
+Model: 4 x Dense(units) + Adam after one training step (the default model of `make bench`),
+trained with batches of 8. Per directory, each repeat runs, in a shuffled order: a blocking save;
+a background save with training steps run until its write is done; the same number of steps with
+no save; `model.save` / `keras.saving.load_model` with `install()` and the same calls to ours
+directly; `inspect` and `verify` of the saved file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+import kerassave_fast as ksf
+import measure
+import report
+from report import shown
+from run import dense_model
+
+MIB = 1 << 20
+
+
+def blocked_budget(nbytes: int) -> float:
+    """The issue's target for the training thread's wait: 5 ms + 1 ms per GB."""
+    return 0.005 + 0.001 * nbytes / 1e9
+
+
+def background_save(model, path: str, batch) -> dict:
+    """A background save with training steps until its write is done: how long the call blocked,
+    how long the write took, how many steps ran meanwhile."""
+    done = threading.Event()
+    start = time.perf_counter()
+    handle = ksf.save_model(model, path, blocking=False)
+    returned = time.perf_counter()
+    finished: list[float] = []
+    handle.add_done_callback(lambda _: (finished.append(time.perf_counter()), done.set()))
+    steps = 0
+    while not done.is_set():
+        model.train_on_batch(*batch)
+        steps += 1
+    handle.result()
+    end = time.perf_counter() - start
+    return {"blocked": returned - start, "write": finished[0] - start, "steps": steps, "end": end}
+
+
+def train(model, batch, steps: int) -> None:
+    for _ in range(steps):
+        model.train_on_batch(*batch)
+
+
+def cli(*args: str) -> None:
+    """The command line as a user runs it: a new process (its imports counted)."""
+    subprocess.run([sys.executable, "-m", "kerassave_fast", *args], check=True, capture_output=True)
+
+
+def measure_directory(model, batch, directory: str, repeats: int, log) -> dict:
+    path = os.path.join(directory, "ksf-bench-adoption.keras")
+    nbytes = sum(a.nbytes for a in measure.model_arrays(model))
+    samples: dict[str, list[float]] = {}
+    background: list[dict] = []
+
+    def installed(call):
+        ksf.install()
+        try:
+            start = time.perf_counter()
+            call()
+            return time.perf_counter() - start
+        finally:
+            ksf.uninstall()
+
+    def timed(call):
+        start = time.perf_counter()
+        call()
+        return time.perf_counter() - start
+
+    step_count = 2
+    ops = {
+        "blocking save": lambda: timed(lambda: ksf.save_model(model, path)),
+        "background save": lambda: background.append(background_save(model, path, batch)) or background[-1]["end"],
+        "training steps alone": lambda: timed(lambda: train(model, batch, step_count)),
+        "model.save, install()": lambda: installed(lambda: model.save(path)),
+        "save_model, ours": lambda: timed(lambda: ksf.save_model(model, path)),
+        "load_model, install()": lambda: installed(lambda: keras.saving.load_model(path)),
+        "load_model, ours": lambda: timed(lambda: ksf.load_model(path)),
+        "inspect (CLI)": lambda: timed(lambda: cli("inspect", path)),
+        "verify (CLI)": lambda: timed(lambda: cli("verify", path)),
+    }
+    try:
+        for op in ops.values():  # warm-up
+            op()
+        background.clear()
+        order = list(ops)
+        for rep in range(repeats):
+            random.Random(rep).shuffle(order)
+            for name in order:
+                samples.setdefault(name, []).append(ops[name]())
+                if name == "background save":
+                    step_count = max(1, background[-1]["steps"])  # the steps that ran during the write
+            log(f"  {directory}: repeat {rep + 1}/{repeats} done")
+        rss = {
+            "blocking save": measure.extra_peak_rss(lambda: ksf.save_model(model, path)),
+            "background save + training": measure.extra_peak_rss(lambda: background_save(model, path, batch)),
+            "training alone": measure.extra_peak_rss(lambda: train(model, batch, step_count)),
+        }
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    for key in ("blocked", "write", "steps"):
+        medians[f"background {key}"] = statistics.median(b[key] for b in background)
+    blocked = [b["blocked"] for b in background]
+    return {"directory": directory, "nbytes": nbytes, "times": medians, "blocked": blocked, "rss": rss}
+
+
+def markdown(results: list[dict], info: dict, repeats: int, units: int) -> str:
+    lines = [
+        f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, Linux {info['kernel']}. "
+        f"{info['date']}. 4 x Dense({units}) + Adam, batches of 8. Medians of {repeats} repeats, interleaved "
+        "in a shuffled order, all in one run.",
+        "",
+        "**Background saves** (`save_model(..., blocking=False)`): the training thread waits for the call "
+        "(the variables are snapshotted, zero-copy) while the file is written on another thread and training "
+        "steps run.",
+        "",
+        "| dir | MB | blocking save s | call blocked ms (min-max) | background write s | steps during the write "
+        "| extra RSS MiB: blocking save / background save + training / the same training alone |",
+        "|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in results:
+        t, rss = r["times"], r["rss"]
+        lines.append(
+            f"| `{shown(r['directory'])}` | {r['nbytes'] / 1e6:.0f} | {t['blocking save']:.3f} | "
+            f"{t['background blocked'] * 1e3:.1f} ({min(r['blocked']) * 1e3:.1f}-{max(r['blocked']) * 1e3:.1f}) | "
+            f"{t['background write']:.3f} | {t['background steps']:.0f} | "
+            f"{rss['blocking save'] / MIB:.0f} / {rss['background save + training'] / MIB:.0f} / "
+            f"{rss['training alone'] / MIB:.0f} |"
+        )
+    lines += [
+        "",
+        "The extra RSS of a background save is the copy-on-write pages: each variable that training "
+        "assigns while the write still reads the old buffer gets a new one (compare with the training alone).",
+        "",
+        "**`install()`** (stock's `model.save` and `keras.saving.load_model` routed through kerassave_fast, "
+        "against calling ours directly) **and the command line** (a new process each, its imports included)",
+        "",
+        "| dir | model.save, install() s | save_model, ours s | load_model, install() s | load_model, ours s "
+        "| inspect s | verify s |",
+        "|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in results:
+        t = r["times"]
+        lines.append(
+            f"| `{shown(r['directory'])}` | {t['model.save, install()']:.3f} | {t['save_model, ours']:.3f} | "
+            f"{t['load_model, install()']:.3f} | {t['load_model, ours']:.3f} | {t['inspect (CLI)']:.3f} | "
+            f"{t['verify (CLI)']:.3f} |"
+        )
+    lines += ["", "| target | result |", "|---|---|"]
+    for r in results:
+        t, where = r["times"], shown(r["directory"])
+        budget = blocked_budget(r["nbytes"])
+        checks = [
+            (f"`{where}`: call blocked ≤ {budget * 1e3:.1f} ms (5 ms + 1 ms/GB)", t["background blocked"] <= budget),
+            (f"`{where}`: training steps ran during the write", t["background steps"] >= 1),
+            (
+                f"`{where}`: `install()` save and load within 10 % of ours",
+                t["model.save, install()"] <= 1.1 * t["save_model, ours"]
+                and t["load_model, install()"] <= 1.1 * t["load_model, ours"],
+            ),
+            (
+                f"`{where}`: inspect and verify each under half a load",
+                max(t["inspect (CLI)"], t["verify (CLI)"]) <= 0.5 * t["load_model, ours"],
+            ),
+        ]
+        lines += [f"| {name} | {'ok' if met else '**MISSED**'} |" for name, met in checks]
+    lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--units", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--dirs", default="/dev/shm,benches/scratch", help="comma-separated directories")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "adoption.md"))
+    args = parser.parse_args()
+    directories = [d for d in args.dirs.split(",") if d]
+
+    def log(message: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+    model = dense_model(args.units)
+    rng = np.random.default_rng(1)
+    batch = (rng.normal(size=(8, args.units)).astype("float32"), rng.normal(size=(8, args.units)).astype("float32"))
+    results = []
+    for directory in directories:
+        os.makedirs(directory, exist_ok=True)
+        log(f"measuring in {directory}")
+        results.append(measure_directory(model, batch, directory, args.repeats, log))
+    text = markdown(results, report.machine(directories), args.repeats, args.units)
+    Path(args.out).write_text(text)
+    print(text)
+    log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Saves that return before the file is written: `save_model(..., blocking=False)`.
+
+A save is split in two. On the caller's thread the model is walked and every variable snapshotted
+as a zero-copy view of its current buffer (TensorFlow copies a buffer on write while a view holds
+it, so training may go on and the views keep this step's values). The file is then written from
+those views on a background thread. At most one background save runs: any later kerassave_fast
+save or load waits for it first, so calls take effect in the order they were made, and the process
+does not exit before it is done (an `atexit` wait).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextvars
+import os
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+
+Write = Callable[[], None]
+
+_LOCK = threading.Lock()
+_in_flight: Future | None = None  # the background save running now, if any
+
+
+class SaveHandle:
+    """What `save_model(..., blocking=False)` and `save_weights(..., blocking=False)` return.
+
+    `asynchronous` says whether the file is written in the background; when False (a format saved
+    by stock or by TensorFlow's own tracing), the save was complete before the call returned.
+    """
+
+    def __init__(self, path, future: Future, asynchronous: bool):
+        self.path = path
+        self.asynchronous = asynchronous
+        self._future = future
+
+    def done(self) -> bool:
+        """Whether the save has finished, successfully or not."""
+        return self._future.done()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Waits up to `timeout` seconds (None: as long as it takes); returns `done()`."""
+        try:
+            self._future.exception(timeout)
+        except TimeoutError:
+            pass
+        return self._future.done()
+
+    def result(self, timeout: float | None = None):
+        """Waits for the save; returns what the blocking save returns (None), or raises what it
+        raised. `TimeoutError` if it is not done within `timeout` seconds."""
+        return self._future.result(timeout)
+
+    def add_done_callback(self, callback: Callable[[SaveHandle], object]) -> None:
+        """Calls `callback(handle)` once the save has finished (at once if it has), on the thread
+        that finished it."""
+        self._future.add_done_callback(lambda _: callback(self))
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "writing"
+        return f"<SaveHandle {self.path!r} {state}>"
+
+
+def wait_for_previous() -> None:
+    """Waits for the background save in flight, if any (its error stays with its handle)."""
+    future = _in_flight
+    if future is not None:
+        future.exception()
+
+
+class Deferred:
+    """Collects the write of one save, to run it on a background thread (`defer`, then `start`)."""
+
+    def __init__(self):
+        self._write: Write | None = None
+
+    @property
+    def pending(self) -> bool:
+        return self._write is not None
+
+    def defer(self, write: Write) -> None:
+        if self._write is not None:
+            raise RuntimeError("one save defers one write")
+        self._write = write
+
+    def start(self, path, result=None) -> SaveHandle:
+        """A handle on the deferred write, started in the background with the caller's context
+        variables (`fsync=True` among them); an already finished handle when nothing was deferred."""
+        global _in_flight
+        future: Future = Future()
+        if self._write is None:
+            future.set_result(result)
+            return SaveHandle(path, future, asynchronous=False)
+        write, self._write = self._write, None
+        context = contextvars.copy_context()
+
+        def run() -> None:
+            nonlocal write
+            try:
+                context.run(write)
+            except BaseException as e:
+                future.set_exception(e)
+            else:
+                future.set_result(result)
+            finally:
+                write = None  # the views, and the buffers they keep alive, go now
+
+        with _LOCK:
+            wait_for_previous()
+            _in_flight = future
+            future.set_running_or_notify_cancel()
+            _writer_jobs().put(run)
+        return SaveHandle(path, future, asynchronous=True)
+
+
+_jobs: queue.SimpleQueue | None = None  # the writer thread's, once it runs
+
+
+def _writer_jobs() -> queue.SimpleQueue:
+    """The queue of the one writer thread, started on first use (under `_LOCK`). A thread kept
+    waiting costs the caller a `put`, where starting one costs a GIL hand-over or two, which a
+    busy machine turns into milliseconds. It is a daemon, so it never holds up the interpreter's
+    exit; what does is the `atexit` wait for the save in flight."""
+    global _jobs
+    if _jobs is None:
+        _jobs = queue.SimpleQueue()
+        threading.Thread(target=_write_forever, args=(_jobs,), name="kerassave_fast writer", daemon=True).start()
+    return _jobs
+
+
+def _write_forever(jobs: queue.SimpleQueue) -> None:
+    while True:
+        job = jobs.get()
+        job()
+        del job
+
+
+def _forget_in_child() -> None:
+    """A forked child has no writer thread, and the parent's save in flight is not its own."""
+    global _jobs, _in_flight
+    _jobs, _in_flight = None, None
+
+
+atexit.register(wait_for_previous)
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
+def write_now(write: Write) -> None:
+    write()

@@ -1,0 +1,411 @@
+"""`python -m kerassave_fast` / `kerassave-fast`: look into, check and convert saved models.
+
+    inspect FILE [--json]   format, flavour, Keras version, layers, variables, optimizer, compression
+    verify FILE             CRCs and structure; exit code 0 (sound) or 1 (what is wrong is printed)
+    convert SRC DST         load SRC, save DST (format from DST's suffix; --compression gzip|zstd)
+    bench [ARGS]            the benchmark suite (benches/run.py of a source checkout)
+
+`inspect` and `verify` read metadata and checksums only: no model is built, and neither Keras nor
+TensorFlow is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from dataclasses import asdict, dataclass, field
+
+import h5py
+import numpy as np
+
+from ._core import KerasSaveError, TensorBundleReader, TensorFile, ZipArchive
+from .files import FileRegion
+from .formats.zip_members import member_name
+
+KERAS_ZIP, LEGACY_H5, WEIGHTS_H5, SAVED_MODEL, TF_CHECKPOINT = (
+    "keras-v3-zip",
+    "legacy-h5",
+    "keras-v3-weights-h5",
+    "tf-saved-model",
+    "tf-checkpoint",
+)
+_VERIFY_BATCH = 256 << 20  # bytes of bundle tensors read (and CRC32C-checked) at a time
+
+
+@dataclass
+class Variable:
+    name: str
+    shape: list[int]
+    dtype: str
+    bytes: int
+    compression: str | None = None  # HDF5 filters of a chunked dataset, e.g. "shuffle+gzip(4)+fletcher32"
+
+
+@dataclass
+class Report:
+    path: str
+    format: str
+    flavour: str | None = None
+    keras_version: str | None = None
+    model: str | None = None
+    layers: list[dict] = field(default_factory=list)
+    optimizer: str | None = None
+    variables: list[Variable] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(v.bytes for v in self.variables)
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "total_bytes": self.total_bytes}
+
+
+def file_format(path: str) -> str:
+    """Which container `path` is, from its content (a TF checkpoint: its prefix)."""
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "saved_model.pb")):
+            return SAVED_MODEL
+        raise KerasSaveError(f"{path}: a directory without saved_model.pb is no SavedModel")
+    if not os.path.exists(path) and os.path.exists(path + ".index"):
+        return TF_CHECKPOINT
+    with open(path, "rb") as f:
+        magic = f.read(8)
+    if magic.startswith(b"PK"):
+        return KERAS_ZIP
+    if magic == b"\x89HDF\r\n\x1a\n":
+        with h5py.File(path, "r") as h5:
+            return LEGACY_H5 if "keras_version" in h5.attrs or "layer_names" in h5.attrs else WEIGHTS_H5
+    raise KerasSaveError(f"{path}: neither a .keras zip, an HDF5 file, a SavedModel nor a TF checkpoint")
+
+
+def _flavour_of(keras_version: str | None) -> str | None:
+    if not keras_version:
+        return None
+    return "tf_keras" if keras_version.startswith("2.") else "keras3"
+
+
+def _text(value) -> str | None:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def _filters(dataset: h5py.Dataset) -> str | None:
+    if dataset.chunks is None:
+        return None
+    parts = ["shuffle"] if dataset.shuffle else []
+    if dataset.compression:
+        level = dataset.compression_opts
+        parts.append(f"{dataset.compression}({level})" if level is not None else dataset.compression)
+    parts += [f"filter {f}" for f in dataset._filters if f not in ("shuffle", "gzip", "fletcher32", "lzf", "szip")]
+    if dataset.fletcher32:
+        parts.append("fletcher32")
+    return "+".join(parts) or "chunked"
+
+
+def _hdf5_variables(h5: h5py.File) -> list[Variable]:
+    found: list[Variable] = []
+
+    def visit(name: str, obj) -> None:
+        if isinstance(obj, h5py.Dataset):
+            bf16 = obj.attrs.get("dtype") in ("bfloat16", b"bfloat16")  # Keras 3 stores it as uint16
+            dtype = "bfloat16" if bf16 else str(obj.dtype)
+            found.append(Variable(name, list(obj.shape), dtype, int(obj.size * obj.dtype.itemsize), _filters(obj)))
+
+    h5.visititems(visit)
+    return found
+
+
+def _model_summary(report: Report, config: dict) -> None:
+    report.model = config.get("class_name")
+    inner = config.get("config") or {}
+    for layer in inner.get("layers", []) if isinstance(inner, dict) else []:
+        report.layers.append({"name": (layer.get("config") or {}).get("name"), "class": layer.get("class_name")})
+
+
+@dataclass
+class _OpenKeras:
+    archive: ZipArchive
+    names: dict[str, int]  # member name -> index (the last one wins, as in `zipfile`)
+    file: TensorFile
+
+
+def _open_keras(path: str) -> _OpenKeras:
+    file = TensorFile(path)
+    archive = ZipArchive(file)
+    return _OpenKeras(archive, {member_name(m): m.index for m in archive.members()}, file)
+
+
+def _keras_weights(opened: _OpenKeras, path: str) -> h5py.File:
+    index = opened.names["model.weights.h5"]
+    member = opened.archive.members()[index]
+    if member.method == zipfile.ZIP_STORED:
+        region = FileRegion(opened.file.fileno(), opened.archive.data_offset(index), member.size, path)
+        return h5py.File(region, "r")
+    return h5py.File(io.BytesIO(opened.archive.read(index)), "r")
+
+
+def inspect_file(path: str) -> Report:
+    """What `path` holds, from its metadata (no tensor is read, no model built)."""
+    path = os.fspath(path)
+    report = Report(path, file_format(path))
+    if report.format == KERAS_ZIP:
+        opened = _open_keras(path)
+        metadata = json.loads(opened.archive.read(opened.names["metadata.json"]))
+        config = json.loads(opened.archive.read(opened.names["config.json"]))
+        report.keras_version = metadata.get("keras_version")
+        report.flavour = _flavour_of(report.keras_version)
+        _model_summary(report, config)
+        optimizer = (config.get("compile_config") or {}).get("optimizer")
+        report.optimizer = optimizer.get("class_name") if isinstance(optimizer, dict) else optimizer
+        if "model.weights.h5" in opened.names:
+            with _keras_weights(opened, path) as h5:
+                report.variables = _hdf5_variables(h5)
+    elif report.format in (LEGACY_H5, WEIGHTS_H5):
+        with h5py.File(path, "r") as h5:
+            report.keras_version = _text(h5.attrs.get("keras_version"))
+            report.flavour = _flavour_of(report.keras_version)
+            if "model_config" in h5.attrs:
+                _model_summary(report, json.loads(_text(h5.attrs["model_config"])))
+            if "training_config" in h5.attrs:
+                training = json.loads(_text(h5.attrs["training_config"]))
+                report.optimizer = (training.get("optimizer_config") or {}).get("class_name")
+            report.variables = _hdf5_variables(h5)
+    else:
+        prefix = os.path.join(path, "variables", "variables") if report.format == SAVED_MODEL else path
+        if report.format == SAVED_MODEL and os.path.exists(os.path.join(path, "keras_metadata.pb")):
+            report.flavour = "tf_keras"
+        for key, dtype, shape, size, _, _, _ in TensorBundleReader(prefix).entries():
+            report.variables.append(Variable(key, list(shape), _bundle_dtype_name(dtype), size))
+    return report
+
+
+# TensorFlow's DataType enum (tensorflow/core/framework/types.proto), named as numpy names them.
+_DATA_TYPES = {
+    1: "float32", 2: "float64", 3: "int32", 4: "uint8", 5: "int16", 6: "int8", 7: "string", 8: "complex64",
+    9: "int64", 10: "bool", 14: "bfloat16", 17: "uint16", 18: "complex128", 19: "float16", 22: "uint32", 23: "uint64",
+}  # fmt: skip
+
+
+_STRING = 7
+
+
+def _bundle_dtype_name(dtype: int) -> str:
+    return _DATA_TYPES.get(dtype, f"DataType {dtype}")
+
+
+def verify_file(path: str, threads: int = 0) -> list[str]:
+    """What is wrong with `path` (empty: nothing found). Checks every CRC the format has (zip
+    CRC-32 of each member, CRC32C of each bundle tensor, HDF5 Fletcher-32 of checksummed chunks)
+    and the structure: the HDF5 metadata parses, every dataset lies inside the file and its chunks
+    decode; configs parse as JSON. Uncompressed HDF5 tensors carry no checksum in any format."""
+    path = os.fspath(path)
+    try:
+        kind = file_format(path)
+        if kind == KERAS_ZIP:
+            return _verify_keras(path, threads)
+        if kind in (LEGACY_H5, WEIGHTS_H5):
+            with h5py.File(path, "r") as h5:
+                problems = _verify_json_attributes(h5)
+                return problems + _verify_hdf5(h5, os.path.getsize(path), path)
+        prefix = os.path.join(path, "variables", "variables") if kind == SAVED_MODEL else path
+        return _verify_bundle(prefix, threads)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        return [f"{path}: {e}"]
+
+
+def _verify_keras(path: str, threads: int) -> list[str]:
+    opened = _open_keras(path)
+    problems = []
+    for member in opened.archive.members():
+        try:
+            if member.method == zipfile.ZIP_STORED:
+                opened.archive.check_crc(member.index, threads)
+            else:
+                opened.archive.read(member.index)  # inflated, size and CRC checked
+        except (OSError, ValueError) as e:
+            problems.append(str(e))
+    for name in ("metadata.json", "config.json"):
+        if name not in opened.names:
+            problems.append(f"{path}: member {name!r} is missing")
+            continue
+        try:
+            json.loads(opened.archive.read(opened.names[name]))
+        except (ValueError, OSError) as e:
+            problems.append(f"{path}: member {name!r} is not valid JSON: {e}")
+    if "model.weights.h5" in opened.names and not problems:
+        member = opened.archive.members()[opened.names["model.weights.h5"]]
+        try:
+            with _keras_weights(opened, path) as h5:
+                problems += _verify_hdf5(h5, member.size, f"{path}: 'model.weights.h5'")
+        except OSError as e:
+            problems.append(f"{path}: 'model.weights.h5' is not a readable HDF5 file: {e}")
+    return problems
+
+
+def _verify_json_attributes(h5: h5py.File) -> list[str]:
+    problems = []
+    for name in ("model_config", "training_config"):
+        if name in h5.attrs:
+            try:
+                json.loads(_text(h5.attrs[name]))
+            except ValueError as e:
+                problems.append(f"{h5.filename}: root attribute {name!r} is not valid JSON: {e}")
+    return problems
+
+
+def _verify_hdf5(h5: h5py.File, size: int, where: str) -> list[str]:
+    problems = []
+
+    def visit(name: str, obj) -> None:
+        if not isinstance(obj, h5py.Dataset):
+            return
+        try:
+            if obj.chunks is None:
+                offset = obj.id.get_offset()
+                nbytes = obj.id.get_storage_size()
+                if obj.size and offset is None:
+                    problems.append(f"{where}: dataset {name!r} has no data")
+                elif offset is not None and offset + nbytes > size:
+                    end = offset + nbytes
+                    problems.append(f"{where}: dataset {name!r} ends past the end of the file ({end} > {size})")
+            else:
+                for block in obj.iter_chunks():  # decoded, Fletcher-32 checked: one chunk in memory at a time
+                    obj[block]
+        except (OSError, ValueError, KeyError) as e:
+            problems.append(f"{where}: dataset {name!r}: {e}")
+
+    try:
+        h5.visititems(visit)
+    except (OSError, ValueError, KeyError) as e:
+        problems.append(f"{where}: {e}")
+    return problems
+
+
+def _verify_bundle(prefix: str, threads: int) -> list[str]:
+    reader = TensorBundleReader(prefix)  # the index parsed and validated
+    entries = [(key, dtype, size) for key, dtype, _, size, partitioned, _, _ in reader.entries() if not partitioned]
+    fixed = [(key, size) for key, dtype, size in entries if dtype != _STRING]
+    strings = [key for key, dtype, _ in entries if dtype == _STRING]
+    problems = []
+    buffer = np.empty(min(_VERIFY_BATCH, max((s for _, s in fixed), default=0)), np.uint8)
+    batch: list[tuple[str, int]] = []
+
+    def check(batch: list[tuple[str, int]]) -> None:
+        views, at = [], 0
+        for _, size in batch:
+            views.append(buffer[at : at + size])
+            at += size
+        try:
+            reader.read_tensors([key for key, _ in batch], views, threads)  # CRC32C checked
+        except (OSError, ValueError) as e:
+            problems.append(str(e))
+
+    for key, size in fixed:
+        if size > len(buffer):
+            buffer = np.empty(size, np.uint8)
+        if batch and sum(s for _, s in batch) + size > len(buffer):
+            check(batch)
+            batch = []
+        batch.append((key, size))
+    if batch:
+        check(batch)
+    for key in strings:
+        try:
+            reader.read_strings(key)
+        except (OSError, ValueError) as e:
+            problems.append(str(e))
+    return problems
+
+
+def convert(source: str, destination: str, **save_kwargs) -> None:
+    """Loads `source` (its own flavour) and saves it as `destination` says (`.keras`, `.h5`,
+    `.weights.h5`, else a SavedModel: tf_keras' `save_format="tf"`, Keras 3's `export`)."""
+    from . import api
+
+    report = inspect_file(source)
+    if report.format in (WEIGHTS_H5, TF_CHECKPOINT) or (report.format == LEGACY_H5 and report.model is None):
+        raise KerasSaveError(f"{source}: holds weights only, no model to convert")
+    flavour = report.flavour or ("tf_keras" if api.legacy_keras_requested() else "keras3")
+    model = api.load_model_as(flavour, source)
+    if destination.endswith(".weights.h5"):
+        api.save_weights(model, destination, **save_kwargs)
+    elif destination.endswith((".keras", ".h5", ".hdf5")):
+        api.save_model(model, destination, **save_kwargs)
+    elif flavour == "tf_keras":
+        api.save_model(model, destination, save_format="tf", **save_kwargs)
+    else:
+        api.export_saved_model(model, destination, **save_kwargs)
+
+
+def _print_report(report: Report) -> None:
+    print(f"{report.path}: {report.format}")
+    for label, value in (
+        ("flavour", report.flavour),
+        ("keras version", report.keras_version),
+        ("model", report.model),
+        ("optimizer", report.optimizer),
+    ):
+        if value:
+            print(f"  {label}: {value}")
+    if report.layers:
+        print(f"  layers ({len(report.layers)}): " + ", ".join(f"{x['name']} ({x['class']})" for x in report.layers))
+    print(f"  variables: {len(report.variables)}, {report.total_bytes:,} bytes")
+    for v in report.variables:
+        extra = f"  [{v.compression}]" if v.compression else ""
+        print(f"    {v.name}  {tuple(v.shape)}  {v.dtype}  {v.bytes:,} B{extra}")
+
+
+def _bench(args: list[str]) -> int:
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "benches", "run.py")
+    if not os.path.exists(script):
+        print("kerassave-fast bench: needs a source checkout (benches/run.py); not found", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, os.path.abspath(script), *args])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kerassave-fast", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    inspect = commands.add_parser("inspect", help="what a saved model or weights file holds")
+    inspect.add_argument("file")
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    verify = commands.add_parser("verify", help="check CRCs and structure (exit code 1 if anything is wrong)")
+    verify.add_argument("file")
+    verify.add_argument("--threads", type=int, default=0)
+    conv = commands.add_parser("convert", help="load SRC, save DST")
+    conv.add_argument("source")
+    conv.add_argument("destination")
+    conv.add_argument("--compression", choices=("gzip", "zstd"))
+    conv.add_argument("--compression-level", type=int)
+    commands.add_parser("bench", help="run benches/run.py (a source checkout), with its arguments", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        return _bench(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        if args.command == "inspect":
+            report = inspect_file(args.file)
+            if args.json:
+                print(json.dumps(report.to_json(), indent=1))
+            else:
+                _print_report(report)
+            return 0
+        if args.command == "verify":
+            problems = verify_file(args.file, args.threads)
+            for problem in problems:
+                print(problem)
+            print(f"{args.file}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+            return 1 if problems else 0
+        options = {"compression": args.compression} if args.compression else {}
+        if args.compression_level is not None:
+            options["compression_level"] = args.compression_level
+        convert(args.source, args.destination, **options)
+        return 0
+    except (OSError, ValueError, KeyError) as e:
+        print(f"kerassave-fast {args.command}: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,283 @@
+"""`save_model(..., blocking=False)` / `save_weights(..., blocking=False)`: the file written in the
+background equals, bitwise, what a blocking save at the same training step writes, while
+training goes on during the write."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+
+import kerassave_fast
+from conftest import MODELS, _batch, state_of
+from kerassave_fast import asynchronous
+
+
+@pytest.fixture
+def gate(monkeypatch):
+    """Holds every background write until `gate.set()`: the test trains while the save waits."""
+    event = threading.Event()
+    started = []
+    defer = asynchronous.Deferred.defer
+
+    def gated_defer(self, write):
+        def gated():
+            started.append(True)
+            assert event.wait(120), "the test never opened the gate"
+            write()
+
+        defer(self, gated)
+
+    monkeypatch.setattr(asynchronous.Deferred, "defer", gated_defer)
+    event.started = started
+    yield event
+    event.set()
+    asynchronous.wait_for_previous()
+
+
+def _train(model, steps: int = 3) -> None:
+    x, y = _batch(model, seed=5)
+    for _ in range(steps):
+        model.train_on_batch(x, y)
+
+
+def _zip_members(path) -> dict[str, bytes]:
+    """Every member's bytes, but the save's date (in `metadata.json` and the zip's own timestamps)."""
+    with zipfile.ZipFile(path) as zf:
+        members = {name: zf.read(name) for name in zf.namelist()}
+    metadata = json.loads(members["metadata.json"])
+    assert metadata.pop("date_saved")
+    members["metadata.json"] = json.dumps(metadata).encode()
+    return members
+
+
+def _contents(path) -> dict[str, bytes] | bytes:
+    if str(path).endswith(".keras"):
+        return _zip_members(path)
+    with open(path, "rb") as f:
+        return f.read()
+
+
+SAVES = {
+    "keras": (kerassave_fast.save_model, "m.keras"),
+    "legacy_h5": (kerassave_fast.save_model, "m.h5"),
+    "weights_h5": (kerassave_fast.save_weights, "m.weights.h5"),
+}
+
+
+@pytest.mark.parametrize("name", ["convnet", "low_precision", "optimizer_adamw", "optimizer_sgd_momentum"])
+@pytest.mark.parametrize("kind", list(SAVES))
+def test_background_write_equals_blocking_save_at_the_same_step(name, kind, tmp_path, gate):
+    model = MODELS[name]()
+    save, filename = SAVES[kind]
+    expected = tmp_path / f"blocking-{filename}"
+    save(model, expected)
+    before = state_of(model)
+
+    handle = save(model, tmp_path / filename, blocking=False)
+    assert handle.asynchronous and not handle.done()
+    _train(model)  # training goes on while the save waits to be written
+    trained = state_of(model)
+    assert any(not np.array_equal(a, b) for (_, a), (_, b) in zip(before, trained, strict=True))
+    gate.set()
+    assert handle.result(timeout=120) is None and handle.done()
+    assert _contents(tmp_path / filename) == _contents(expected)
+
+
+def test_tf_keras_background_write_equals_blocking_save(tmp_path, gate):
+    """tf_keras' optimizers update slots in XLA-compiled steps: the snapshot holds there too."""
+    import tf_keras_models
+
+    model = tf_keras_models.trained(tf_keras_models.mixed_precision)
+    kerassave_fast.save_model(model, tmp_path / "blocking.keras")
+    handle = kerassave_fast.save_model(model, tmp_path / "m.keras", blocking=False)
+    for _ in range(3):
+        model.train_on_batch(*tf_keras_models.batch(model))
+    gate.set()
+    handle.result(timeout=120)
+    assert _contents(tmp_path / "m.keras") == _contents(tmp_path / "blocking.keras")
+
+
+def _bytes(state) -> list[bytes]:
+    return [a.tobytes() for _, a in state]
+
+
+def test_saved_file_loads_with_the_snapshot_state(tmp_path, gate):
+    model = MODELS["optimizer_adam"]()
+    at_save = state_of(model)
+    handle = kerassave_fast.save_model(model, tmp_path / "m.keras", blocking=False)
+    _train(model)
+    gate.set()
+    assert handle.wait(timeout=120)
+    assert _bytes(state_of(keras.saving.load_model(tmp_path / "m.keras"))) == _bytes(at_save)
+
+
+def test_a_failed_background_write_raises_from_result_and_keeps_the_old_file(tmp_path, monkeypatch):
+    model = MODELS["seed_example"]()
+    path = tmp_path / "m.keras"
+    kerassave_fast.save_model(model, path)
+    old = path.read_bytes()
+
+    def broken_layout(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("kerassave_fast.formats.keras_zip.write_layout", broken_layout)
+    handle = kerassave_fast.save_model(model, path, blocking=False)
+    with pytest.raises(OSError, match="No space left"):
+        handle.result(timeout=60)
+    assert handle.done() and path.read_bytes() == old
+    assert sorted(os.listdir(tmp_path)) == ["m.keras"]  # no temporary left
+
+
+def test_errors_before_the_write_raise_at_the_call(tmp_path):
+    model = MODELS["seed_example"]()
+    with pytest.raises(ValueError, match="`blocking` must be True or False"):
+        kerassave_fast.save_model(model, tmp_path / "m.keras", blocking="no")
+    with pytest.raises(TypeError, match="must be a Keras model"):
+        kerassave_fast.save_model(object(), tmp_path / "m.keras", blocking=False)
+
+
+def test_saves_and_loads_wait_for_the_save_in_flight(tmp_path, gate):
+    model = MODELS["optimizer_rmsprop"]()
+    first = state_of(model)
+    path = tmp_path / "m.keras"
+    handle = kerassave_fast.save_model(model, path, blocking=False)
+    _train(model)
+    second = state_of(model)
+    loaded = []
+    loading = threading.Thread(target=lambda: loaded.append(state_of(kerassave_fast.load_model(path))))
+    loading.start()
+    time.sleep(0.5)
+    assert not loaded and not handle.done()  # the load waits for the write, not for the old file
+    gate.set()
+    loading.join(120)
+    handle.result()
+    assert _bytes(loaded[0]) == _bytes(first)
+    gate.clear()
+    handle = kerassave_fast.save_model(model, path, blocking=False)
+    threading.Timer(0.5, gate.set).start()
+    kerassave_fast.save_weights(model, tmp_path / "w.weights.h5")  # a blocking save waits too
+    assert handle.done()
+    assert _bytes(state_of(kerassave_fast.load_model(path))) == _bytes(second)
+
+
+def test_a_second_background_save_starts_after_the_first(tmp_path, gate):
+    model = MODELS["seed_example"]()
+    first = kerassave_fast.save_model(model, tmp_path / "a.keras", blocking=False)
+    finished = []
+    thread = threading.Thread(
+        target=lambda: finished.append(kerassave_fast.save_weights(model, tmp_path / "b.weights.h5", blocking=False))
+    )
+    thread.start()
+    time.sleep(0.5)
+    assert not finished and len(gate.started) == 1  # the second waits before its snapshot
+    gate.set()
+    thread.join(120)
+    (second,) = finished
+    assert first.done() and second.result(timeout=60) is None
+    assert os.path.exists(tmp_path / "b.weights.h5")
+
+
+def test_saves_that_cannot_be_deferred_are_done_at_return(tmp_path):
+    model = MODELS["seed_example"]()
+    handle = kerassave_fast.save_model(model, tmp_path / "m", blocking=False, zipped=False)  # to stock
+    assert not handle.asynchronous and handle.done() and handle.result() is None
+    assert os.path.isdir(tmp_path / "m")
+
+
+def test_the_process_exits_after_the_background_write(tmp_path):
+    path = tmp_path / "m.keras"
+    script = f"""
+import keras, kerassave_fast
+m = keras.Sequential([keras.Input((64,)), keras.layers.Dense(512), keras.layers.Dense(512)])
+m.compile("adam", "mse")
+handle = kerassave_fast.save_model(m, {str(path)!r}, blocking=False, threads=1)
+print("returned", handle.done())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    assert "returned" in out.stdout
+    assert len(keras.saving.load_model(path).weights) == 4
+
+
+def _fit_with(callback_class, tmp_path, flavour="keras3", **callback_kwargs):
+    """Two epochs of 4 batches from the same seed, checkpointed by `callback_class`."""
+    if flavour == "keras3":
+        keras.utils.set_random_seed(3)
+        optimizer = keras.optimizers.Adam(name="adam")  # unnamed, its name counts the session's Adams
+        layers = keras.layers
+        hidden, out = layers.Dense(16, activation="relu", name="hidden"), layers.Dense(2, name="out")
+        model = keras.Sequential([keras.Input((6,), name="x"), hidden, out], name="net")
+    else:
+        import tf_keras
+
+        tf_keras.utils.set_random_seed(3)
+        optimizer = tf_keras.optimizers.Adam(name="adam")
+        layers = tf_keras.layers
+        model = tf_keras.Sequential(
+            [layers.Dense(16, activation="relu", input_shape=(6,), name="hidden"), layers.Dense(2, name="out")],
+            name="net",
+        )
+    model.compile(optimizer, "mse")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 6)).astype("float32")
+    y = rng.normal(size=(32, 2)).astype("float32")
+    callback = callback_class(**callback_kwargs)
+    model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, validation_data=(x, y), callbacks=[callback])
+    return callback
+
+
+@pytest.mark.parametrize(
+    "template, options",
+    [
+        ("ckpt-{epoch:02d}.keras", {}),
+        ("ckpt-{epoch:02d}-{batch}.weights.h5", {"save_weights_only": True, "save_freq": 2}),
+        ("best.keras", {"save_best_only": True, "monitor": "val_loss"}),
+    ],
+)
+def test_async_model_checkpoint_writes_what_model_checkpoint_writes(template, options, tmp_path):
+    from kerassave_fast.callbacks import AsyncModelCheckpoint
+
+    (tmp_path / "stock").mkdir()
+    _fit_with(keras.callbacks.ModelCheckpoint, tmp_path, filepath=str(tmp_path / "stock" / template), **options)
+    ours = _fit_with(AsyncModelCheckpoint, tmp_path, filepath=str(tmp_path / "ours" / template), **options)
+    assert ours._in_flight is None  # the end of fit() waited for the last save
+    written = sorted(os.listdir(tmp_path / "stock"))
+    assert len(written) >= (1 if "best" in template else 2)
+    assert sorted(os.listdir(tmp_path / "ours")) == written
+    for name in written:
+        assert _contents(tmp_path / "ours" / name) == _contents(tmp_path / "stock" / name), name
+
+
+def test_async_model_checkpoint_raises_a_failed_write(tmp_path, monkeypatch):
+    from kerassave_fast.callbacks import AsyncModelCheckpoint
+
+    def broken_layout(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("kerassave_fast.formats.keras_zip.write_layout", broken_layout)
+    with pytest.raises(OSError, match="No space left"):
+        _fit_with(AsyncModelCheckpoint, tmp_path, filepath=str(tmp_path / "ckpt-{epoch}.keras"))
+
+
+@pytest.mark.parametrize("template", ["ckpt-{epoch:02d}.keras", "ckpt-{epoch:02d}.h5"])
+def test_tf_keras_async_model_checkpoint_writes_what_model_checkpoint_writes(template, tmp_path):
+    import tf_keras
+
+    from kerassave_fast.callbacks import TFKerasAsyncModelCheckpoint
+
+    (tmp_path / "stock").mkdir()
+    (tmp_path / "ours").mkdir()
+    _fit_with(tf_keras.callbacks.ModelCheckpoint, tmp_path, "tf_keras", filepath=str(tmp_path / "stock" / template))
+    _fit_with(TFKerasAsyncModelCheckpoint, tmp_path, "tf_keras", filepath=str(tmp_path / "ours" / template))
+    written = sorted(os.listdir(tmp_path / "stock"))
+    assert len(written) == 2 and sorted(os.listdir(tmp_path / "ours")) == written
+    for name in written:
+        assert _contents(tmp_path / "ours" / name) == _contents(tmp_path / "stock" / name), name

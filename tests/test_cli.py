@@ -1,0 +1,196 @@
+"""The command line: `inspect`, `verify`, `convert` (python -m kerassave_fast)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import kerassave_fast as ksf
+from conftest import assert_same_state
+from kerassave_fast import cli
+from kerassave_fast.formats.keras_zip import KerasArchive
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, model_zoo):
+    """One model in every container, by stock and by us."""
+    import tf_keras_models
+
+    d = tmp_path_factory.mktemp("cli")
+    model = model_zoo("low_precision")
+    out = {"model": model}
+    ksf.save_model(model, d / "ours.keras")
+    keras.saving.save_model(model, d / "stock.keras")
+    ksf.save_model(model, d / "ours.h5")
+    ksf.save_weights(model, d / "ours.weights.h5")
+    ksf.save_model(model, d / "gzip.keras", compression="gzip", checksum=True)
+    tf_model = tf_keras_models.trained(tf_keras_models.dense_adam)
+    ksf.save_model(tf_model, d / "saved_model", save_format="tf")
+    ksf.save_weights(tf_model, d / "ckpt")
+    ksf.save_model(tf_model, d / "tf_keras.h5")
+    out.update({name: str(d / name) for name in os.listdir(d)})
+    out["ckpt"] = str(d / "ckpt")
+    return out
+
+
+def _variables(model) -> int:
+    return len(model.weights) + len(model.optimizer.variables)
+
+
+@pytest.mark.parametrize("name", ["ours.keras", "stock.keras", "gzip.keras"])
+def test_inspect_keras_zip(files, name):
+    report = cli.inspect_file(files[name])
+    model = files["model"]
+    assert (report.format, report.flavour, report.keras_version) == ("keras-v3-zip", "keras3", keras.__version__)
+    assert report.model == "Sequential" and report.optimizer == "Adam"
+    assert [x["name"] for x in report.layers][1:] == [layer.name for layer in model.layers]
+    assert len(report.variables) == _variables(model)
+    dtypes = sorted(v.dtype for v in report.variables)
+    assert dtypes == sorted([v.dtype for v in model.weights] + [v.dtype for v in model.optimizer.variables])
+    expected_bytes = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.weights)
+    assert sum(v.bytes for v in report.variables if v.name.startswith("layers/")) == expected_bytes
+    compressed = {v.compression for v in report.variables if v.shape}
+    assert compressed == ({"shuffle+gzip(4)+fletcher32"} if name == "gzip.keras" else {None})
+
+
+def test_inspect_other_containers(files):
+    h5 = cli.inspect_file(files["ours.h5"])
+    assert (h5.format, h5.flavour, h5.optimizer) == ("legacy-h5", "keras3", "Adam")
+    assert len(h5.variables) == _variables(files["model"])
+    weights = cli.inspect_file(files["ours.weights.h5"])
+    assert weights.format == "keras-v3-weights-h5" and len(weights.variables) == _variables(files["model"])
+    tf_h5 = cli.inspect_file(files["tf_keras.h5"])
+    assert (tf_h5.format, tf_h5.flavour) == ("legacy-h5", "tf_keras")
+    saved = cli.inspect_file(files["saved_model"])
+    assert (saved.format, saved.flavour) == ("tf-saved-model", "tf_keras")
+    assert "_CHECKPOINTABLE_OBJECT_GRAPH" in {v.name for v in saved.variables}
+    ckpt = cli.inspect_file(files["ckpt"])
+    assert ckpt.format == "tf-checkpoint" and any(v.dtype == "float32" for v in ckpt.variables)
+
+
+def test_inspect_json_and_no_tensorflow(files):
+    script = (
+        "import sys, kerassave_fast.cli as c; code = c.main(['inspect', '--json', sys.argv[1]]); "
+        "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules; sys.exit(code)"
+    )
+    command = [sys.executable, "-c", script, files["ours.keras"]]
+    report = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+    assert report["format"] == "keras-v3-zip" and report["total_bytes"] == sum(v["bytes"] for v in report["variables"])
+
+
+@pytest.mark.parametrize(
+    "name", ["ours.keras", "stock.keras", "gzip.keras", "ours.h5", "ours.weights.h5", "saved_model", "ckpt"]
+)
+def test_verify_sound_files(files, name, capsys):
+    assert cli.main(["verify", files[name]]) == 0
+    assert capsys.readouterr().out.strip().endswith("OK")
+
+
+def _flip(path: str, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x10]))
+
+
+def _copy(files, name: str, tmp_path) -> str:
+    import shutil
+
+    target = str(tmp_path / name)
+    (shutil.copytree if os.path.isdir(files[name]) else shutil.copyfile)(files[name], target)
+    return target
+
+
+def test_verify_finds_a_flipped_tensor_byte_in_a_keras_zip(files, tmp_path, capsys):
+    path = _copy(files, "ours.keras", tmp_path)
+    archive = KerasArchive(path)
+    member = archive.by_name["model.weights.h5"]
+    _flip(path, archive.zip.data_offset(member.index) + member.size - 3)  # the last tensor's bytes
+    del archive
+    assert cli.main(["verify", path]) == 1
+    assert "Bad CRC-32 for file 'model.weights.h5'" in capsys.readouterr().out
+
+
+def test_verify_finds_a_flipped_byte_in_a_bundle(files, tmp_path, capsys):
+    path = _copy(files, "saved_model", tmp_path)
+    data = os.path.join(path, "variables", "variables.data-00000-of-00001")
+    _flip(data, os.path.getsize(data) // 2)
+    assert cli.main(["verify", path]) == 1
+    assert "checksum" in capsys.readouterr().out.lower()
+
+
+def test_verify_finds_a_truncated_h5(files, tmp_path, capsys):
+    path = _copy(files, "ours.h5", tmp_path)
+    os.truncate(path, os.path.getsize(path) - 100)
+    assert cli.main(["verify", path]) == 1
+    assert "truncated" in capsys.readouterr().out  # libhdf5 compares its end-of-file address
+
+
+def test_verify_finds_a_flipped_checksummed_chunk(files, tmp_path, capsys):
+    """gzip + Fletcher-32 chunks: the chunk no longer decodes or its checksum fails."""
+    path = _copy(files, "ours.weights.h5", tmp_path)
+    ksf.save_weights(files["model"], path, compression="gzip", checksum=True)
+    report = cli.inspect_file(path)
+    assert all(v.compression for v in report.variables if v.shape)
+    import h5py
+
+    with h5py.File(path) as h5:
+        name = max((v for v in report.variables), key=lambda v: v.bytes).name
+        chunk = h5[name].id.get_chunk_info(0)
+    _flip(path, chunk.byte_offset + chunk.size // 2)
+    assert cli.main(["verify", path]) == 1
+    assert name in capsys.readouterr().out
+
+
+def test_verify_refuses_what_is_no_model_file(tmp_path, capsys):
+    junk = tmp_path / "junk.keras"
+    junk.write_bytes(b"not a model at all")
+    assert cli.main(["verify", str(junk)]) == 1
+    assert "junk.keras" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("destination", ["m.h5", "m.keras", "m.weights.h5"])
+def test_convert(files, tmp_path, destination):
+    target = str(tmp_path / destination)
+    assert cli.main(["convert", files["ours.keras"], target, "--compression", "gzip"]) == 0
+    if destination.endswith(".weights.h5"):
+        model = keras.saving.load_model(files["ours.keras"])
+        ksf.load_weights(model, target)
+    else:
+        model = ksf.load_model(target)
+        assert cli.inspect_file(target).variables[0].compression is not None or destination == "m.h5"
+    assert_same_state(files["model"], model)
+
+
+def test_convert_tf_keras_to_a_saved_model(files, tmp_path):
+    import tf_keras
+
+    import tf_keras_models
+
+    target = str(tmp_path / "sm")
+    assert cli.main(["convert", files["tf_keras.h5"], target]) == 0
+    tf_keras_models.assert_same_state(
+        tf_keras.models.load_model(files["tf_keras.h5"]), ksf.load_model_as("tf_keras", target)
+    )
+
+
+def test_convert_refuses_weights_only(files, tmp_path, capsys):
+    assert cli.main(["convert", files["ours.weights.h5"], str(tmp_path / "m.keras")]) == 1
+    assert "weights only" in capsys.readouterr().err
+
+
+def test_bench_runs_the_benchmark_suite(capfd):
+    assert cli.main(["bench", "--help"]) == 0
+    assert "--units" in capfd.readouterr().out
+
+
+def test_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "kerassave_fast", "--help"], capture_output=True, text=True, check=True)
+    assert all(command in out.stdout for command in ("inspect", "verify", "convert", "bench"))

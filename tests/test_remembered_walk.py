@@ -1,0 +1,131 @@
+"""Keras 3 saves replay stock's state walk for a model whose variables have not changed
+(keras3/state.py, `_RememberedWalk`). Each test changes something between two saves and checks the
+second save against stock's save of the same model, byte for byte."""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+
+import kerassave_fast as ksf
+from conftest import MODELS, _batch, member
+from kerassave_fast.keras3 import state
+
+WEIGHTS = "model.weights.h5"
+
+
+def _members(path) -> dict[str, bytes]:
+    with zipfile.ZipFile(path) as zf:
+        return {n: zf.read(n) for n in zf.namelist() if n != "metadata.json"}  # its date differs
+
+
+def assert_saves_like_stock(model, tmp_path, name: str) -> None:
+    ksf.save_model(model, tmp_path / f"{name}-ours.keras")
+    keras.saving.save_model(model, tmp_path / f"{name}-stock.keras")
+    assert _members(tmp_path / f"{name}-ours.keras") == _members(tmp_path / f"{name}-stock.keras")
+
+
+def test_a_trained_model_replays_its_walk(tmp_path, monkeypatch):
+    model = MODELS["low_precision"]()
+    assert_saves_like_stock(model, tmp_path, "first")
+    remembered = state._WALKS[model]
+    assert all(d.array.size == 0 for d in remembered.plan.datasets)  # it keeps no old buffer alive
+
+    def no_walk(*args, **kwargs):
+        raise AssertionError("stock's walk ran again")
+
+    monkeypatch.setattr(state.saving_lib, "_save_state", no_walk)
+    model.train_on_batch(*_batch(model, seed=1))
+    ksf.save_model(model, tmp_path / "second-ours.keras")
+    monkeypatch.undo()
+    keras.saving.save_model(model, tmp_path / "second-stock.keras")
+    assert member(tmp_path / "second-ours.keras", WEIGHTS) == member(tmp_path / "second-stock.keras", WEIGHTS)
+
+
+def test_a_new_optimizer_walks_again(tmp_path):
+    model = MODELS["optimizer_adam"]()
+    assert_saves_like_stock(model, tmp_path, "adam")
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="mse")
+    model.train_on_batch(*_batch(model))
+    assert_saves_like_stock(model, tmp_path, "sgd")
+
+
+def test_include_optimizer_is_part_of_the_walk(tmp_path):
+    model = MODELS["optimizer_adam"]()
+    ksf.save_model(model, tmp_path / "fresh-without.keras", include_optimizer=False)
+    ksf.save_model(model, tmp_path / "with.keras")
+    ksf.save_model(model, tmp_path / "without.keras", include_optimizer=False)
+    without = member(tmp_path / "without.keras", WEIGHTS)
+    assert without == member(tmp_path / "fresh-without.keras", WEIGHTS)
+    assert without != member(tmp_path / "with.keras", WEIGHTS)
+
+
+@keras.saving.register_keras_serializable(package="kerassave_fast_tests")
+class Counter(keras.layers.Layer):
+    """Saves a value it computes (not a variable): its walk is never replayed."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.calls = 0
+
+    def call(self, x):
+        return x
+
+    def save_own_variables(self, store):
+        store["calls"] = np.array([self.calls], "int64")
+
+    def load_own_variables(self, store):
+        self.calls = int(store["calls"][0])
+
+
+def test_computed_values_are_saved_as_they_are_at_each_save(tmp_path):
+    model = keras.Sequential([keras.Input((3,)), Counter(), keras.layers.Dense(2)])
+    model.compile("adam", "mse")
+    for calls in (1, 2):
+        model.layers[0].calls = calls
+        assert_saves_like_stock(model, tmp_path, f"calls{calls}")
+        assert ksf.load_model(tmp_path / f"calls{calls}-ours.keras").layers[0].calls == calls
+    assert model not in state._WALKS
+
+
+def test_assets_are_saved_as_they_are_at_each_save(tmp_path):
+    lookup = keras.layers.StringLookup()
+    lookup.adapt(np.array(["alpha", "beta"]))
+    inputs = keras.Input((1,), dtype="string")
+    model = keras.Model(inputs, keras.layers.Embedding(8, 2)(lookup(inputs)))
+    assert_saves_like_stock(model, tmp_path, "two")
+    lookup.set_vocabulary(["alpha", "beta", "gamma"])
+    assert_saves_like_stock(model, tmp_path, "three")
+    assert ksf.load_model(tmp_path / "three-ours.keras").layers[1].get_vocabulary() == lookup.get_vocabulary()
+
+
+def test_new_variables_walk_again(tmp_path):
+    """Quantizing replaces each Dense kernel by int8 values and a scale: new variables."""
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8), keras.layers.Dense(2)])
+    assert_saves_like_stock(model, tmp_path, "float")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Layer InputLayer does not have a `quantize` method")
+        model.quantize("int8")
+    assert_saves_like_stock(model, tmp_path, "int8")
+    assert member(tmp_path / "int8-ours.keras", WEIGHTS) != member(tmp_path / "float-ours.keras", WEIGHTS)
+
+
+@pytest.mark.parametrize("save", ["weights", "model"])
+def test_a_remembered_walk_keeps_nothing_alive(tmp_path, save):
+    import gc
+
+    model = MODELS["seed_example"]()
+    if save == "weights":
+        ksf.save_weights(model, tmp_path / "m.weights.h5")
+    else:
+        ksf.save_model(model, tmp_path / "m.keras")
+    assert model in state._WALKS
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None  # the remembered walk does not keep the model (or its variables) alive
