@@ -7,6 +7,7 @@ loaded state with what `keras.saving.load_model` restores.
 from __future__ import annotations
 
 import io
+import json
 import os
 import zipfile
 
@@ -165,6 +166,17 @@ def assert_same_state(expected: keras.Model, actual: keras.Model) -> None:
 def member(path, name: str) -> bytes:
     with zipfile.ZipFile(path) as zf:
         return zf.read(name)
+
+
+def members_but_date(path) -> dict[str, bytes]:
+    """A `.keras` zip's members, each one's bytes, but the save's date (in `metadata.json` and the
+    zip's own timestamps): what two saves of the same model at different times share."""
+    with zipfile.ZipFile(path) as zf:
+        members = {name: zf.read(name) for name in zf.namelist()}
+    metadata = json.loads(members["metadata.json"])
+    assert metadata.pop("date_saved")
+    members["metadata.json"] = json.dumps(metadata).encode()
+    return members
 
 
 def h5_tree(data: bytes) -> dict:

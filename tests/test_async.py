@@ -4,20 +4,18 @@ training goes on during the write."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import threading
 import time
-import zipfile
 
 import keras
 import numpy as np
 import pytest
 
 import kerassave_fast
-from conftest import MODELS, _batch, state_of
+from conftest import MODELS, _batch, members_but_date, state_of
 from kerassave_fast import asynchronous
 
 
@@ -49,19 +47,9 @@ def _train(model, steps: int = 3) -> None:
         model.train_on_batch(x, y)
 
 
-def _zip_members(path) -> dict[str, bytes]:
-    """Every member's bytes, but the save's date (in `metadata.json` and the zip's own timestamps)."""
-    with zipfile.ZipFile(path) as zf:
-        members = {name: zf.read(name) for name in zf.namelist()}
-    metadata = json.loads(members["metadata.json"])
-    assert metadata.pop("date_saved")
-    members["metadata.json"] = json.dumps(metadata).encode()
-    return members
-
-
 def _contents(path) -> dict[str, bytes] | bytes:
     if str(path).endswith(".keras"):
-        return _zip_members(path)
+        return members_but_date(path)
     with open(path, "rb") as f:
         return f.read()
 

@@ -204,12 +204,12 @@ def _saving(save, model, filepath, kwargs: dict):
     threads = _threads(kwargs.pop("threads", None))
     fsync = _fsync(kwargs.pop("fsync", False))
     blocking = _blocking(kwargs.pop("blocking", True))
-    show = progress.wanted(kwargs.pop("progress", None) if blocking else kwargs.pop("progress", False))
+    show = progress.wanted(kwargs.pop("progress", None if blocking else False))
     compression = _compression(kwargs)
     asynchronous.wait_for_previous()
     deferred = asynchronous.Deferred()
     total = progress.model_bytes(model) if show else 0
-    description = f"saving {os.path.basename(os.fspath(filepath))}" if show else ""
+    description = _labelled("saving", filepath)
 
     def defer(write):
         deferred.defer(progress.around(write, total, description) if show else write)
@@ -367,12 +367,13 @@ def load_model_as(flavour: str, filepath, custom_objects=None, compile=True, saf
     threads = _threads(kwargs.pop("threads", None))
     show = progress.wanted(kwargs.pop("progress", None))
     asynchronous.wait_for_previous()
-    with progress.bar(progress.path_bytes(filepath) if show else 0, _loading(filepath), show):
+    with progress.bar(progress.path_bytes(filepath) if show else 0, _labelled("loading", filepath), show):
         return _load_model_as(flavour, filepath, custom_objects, compile, safe_mode, threads, kwargs)
 
 
-def _loading(filepath) -> str:
-    return f"loading {os.path.basename(os.fspath(filepath))}" if isinstance(filepath, str | os.PathLike) else ""
+def _labelled(doing: str, filepath) -> str:
+    """A progress bar's description: what is done to which file (a file object's is not named)."""
+    return f"{doing} {os.path.basename(os.fspath(filepath))}" if isinstance(filepath, str | os.PathLike) else doing
 
 
 def _load_model_as(flavour, filepath, custom_objects, compile, safe_mode, threads, kwargs):
@@ -522,7 +523,7 @@ def load_weights(model, filepath, skip_mismatch=False, **kwargs):
     show = progress.wanted(kwargs.pop("progress", None))
     flavour = _flavour(model)
     asynchronous.wait_for_previous()
-    with progress.bar(progress.path_bytes(filepath) if show else 0, _loading(filepath), show):
+    with progress.bar(progress.path_bytes(filepath) if show else 0, _labelled("loading", filepath), show):
         return _load_weights(model, flavour, filepath, skip_mismatch, threads, kwargs)
 
 
