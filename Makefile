@@ -5,7 +5,7 @@ DEPS   := $(VENV)/.deps-installed
 BUILT  := $(VENV)/.extension-built
 RUST_SOURCES := $(wildcard rust/*.rs rust/*/*.rs) Cargo.toml Cargo.lock
 
-.PHONY: test bench bench-compression bench-saved-model bench-adoption build lint fmt clean stock-suites fuzz corpus compat
+.PHONY: test bench bench-compression bench-saved-model bench-adoption bench-mapped build lint fmt clean stock-suites fuzz corpus compat
 
 $(DEPS): requirements-dev.txt
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -24,15 +24,16 @@ test: $(BUILT)
 	cargo test --release --quiet
 	$(PYTHON) -m pytest
 
-# Benchmark on the built-in default model, then compressed weights files, tf_keras SavedModels, and
-# background saves / install() / the command line; writes benches/results/. BENCH_ARGS,
-# COMPRESSION_ARGS, SAVED_MODEL_ARGS and ADOPTION_ARGS pass options (`make bench-compression`,
-# `make bench-saved-model` and `make bench-adoption` run those parts alone).
+# Benchmark on the built-in default model, then compressed weights files, tf_keras SavedModels,
+# background saves / install() / the command line, and mapped loads of a 3.2 GB model; writes
+# benches/results/. BENCH_ARGS, COMPRESSION_ARGS, SAVED_MODEL_ARGS, ADOPTION_ARGS and MAPPED_ARGS pass
+# options (`make bench-compression`, `bench-saved-model`, `bench-adoption`, `bench-mapped` run one part).
 bench: $(BUILT)
 	$(PYTHON) benches/run.py $(BENCH_ARGS)
 	$(PYTHON) benches/compression.py $(COMPRESSION_ARGS)
 	$(PYTHON) benches/saved_model.py $(SAVED_MODEL_ARGS)
 	$(PYTHON) benches/adoption.py $(ADOPTION_ARGS)
+	$(PYTHON) benches/mapped.py $(MAPPED_ARGS)
 
 bench-compression: $(BUILT)
 	$(PYTHON) benches/compression.py $(COMPRESSION_ARGS)
@@ -42,6 +43,9 @@ bench-saved-model: $(BUILT)
 
 bench-adoption: $(BUILT)
 	$(PYTHON) benches/adoption.py $(ADOPTION_ARGS)
+
+bench-mapped: $(BUILT)
+	$(PYTHON) benches/mapped.py $(MAPPED_ARGS)
 
 # Stock's own saving tests, on stock and with kerassave_fast.install(), diffed (~25 min; not in CI).
 stock-suites: $(BUILT)

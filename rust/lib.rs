@@ -294,10 +294,21 @@ impl ZipWriter {
         Ok(self.inner.add_stored(&self.file, name, when, external_attr, data)?)
     }
 
-    /// Reserves a member whose data others write; returns the file offset where the data starts.
-    fn begin_stored(&mut self, name: &str, date_time: DateTime, external_attr: u32, size_hint: u64) -> PyResult<u64> {
+    /// Reserves a member whose data others write; returns the file offset where the data starts,
+    /// a multiple of `alignment` (the local header is padded to it).
+    #[pyo3(signature = (name, date_time, external_attr, size_hint, alignment=1))]
+    fn begin_stored(
+        &mut self,
+        name: &str,
+        date_time: DateTime,
+        external_attr: u32,
+        size_hint: u64,
+        alignment: u64,
+    ) -> PyResult<u64> {
         let when = zip::DosDateTime::from_parts(date_time)?;
-        Ok(self.inner.begin_stored(name, when, external_attr, size_hint)?)
+        Ok(self
+            .inner
+            .begin_stored(name, when, external_attr, size_hint, alignment)?)
     }
 
     fn end_stored(&mut self, size: u64, crc32: u32) -> PyResult<()> {

@@ -24,6 +24,10 @@ const EOCD64_SIG: u32 = 0x0606_4b50;
 const LOCATOR_SIG: u32 = 0x0706_4b50;
 
 const LOCAL_HEADER_LEN: u64 = 30;
+/// Android zipalign's extra field: a u16 alignment, then zeros (readers skip unknown local fields).
+const ALIGNMENT_FIELD: u16 = 0xD935;
+const ALIGNMENT_FIELD_MIN: u64 = 6;
+pub const MAX_ALIGNMENT: u64 = 4096;
 const CENTRAL_HEADER_LEN: usize = 46;
 const EOCD_LEN: u64 = 22;
 const EOCD64_LEN: u64 = 56;
@@ -93,6 +97,10 @@ pub struct Member {
     pub external_attr: u32,
     /// Whether the local header carries a ZIP64 extra field (which also raises the versions to 4.5).
     pub zip64_local: bool,
+    /// Bytes of the padding extra field in the local header (0: none), which aligns the member's data
+    /// to `data_alignment`.
+    pub local_padding: u16,
+    pub data_alignment: u16,
 }
 
 impl Member {
@@ -108,11 +116,27 @@ impl Member {
             header_offset,
             external_attr,
             zip64_local: false,
+            local_padding: 0,
+            data_alignment: 1,
         }
     }
 
     fn local_header_len(&self) -> u64 {
-        LOCAL_HEADER_LEN + self.name.len() as u64 + if self.zip64_local { 20 } else { 0 }
+        LOCAL_HEADER_LEN + self.name.len() as u64 + if self.zip64_local { 20 } else { 0 } + self.local_padding as u64
+    }
+
+    /// Pads the local header with an extra field so that the member's data starts at a multiple of
+    /// `alignment` (a power of two): Android's zipalign field (0xD935: the alignment, then zeros).
+    fn align_data(&mut self, alignment: u64) {
+        if alignment > 1 {
+            let unpadded = self.header_offset + self.local_header_len();
+            let mut padding = (alignment - unpadded % alignment) % alignment;
+            while padding < ALIGNMENT_FIELD_MIN {
+                padding += alignment;
+            }
+            self.local_padding = padding as u16;
+            self.data_alignment = alignment as u16;
+        }
     }
 }
 
@@ -138,6 +162,13 @@ fn local_header(m: &Member) -> Vec<u8> {
     } else {
         (m.compressed_size as u32, m.size as u32, DEFAULT_VERSION)
     };
+    if m.local_padding > 0 {
+        let body = m.local_padding - 4;
+        put16(&mut extra, ALIGNMENT_FIELD);
+        put16(&mut extra, body);
+        put16(&mut extra, m.data_alignment);
+        extra.resize(extra.len() + body as usize - 2, 0);
+    }
     let mut out = Vec::with_capacity(m.local_header_len() as usize);
     put32(&mut out, LOCAL_SIG);
     out.push(version);
@@ -288,7 +319,8 @@ impl ZipWriter {
         Ok(())
     }
 
-    /// Reserves a STORED member's local header and returns the file offset where its data starts.
+    /// Reserves a STORED member's local header and returns the file offset where its data starts,
+    /// a multiple of `alignment` (a power of two; 1: no padding, as `zipfile`).
     /// `size_hint` must not be less than the final size where that decides ZIP64.
     pub fn begin_stored(
         &mut self,
@@ -296,10 +328,18 @@ impl ZipWriter {
         modified: DosDateTime,
         external_attr: u32,
         size_hint: u64,
+        alignment: u64,
     ) -> Result<u64> {
         self.check_idle("begin a member")?;
+        if !alignment.is_power_of_two() || alignment > MAX_ALIGNMENT {
+            return Err(Error::Argument(format!(
+                "{}: alignment {alignment} is not a power of two up to {MAX_ALIGNMENT}",
+                self.path.display()
+            )));
+        }
         let mut m = self.new_member(name, modified, external_attr)?;
         m.zip64_local = self.needs_zip64_local(size_hint);
+        m.align_data(alignment);
         let data_offset = self.end + m.local_header_len();
         self.open = Some(m);
         Ok(data_offset)
@@ -500,7 +540,9 @@ pub fn read_directory(file: &File, path: &Path) -> Result<Vec<Member>> {
             size: u32_at(fixed, 24) as u64,
             header_offset: u32_at(fixed, 42) as u64,
             external_attr: u32_at(fixed, 38),
-            zip64_local: false,
+            zip64_local: false, // the local header's framing is the writer's: not in the directory
+            local_padding: 0,
+            data_alignment: 1,
         };
         apply_zip64_extra(&mut m, &var[name_len..name_len + extra_len], path)?;
         m.header_offset = m
@@ -688,7 +730,7 @@ mod tests {
         w.add_stored(file, "metadata.json", when(), 0o600 << 16, b"{\"a\": 1}")
             .unwrap();
         let at = w
-            .begin_stored("model.weights.h5", when(), 0o600 << 16, big.len() as u64)
+            .begin_stored("model.weights.h5", when(), 0o600 << 16, big.len() as u64, 1)
             .unwrap();
         file.write_all_at(big, at).unwrap();
         w.end_stored(file, big.len() as u64, crc32fast::hash(big)).unwrap();
@@ -785,6 +827,30 @@ mod tests {
     }
 
     #[test]
+    fn aligned_members_start_at_multiples_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = open_rw(&dir, "al.zip");
+        for alignment in [1u64, 2, 64, 4096] {
+            for (limit, name) in [(ZIP64_LIMIT, "w.h5"), (10, "a-longer-member-name.h5")] {
+                let mut w = ZipWriter::with_zip64_limit(Path::new("al.zip"), limit);
+                w.add_stored(&file, "config.json", when(), 0, b"{}").unwrap();
+                let big = vec![7u8; 300];
+                let at = w.begin_stored(name, when(), 0, 300, alignment).unwrap();
+                assert_eq!(at % alignment, 0, "alignment {alignment}, limit {limit}");
+                file.write_all_at(&big, at).unwrap();
+                w.end_stored(&file, 300, crc32fast::hash(&big)).unwrap();
+                w.finish(&file).unwrap();
+                let members = read_directory(&file, Path::new("al.zip")).unwrap();
+                assert_eq!(data_offset(&file, Path::new("al.zip"), &members[1]).unwrap(), at);
+                assert_eq!(read_member(&file, Path::new("al.zip"), &members[1]).unwrap(), big);
+            }
+        }
+        let mut w = ZipWriter::new(Path::new("al.zip"));
+        assert!(w.begin_stored("x", when(), 0, 1, 3).is_err());
+        assert!(w.begin_stored("x", when(), 0, 1, 8192).is_err());
+    }
+
+    #[test]
     fn names_longer_than_a_header_holds_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let file = open_rw(&dir, "n.zip");
@@ -792,7 +858,7 @@ mod tests {
         let long = "a".repeat(u16::MAX as usize + 1);
         let err = w.add_stored(&file, &long, when(), 0, b"x").unwrap_err();
         assert!(err.to_string().contains("longer than the 65535 bytes"), "{err}");
-        assert!(w.begin_stored(&long, when(), 0, 1).is_err());
+        assert!(w.begin_stored(&long, when(), 0, 1, 1).is_err());
         w.add_stored(&file, &long[1..], when(), 0, b"x").unwrap();
         w.finish(&file).unwrap();
         assert_eq!(

@@ -319,3 +319,41 @@ def test_keras3_load_weights_of_an_h5_skip_mismatch(tmp_path):
     with pytest.warns(UserWarning, match="Skipping loading weights"):
         ksf.load_weights(other, tmp_path / "m.h5", skip_mismatch=True)
     np.testing.assert_array_equal(small.layers[0].kernel.numpy(), other.layers[0].kernel.numpy())
+
+
+@pytest.mark.parametrize("which", ["stock_w", "ours_w", "stock", "ours"])
+def test_tf_keras_load_weights_of_an_h5_is_ours_and_stocks(tf_keras_saved, which, monkeypatch):
+    """`load_weights` of a weights file or of a whole model's `.h5` (its `model_weights`): what
+    stock's `load_weights` loads, bitwise, or its error; stock's reader does not run."""
+    from tf_keras.src.saving.legacy import hdf5_format
+
+    model, paths = tf_keras_saved
+    reference = tf_keras.models.clone_model(model)
+    try:
+        reference.load_weights(paths[which])
+        expected = [w.numpy().tobytes() for w in reference.weights]
+    except ValueError as e:
+        expected = str(e)
+    monkeypatch.setattr(hdf5_format, "load_weights_from_hdf5_group", lambda *a, **k: pytest.fail("stock ran"))
+    fresh = tf_keras.models.clone_model(model)
+    try:
+        ksf.load_weights(fresh, paths[which])
+        got = [w.numpy().tobytes() for w in fresh.weights]
+    except ValueError as e:
+        got = str(e)
+    if isinstance(expected, str):  # bfloat16 weights: stock cannot read back what it wrote
+        assert isinstance(got, str) or got == [w.numpy().tobytes() for w in model.weights]
+    else:
+        assert got == expected
+
+
+def test_tf_keras_load_weights_of_an_h5_refuses_as_stock(tf_keras_saved, tmp_path):
+    model, paths = tf_keras_saved
+    other = tf_keras.Sequential([tf_keras.Input((3,)), tf_keras.layers.Dense(2)])
+    with pytest.raises(ValueError) as stock_error:
+        other.load_weights(paths["stock_w"])
+    with pytest.raises(ValueError) as our_error:
+        ksf.load_weights(other, paths["ours_w"])
+    assert str(our_error.value) == str(stock_error.value)
+    with pytest.raises(ValueError, match="skip_mismatch can only be set to True when by_name is True"):
+        ksf.load_weights(other, paths["ours_w"], skip_mismatch=True)  # stock's refusal, through stock

@@ -125,3 +125,22 @@ def test_the_keras_format_at_another_suffix_is_stocks_error(saved, tmp_path):
     with pytest.raises(ValueError, match="Invalid `filepath` argument"):
         ksf.save_model(model, path, save_format="keras_v3")
     assert not path.exists()
+
+
+def test_an_aligned_tf_keras_file_loads_in_stock_and_mapped(saved, tmp_path):
+    model, _, _ = saved
+    path = tmp_path / "aligned.keras"
+    ksf.save_model(model, path, aligned=True)
+    loaded = _stock_load(model, path)
+    if loaded is not None:
+        tf_keras_models.assert_same_state(model, loaded)
+    mapped = ksf.load_model_as("tf_keras", path, mmap=True)
+    ksf.verification(mapped).result(60)
+    tf_keras_models.assert_same_state(model, mapped)
+    x, y = tf_keras_models.batch(model, seed=1)
+    before = path.read_bytes()
+    copied = ksf.load_model_as("tf_keras", path)
+    copied.train_on_batch(x, y)
+    mapped.train_on_batch(x, y)
+    tf_keras_models.assert_same_state(copied, mapped)
+    assert path.read_bytes() == before

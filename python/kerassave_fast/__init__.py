@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from ._core import BadKerasZipFile, KerasSaveError
 from .asynchronous import SaveHandle
 from .install import install, installed, uninstall
+from .mapped import Verification, verification
 from .overwrite import OverwriteRefused
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ __all__ = [
     "KerasSaveError",
     "OverwriteRefused",
     "SaveHandle",
+    "Verification",
     "export_saved_model",
     "install",
     "installed",
@@ -45,6 +47,7 @@ __all__ = [
     "save_model",
     "save_weights",
     "uninstall",
+    "verification",
 ]
 # The API, imported from `api` on first use: what `__all__` names and nothing above defined.
 _API = frozenset(name for name in __all__ if name not in globals())

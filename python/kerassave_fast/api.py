@@ -13,7 +13,7 @@ import sys
 import threading
 import warnings
 
-from . import asynchronous, progress
+from . import asynchronous, mapped, progress
 from ._core import MAX_THREADS
 from .asynchronous import write_now
 from .files import durability, sync
@@ -21,6 +21,7 @@ from .formats import legacy_h5, tensor_bundle, weights_h5
 from .keras3 import hooks as keras3_hooks
 from .overwrite import ask_to_replace, prompt_refusals
 from .stock import KERAS3_SAVING_API, TF_KERAS_SAVING_API, stock
+from .tensors import ALIGNMENT
 
 _LEGACY_KERAS_VALUES = ("true", "True", "1")  # tensorflow/python/util/lazy_loader.py
 
@@ -176,7 +177,9 @@ def save_model(model, filepath, overwrite=True, *args, save_format=None, **kwarg
             (None, "gzip" or "zstd"; chunked datasets with shuffle, compressed on all cores;
             stock h5py reads gzip as it is and zstd with `hdf5plugin`), `compression_level`
             (gzip 0-9, default 4; zstd 1-22, default 3), `chunk_bytes` (about 1 MiB by default)
-            and `checksum` (HDF5's Fletcher-32 filter per chunk, checked by every reader); for a
+            and `checksum` (HDF5's Fletcher-32 filter per chunk, checked by every reader), and
+            `aligned` (default False: when True, every tensor at a 64-byte boundary of the file, for
+            `load_model(..., mmap=True)`; stock reads the file, a few KB larger); for a
             tf_keras SavedModel, `max_shard_size` (GB, as Keras 3's `save_weights` takes it):
             `variables/` in data shards of at most that size, written side by side (a larger
             tensor gets a shard of its own), which TensorFlow reads as any sharded checkpoint.
@@ -191,14 +194,16 @@ def save_model(model, filepath, overwrite=True, *args, save_format=None, **kwarg
     that fails leaves any previous file untouched.
     """
 
-    def save(threads, compression, write):
-        return _save_model(model, filepath, overwrite, threads, args, save_format, kwargs, compression, write)
+    def save(threads, compression, alignment, write):
+        return _save_model(
+            model, filepath, overwrite, threads, args, save_format, kwargs, compression, alignment, write
+        )
 
     return _saving(save, model, filepath, kwargs)
 
 
 def _saving(save, model, filepath, kwargs: dict):
-    """Runs `save(threads, compression, write)` with our own keywords taken out of `kwargs`:
+    """Runs `save(threads, compression, alignment, write)` with our own keywords taken out of `kwargs`:
     durably if `fsync`, and with `blocking=False` its file write deferred to the background
     (then returns a `SaveHandle`)."""
     threads = _threads(kwargs.pop("threads", None))
@@ -206,6 +211,7 @@ def _saving(save, model, filepath, kwargs: dict):
     blocking = _blocking(kwargs.pop("blocking", True))
     show = progress.wanted(kwargs.pop("progress", None if blocking else False))
     compression = _compression(kwargs)
+    alignment = ALIGNMENT if _aligned(kwargs.pop("aligned", False)) else 1
     asynchronous.wait_for_previous()
     deferred = asynchronous.Deferred()
     total = progress.model_bytes(model) if show else 0
@@ -215,7 +221,7 @@ def _saving(save, model, filepath, kwargs: dict):
         deferred.defer(progress.around(write, total, description) if show else write)
 
     with durability(fsync) as durable, progress.bar(total, description, show and blocking):
-        result = save(threads, compression, write_now if blocking else defer)
+        result = save(threads, compression, alignment, write_now if blocking else defer)
         if not deferred.pending:  # else the deferred write syncs what it writes
             _sync_what_stock_wrote(durable, filepath, model)
         if not blocking:
@@ -236,7 +242,18 @@ def _compression(kwargs: dict) -> weights_h5.Compression | None:
     return weights_h5.Compression.from_arguments(**given)
 
 
-def _no_compression_here(compression: weights_h5.Compression | None, filepath) -> None:
+def _aligned(aligned) -> bool:
+    if not isinstance(aligned, bool):
+        raise TypeError(f"`aligned` must be True or False. Received: aligned={aligned!r}")
+    return aligned
+
+
+def _no_compression_here(compression: weights_h5.Compression | None, filepath, alignment: int = 1) -> None:
+    if alignment > 1:
+        raise ValueError(
+            f"`aligned` applies to local `.keras`, `.h5` and `.weights.h5` files, not to {filepath!r} "
+            "(or these arguments)"
+        )
     if compression is not None:
         raise ValueError(
             "`compression`, `chunk_bytes` and `checksum` apply to local `.keras`, `.h5` and `.weights.h5` "
@@ -262,7 +279,9 @@ def _warn_if_unbuilt(model) -> None:
         )
 
 
-def _save_model(model, filepath, overwrite, threads, args, save_format, kwargs, compression=None, write=write_now):
+def _save_model(
+    model, filepath, overwrite, threads, args, save_format, kwargs, compression=None, alignment=1, write=write_now
+):
     flavour = _flavour(model)
     if flavour == "tf_keras":
         given = {} if save_format is None else {"save_format": save_format}
@@ -274,7 +293,7 @@ def _save_model(model, filepath, overwrite, threads, args, save_format, kwargs, 
 
         path = _local_path(filepath, "tf_keras")
         max_shard_bytes = tensor_bundle.max_shard_bytes(kwargs.pop("max_shard_size", None))
-        if compression is None and tf_saved_model.can_save_fast(model, path, save_format, kwargs):
+        if compression is None and alignment == 1 and tf_saved_model.can_save_fast(model, path, save_format, kwargs):
             with _no_gc_pauses():
                 return tf_saved_model.save(
                     model, path, overwrite, **kwargs, threads=threads, max_shard_bytes=max_shard_bytes
@@ -286,16 +305,20 @@ def _save_model(model, filepath, overwrite, threads, args, save_format, kwargs, 
 
                 _warn_if_unbuilt(model)
                 with _no_gc_pauses():
-                    write(keras_zip.prepare_save(model, path, True, threads, compression=compression, flavour=keras_v3))
+                    write(
+                        keras_zip.prepare_save(
+                            model, path, True, threads, compression=compression, alignment=alignment, flavour=keras_v3
+                        )
+                    )
             return None
         if tf_legacy_h5.can_save_model_fast(model, path, save_format, kwargs):
             warnings.warn(tf_legacy_h5.H5_SAVE_WARNING, stacklevel=5)
             if overwrite or not os.path.isfile(path) or ask_to_replace(path, "tf_keras"):
                 with _no_gc_pauses():
                     contents = tf_legacy_h5.model_contents(model, kwargs.get("include_optimizer", True))
-                    write(legacy_h5.prepare_save(contents, path, threads, compression))
+                    write(legacy_h5.prepare_save(contents, path, threads, compression, alignment))
             return None
-        _no_compression_here(compression, filepath)
+        _no_compression_here(compression, filepath, alignment)
         with prompt_refusals(filepath):
             return stock(TF_KERAS_SAVING_API, "save_model")(
                 model, filepath, overwrite=overwrite, save_format=save_format, **kwargs
@@ -312,7 +335,7 @@ def _save_model(model, filepath, overwrite, threads, args, save_format, kwargs, 
         and set(kwargs) <= {"include_optimizer", "zipped"}
     )
     if not fast:
-        _no_compression_here(compression, filepath)
+        _no_compression_here(compression, filepath, alignment)
         if save_format:
             kwargs["save_format"] = save_format
         with _compile_config_kept(model), prompt_refusals(filepath):
@@ -326,7 +349,7 @@ def _save_model(model, filepath, overwrite, threads, args, save_format, kwargs, 
         if _may_write(filepath, overwrite):
             with _no_gc_pauses(), _compile_config_kept(model):
                 contents = keras3_legacy_h5.model_contents(model, include_optimizer)
-                write(legacy_h5.prepare_save(contents, path, threads, compression))
+                write(legacy_h5.prepare_save(contents, path, threads, compression, alignment))
         return None
     if not _may_write(filepath, overwrite):
         return None
@@ -334,7 +357,11 @@ def _save_model(model, filepath, overwrite, threads, args, save_format, kwargs, 
     from .formats import keras_zip
 
     with _no_gc_pauses():
-        write(keras_zip.prepare_save(model, path, include_optimizer, threads, compression=compression))
+        write(
+            keras_zip.prepare_save(
+                model, path, include_optimizer, threads, compression=compression, alignment=alignment
+            )
+        )
     return None
 
 
@@ -347,10 +374,15 @@ def load_model(filepath, custom_objects=None, compile=True, safe_mode=True, **kw
         custom_objects: mapping of names to custom classes or functions used in the model.
         compile: whether to compile the model after loading, as it was when saved.
         safe_mode: refuse `lambda` deserialization (Keras v3 format), as stock does.
-        **kwargs: our own `threads` (I/O threads, default one per core) and `progress` (a
+        **kwargs: our own `threads` (I/O threads, default one per core), `progress` (a
             progress bar in bytes on stderr for a load past a second: True, False, or None, the
-            default, for one when stderr is a terminal and `CI` is not set); for tf_keras, stock's
-            `options`.
+            default, for one when stderr is a terminal and `CI` is not set), `mmap` (default False;
+            for `.keras` and `.h5` files: variables adopt the pages of a private, copy-on-write map of
+            the file instead of a copy, for every tensor saved at an aligned offset -- files saved
+            with `aligned=True`; other tensors are read as usual) and `verify` (a mapped `.keras`
+            load's CRC-32 check: "background", the default, checks after returning and reports through
+            `kerassave_fast.verification(model)`; True checks before, reading the whole file; False
+            never); for tf_keras, stock's `options`.
 
     The flavour follows TensorFlow's rule for `tf.keras`: tf_keras when `TF_USE_LEGACY_KERAS` is
     `1`/`true`, else Keras 3.
@@ -366,9 +398,27 @@ def load_model_as(flavour: str, filepath, custom_objects=None, compile=True, saf
         raise ValueError(f"`flavour` must be 'keras3' or 'tf_keras'. Received: flavour={flavour!r}")
     threads = _threads(kwargs.pop("threads", None))
     show = progress.wanted(kwargs.pop("progress", None))
+    reading = _Reading(threads, kwargs)
     asynchronous.wait_for_previous()
     with progress.bar(progress.path_bytes(filepath) if show else 0, _labelled("loading", filepath), show):
-        return _load_model_as(flavour, filepath, custom_objects, compile, safe_mode, threads, kwargs)
+        return _load_model_as(flavour, filepath, custom_objects, compile, safe_mode, reading, kwargs)
+
+
+class _Reading:
+    """How a load reads tensors: `threads`, and whether from a private map of the file (`mmap`,
+    `verify`; see mapped.py), taken out of the keyword arguments."""
+
+    def __init__(self, threads: int, kwargs: dict):
+        self.threads = threads
+        self.mmap = kwargs.pop("mmap", False)
+        self.verify = mapped.verify_choice(self.mmap, kwargs.pop("verify", None))
+
+    def not_here(self, filepath) -> None:
+        """Refuses `mmap=True` for a load that does not read the file itself (stock's, TensorFlow's)."""
+        if self.mmap:
+            raise ValueError(
+                f"`mmap=True` applies to local `.keras`, `.h5` and `.weights.h5` files, not to {filepath!r}"
+            )
 
 
 def _labelled(doing: str, filepath) -> str:
@@ -376,7 +426,8 @@ def _labelled(doing: str, filepath) -> str:
     return f"{doing} {os.path.basename(os.fspath(filepath))}" if isinstance(filepath, str | os.PathLike) else doing
 
 
-def _load_model_as(flavour, filepath, custom_objects, compile, safe_mode, threads, kwargs):
+def _load_model_as(flavour, filepath, custom_objects, compile, safe_mode, reading: _Reading, kwargs):
+    threads = reading.threads
     if flavour == "tf_keras":
         from .tf_keras import keras_v3
         from .tf_keras import legacy_h5 as tf_legacy_h5
@@ -386,10 +437,13 @@ def _load_model_as(flavour, filepath, custom_objects, compile, safe_mode, thread
             from .formats import keras_zip
 
             with _no_gc_pauses(), _naming(path):
-                return keras_zip.load(path, custom_objects, compile, safe_mode, threads, flavour=keras_v3)
+                return keras_zip.load(
+                    path, custom_objects, compile, safe_mode, threads, keras_v3, reading.mmap, reading.verify
+                )
         if tf_legacy_h5.can_load_model_fast(path, kwargs):
-            with _no_gc_pauses(), _naming(path), weights_h5.read_ahead(path, threads) as opened:
+            with _no_gc_pauses(), _naming(path), weights_h5.read_ahead(path, threads, reading.mmap) as opened:
                 return tf_legacy_h5.load_model(opened, custom_objects, compile)
+        reading.not_here(filepath)
         from .tf_keras import saved_model as tf_saved_model
 
         stock_load_model = stock(TF_KERAS_SAVING_API, "load_model")
@@ -414,9 +468,10 @@ def _load_model_as(flavour, filepath, custom_objects, compile, safe_mode, thread
     if path is not None and path.endswith((".h5", ".hdf5")) and not os.path.isdir(path):
         from .keras3 import legacy_h5 as keras3_legacy_h5
 
-        with _no_gc_pauses(), _naming(path), weights_h5.read_ahead(path, threads) as opened:
+        with _no_gc_pauses(), _naming(path), weights_h5.read_ahead(path, threads, reading.mmap) as opened:
             return keras3_legacy_h5.load_model(opened, path, custom_objects, compile, safe_mode)
     if path is None or not path.endswith(".keras") or os.path.isdir(path):
+        reading.not_here(filepath)
         return stock(KERAS3_SAVING_API, "load_model")(filepath, custom_objects, compile, safe_mode)
     if not os.path.exists(path):
         raise ValueError(
@@ -425,7 +480,9 @@ def _load_model_as(flavour, filepath, custom_objects, compile, safe_mode, thread
     from .formats import keras_zip
 
     with _no_gc_pauses():
-        return keras_zip.load(path, custom_objects, compile, safe_mode, threads)
+        return keras_zip.load(
+            path, custom_objects, compile, safe_mode, threads, mmap=reading.mmap, verify=reading.verify
+        )
 
 
 def export_saved_model(model, filepath, **kwargs):
@@ -455,17 +512,17 @@ def save_weights(model, filepath, overwrite=True, *args, **kwargs):
     Keras 3: `.weights.h5` files are written by the fast path (same layout as stock); sharded
     saves (`max_shard_size`) go to stock. tf_keras: TF-format weights (a tensor bundle) and `.h5` by
     the fast path. Our own keywords: `threads`, `fsync`, `compression`, `compression_level`,
-    `chunk_bytes`, `checksum`, `blocking`, `progress` (as in `save_model`), and for tf_keras TF-format weights
-    `max_shard_size` (GB; data shards of at most that size, as for a SavedModel).
+    `chunk_bytes`, `checksum`, `aligned`, `blocking`, `progress` (as in `save_model`), and for tf_keras
+    TF-format weights `max_shard_size` (GB; data shards of at most that size, as for a SavedModel).
     """
 
-    def save(threads, compression, write):
-        return _save_weights(model, filepath, overwrite, threads, args, kwargs, compression, write)
+    def save(threads, compression, alignment, write):
+        return _save_weights(model, filepath, overwrite, threads, args, kwargs, compression, alignment, write)
 
     return _saving(save, model, filepath, kwargs)
 
 
-def _save_weights(model, filepath, overwrite, threads, args, kwargs, compression=None, write=write_now):
+def _save_weights(model, filepath, overwrite, threads, args, kwargs, compression=None, alignment=1, write=write_now):
     flavour = _flavour(model)
     if flavour == "tf_keras":
         _positional("save_weights", ("save_format", "options"), args, kwargs)
@@ -476,6 +533,7 @@ def _save_weights(model, filepath, overwrite, threads, args, kwargs, compression
         max_shard_bytes = tensor_bundle.max_shard_bytes(kwargs.pop("max_shard_size", None))
         if (
             compression is None
+            and alignment == 1
             and set(kwargs) <= {"save_format", "options"}
             and tf_checkpoint.can_save_fast(model, path, kwargs.get("save_format"), kwargs.get("options"))
         ):
@@ -490,9 +548,10 @@ def _save_weights(model, filepath, overwrite, threads, args, kwargs, compression
             model._assert_weights_created()
             if overwrite or not os.path.isfile(path) or ask_to_replace(path, "tf_keras"):
                 with _no_gc_pauses():
-                    write(legacy_h5.prepare_save(tf_legacy_h5.weights_file_contents(model), path, threads, compression))
+                    contents = tf_legacy_h5.weights_file_contents(model)
+                    write(legacy_h5.prepare_save(contents, path, threads, compression, alignment))
             return None
-        _no_compression_here(compression, filepath)
+        _no_compression_here(compression, filepath, alignment)
         with prompt_refusals(filepath):
             return stock(TF_KERAS_SAVING_API, "save_weights")(model, filepath, overwrite=overwrite, **kwargs)
     _positional("save_weights", ("max_shard_size",), args, kwargs)
@@ -500,7 +559,7 @@ def _save_weights(model, filepath, overwrite, threads, args, kwargs, compression
         del kwargs["max_shard_size"]
     path = _local_path(filepath, "keras3")
     if path is None or not path.endswith(".weights.h5") or kwargs:
-        _no_compression_here(compression, filepath)
+        _no_compression_here(compression, filepath, alignment)
         with prompt_refusals(filepath):
             return stock(KERAS3_SAVING_API, "save_weights")(model, filepath, overwrite, **kwargs)
     if not _may_write(filepath, overwrite):
@@ -508,7 +567,7 @@ def _save_weights(model, filepath, overwrite, threads, args, kwargs, compression
     from .formats import weights_file
 
     with _no_gc_pauses():
-        write(weights_file.prepare_save(model, path, threads=threads, compression=compression))
+        write(weights_file.prepare_save(model, path, threads, compression, alignment))
     return None
 
 
@@ -517,21 +576,31 @@ def load_weights(model, filepath, skip_mismatch=False, **kwargs):
 
     Keras 3: `.keras`, `.weights.h5` and legacy `.h5` files are read by the fast path; sharded
     `.weights.json` and stock's keyword arguments (`by_name`, `objects_to_skip`) go to stock.
-    tf_keras: stock, with its own keyword arguments (`by_name`, `options`).
+    Our own keywords: `threads`, `progress`, `mmap` and `verify` (as in `load_model`).
+    tf_keras: legacy `.h5` files (topological) and TF-format weights by the fast path; `by_name`,
+    `skip_mismatch`, tf_keras' `.weights.h5` and `.keras` go to stock.
     """
     threads = _threads(kwargs.pop("threads", None))
     show = progress.wanted(kwargs.pop("progress", None))
+    reading = _Reading(threads, kwargs)
     flavour = _flavour(model)
     asynchronous.wait_for_previous()
     with progress.bar(progress.path_bytes(filepath) if show else 0, _labelled("loading", filepath), show):
-        return _load_weights(model, flavour, filepath, skip_mismatch, threads, kwargs)
+        return _load_weights(model, flavour, filepath, skip_mismatch, reading, kwargs)
 
 
-def _load_weights(model, flavour, filepath, skip_mismatch, threads, kwargs):
+def _load_weights(model, flavour, filepath, skip_mismatch, reading: _Reading, kwargs):
+    threads = reading.threads
     if flavour == "tf_keras":
         from .tf_keras import checkpoint as tf_checkpoint
+        from .tf_keras import legacy_h5 as tf_legacy_h5
 
         path = _local_path(filepath, "tf_keras")
+        if tf_legacy_h5.can_load_weights_fast(model, path, kwargs, skip_mismatch):
+            tf_legacy_h5.check_weights_loadable(model)
+            with _no_gc_pauses(), _naming(path), weights_h5.read_ahead(path, threads, reading.mmap) as opened:
+                return tf_legacy_h5.load_weights(opened, model)
+        reading.not_here(filepath)
         if set(kwargs) <= {"by_name", "options"} and tf_checkpoint.can_load_fast(
             model, path, kwargs.get("by_name", False), skip_mismatch, kwargs.get("options")
         ):
@@ -543,11 +612,12 @@ def _load_weights(model, flavour, filepath, skip_mismatch, threads, kwargs):
         from .formats import weights_file
 
         with _no_gc_pauses(), _naming(path):
-            if weights_file.load(model, path, skip_mismatch=skip_mismatch, threads=threads):
+            if weights_file.load(model, path, skip_mismatch, threads, reading.mmap, reading.verify):
                 return None
     elif path is not None and not kwargs and path.endswith((".h5", ".hdf5")) and os.path.isfile(path):
         from .keras3 import legacy_h5 as keras3_legacy_h5
 
-        with _no_gc_pauses(), _naming(path), weights_h5.read_ahead(path, threads) as opened:
+        with _no_gc_pauses(), _naming(path), weights_h5.read_ahead(path, threads, reading.mmap) as opened:
             return keras3_legacy_h5.load_weights(opened, model, skip_mismatch)
+    reading.not_here(filepath)
     return stock(KERAS3_SAVING_API, "load_weights")(model, filepath, skip_mismatch=skip_mismatch, **kwargs)

@@ -26,6 +26,7 @@ from .._core import ZIP64_LIMIT, BadKerasZipFile, KerasSaveError, TensorFile, Zi
 from ..asynchronous import Write
 from ..files import FileRegion, atomic_replace
 from ..keras3 import state as keras3_state
+from ..mapped import BACKGROUND, Mapping, refuse_if_replaced, verify_in_background
 from .weights_h5 import Compression, ReadTensors, layout_for, read_weights, write_compressed, write_layout
 from .zip_members import member_name
 
@@ -63,6 +64,7 @@ def prepare_save(
     threads: int = 0,
     zip64_limit: int = ZIP64_LIMIT,
     compression: Compression | None = None,
+    alignment: int = 1,
     flavour=keras3_state,
 ) -> Write:
     """Saves `model` to `filepath` as a `.keras` zip in two halves. This first one takes the model's
@@ -71,6 +73,7 @@ def prepare_save(
 
     `flavour` is the Keras flavour's glue (`keras3.state`, `tf_keras.keras_v3`): its config and state walk.
     `zip64_limit` is `zipfile`'s; tests lower it to exercise ZIP64 framing on small models.
+    With `alignment` > 1, the weights member starts at a multiple of it in the file, and every tensor too.
     """
     config_json, metadata_json = flavour.serialize_model_as_json(model)
     plan, assets = flavour.plan_model_state(model, include_optimizer)
@@ -83,13 +86,13 @@ def prepare_save(
                 writer.add_stored(METADATA, metadata_json.encode(), _ZIPINFO_DEFAULT_DATE, _OWNER_RW)
                 writer.add_stored(CONFIG, config_json.encode(), _ZIPINFO_DEFAULT_DATE, _OWNER_RW)
                 if compression is None:
-                    layout, tensors = layout_for(plan)  # its exact size decides ZIP64, as in `zipfile`
-                    start = writer.begin_stored(WEIGHTS, time.localtime()[:6], _OWNER_RW, layout.size)
+                    layout, tensors = layout_for(plan, alignment=alignment)  # its size decides ZIP64, as `zipfile`
+                    start = writer.begin_stored(WEIGHTS, time.localtime()[:6], _OWNER_RW, layout.size, alignment)
                     writer.end_stored(layout.size, write_layout(file, start, layout, tensors, threads))
                 else:  # the size comes out of the compression: hint an upper bound (ZIP64 when it may be needed)
                     bound = 2 * sum(d.array.nbytes for d in plan.datasets) + (1 << 20)
-                    start = writer.begin_stored(WEIGHTS, time.localtime()[:6], _OWNER_RW, bound)
-                    size = write_compressed(file, start, plan, compression, threads)
+                    start = writer.begin_stored(WEIGHTS, time.localtime()[:6], _OWNER_RW, bound, alignment)
+                    size = write_compressed(file, start, plan, compression, threads, alignment)
                     writer.end_stored(size, file.crc32(start, size, [], threads))
                 if assets.working_dir is not None:  # None: no object saved assets
                     saving_lib._write_to_zip_recursively(_AssetsInto(writer), assets.working_dir, ASSETS)
@@ -121,6 +124,7 @@ class KerasArchive:
         self.zip = ZipArchive(self.file)
         self.members = self.zip.members()
         self.by_name = {member_name(m): m for m in self.members}
+        self.opened = os.fstat(self.file.fileno())  # what a mapped load checks the file against at its end
 
     @property
     def readable_here(self) -> bool:
@@ -142,8 +146,9 @@ class KerasArchive:
         return self.zip.read(member.index)
 
     @contextlib.contextmanager
-    def open_weights(self, threads: int):
-        """Yields `model.weights.h5` open in h5py, its CRC-32 already checked.
+    def open_weights(self, threads: int, verify=True):
+        """Yields `model.weights.h5` open in h5py, its CRC-32 already checked (unless `verify` is not
+        True: a mapped load's, checked later or not at all).
 
         A STORED member is read in place; a DEFLATED one (not written by stock Keras) is inflated first.
         """
@@ -151,7 +156,8 @@ class KerasArchive:
         region = None
         if member.method == zipfile.ZIP_STORED:
             start = self.zip.data_offset(member.index)
-            self.zip.check_crc(member.index, threads)  # before HDF5 parses a byte of it
+            if verify is True:
+                self.zip.check_crc(member.index, threads)  # before HDF5 parses a byte of it
             source, size = self.file, member.size
             fileobj = region = FileRegion(self.file.fileno(), start, member.size, self.path)
         else:
@@ -164,19 +170,33 @@ class KerasArchive:
         with h5:
             yield WeightsMember(source, start, size, h5, region)
 
-    def checked_arrays(self, weights: WeightsMember, reading: Future[ReadTensors]) -> dict:
+    def checked_arrays(self, weights: WeightsMember, reading: Future[ReadTensors], mapped: bool = False) -> dict:
         """The tensors `read_weights` read, once the member's CRC-32 checks out for the bytes as they
         were read -- the tensors, and the bytes between them that h5py is served from now on. A
-        file rewritten in place while it was read is refused, never mixed."""
+        file rewritten in place while it was read is refused, never mixed. A `mapped` load's tensors
+        were not read: its CRC is checked by `verify` (see mapped.py)."""
         read = reading.result()
         if weights.region is not None:  # else inflated in memory, already checked
             between = weights.region.freeze([(offset, data) for offset, data, _ in read.stretches])
+            if mapped:  # h5py's view of the file is frozen consistent with the map; the CRC is `verify`'s
+                return read.arrays
             known = [(offset, len(data), crc) for offset, data, crc in read.stretches] + between
             known = sorted((weights.start + offset, length, crc) for offset, length, crc in known)
             member = self.by_name[WEIGHTS]
             if self.file.crc32(weights.start, weights.size, known) != member.crc32:
                 raise BadKerasZipFile(f"{self.path}: Bad CRC-32 for file '{WEIGHTS}' (it changed while being read)")
         return read.arrays
+
+    def mapping(self, weights: WeightsMember, mmap: bool) -> Mapping | None:
+        """A private map of the file for a load with `mmap` (None when the member is not read in place)."""
+        return Mapping(self.file) if mmap and weights.region is not None else None
+
+    def end_mapped_load(self, model, weights: WeightsMember, verify) -> None:
+        """Refuses a file changed during the mapped load of `model`; starts the background CRC check."""
+        refuse_if_replaced(self.path, self.file.fileno(), self.opened)
+        if verify == BACKGROUND:
+            crc = self.by_name[WEIGHTS].crc32
+            verify_in_background(model, self.file, weights.start, weights.size, crc, WEIGHTS)
 
     @contextlib.contextmanager
     def extracted_assets(self):
@@ -220,20 +240,30 @@ def load(
     safe_mode: bool = True,
     threads: int = 0,
     flavour=keras3_state,
+    mmap: bool = False,
+    verify=True,
 ):
-    """Reads a `.keras` zip written by us or by stock Keras, into the model of `flavour` (see `save`)."""
+    """Reads a `.keras` zip written by us or by stock Keras, into the model of `flavour` (see `save`).
+
+    `mmap`: aligned tensors of a STORED weights member are adopted from a private map of the file,
+    with the member's CRC-32 checked as `verify` says (True, "background" or False; see mapped.py).
+    """
     archive = KerasArchive(filepath)
     if WEIGHTS not in archive.by_name or not archive.readable_here:  # stock's path and errors
         return flavour.stock_load_model(filepath, custom_objects, compile, safe_mode)
     config_json = archive.read(CONFIG)
     with (
-        archive.open_weights(threads) as weights,
+        archive.open_weights(threads, verify if mmap else True) as weights,
         archive.extracted_assets() as assets,
     ):
-        reading = read_weights(weights.h5, weights.source, weights.start, weights.size, filepath, threads)
+        mapping = archive.mapping(weights, mmap)
+        reading = read_weights(weights.h5, weights.source, weights.start, weights.size, filepath, threads, mapping)
         try:  # the model is built while the tensors are read
             built = flavour.build_model(config_json, custom_objects, compile, safe_mode)
         finally:
             futures.wait([reading])
-        flavour.load_model_state(built, weights.h5, archive.checked_arrays(weights, reading), assets)
+        arrays = archive.checked_arrays(weights, reading, mapped=mapping is not None)
+        flavour.load_model_state(built, weights.h5, arrays, assets)
+    if mapping is not None:
+        archive.end_mapped_load(built.model, weights, verify)
     return built.model

@@ -116,7 +116,11 @@ def plan_legacy_h5(contents: LegacyH5Contents) -> WeightsPlan:
 
 
 def prepare_save(
-    contents: LegacyH5Contents, filepath: str, threads: int = 0, compression: Compression | None = None
+    contents: LegacyH5Contents,
+    filepath: str,
+    threads: int = 0,
+    compression: Compression | None = None,
+    alignment: int = 1,
 ) -> Write:
     """Writes the `.h5` file in two halves: this one snapshots the variables now and returns the
     second, which writes the file, replacing any old one only when complete. Like stock's writers,
@@ -125,4 +129,4 @@ def prepare_save(
     directory = os.path.dirname(filepath)
     if directory and contents.root_attributes is not None:
         os.makedirs(directory, exist_ok=True)
-    return functools.partial(write_plan, plan, filepath, threads, compression)
+    return functools.partial(write_plan, plan, filepath, threads, compression, alignment)

@@ -18,27 +18,33 @@ def _require_built(model, doing: str) -> None:
         )
 
 
-def prepare_save(model, filepath: str, threads: int = 0, compression: Compression | None = None) -> Write:
+def prepare_save(
+    model, filepath: str, threads: int = 0, compression: Compression | None = None, alignment: int = 1
+) -> Write:
     """`model.save_weights(filepath)` for a `.weights.h5` path, in two halves: this one snapshots the
     variables now and returns the second, which writes the file, replacing any old one only when complete."""
     _require_built(model, "saving")
     plan, _ = state.plan_model_state(model, with_assets=False)
-    return functools.partial(write_plan, plan, filepath, threads, compression)
+    return functools.partial(write_plan, plan, filepath, threads, compression, alignment)
 
 
-def load(model, filepath: str, skip_mismatch: bool = False, threads: int = 0) -> bool:
+def load(model, filepath: str, skip_mismatch: bool = False, threads: int = 0, mmap: bool = False, verify=True) -> bool:
     """`model.load_weights(filepath)` for a `.weights.h5` or `.keras` path. Returns False, having
-    done nothing, for a `.keras` whose members are compressed in ways not read here."""
+    done nothing, for a `.keras` whose members are compressed in ways not read here. `mmap` and
+    `verify` as for `keras_zip.load` (a `.weights.h5` has no checksum to verify)."""
     _require_built(model, "loading weights into")
     if filepath.endswith(".keras"):
         archive = KerasArchive(filepath)
         if not archive.readable_here:
             return False
-        with archive.open_weights(threads) as weights:
-            reading = read_weights(weights.h5, weights.source, weights.start, weights.size, filepath, threads)
-            arrays = archive.checked_arrays(weights, reading)
+        with archive.open_weights(threads, verify if mmap else True) as weights:
+            mapping = archive.mapping(weights, mmap)
+            reading = read_weights(weights.h5, weights.source, weights.start, weights.size, filepath, threads, mapping)
+            arrays = archive.checked_arrays(weights, reading, mapped=mapping is not None)
             state.load_model_state(state.BuiltModel(model), weights.h5, arrays, None, skip_mismatch=skip_mismatch)
+        if mapping is not None:
+            archive.end_mapped_load(model, weights, verify)
         return True
-    with read_ahead(filepath, threads) as opened:
+    with read_ahead(filepath, threads, mmap) as opened:
         state.load_model_state(state.BuiltModel(model), opened.h5, opened.tensors, None, skip_mismatch=skip_mismatch)
     return True

@@ -28,6 +28,7 @@ from h5py._hl.dataset import make_new_dset
 
 from .._core import KerasSaveError, TensorFile, hdf5_encode_chunks, hdf5_stored_datasets
 from ..files import Destination, FileRegion, FileWindow, SparseImage, atomic_replace
+from ..mapped import Mapping, refuse_if_replaced
 from ..tensors import BFLOAT16, aligned_empty, as_bytes, snapshot
 
 
@@ -227,9 +228,16 @@ def _write_as_stock(group: h5py.Group, step: PlannedDataset) -> None:
 
 
 def write_skeleton(
-    target: str | SparseImage | FileWindow, plan: WeightsPlan, compression: Compression | None = None, threads: int = 0
+    target: str | SparseImage | FileWindow,
+    plan: WeightsPlan,
+    compression: Compression | None = None,
+    threads: int = 0,
+    alignment: int = 1,
 ) -> list[tuple[int, np.ndarray]]:
     """Writes the HDF5 file's metadata to `target`; returns (offset, array) of each reserved tensor.
+
+    With `alignment` > 1, HDF5 places everything it allocates, every tensor's bytes included, at a
+    multiple of it (`H5Pset_alignment`): a file a mapped load can hand to variables without a copy.
 
     `target` is what stock gives h5py: a path for a `.weights.h5` file (HDF5's POSIX driver), a file
     object for the member of a `.keras` zip (h5py's file-object driver) -- the two lay files out differently.
@@ -237,7 +245,8 @@ def write_skeleton(
     are returned as without it (HDF5 wrote their one element already).
     """
     placed: list[tuple[int, np.ndarray]] = []
-    with h5py.File(target, "w") as f:
+    aligned = {"alignment_threshold": 1, "alignment_interval": alignment} if alignment > 1 else {}
+    with h5py.File(target, "w", **aligned) as f:
         group = f
         for step in plan.steps:
             if isinstance(step, PlannedGroup):
@@ -287,9 +296,9 @@ _LAYOUTS_LOCK = threading.Lock()
 _MAX_LAYOUTS = 8
 
 
-def _layout_key(plan: WeightsPlan, driver: str) -> tuple | None:
+def _layout_key(plan: WeightsPlan, driver: str, alignment: int) -> tuple | None:
     """Everything h5py's layout depends on, or None when h5py writes bytes of its own (strings)."""
-    key: list = [driver, h5py.version.version, h5py.version.hdf5_version, h5py.get_config().track_order]
+    key: list = [driver, alignment, h5py.version.version, h5py.version.hdf5_version, h5py.get_config().track_order]
     for step in plan.steps:
         if isinstance(step, PlannedGroup):
             attrs = tuple((k, _attribute_key(v)) for k, v in (step.attrs or {}).items())
@@ -328,12 +337,12 @@ def _gaps(placed: list[tuple[int, np.ndarray]], size: int) -> list[tuple[int, in
     return gaps
 
 
-def _lay_out_in_memory(plan: WeightsPlan) -> tuple[int, list[tuple[int, np.ndarray]], list[bytes]]:
+def _lay_out_in_memory(plan: WeightsPlan, alignment: int) -> tuple[int, list[tuple[int, np.ndarray]], list[bytes]]:
     """h5py's file-object driver over an in-memory image; the bytes between the tensors are its
     writes replayed in order (writes inside a tensor's stretch, the element that made HDF5 allocate
     it, are dropped: the tensor's own bytes go there)."""
     image = SparseImage()
-    placed = write_skeleton(image, plan)
+    placed = write_skeleton(image, plan, None, 0, alignment)
     gaps = _gaps(placed, image.size)
     starts = [g for g, _ in gaps]
     contents = [bytearray(end - start) for start, end in gaps]
@@ -347,7 +356,7 @@ def _lay_out_in_memory(plan: WeightsPlan) -> tuple[int, list[tuple[int, np.ndarr
     return image.size, placed, [bytes(c) for c in contents]
 
 
-def _lay_out_on_scratch(plan: WeightsPlan) -> tuple[int, list[tuple[int, np.ndarray]], list[bytes]]:
+def _lay_out_on_scratch(plan: WeightsPlan, alignment: int) -> tuple[int, list[tuple[int, np.ndarray]], list[bytes]]:
     """HDF5's POSIX driver writing a scratch file in memory-backed /dev/shm (sparse: the tensors'
     stretches are never written); the bytes between the tensors are read back from it. h5py never
     writes where the user's file goes, so a full disk there is a clean `OSError` from the Rust core."""
@@ -359,7 +368,7 @@ def _lay_out_on_scratch(plan: WeightsPlan) -> tuple[int, list[tuple[int, np.ndar
     fd, scratch = tempfile.mkstemp(prefix="kerassave-layout-", suffix=".h5", dir=directory)
     try:
         os.close(fd)
-        placed = write_skeleton(scratch, plan)
+        placed = write_skeleton(scratch, plan, None, 0, alignment)
         with open(scratch, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             contents = [os.pread(f.fileno(), end - start, start) for start, end in _gaps(placed, size)]
@@ -368,24 +377,24 @@ def _lay_out_on_scratch(plan: WeightsPlan) -> tuple[int, list[tuple[int, np.ndar
     return size, placed, contents
 
 
-def _lay_out(plan: WeightsPlan, driver: str) -> tuple[Layout, list[np.ndarray]]:
+def _lay_out(plan: WeightsPlan, driver: str, alignment: int) -> tuple[Layout, list[np.ndarray]]:
     """Runs h5py with `driver`; returns the layout and the tensors in its order."""
-    size, placed, contents = (_lay_out_on_scratch if driver == POSIX else _lay_out_in_memory)(plan)
+    size, placed, contents = (_lay_out_on_scratch if driver == POSIX else _lay_out_in_memory)(plan, alignment)
     metadata = tuple((start, data) for (start, _), data in zip(_gaps(placed, size), contents, strict=True))
     return Layout(size, tuple(o for o, _ in placed), metadata), [a for _, a in placed]
 
 
-def layout_for(plan: WeightsPlan, driver: str = FILE_OBJECT) -> tuple[Layout, list[np.ndarray]]:
+def layout_for(plan: WeightsPlan, driver: str = FILE_OBJECT, alignment: int = 1) -> tuple[Layout, list[np.ndarray]]:
     """The plan's layout (remembered from an earlier save of the same plan, or made now) and the
-    tensors in its order. The layout does not depend on where the HDF5 file will sit."""
-    key = _layout_key(plan, driver)
+    tensors in its order, each at a multiple of `alignment` if above 1 (the file must then start at one)."""
+    key = _layout_key(plan, driver, alignment)
     with _LAYOUTS_LOCK:
         layout = _LAYOUTS.get(key) if key is not None else None
         if layout is not None:
             _LAYOUTS.move_to_end(key)
     if layout is not None:
         return layout, [d.array for d in plan.datasets if d.reserved and d.array.nbytes]
-    layout, tensors = _lay_out(plan, driver)
+    layout, tensors = _lay_out(plan, driver, alignment)
     if key is not None:
         with _LAYOUTS_LOCK:
             _LAYOUTS[key] = layout
@@ -405,31 +414,41 @@ def write_layout(file: TensorFile, start: int, layout: Layout, tensors: list[np.
 
 
 def write_weights_file(
-    destination: Destination, plan: WeightsPlan, threads: int = 0, compression: Compression | None = None
+    destination: Destination,
+    plan: WeightsPlan,
+    threads: int = 0,
+    compression: Compression | None = None,
+    alignment: int = 1,
 ) -> None:
     """Writes an HDF5 file (`.weights.h5`, legacy `.h5`) laid out as stock's is (HDF5's POSIX driver), metadata and
     tensors in one parallel call of the Rust core; compressed, h5py writes it through the save's descriptor."""
     if compression is not None:
-        write_compressed(destination.file, 0, plan, compression, threads)
+        write_compressed(destination.file, 0, plan, compression, threads, alignment)
         return
-    layout, tensors = layout_for(plan, POSIX)
+    layout, tensors = layout_for(plan, POSIX, alignment)
     write_layout(destination.file, 0, layout, tensors, threads)
 
 
-def write_plan(plan: WeightsPlan, filepath: str, threads: int = 0, compression: Compression | None = None) -> None:
+def write_plan(
+    plan: WeightsPlan,
+    filepath: str,
+    threads: int = 0,
+    compression: Compression | None = None,
+    alignment: int = 1,
+) -> None:
     """Writes `filepath` as an HDF5 file of `plan`, replacing any old file only when complete."""
     with atomic_replace(filepath) as destination:
-        write_weights_file(destination, plan, threads, compression)
+        write_weights_file(destination, plan, threads, compression, alignment)
 
 
 def write_compressed(
-    file: TensorFile, start: int, plan: WeightsPlan, compression: Compression, threads: int = 0
+    file: TensorFile, start: int, plan: WeightsPlan, compression: Compression, threads: int = 0, alignment: int = 1
 ) -> int:
     """Writes the plan as an HDF5 file with chunked, filtered tensors at `start` of `file`, through
     h5py's file-object driver (its size depends on the data: no layout is remembered); returns its size."""
     window = FileWindow(file.fileno(), start)
     # What stays contiguous is scalars, whose one element HDF5 wrote when it allocated them.
-    write_skeleton(window, plan, compression, threads)
+    write_skeleton(window, plan, compression, threads, alignment)
     return window.size
 
 
@@ -567,17 +586,21 @@ class ReadAhead:
 
 
 @contextlib.contextmanager
-def read_ahead(filepath: str, threads: int = 0) -> Iterator[ReadAhead]:
+def read_ahead(filepath: str, threads: int = 0, mapped: bool = False) -> Iterator[ReadAhead]:
     """Opens an HDF5 file (`.weights.h5`, legacy `.h5`) for loading; refuses it at the end if it
-    changed meanwhile (HDF5 keeps no checksum: its size and times tell)."""
+    changed meanwhile (HDF5 keeps no checksum: its size and times tell). `mapped`: aligned tensors
+    are arrays over a private map of the file (see mapped.py)."""
     file = TensorFile(filepath)
     before = os.fstat(file.fileno())
     region = FileRegion(file.fileno(), 0, before.st_size, filepath)
+    mapping = Mapping(file) if mapped else None
     with h5py.File(region, "r") as h5:
-        opened = ReadAhead(h5, region, read_weights(h5, file, 0, before.st_size, filepath, threads))
+        opened = ReadAhead(h5, region, read_weights(h5, file, 0, before.st_size, filepath, threads, mapping))
         yield opened
         opened.tensors  # noqa: B018 -- the checks of `freeze`, even if nothing asked for the tensors
-    if _changed(before, os.fstat(file.fileno())):
+    if mapped:
+        refuse_if_replaced(filepath, file.fileno(), before)
+    elif _changed(before, os.fstat(file.fileno())):
         raise KerasSaveError(f"{filepath}: the file changed while it was being read")
 
 
@@ -593,23 +616,37 @@ def _changed(before: os.stat_result, after: os.stat_result) -> bool:
 @dataclass
 class ReadTensors:
     """Tensors read by offset: {dataset name: array}, and (offset in the HDF5 file, bytes as read,
-    CRC-32) of each one read from a file, in file order (empty when they came from memory already checked)."""
+    CRC-32 or None for a tensor over a mapping) of each one read from a file, in file order (empty
+    when they came from memory already checked)."""
 
     arrays: dict[str, np.ndarray]
     stretches: list[tuple[int, memoryview, int]]
 
 
 def read_weights(
-    h5: h5py.File, source: TensorFile | bytes, start: int, size: int, where: str, threads: int
+    h5: h5py.File,
+    source: TensorFile | bytes,
+    start: int,
+    size: int,
+    where: str,
+    threads: int,
+    mapping: Mapping | None = None,
 ) -> Future[ReadTensors]:
     """Reads every by-offset dataset into its own aligned array, in the background.
 
     Lists the datasets now (h5py), then moves the bytes on a thread (the Rust core releases the
-    GIL), so the caller can build the model meanwhile.
+    GIL), so the caller can build the model meanwhile. With a `mapping` of `source`, aligned tensors
+    are arrays over it instead (nothing read); the others are read.
     """
     listed = stored_tensors(h5, size, where, source, start)
-    arrays = {t.name: aligned_empty(t.shape, t.dtype) for t in listed}
-    tensors = [t for t in listed if t.chunking is None]  # read by offset
+    mapped = {}
+    if mapping is not None:
+        for t in listed:
+            if t.chunking is None and (array := mapping.array(start + t.offset, t.shape, t.dtype)) is not None:
+                mapped[t.name] = array
+    arrays = {t.name: mapped[t.name] if t.name in mapped else aligned_empty(t.shape, t.dtype) for t in listed}
+    by_offset = [t for t in listed if t.chunking is None]  # in file order
+    tensors = [t for t in by_offset if t.name not in mapped]  # read
     buffers = [as_bytes(arrays[t.name]) for t in tensors]
     chunked = [(t, as_bytes(arrays[t.name])) for t in listed if t.chunking is not None]
     future: Future[ReadTensors] = Future()
@@ -619,7 +656,8 @@ def read_weights(
             stretches = []
             if isinstance(source, TensorFile):
                 crcs = source.read_tensors([start + t.offset for t in tensors], buffers, threads)
-                stretches = [(t.offset, memoryview(b), c) for t, b, c in zip(tensors, buffers, crcs, strict=True)]
+                crc_of = {t.name: c for t, c in zip(tensors, crcs, strict=True)}  # a mapped tensor's is not known
+                stretches = [(t.offset, memoryview(as_bytes(arrays[t.name])), crc_of.get(t.name)) for t in by_offset]
                 if chunked:
                     items = [(t.name, t.chunking, t.shape, t.dtype.itemsize, b) for t, b in chunked]
                     source.read_chunked(start, items, threads)

@@ -122,6 +122,44 @@ def can_load_model_fast(path: str | None, kwargs: dict) -> bool:
     return h5py.is_hdf5(path)
 
 
+def can_load_weights_fast(model, path: str | None, kwargs: dict, skip_mismatch: bool) -> bool:
+    """Whether tf_keras' `load_weights(path, **kwargs)` reads `path` as a legacy HDF5 weights (or
+    model) file topologically, in eager mode: not `by_name` (nor `skip_mismatch`, which stock
+    refuses without it), not a `.weights.h5` (tf_keras' v3 layout) or `.keras` zip, no TPU strategy."""
+    import h5py
+    import tensorflow as tf
+    from tf_keras.src import backend
+
+    if path is None or set(kwargs) - {"by_name", "options"} or kwargs.get("by_name") or skip_mismatch:
+        return False
+    if not path.endswith((".h5", ".hdf5")) or path.endswith(".weights.h5") or not tf.executing_eagerly():
+        return False
+    if backend.is_tpu_strategy(model._distribution_strategy):
+        return False
+    return os.path.isfile(path) and h5py.is_hdf5(path)
+
+
+def check_weights_loadable(model) -> None:
+    """Stock's checks in `load_weights` before it opens an HDF5 file (same errors)."""
+    if not model._is_graph_network and not model.built:
+        raise ValueError(
+            "Unable to load weights saved in HDF5 format into a subclassed Model which has not created its "
+            "variables yet. Call the Model first, then load the weights."
+        )
+    model._assert_weights_created()
+
+
+def load_weights(opened: ReadAhead, model) -> None:
+    """Stock's `load_weights` of an HDF5 file (saving/legacy/save.py), topological: the weights of a
+    `save_weights` file, or the `model_weights` of a whole model's; tensors read ahead by the Rust core."""
+    f = opened.h5
+    if "layer_names" not in f.attrs and "model_weights" in f:
+        f = f["model_weights"]
+    _load_weights(f, model, opened.tensors)
+    for layer in model.layers:
+        layer.finalize_state()
+
+
 def _subset(group, arrays: dict) -> list:
     """Stock's `load_subset_weights_from_hdf5_group`, each tensor taken from those read ahead
     (each served once), or else read by h5py after `consistent`'s checks."""

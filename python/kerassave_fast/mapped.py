@@ -1,0 +1,124 @@
+"""File-backed loads (`load_model(..., mmap=True)`): variables adopt the pages of a private mapping of
+the file instead of fresh copies of its bytes.
+
+The mapping is private and copy-on-write (`MAP_PRIVATE`): a training step that updates a variable in
+place gets its own copy of the pages it writes, and the file never changes. Each array handed to a
+variable holds the mapping, so it stays open while any variable uses it and is unmapped with the last.
+Only tensors whose bytes lie contiguous at a multiple of `ALIGNMENT` in the file can be adopted
+(TensorFlow needs aligned buffers): files saved with `aligned=True`. Others are read as usual.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import threading
+import weakref
+
+import numpy as np
+
+from ._core import BadKerasZipFile, KerasSaveError, TensorFile
+from .tensors import ALIGNMENT
+
+# verify= values of a mapped load: check the CRC before parsing (a whole read of the file), after
+# returning on a background thread, or not at all.
+BEFORE, BACKGROUND = True, "background"
+_VERIFY_CHOICES = (BEFORE, BACKGROUND, False)
+
+
+def verify_choice(mmap_wanted, verify) -> bool | str:
+    """The `verify` of a load: `mmap=True` defaults to "background"; a copying load always checks the
+    CRC as it reads, so it takes only True."""
+    if not isinstance(mmap_wanted, bool):
+        raise TypeError(f"`mmap` must be True or False. Received: mmap={mmap_wanted!r}")
+    if verify is None:
+        return BACKGROUND if mmap_wanted else BEFORE
+    if not any(verify is c or (isinstance(c, str) and verify == c) for c in _VERIFY_CHOICES):
+        raise ValueError(f"`verify` must be True, False or 'background'. Received: verify={verify!r}")
+    if not mmap_wanted and verify is not BEFORE:
+        raise ValueError(f"`verify={verify!r}` applies to `mmap=True` loads: a copying load checks the CRC as it reads")
+    return verify
+
+
+class Mapping:
+    """A private, copy-on-write map of a whole file, cut into arrays at aligned offsets."""
+
+    def __init__(self, file: TensorFile):
+        size = file.size()
+        # mmap of an empty file is an error; an empty file has no tensor to map anyway.
+        self._map = mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY) if size else None
+
+    def array(self, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+        """The tensor at `offset` of the file as an array over the mapping, or None where a variable
+        could not adopt it (unaligned)."""
+        count = math.prod(shape)
+        if self._map is None or offset % ALIGNMENT or not count or offset + count * dtype.itemsize > len(self._map):
+            return None
+        return np.frombuffer(self._map, dtype, count, offset).reshape(shape)
+
+
+def refuse_if_replaced(path: str, fd: int, before: os.stat_result) -> None:
+    """Refuses a mapped load whose file changed while it ran: written in place (pages not yet touched
+    would show the new bytes) or replaced under its name (the model would not be the file's)."""
+    after, now_named = os.fstat(fd), os.stat(path)
+    if (
+        after.st_size != before.st_size
+        or after.st_mtime_ns != before.st_mtime_ns
+        or (now_named.st_dev, now_named.st_ino) != (before.st_dev, before.st_ino)
+    ):
+        raise KerasSaveError(
+            f"{path}: the file changed while it was being loaded with mmap=True (save with an atomic "
+            "replace, as kerassave_fast does, and load again)"
+        )
+
+
+class Verification:
+    """The CRC check of a mapped load, run after the model was returned (`verify="background"`)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    def result(self, timeout: float | None = None) -> None:
+        """Waits for the check; raises `BadKerasZipFile` if the file's bytes are not the ones saved."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"{self.path}: verification still running after {timeout} s")
+        if self._error is not None:
+            raise self._error
+
+
+_VERIFICATIONS_LOCK = threading.Lock()
+_VERIFICATIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> Verification
+
+
+def verify_in_background(model, file: TensorFile, start: int, size: int, expected_crc: int, name: str) -> None:
+    """Checks the CRC-32 of `size` bytes at `start` of `file` on a thread (one core: the model is
+    in use meanwhile); the result is `verification(model)`."""
+    check = Verification(file.path)
+
+    def run() -> None:
+        try:
+            if file.crc32(start, size, [], 1) != expected_crc:
+                check._error = BadKerasZipFile(f"{file.path}: Bad CRC-32 for file '{name}' (found after a mapped load)")
+        except BaseException as e:  # re-raised by result()
+            check._error = e
+        finally:
+            check._done.set()
+
+    with _VERIFICATIONS_LOCK:
+        _VERIFICATIONS[model] = check
+    threading.Thread(target=run, name="kerassave-verify", daemon=True).start()
+
+
+def verification(model) -> Verification | None:
+    """The background CRC check of the mapped load that made `model` (`verify="background"`), if any."""
+    with _VERIFICATIONS_LOCK:
+        return _VERIFICATIONS.get(model)
