@@ -13,7 +13,6 @@ directly; `inspect` and `verify` of the saved file.
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import statistics
@@ -130,9 +129,10 @@ def measure_directory(model, batch, directory: str, repeats: int, log) -> dict:
     return {"directory": directory, "nbytes": nbytes, "times": medians, "blocked": blocked, "rss": rss}
 
 
-def markdown(results: list[dict], info: dict, repeats: int, units: int) -> str:
+def markdown(results: list[dict], info: dict, args) -> str:
+    repeats, units = args.repeats, args.units
     lines = [
-        f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, Linux {info['kernel']}. "
+        f"{report.machine_line(info)}. "
         f"{info['date']}. 4 x Dense({units}) + Adam, batches of 8. Medians of {repeats} repeats, interleaved "
         "in a shuffled order, all in one run.",
         "",
@@ -172,11 +172,11 @@ def markdown(results: list[dict], info: dict, repeats: int, units: int) -> str:
             f"{t['load_model, install()']:.3f} | {t['load_model, ours']:.3f} | {t['inspect (CLI)']:.3f} | "
             f"{t['verify (CLI)']:.3f} |"
         )
-    lines += ["", "| target | result |", "|---|---|"]
+    checks = []
     for r in results:
         t, where = r["times"], shown(r["directory"])
         budget = blocked_budget(r["nbytes"])
-        checks = [
+        checks += [
             (f"`{where}`: call blocked ≤ {budget * 1e3:.1f} ms (5 ms + 1 ms/GB)", t["background blocked"] <= budget),
             (f"`{where}`: training steps ran during the write", t["background steps"] >= 1),
             (
@@ -189,35 +189,22 @@ def markdown(results: list[dict], info: dict, repeats: int, units: int) -> str:
                 max(t["inspect (CLI)"], t["verify (CLI)"]) <= 0.5 * t["load_model, ours"],
             ),
         ]
-        lines += [f"| {name} | {'ok' if met else '**MISSED**'} |" for name, met in checks]
-    lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + "."]
+    lines += ["", *report.target_rows(checks), "", report.versions_line(info)]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--units", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--dirs", default="/dev/shm,benches/scratch", help="comma-separated directories")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "adoption.md"))
-    args = parser.parse_args()
-    directories = [d for d in args.dirs.split(",") if d]
+    model = batch = None
 
-    def log(message: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+    def measure(args, directory):
+        nonlocal model, batch
+        if model is None:
+            model = dense_model(args.units)
+            rng = np.random.default_rng(1)
+            batch = tuple(rng.normal(size=(8, args.units)).astype("float32") for _ in range(2))
+        return measure_directory(model, batch, directory, args.repeats, report.log)
 
-    model = dense_model(args.units)
-    rng = np.random.default_rng(1)
-    batch = (rng.normal(size=(8, args.units)).astype("float32"), rng.normal(size=(8, args.units)).astype("float32"))
-    results = []
-    for directory in directories:
-        os.makedirs(directory, exist_ok=True)
-        log(f"measuring in {directory}")
-        results.append(measure_directory(model, batch, directory, args.repeats, log))
-    text = markdown(results, report.machine(directories), args.repeats, args.units)
-    Path(args.out).write_text(text)
-    print(text)
-    log(f"wrote {args.out}")
+    report.each_directory(__doc__, 4096, 7, "adoption.md", measure, markdown)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     info = report.machine([args.dir])
     lines = [
-        f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, Linux {info['kernel']}. "
+        f"{report.machine_line(info)}. "
         f"{info['date']}. "
         f"Medians of {args.repeats} repeats, interleaved in a shuffled order, all in one run; `{args.dir}`.",
         "",
@@ -129,7 +129,7 @@ def main() -> None:
         "",
         f"Model: 4 × Dense({args.units}) + Adam after one step (weights and both moments), per dtype. "
         "Raw MB/s: the tensors' bytes over the save time. Load: `load_weights` into a built model.",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + ".",
+        report.versions_line(info),
     ]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -15,7 +15,6 @@ predictions and the next training step are bitwise a copying load's, and the fil
 
 from __future__ import annotations
 
-import argparse
 import gc
 import hashlib
 import os
@@ -143,9 +142,10 @@ def measure_directory(model, units: int, directory: str, repeats: int, log) -> d
     }
 
 
-def markdown(results: list[dict], info: dict, repeats: int, units: int) -> str:
+def markdown(results: list[dict], info: dict, args) -> str:
+    repeats, units = args.repeats, args.units
     lines = [
-        f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, Linux {info['kernel']}. "
+        f"{report.machine_line(info)}. "
         f"{info['date']}. 4 x Dense({units}) + Adam, saved with `aligned=True`. Medians of {repeats} repeats "
         "(min-max), interleaved in a shuffled order, all in one run. The file is in the page cache.",
         "",
@@ -180,10 +180,10 @@ def markdown(results: list[dict], info: dict, repeats: int, units: int) -> str:
             f"{a['mapped'][0] / MIB:.0f} / {a['mapped'][1] / MIB:.0f} | "
             f"{s['aligned']:,} / {s['unaligned']:,} (+{s['aligned'] - s['unaligned']:,}) |"
         )
-    lines += ["", "| target | result |", "|---|---|"]
+    checks = []
     for r in results:
         t, where = r["times"], shown(r["directory"])
-        checks = [
+        checks += [
             (f"`{where}`: mapped load ≤ 0.1 × raw read", t["mapped load"] <= 0.1 * t["raw read"]),
             (
                 f"`{where}`: mapped load ≤ 1.1 × the build alone",
@@ -192,33 +192,19 @@ def markdown(results: list[dict], info: dict, repeats: int, units: int) -> str:
             (f"`{where}`: predictions and next training step bitwise a copying load's", r["same"]),
             (f"`{where}`: the file unchanged after training the mapped model", r["unchanged"]),
         ]
-        lines += [f"| {name} | {'ok' if met else '**MISSED**'} |" for name, met in checks]
-    lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + "."]
+    lines += ["", *report.target_rows(checks), "", report.versions_line(info)]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--units", type=int, default=8192)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--dirs", default="/dev/shm,benches/scratch", help="comma-separated directories")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "mapped.md"))
-    args = parser.parse_args()
-    directories = [d for d in args.dirs.split(",") if d]
+    model = None
 
-    def log(message: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+    def measure(args, directory):
+        nonlocal model
+        model = model or dense_model(args.units)
+        return measure_directory(model, args.units, directory, args.repeats, report.log)
 
-    model = dense_model(args.units)
-    results = []
-    for directory in directories:
-        os.makedirs(directory, exist_ok=True)
-        log(f"measuring in {directory}")
-        results.append(measure_directory(model, args.units, directory, args.repeats, log))
-    text = markdown(results, report.machine(directories), args.repeats, args.units)
-    Path(args.out).write_text(text)
-    print(text)
-    log(f"wrote {args.out}")
+    report.each_directory(__doc__, 8192, 5, "mapped.md", measure, markdown)
 
 
 if __name__ == "__main__":

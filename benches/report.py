@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import subprocess
+import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -79,6 +82,47 @@ def _check(ok: bool) -> str:
     return "ok" if ok else "**MISSED**"
 
 
+def log(message: str) -> None:
+    """A timestamped progress line on stderr (the tables go to stdout)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def machine_line(info: dict) -> str:
+    """The first words of every table: the machine (`machine()`'s answer)."""
+    return f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, Linux {info['kernel']}"
+
+
+def versions_line(info: dict) -> str:
+    return "Versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + "."
+
+
+def each_directory(doc: str, units: int, repeats: int, out_name: str, measure, markdown) -> None:
+    """The main of a benchmark part measured per directory: parses `--units --repeats --dirs --out`,
+    calls `measure(args, directory)` for each directory (made if missing), writes and prints
+    `markdown(results, machine, args)` (to results/`out_name` by default)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--units", type=int, default=units)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--dirs", default="/dev/shm,benches/scratch", help="comma-separated directories")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / out_name))
+    args = parser.parse_args()
+    directories = [d for d in args.dirs.split(",") if d]
+    results = []
+    for directory in directories:
+        os.makedirs(directory, exist_ok=True)
+        log(f"measuring in {directory}")
+        results.append(measure(args, directory))
+    text = markdown(results, machine(directories), args)
+    Path(args.out).write_text(text)
+    print(text)
+    log(f"wrote {args.out}")
+
+
+def target_rows(checks: list[tuple[str, bool]]) -> list[str]:
+    """A Markdown table of (target, met)."""
+    return ["| target | result |", "|---|---|", *[f"| {name} | {_check(met)} |" for name, met in checks]]
+
+
 def targets(r: Result) -> list[tuple[str, bool]]:
     save_limit = SAVE_LIMIT.get(r.model, DEFAULT_SAVE_LIMIT)
     return [
@@ -94,10 +138,11 @@ def targets(r: Result) -> list[tuple[str, bool]]:
 
 def markdown(results: list[Result], info: dict, repeats: int) -> str:
     lines = [
-        f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, Linux {info['kernel']}; "
+        machine_line(info)
+        + "; "
         + ", ".join(f"`{shown(d)}` is {fs}" for d, fs in info["filesystems"].items())
         + f". {info['date']}. Medians of {repeats} repeats, interleaved in a shuffled order, all in one run.",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + ".",
+        versions_line(info),
         "",
         "**Save** (floor: one thread writing the same bytes over the previous file; the atomic raw write "
         "writes a new file and renames it over the previous one, as a save that never destroys the old "

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -118,9 +116,7 @@ def main() -> None:
     for d in directories:
         os.makedirs(d, exist_ok=True)
     os.makedirs(args.out, exist_ok=True)
-
-    def log(message: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+    log = report.log
 
     results: list[Result] = []
     for name in args.models.split(","):

@@ -140,7 +140,7 @@ def main() -> None:
     t = {name: statistics.median(ts) for name, ts in times.items()}
     spread = {name: f"{min(ts):.3f}-{max(ts):.3f}" for name, ts in times.items()}
     lines = [
-        f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, Linux {info['kernel']}. "
+        f"{report.machine_line(info)}. "
         f"{info['date']}. Medians of {args.repeats} repeats, interleaved in a shuffled order, all in one run; "
         f"`{args.dir}`. tf_keras 4 × Dense({args.units}) + Adam after one step, {nbytes / 1e6:.0f} MB of variables.",
         "",
@@ -191,11 +191,9 @@ def main() -> None:
         f"ours {rss['ours'] / 2**20:.0f} MiB. "
         "Our `load_model` also restores the optimizer's saved state (stock compiles a fresh optimizer).",
         "",
-        "| target | result |",
-        "|---|---|",
-        *[f"| {name} | {'ok' if met else '**MISSED**'} |" for name, met in targets],
+        *report.target_rows(targets),
         "",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + ".",
+        report.versions_line(info),
     ]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -347,8 +347,8 @@ def test_tf_keras_load_weights_of_an_h5_is_ours_and_stocks(tf_keras_saved, which
         assert got == expected
 
 
-def test_tf_keras_load_weights_of_an_h5_refuses_as_stock(tf_keras_saved, tmp_path):
-    model, paths = tf_keras_saved
+def test_tf_keras_load_weights_of_an_h5_refuses_as_stock(tf_keras_saved):
+    _, paths = tf_keras_saved
     other = tf_keras.Sequential([tf_keras.Input((3,)), tf_keras.layers.Dense(2)])
     with pytest.raises(ValueError) as stock_error:
         other.load_weights(paths["stock_w"])
