@@ -453,15 +453,17 @@ fn find_eocd(file: &File, path: &Path, file_len: u64) -> Result<(u64, Vec<u8>)> 
             "not a zip file: too short for an end-of-central-directory record",
         ));
     }
+    let sig = EOCD_SIG.to_le_bytes();
+    // No archive comment (as every Keras file): the record is the last 22 bytes, its comment
+    // length zero. Read those alone first, as `zipfile` does, not 64 KiB of the last tensor.
+    let record = pread(file, path, file_len - EOCD_LEN, EOCD_LEN, "end of file")?;
+    if record[..4] == sig && record[EOCD_LEN as usize - 2..] == [0, 0] {
+        return Ok((file_len - EOCD_LEN, record));
+    }
     let tail_len = file_len.min(EOCD_LEN + MAX_COMMENT);
     let tail_start = file_len - tail_len;
     let tail = pread(file, path, tail_start, tail_len, "end of file")?;
-    let sig = EOCD_SIG.to_le_bytes();
     let last = tail.len() - EOCD_LEN as usize;
-    // No archive comment: the record is the last 22 bytes, its comment length zero.
-    if tail[last..last + 4] == sig && tail[tail.len() - 2..] == [0, 0] {
-        return Ok((tail_start + last as u64, tail[last..].to_vec()));
-    }
     match (0..=last).rev().find(|&i| tail[i..i + 4] == sig) {
         Some(i) => Ok((tail_start + i as u64, tail[i..i + EOCD_LEN as usize].to_vec())),
         None => Err(Error::zip(path, "not a zip file: no end-of-central-directory record")),

@@ -98,8 +98,9 @@ impl From<String> for Failure {
 /// Groups nested deeper than this are not listed (stock Keras nests a handful of levels).
 const MAX_DEPTH: usize = 64;
 
-/// The HDF5 file as a stretch of an open file, read in blocks kept in memory: the metadata is
-/// many small reads clustered between the tensors, which this turns into a few large ones.
+/// The HDF5 file as a stretch of an open file, read in page-sized blocks kept in memory: the
+/// metadata is many small reads clustered between the tensors, which this turns into fewer reads
+/// without reading much of the tensors the load reads anyway (each byte of a `.keras` read once).
 struct FileRange {
     file: Arc<File>,
     start: u64,
@@ -107,9 +108,9 @@ struct FileRange {
     blocks: Mutex<HashMap<u64, Arc<[u8]>>>,
 }
 
-const BLOCK: u64 = 64 << 10;
+const BLOCK: u64 = 4 << 10;
 /// Blocks kept at most (16 MiB); past that the cache starts over.
-const MAX_BLOCKS: usize = 256;
+const MAX_BLOCKS: usize = 4096;
 
 impl FileRange {
     fn block(&self, index: u64) -> std::io::Result<Arc<[u8]>> {

@@ -146,9 +146,11 @@ class KerasArchive:
         return self.zip.read(member.index)
 
     @contextlib.contextmanager
-    def open_weights(self, threads: int, verify=True):
-        """Yields `model.weights.h5` open in h5py, its CRC-32 already checked (unless `verify` is not
-        True: a mapped load's, checked later or not at all).
+    def open_weights(self, threads: int, check_first: bool = False):
+        """Yields `model.weights.h5` open in h5py. Its CRC-32 is checked by `checked_arrays` over the
+        bytes as they are read (each byte read once), or first, before HDF5 parses a byte of it, if
+        `check_first`. Whatever fails in between is blamed on the file when its CRC is wrong: the
+        error is then a `BadKerasZipFile` naming it.
 
         A STORED member is read in place; a DEFLATED one (not written by stock Keras) is inflated first.
         """
@@ -156,19 +158,27 @@ class KerasArchive:
         region = None
         if member.method == zipfile.ZIP_STORED:
             start = self.zip.data_offset(member.index)
-            if verify is True:
-                self.zip.check_crc(member.index, threads)  # before HDF5 parses a byte of it
+            if check_first:
+                self.zip.check_crc(member.index, threads)
             source, size = self.file, member.size
             fileobj = region = FileRegion(self.file.fileno(), start, member.size, self.path)
         else:
             source = self.zip.read(member.index)
             start, size, fileobj = 0, len(source), io.BytesIO(source)
         try:
-            h5 = h5py.File(fileobj, "r")
-        except OSError as e:
-            raise KerasSaveError(f"{self.path}: '{WEIGHTS}' is not a readable HDF5 file: {e}") from e
-        with h5:
-            yield WeightsMember(source, start, size, h5, region)
+            try:
+                h5 = h5py.File(fileobj, "r")
+            except OSError as e:
+                raise KerasSaveError(f"{self.path}: '{WEIGHTS}' is not a readable HDF5 file: {e}") from e
+            with h5:
+                yield WeightsMember(source, start, size, h5, region)
+        except Exception as e:
+            if region is not None and not check_first and not isinstance(e, zipfile.BadZipFile):
+                try:
+                    self.zip.check_crc(member.index, threads)
+                except zipfile.BadZipFile as damaged:  # what went wrong: the file is damaged
+                    raise damaged from e
+            raise
 
     def checked_arrays(self, weights: WeightsMember, reading: Future[ReadTensors], mapped: bool = False) -> dict:
         """The tensors `read_weights` read, once the member's CRC-32 checks out for the bytes as they
@@ -184,7 +194,9 @@ class KerasArchive:
             known = sorted((weights.start + offset, length, crc) for offset, length, crc in known)
             member = self.by_name[WEIGHTS]
             if self.file.crc32(weights.start, weights.size, known) != member.crc32:
-                raise BadKerasZipFile(f"{self.path}: Bad CRC-32 for file '{WEIGHTS}' (it changed while being read)")
+                raise BadKerasZipFile(
+                    f"{self.path}: Bad CRC-32 for file '{WEIGHTS}' (a damaged file, or it changed while being read)"
+                )
         return read.arrays
 
     def mapping(self, weights: WeightsMember, mmap: bool) -> Mapping | None:
@@ -253,7 +265,7 @@ def load(
         return flavour.stock_load_model(filepath, custom_objects, compile, safe_mode)
     config_json = archive.read(CONFIG)
     with (
-        archive.open_weights(threads, verify if mmap else True) as weights,
+        archive.open_weights(threads, check_first=mmap and verify is True) as weights,
         archive.extracted_assets() as assets,
     ):
         mapping = archive.mapping(weights, mmap)

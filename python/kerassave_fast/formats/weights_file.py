@@ -37,7 +37,7 @@ def load(model, filepath: str, skip_mismatch: bool = False, threads: int = 0, mm
         archive = KerasArchive(filepath)
         if not archive.readable_here:
             return False
-        with archive.open_weights(threads, verify if mmap else True) as weights:
+        with archive.open_weights(threads, check_first=mmap and verify is True) as weights:
             mapping = archive.mapping(weights, mmap)
             reading = read_weights(weights.h5, weights.source, weights.start, weights.size, filepath, threads, mapping)
             arrays = archive.checked_arrays(weights, reading, mapped=mapping is not None)
