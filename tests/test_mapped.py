@@ -108,6 +108,7 @@ def test_mapped_load_adopts_the_map_and_trains_like_a_copying_load(model_zoo, tm
     saved = path.read_bytes()
     copied = ksf.load_model(path)
     mapped = ksf.load_model(path, mmap=True)
+    ksf.verification(mapped).poison_on_failure()  # a sound file: nothing happens
     ksf.verification(mapped).result(60)
     assert_same_state(copied, mapped)
     in_map = _in_map(mapped, path)
@@ -206,6 +207,11 @@ def test_background_verification_finds_a_flipped_tensor_byte(model_zoo, tmp_path
         ksf.verification(mapped).result(60)
     with pytest.raises(zipfile.BadZipFile, match="Bad CRC-32"):
         ksf.load_model(path, mmap=True, verify=True)
+    poisoned = ksf.load_model(path, mmap=True)
+    ksf.verification(poisoned).poison_on_failure()  # asked before or after the check ends: the same
+    assert ksf.verification(poisoned).wait(60)
+    assert all(np.isnan(np.asarray(v, dtype="float32")).all() for v in poisoned.weights)
+    assert all(np.isnan(np.asarray(v)).all() for v in poisoned.optimizer.variables if "float" in str(v.dtype))
     unchecked = ksf.load_model(path, mmap=True, verify=False)
     assert ksf.verification(unchecked) is None
     with pytest.raises(zipfile.BadZipFile, match="Bad CRC-32"):

@@ -76,10 +76,30 @@ def refuse_if_replaced(path: str, fd: int, before: os.stat_result) -> None:
 class Verification:
     """The CRC check of a mapped load, run after the model was returned (`verify="background"`)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, model):
         self.path = path
+        self._model = weakref.ref(model)
         self._done = threading.Event()
         self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._poison = False
+
+    def poison_on_failure(self) -> None:
+        """If the check finds the file damaged (now or already), every floating-point variable of the
+        model and its optimizer is set to NaN, so that nothing goes on silently with wrong weights."""
+        with self._lock:
+            self._poison = True
+            failed = self._done.is_set() and self._error is not None
+        if failed:
+            _poison(self._model())
+
+    def _finish(self, error: BaseException | None) -> None:
+        with self._lock:
+            self._error = error
+            self._done.set()
+            poison = self._poison and error is not None
+        if poison:
+            _poison(self._model())
 
     def done(self) -> bool:
         return self._done.is_set()
@@ -102,20 +122,33 @@ _VERIFICATIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model
 def verify_in_background(model, file: TensorFile, start: int, size: int, expected_crc: int, name: str) -> None:
     """Checks the CRC-32 of `size` bytes at `start` of `file` on a thread (one core: the model is
     in use meanwhile); the result is `verification(model)`."""
-    check = Verification(file.path)
+    check = Verification(file.path, model)
 
     def run() -> None:
+        error = None
         try:
             if file.crc32(start, size, [], 1) != expected_crc:
-                check._error = BadKerasZipFile(f"{file.path}: Bad CRC-32 for file '{name}' (found after a mapped load)")
+                error = BadKerasZipFile(f"{file.path}: Bad CRC-32 for file '{name}' (found after a mapped load)")
         except BaseException as e:  # re-raised by result()
-            check._error = e
-        finally:
-            check._done.set()
+            error = e
+        check._finish(error)
 
     with _VERIFICATIONS_LOCK:
         _VERIFICATIONS[model] = check
     threading.Thread(target=run, name="kerassave-verify", daemon=True).start()
+
+
+def _poison(model) -> None:
+    """Sets every floating-point variable of `model` (and of its optimizer) to NaN."""
+    if model is None:
+        return
+    import tensorflow as tf
+
+    optimizer = getattr(model, "optimizer", None)
+    for variable in list(model.weights) + list(getattr(optimizer, "variables", None) or []):
+        dtype = tf.as_dtype(variable.dtype)
+        if dtype.is_floating:
+            variable.assign(tf.cast(tf.fill(variable.shape, float("nan")), dtype))
 
 
 def verification(model) -> Verification | None:
