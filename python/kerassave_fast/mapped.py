@@ -83,23 +83,27 @@ class Verification:
         self._error: BaseException | None = None
         self._lock = threading.Lock()
         self._poison = False
+        self._finished = False  # the check's result is known (`done` comes once poisoning is over)
 
     def poison_on_failure(self) -> None:
         """If the check finds the file damaged (now or already), every floating-point variable of the
         model and its optimizer is set to NaN, so that nothing goes on silently with wrong weights."""
         with self._lock:
             self._poison = True
-            failed = self._done.is_set() and self._error is not None
+            failed = self._finished and self._error is not None
         if failed:
             _poison(self._model())
 
     def _finish(self, error: BaseException | None) -> None:
         with self._lock:
             self._error = error
-            self._done.set()
+            self._finished = True
             poison = self._poison and error is not None
-        if poison:
-            _poison(self._model())
+        try:
+            if poison:
+                _poison(self._model())
+        finally:
+            self._done.set()
 
     def done(self) -> bool:
         return self._done.is_set()
