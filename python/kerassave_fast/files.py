@@ -467,3 +467,12 @@ class FileWindow(_Seekable):
 
     def flush(self) -> None:
         pass
+
+
+def changed(before: os.stat_result, after: os.stat_result) -> bool:
+    """Whether a file's bytes may have changed between two `fstat`s of one descriptor. Its change
+    time also moves when a save renames a new file over it (one link less), which leaves the bytes
+    we read alone; a write that put back the modification time shows only there."""
+    if before.st_size != after.st_size or before.st_mtime_ns != after.st_mtime_ns:
+        return True
+    return before.st_ctime_ns != after.st_ctime_ns and before.st_nlink == after.st_nlink

@@ -19,12 +19,12 @@ import weakref
 import numpy as np
 
 from ._core import BadKerasZipFile, KerasSaveError, TensorFile
+from .files import changed
 from .tensors import ALIGNMENT
 
 # verify= values of a mapped load: check the CRC before parsing (a whole read of the file), after
 # returning on a background thread, or not at all.
 BEFORE, BACKGROUND = True, "background"
-_VERIFY_CHOICES = (BEFORE, BACKGROUND, False)
 
 
 def verify_choice(mmap_wanted, verify) -> bool | str:
@@ -34,7 +34,7 @@ def verify_choice(mmap_wanted, verify) -> bool | str:
         raise TypeError(f"`mmap` must be True or False. Received: mmap={mmap_wanted!r}")
     if verify is None:
         return BACKGROUND if mmap_wanted else BEFORE
-    if not any(verify is c or (isinstance(c, str) and verify == c) for c in _VERIFY_CHOICES):
+    if not (verify is True or verify is False or verify == BACKGROUND):
         raise ValueError(f"`verify` must be True, False or 'background'. Received: verify={verify!r}")
     if not mmap_wanted and verify is not BEFORE:
         raise ValueError(f"`verify={verify!r}` applies to `mmap=True` loads: a copying load checks the CRC as it reads")
@@ -61,12 +61,8 @@ class Mapping:
 def refuse_if_replaced(path: str, fd: int, before: os.stat_result) -> None:
     """Refuses a mapped load whose file changed while it ran: written in place (pages not yet touched
     would show the new bytes) or replaced under its name (the model would not be the file's)."""
-    after, now_named = os.fstat(fd), os.stat(path)
-    if (
-        after.st_size != before.st_size
-        or after.st_mtime_ns != before.st_mtime_ns
-        or (now_named.st_dev, now_named.st_ino) != (before.st_dev, before.st_ino)
-    ):
+    now_named = os.stat(path)
+    if changed(before, os.fstat(fd)) or (now_named.st_dev, now_named.st_ino) != (before.st_dev, before.st_ino):
         raise KerasSaveError(
             f"{path}: the file changed while it was being loaded with mmap=True (save with an atomic "
             "replace, as kerassave_fast does, and load again)"

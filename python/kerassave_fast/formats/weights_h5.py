@@ -27,7 +27,7 @@ from h5py import h5d, h5o, h5s, h5t
 from h5py._hl.dataset import make_new_dset
 
 from .._core import KerasSaveError, TensorFile, hdf5_encode_chunks, hdf5_stored_datasets
-from ..files import Destination, FileRegion, FileWindow, SparseImage, atomic_replace
+from ..files import Destination, FileRegion, FileWindow, SparseImage, atomic_replace, changed
 from ..mapped import Mapping, refuse_if_replaced
 from ..tensors import BFLOAT16, aligned_empty, as_bytes, snapshot
 
@@ -600,17 +600,8 @@ def read_ahead(filepath: str, threads: int = 0, mapped: bool = False) -> Iterato
         opened.tensors  # noqa: B018 -- the checks of `freeze`, even if nothing asked for the tensors
     if mapped:
         refuse_if_replaced(filepath, file.fileno(), before)
-    elif _changed(before, os.fstat(file.fileno())):
+    elif changed(before, os.fstat(file.fileno())):
         raise KerasSaveError(f"{filepath}: the file changed while it was being read")
-
-
-def _changed(before: os.stat_result, after: os.stat_result) -> bool:
-    """Whether a file's bytes may have changed between two `fstat`s of one descriptor. Its change
-    time also moves when a save renames a new file over it (one link less), which leaves the bytes
-    we read alone; a write that put back the modification time shows only there."""
-    if before.st_size != after.st_size or before.st_mtime_ns != after.st_mtime_ns:
-        return True
-    return before.st_ctime_ns != after.st_ctime_ns and before.st_nlink == after.st_nlink
 
 
 @dataclass
