@@ -4,6 +4,9 @@ and a damaged chunk is refused naming the file."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import numpy as np
 import pytest
 
 import kerassave_fast as ksf
-from conftest import CUSTOM_OBJECTS, assert_same_state
+from conftest import CUSTOM_OBJECTS, assert_same_state, state_of
 from kerassave_fast import KerasSaveError
 from kerassave_fast._core import TensorFile, hdf5_stored_datasets
 
@@ -80,6 +83,45 @@ def test_keras3_files_round_trip_and_load_in_stock(model_zoo, tmp_path, name, se
         load(fresh, weights_path)
         for a, b in zip(model.weights, fresh.weights, strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# Run in a process that never imported hdf5plugin: h5py there cannot undo zstd, so each chunk is ours to read.
+_LOAD_WITHOUT_PLUGIN = """
+import hashlib, json, sys
+import h5py, numpy as np
+import kerassave_fast as ksf
+assert not h5py.h5z.filter_avail(32015), "zstd readable by h5py: the test would prove nothing"
+keras_path, h5_path, weights_path = sys.argv[1:4]
+def digest(model):
+    variables = list(model.weights) + list(model.optimizer.variables)
+    return [hashlib.sha256(np.asarray(v.numpy()).tobytes()).hexdigest() for v in variables]
+from_keras, from_h5 = ksf.load_model(keras_path), ksf.load_model(h5_path)
+before = digest(from_keras)
+for v in from_keras.weights:
+    v.assign(np.zeros(v.shape, v.dtype))
+ksf.load_weights(from_keras, weights_path)
+print(json.dumps([before, digest(from_h5), digest(from_keras)]))
+"""
+
+
+def test_zstd_files_load_here_without_hdf5plugin(model_zoo, tmp_path):
+    """Ours reads zstd with no plugin: every chunk is decoded by the Rust core, the legacy `.h5`
+    writers' bfloat16 (2-byte opaque, no `dtype` mark) included -- it once fell back to h5py."""
+    model = model_zoo("low_precision")
+    paths = [tmp_path / "m.keras", tmp_path / "m.h5", tmp_path / "m.weights.h5"]
+    ksf.save_model(model, paths[0], compression="zstd", chunk_bytes=64)
+    ksf.save_model(model, paths[1], compression="zstd", chunk_bytes=64)
+    ksf.save_weights(model, paths[2], compression="zstd", chunk_bytes=64)
+    opaque = []  # the legacy file's bfloat16 tensors: unmarked opaque, chunked
+    with h5py.File(paths[1], "r") as f:
+        f.visititems(lambda _, o: opaque.append(o.chunks is not None) if getattr(o, "dtype", None) == "V2" else None)
+    assert opaque and all(opaque)
+    run = subprocess.run(
+        [sys.executable, "-c", _LOAD_WITHOUT_PLUGIN, *map(str, paths)], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    expected = [hashlib.sha256(data.tobytes()).hexdigest() for _, data in state_of(model)]
+    assert json.loads(run.stdout.splitlines()[-1]) == [expected] * 3
 
 
 @pytest.mark.parametrize("settings", SETTINGS[:3], ids=_ids)

@@ -1,5 +1,5 @@
 //! Lists the datasets of an HDF5 file whose bytes can be read by offset: contiguous, unfiltered,
-//! allocated, of a plain little-endian number type (or Keras' bfloat16), stored exactly as large
+//! allocated, of a plain little-endian number type (or Keras' bfloat16, or untagged opaque bytes), stored exactly as large
 //! as their shape says. Everything else is left to the caller's slower path (h5py and stock's
 //! checks), so this listing never has to agree with HDF5 on anything but the simple case.
 
@@ -35,7 +35,7 @@ pub enum Source {
 }
 
 /// A dataset readable by offset: `path` as h5py names it ("/layers/dense/vars/0"), its bytes at
-/// `offset` of the HDF5 file, `dtype` as numpy spells it ("<f4", "|u1", or "bfloat16").
+/// `offset` of the HDF5 file, `dtype` as numpy spells it ("<f4", "|u1", "|V2", or "bfloat16").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredDataset {
     pub path: String,
@@ -621,9 +621,24 @@ fn numpy_dtype(dataset: &hdf5_reader::Dataset) -> std::result::Result<Option<(&'
     let dtype = match (dataset.dtype(), standard_number(&raw)) {
         (Datatype::FixedPoint { .. } | Datatype::FloatingPoint { .. }, Some(name)) => Some(name),
         (Datatype::Opaque { size: 2, .. }, _) if is_keras_bfloat16(dataset) => Some(("bfloat16", 2)),
+        (Datatype::Opaque { size, tag }, _) if tag.is_empty() => untagged_opaque(*size),
         _ => None,
     };
     Ok(dtype)
+}
+
+/// numpy's name for an opaque type with no tag, as h5py reads it ("|V2"): what h5py writes for
+/// numpy's void and for ml_dtypes' types, bfloat16 in the legacy `.h5` writers included.
+fn untagged_opaque(size: u32) -> Option<(&'static str, u64)> {
+    let name = match size {
+        1 => "|V1",
+        2 => "|V2",
+        4 => "|V4",
+        8 => "|V8",
+        16 => "|V16",
+        _ => return None,
+    };
+    Some((name, u64::from(size)))
 }
 
 /// Keras 3 stores a bfloat16 tensor as 2-byte opaque data with a `dtype` attribute saying so.

@@ -479,6 +479,8 @@ def _as_stored_tensor(h5: h5py.File, name: bytes) -> StoredTensor | None:
     dtype = dsid.dtype
     if dtype.kind == "V" and dtype.itemsize == 2 and h5py.Dataset(dsid).attrs.get("dtype") == "bfloat16":
         dtype = BFLOAT16
+    elif _untagged_opaque(dsid):  # read as h5py reads it ("|V2": the legacy writers' bfloat16)
+        pass
     elif dtype.kind not in "biufc" or not dtype.isnative:
         return None
     offset = dsid.get_offset()
@@ -486,6 +488,11 @@ def _as_stored_tensor(h5: h5py.File, name: bytes) -> StoredTensor | None:
         return None  # never written: h5py reads fill values
     tensor = StoredTensor("/" + name.decode("utf-8", "surrogateescape"), offset, space.shape, dtype)
     return tensor if dsid.get_storage_size() == tensor.nbytes else None
+
+
+def _untagged_opaque(dsid: h5d.DatasetID) -> bool:
+    file_type = dsid.get_type()  # the sizes the Rust listing takes (rust/hdf5/reader.rs, untagged_opaque)
+    return file_type.get_class() == h5t.OPAQUE and not file_type.get_tag() and file_type.get_size() in (1, 2, 4, 8, 16)
 
 
 def _listed_by_h5py(h5: h5py.File) -> list[StoredTensor]:

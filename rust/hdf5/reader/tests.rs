@@ -19,7 +19,7 @@ fn bytes(data: &[u8]) -> Source {
 }
 
 #[test]
-fn lists_plain_numbers_and_keras_bfloat16_only() {
+fn lists_plain_numbers_keras_bfloat16_and_untagged_opaque_only() {
     let found = list(bytes(&fixture())).unwrap();
     let listed: Vec<(&str, &[u64], &str)> = found
         .iter()
@@ -32,6 +32,7 @@ fn lists_plain_numbers_and_keras_bfloat16_only() {
             ("/layers/dense/vars/1", &[4][..], "<f4"),
             ("/layers/low/vars/0", &[6][..], "bfloat16"),
             ("/layers/low/vars/1", &[16, 16][..], "<f4"),
+            ("/legacy/bf16", &[5][..], "|V2"),
             ("/optimizer/vars/0", &[][..], "<i8"),
         ]
     );
@@ -144,7 +145,7 @@ fn a_global_heap_libhdf5_would_loop_on_is_corrupt_and_named() {
             "{message}"
         );
     }
-    assert!(matches!(list(bytes(&with_heap_object_grown(0))), Ok(found) if found.len() == 5));
+    assert!(matches!(list(bytes(&with_heap_object_grown(0))), Ok(found) if found.len() == 6));
 }
 
 /// The fixture with the first dataset's data address (in its layout message) set to `to`.

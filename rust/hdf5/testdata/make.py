@@ -17,3 +17,6 @@ with h5py.File("keras_like.h5", "w") as f:
     optimizer = f.create_group("optimizer/vars")
     optimizer["0"] = np.int64(7)
     optimizer["1"] = np.arange(3, dtype=">f4")  # big-endian: left to h5py
+    legacy = f.create_group("legacy")
+    legacy["bf16"] = np.arange(5).astype(ml_dtypes.bfloat16)  # untagged 2-byte opaque, no attribute
+    legacy["when"] = np.arange(2).astype("M8[s]").astype(h5py.opaque_dtype(np.dtype("M8[s]")))  # tagged
