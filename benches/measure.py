@@ -18,7 +18,7 @@ import numpy as np
 from keras.src.saving import saving_lib
 
 import kerassave_fast as ksf
-from kerassave_fast.formats import weights_h5
+from kerassave_fast.formats import sharded_weights, weights_h5
 from kerassave_fast.tensors import snapshot
 
 
@@ -64,10 +64,10 @@ def raw_write_atomic(arrays: list[np.ndarray], path: str) -> None:
     os.replace(tmp, path)
 
 
-def save_first(model, path: str) -> None:
+def save_first(save: Callable[[object, str], object], model, path: str) -> None:
     """Our save without the HDF5 layout remembered from an earlier save of the same architecture."""
     weights_h5._LAYOUTS.clear()
-    ksf.save_model(model, path)
+    save(model, path)
 
 
 def raw_read(path: str) -> np.ndarray:
@@ -100,6 +100,8 @@ class Format:
     stock_load: Callable[[str], object]
     ours_load: Callable[[str], object]
     build: Callable[[object, str], object]  # (model, our file) -> the model built from its config
+    ours_save: Callable[..., object] = ksf.save_model  # (model, path, **our keywords)
+    files: Callable[[str], list[str]] = lambda path: [path]  # every file a save at `path` writes
 
 
 KERAS = Format(
@@ -114,6 +116,30 @@ H5 = Format(
     ksf.load_model,
     lambda model, _: keras.models.model_from_json(model.to_json()),
 )
+
+
+def sharded(model, max_shard_size: float) -> Format:
+    """Keras 3 weights only, sharded (`save_weights(..., max_shard_size=...)`, a `.weights.json`
+    and its shards); loads go into a copy of the model built beforehand (the floor's build is 0)."""
+    target = keras.models.clone_model(model)
+    target.compile(optimizer=type(model.optimizer).from_config(model.optimizer.get_config()), loss="mse")
+    target.optimizer.build(target.trainable_variables)
+
+    def files(path: str) -> list[str]:
+        directory, base = os.path.dirname(path), sharded_weights.base_name(path)
+        shards = sorted(n for n in os.listdir(directory) if n.startswith(f"{base}_") and n.endswith(".weights.h5"))
+        return [path] + [os.path.join(directory, n) for n in shards]
+
+    return Format(
+        f"sharded {max_shard_size:g} GB",
+        ".weights.json",
+        lambda m, p: keras.saving.save_weights(m, p, max_shard_size=max_shard_size),
+        lambda p: keras.saving.load_weights(target, p),
+        lambda p: ksf.load_weights(target, p),
+        lambda _m, _p: None,
+        lambda m, p, **kw: ksf.save_weights(m, p, max_shard_size=max_shard_size, **kw),
+        files,
+    )
 
 
 def tf_keras_h5() -> Format:
@@ -176,9 +202,9 @@ def run(
         "raw_write": lambda: raw_write(arrays, paths["raw"]),
         "raw_write_atomic": lambda: raw_write_atomic(arrays, paths["raw_atomic"]),
         "stock_save": lambda: fmt.stock_save(model, paths["stock"]),
-        "ours_save": lambda: ksf.save_model(model, paths["ours"]),
-        "ours_save_first": lambda: save_first(model, paths["ours"]),
-        "ours_save_fsync": lambda: ksf.save_model(model, paths["ours"], fsync=True),
+        "ours_save": lambda: fmt.ours_save(model, paths["ours"]),
+        "ours_save_first": lambda: save_first(fmt.ours_save, model, paths["ours"]),
+        "ours_save_fsync": lambda: fmt.ours_save(model, paths["ours"], fsync=True),
         "raw_read": lambda: raw_read(paths["raw"]),
         "stock_build": lambda: fmt.build(model, paths["ours"]),
         "stock_load": lambda: fmt.stock_load(paths["stock"]),
@@ -209,11 +235,11 @@ def run(
             result.spread[name] = (min(values), max(values))
         for name in ("stock_save", "ours_save", "stock_load", "ours_load"):
             result.extra_rss[name] = extra_peak_rss(ops[name])
-        result.file_size = {n: os.path.getsize(paths[n]) for n in ("stock", "ours")}
+        result.file_size = {n: sum(map(os.path.getsize, fmt.files(paths[n]))) for n in ("stock", "ours")}
     finally:
         for path in paths.values():
-            if os.path.exists(path):
-                os.unlink(path)
+            for file in fmt.files(path) if os.path.exists(path) else []:
+                os.unlink(file)
     return result
 
 

@@ -17,7 +17,7 @@ import keras
 import numpy as np
 
 import report
-from measure import H5, KERAS, Result, run, save_json, tf_keras_h5, tf_keras_keras
+from measure import H5, KERAS, Result, run, save_json, sharded, tf_keras_h5, tf_keras_keras
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -81,15 +81,17 @@ def many_arrays_h5_model(units: int) -> keras.Model:
 
 
 MODELS = {
-    # name: (make(units), label(units), format, only in the first directory)
-    "dense": (dense_model, "dense{}", lambda: KERAS, False),
-    "resnet50": (lambda _: resnet_model(), "resnet50", lambda: KERAS, False),
-    "dense-h5": (dense_h5_model, "dense{} .h5", lambda: H5, True),
-    "tf_keras-dense-h5": (tf_keras_dense_model, "tf_keras dense{} .h5", tf_keras_h5, True),
-    "tf_keras-dense-keras": (tf_keras_dense_model, "tf_keras dense{} .keras", tf_keras_keras, True),
+    # name: (make(units), label(units), format(model), only in the first directory)
+    "dense": (dense_model, "dense{}", lambda _: KERAS, False),
+    "resnet50": (lambda _: resnet_model(), "resnet50", lambda _: KERAS, False),
+    "dense-h5": (dense_h5_model, "dense{} .h5", lambda _: H5, True),
+    "tf_keras-dense-h5": (tf_keras_dense_model, "tf_keras dense{} .h5", lambda _: tf_keras_h5(), True),
+    "tf_keras-dense-keras": (tf_keras_dense_model, "tf_keras dense{} .keras", lambda _: tf_keras_keras(), True),
     # Not in the default run (stock takes ~20 s per load): --models many,many-h5 --repeats 3
-    "many": (many_arrays_model, "1000xDense(64)", lambda: KERAS, True),
-    "many-h5": (many_arrays_h5_model, "1000xDense(64) .h5", lambda: H5, True),
+    "many": (many_arrays_model, "1000xDense(64)", lambda _: KERAS, True),
+    "many-h5": (many_arrays_h5_model, "1000xDense(64) .h5", lambda _: H5, True),
+    # Weights only, in shards of 0.1 GB (8 for the default model): --models dense-sharded
+    "dense-sharded": (dense_model, "dense{} .weights.json", lambda model: sharded(model, 0.1), True),
 }
 DEFAULT_MODELS = ("dense", "resnet50", "dense-h5", "tf_keras-dense-h5")
 
@@ -125,7 +127,7 @@ def main() -> None:
         model, label = make(args.units), label.format(args.units)
         for directory in directories[:1] if first_only else directories:
             log(f"measuring {label} in {directory}")
-            results.append(run(label, model, directory, args.repeats, log, fmt()))
+            results.append(run(label, model, directory, args.repeats, log, fmt(model)))
         del model
         keras.backend.clear_session()
 

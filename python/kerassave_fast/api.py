@@ -509,8 +509,8 @@ def save_weights(model, filepath, overwrite=True, *args, **kwargs):
 
     The fourth positional argument is the flavour's own: `max_shard_size` for Keras 3 (as
     `keras.saving.save_weights`), `save_format` then `options` for tf_keras (as `Model.save_weights`).
-    Keras 3: `.weights.h5` files are written by the fast path (same layout as stock); sharded
-    saves (`max_shard_size`) go to stock. tf_keras: TF-format weights (a tensor bundle) and `.h5` by
+    Keras 3: `.weights.h5` files, and sharded `.weights.json` ones (`max_shard_size`, GB), are
+    written by the fast path (same files as stock's). tf_keras: TF-format weights (a tensor bundle) and `.h5` by
     the fast path. Our own keywords: `threads`, `fsync`, `compression`, `compression_level`,
     `chunk_bytes`, `checksum`, `aligned`, `blocking`, `progress` (as in `save_model`), and for tf_keras
     TF-format weights `max_shard_size` (GB; data shards of at most that size, as for a SavedModel).
@@ -555,11 +555,13 @@ def _save_weights(model, filepath, overwrite, threads, args, kwargs, compression
         with prompt_refusals(filepath):
             return stock(TF_KERAS_SAVING_API, "save_weights")(model, filepath, overwrite=overwrite, **kwargs)
     _positional("save_weights", ("max_shard_size",), args, kwargs)
-    if kwargs.get("max_shard_size", 0) is None:
-        del kwargs["max_shard_size"]
+    max_shard_size = kwargs.pop("max_shard_size", None)
     path = _local_path(filepath, "keras3")
-    if path is None or not path.endswith(".weights.h5") or kwargs:
+    ours = ".weights.h5" if max_shard_size is None else ".weights.json"  # else stock's error or renaming
+    if path is None or not path.endswith(ours) or kwargs:
         _no_compression_here(compression, filepath, alignment)
+        if max_shard_size is not None:
+            kwargs["max_shard_size"] = max_shard_size
         with prompt_refusals(filepath):
             return stock(KERAS3_SAVING_API, "save_weights")(model, filepath, overwrite, **kwargs)
     if not _may_write(filepath, overwrite):
@@ -567,15 +569,18 @@ def _save_weights(model, filepath, overwrite, threads, args, kwargs, compression
     from .formats import weights_file
 
     with _no_gc_pauses():
-        write(weights_file.prepare_save(model, path, threads, compression, alignment))
+        if max_shard_size is None:
+            write(weights_file.prepare_save(model, path, threads, compression, alignment))
+        else:
+            write(weights_file.prepare_sharded_save(model, path, max_shard_size, threads, compression, alignment))
     return None
 
 
 def load_weights(model, filepath, skip_mismatch=False, **kwargs):
     """Loads weights saved by `save_weights`/`save_model` (ours or stock's) into a built model.
 
-    Keras 3: `.keras`, `.weights.h5` and legacy `.h5` files are read by the fast path; sharded
-    `.weights.json` and stock's keyword arguments (`by_name`, `objects_to_skip`) go to stock.
+    Keras 3: `.keras`, `.weights.h5`, sharded `.weights.json` and legacy `.h5` files are read by
+    the fast path; stock's keyword arguments (`by_name`, `objects_to_skip`) go to stock.
     Our own keywords: `threads`, `progress`, `mmap` and `verify` (as in `load_model`).
     tf_keras: legacy `.h5` files (topological) and TF-format weights by the fast path; `by_name`,
     `skip_mismatch`, tf_keras' `.weights.h5` and `.keras` go to stock.
@@ -608,7 +613,7 @@ def _load_weights(model, flavour, filepath, skip_mismatch, reading: _Reading, kw
                 return tf_checkpoint.load_weights(model, path, threads)
         return stock(TF_KERAS_SAVING_API, "load_weights")(model, filepath, skip_mismatch=skip_mismatch, **kwargs)
     path = _local_path(filepath, "keras3")
-    if path is not None and not kwargs and path.endswith((".keras", ".weights.h5")):
+    if path is not None and not kwargs and path.endswith((".keras", ".weights.h5", ".weights.json")):
         from .formats import weights_file
 
         with _no_gc_pauses(), _naming(path):

@@ -12,6 +12,8 @@ import contextlib
 import functools
 import inspect
 import json
+import math
+import pathlib
 import sys
 import threading
 import weakref
@@ -32,7 +34,9 @@ from keras.src.saving.serialization_lib import (
     SafeModeScope,
     deserialize_keras_object,
 )
+from keras.src.utils import dtype_utils
 
+from .._core import KerasSaveError
 from ..formats.weights_h5 import PlannedDataset, WeightsPlan, consistent
 from ..tensors import adoptable_tensor, snapshot
 
@@ -44,6 +48,20 @@ def serialize_model_as_json(model) -> tuple[str, str]:
 
 def stock_load_model(filepath: str, custom_objects, compile: bool, safe_mode: bool):
     return saving_lib.load_model(filepath, custom_objects, compile, safe_mode)
+
+
+def shard_size(array) -> float:
+    """A tensor's bytes as stock's `ShardedH5IOStore` counts them when it cuts shards (a float)."""
+    return math.prod(array.shape) * dtype_utils.dtype_size(backend.standardize_dtype(array.dtype)) / 8
+
+
+def larger_than_a_shard(name: str, size: float, max_shard_bytes: float) -> ValueError:
+    """Stock's error for a tensor that no shard can hold."""
+    readable = saving_lib.readable_memory_size
+    return ValueError(
+        f"The size of {name} is {readable(size)} which exceeds the maximum shard size {readable(max_shard_bytes)}. "
+        "You can increase the `max_shard_size` parameter to accommodate the size."
+    )
 
 
 def _vars_group(path: str) -> str:
@@ -435,9 +453,39 @@ class _PreloadedWeights(saving_lib.H5IOStore):
         pass
 
 
+class _PreloadedShards(saving_lib.ShardedH5IOStore, _PreloadedWeights):
+    """Stock's read-mode `ShardedH5IOStore` (a `.weights.json` and its shards) over shards already
+    open, serving each shard's tensors read in parallel; stock's own code finds which shard holds what."""
+
+    def __init__(self, filepath: str, shards: dict):  # shard file name -> (open h5py file, its arrays)
+        self._shards = shards
+        self._arrays_of = {id(h5): arrays for h5, arrays in shards.values()}
+        super().__init__(filepath, mode="r")
+
+    @property
+    def _arrays(self) -> dict:
+        return self._arrays_of[id(self.h5_file)]
+
+    def _get_h5_file(self, path_or_io, mode=None):
+        name = pathlib.Path(path_or_io).name
+        if name not in self._shards:  # the map now names a shard it did not name when the load began
+            raise KerasSaveError(f"{self.path}: the file changed while it was being loaded (shard {name!r})")
+        return self._shards[name][0]
+
+    def close(self):
+        pass
+
+
+# Stock's sharded store asks its base class for a tensor: a frame to look past to find who asked.
+_STORE_FRAMES = {saving_lib.ShardedH5IOStore.__getitem__.__code__}
+
+
 def _called_from_keras() -> bool:
-    """Whether the code asking the store for a tensor (two frames up) is Keras' own."""
-    return sys._getframe(2).f_globals.get("__name__", "").startswith("keras.")
+    """Whether the code asking the store for a tensor (two frames up, past stock's store) is Keras' own."""
+    frame = sys._getframe(2)
+    while frame.f_code in _STORE_FRAMES and frame.f_back is not None:
+        frame = frame.f_back
+    return frame.f_globals.get("__name__", "").startswith("keras.")
 
 
 def _convert_adopting(variable, loaded: dict, value, dtype=None):
@@ -553,7 +601,21 @@ def load_model_state(built: BuiltModel, h5_file, arrays: dict, assets_store, ski
     An optimizer still to build is walked last: built once the weights exist, then given its state.
     Failures are collected and raised (or warned, with `skip_mismatch`) as stock does.
     """
-    store = _PreloadedWeights(h5_file, arrays)
+    _load_from(built, _PreloadedWeights(h5_file, arrays), arrays.values, assets_store, skip_mismatch)
+
+
+def load_sharded_state(built: BuiltModel, filepath: str, shards: dict, skip_mismatch=False) -> None:
+    """`load_model_state` from a sharded `.weights.json`: `shards` maps each shard's file name to
+    (its open h5py file, its tensors read ahead)."""
+    store = _PreloadedShards(filepath, shards)
+
+    def arrays_left():
+        return [a for _, arrays in shards.values() for a in arrays.values()]
+
+    _load_from(built, store, arrays_left, None, skip_mismatch)
+
+
+def _load_from(built: BuiltModel, store, arrays_left: Callable[[], list], assets_store, skip_mismatch: bool) -> None:
     model, optimizer = built.model, built.optimizer_to_build
     failed, errors = set(), {}
     visited = {id(optimizer)} if optimizer is not None else set()
@@ -561,7 +623,7 @@ def load_model_state(built: BuiltModel, h5_file, arrays: dict, assets_store, ski
     try:
         while walks:
             saveable, inner_path = walks.pop(0)
-            with _adopting(_variables_of(built), arrays.values()):
+            with _adopting(_variables_of(built), arrays_left()):
                 saving_lib._load_state(
                     saveable,
                     weights_store=store,
