@@ -749,14 +749,17 @@ fn tensor_bytes_moved() -> u64 {
 /// The datasets of an HDF5 file readable by offset (see `hdf5::reader`), its metadata parsed
 /// without libhdf5 and with the GIL released; None when the file cannot be walked here (h5py may
 /// still read it); `KerasSaveError` when it is corrupted beyond what libhdf5 survives. `source` is
-/// a `TensorFile` holding the HDF5 file at `start..start+length`, or the file's bytes.
+/// a `TensorFile` holding the HDF5 file at `start..start+length`, or the file's bytes. `pages`, a
+/// dict, receives the file's pages the walk read ({index of the 4 KiB page from `start`: bytes}),
+/// so h5py can be served the same metadata without reading it again.
 #[pyfunction]
-#[pyo3(signature = (source, start = 0, length = None))]
+#[pyo3(signature = (source, start = 0, length = None, pages = None))]
 fn hdf5_stored_datasets(
     py: Python<'_>,
     source: &Bound<'_, PyAny>,
     start: u64,
     length: Option<u64>,
+    pages: Option<&Bound<'_, PyDict>>,
 ) -> PyResult<Option<Vec<StoredDatasetTuple>>> {
     let (source, path) = if let Ok(file) = source.cast::<TensorFile>() {
         let file = file.get();
@@ -780,7 +783,13 @@ fn hdf5_stored_datasets(
             .ok_or_else(|| PyValueError::new_err("start/length outside the bytes"))?;
         (hdf5::Source::Bytes(Arc::from(stretch)), PathBuf::from("<memory>"))
     };
-    Ok(match py.detach(|| hdf5::list_stored_datasets(source, &path))? {
+    let (listing, read) = py.detach(|| hdf5::list_keeping_pages(source, &path))?;
+    if let Some(pages) = pages {
+        for (index, block) in read {
+            pages.set_item(index, PyBytes::new(py, &block))?;
+        }
+    }
+    Ok(match listing {
         hdf5::Listing::Listed(found) => Some(
             found
                 .into_iter()

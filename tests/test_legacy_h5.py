@@ -200,9 +200,13 @@ def test_tf_keras_h5_loads_as_stock_loads_it(tf_keras_saved, which):
     model, paths = tf_keras_saved
     try:
         reference = tf_keras.models.load_model(paths["stock"])
-    except ValueError as e:  # bfloat16 weights: stock cannot read back what it wrote; nor can we
-        with pytest.raises(type(e), match=str(e)):
-            ksf.load_model_as("tf_keras", paths[which])
+    except ValueError as e:  # bfloat16 weights: stock cannot read back what it wrote; we load them
+        assert "No cast function available" in str(e)
+        loaded = ksf.load_model_as("tf_keras", paths[which])
+        # (Its optimizer, a LossScaleOptimizer, comes back fresh with stock's warning: stock's
+        # `set_weights` path refuses it, whatever the dtypes.)
+        for a, b in zip(model.weights, loaded.weights, strict=True):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
         return
     loaded = ksf.load_model_as("tf_keras", paths[which])
     tf_keras_models.assert_same_state(reference, loaded)
@@ -341,8 +345,8 @@ def test_tf_keras_load_weights_of_an_h5_is_ours_and_stocks(tf_keras_saved, which
         got = [w.numpy().tobytes() for w in fresh.weights]
     except ValueError as e:
         got = str(e)
-    if isinstance(expected, str):  # bfloat16 weights: stock cannot read back what it wrote
-        assert isinstance(got, str) or got == [w.numpy().tobytes() for w in model.weights]
+    if isinstance(expected, str):  # bfloat16 weights: stock cannot read back what it wrote; we can
+        assert got == [w.numpy().tobytes() for w in model.weights]
     else:
         assert got == expected
 

@@ -243,7 +243,9 @@ def test_a_file_written_in_place_during_a_mapped_load_is_refused(model_zoo, tmp_
     path = tmp_path / "m.keras"
     ksf.save_model(model_zoo("optimizer_adam"), path, aligned=True)
     _replacing_during_build(monkeypatch, lambda: _flip_in_first_tensor(path))
-    with pytest.raises(ksf.KerasSaveError, match="changed while it was being loaded"):
+    # This model's tensors lie within pages read for the HDF5 metadata: the map disagrees with
+    # them (refused, and the CRC then blames the file), else the file's times give it away.
+    with pytest.raises(ksf.KerasSaveError, match=r"changed while it was being loaded|Bad CRC-32"):
         ksf.load_model(path, mmap=True, verify=False)
 
 

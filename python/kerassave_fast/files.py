@@ -368,6 +368,30 @@ class FileRegion(_Seekable):
             i += 1
         return found
 
+    def seed(self, pages: dict[int, bytes]) -> None:
+        """Takes pages already read from the same file (index -> bytes of that PAGE-sized page), for
+        any not read yet: they are then served as if read here."""
+        for index, page in pages.items():
+            if 0 <= index * self.PAGE < self._size and len(page) == min(self.PAGE, self._size - index * self.PAGE):
+                self._pages.setdefault(index, page)
+
+    def copy_if_held(self, offset: int, out) -> bool:
+        """Copies `len(out)` bytes from `offset` into `out` (a writable byte buffer) if every page
+        they span is held already; else does nothing and returns False. Bytes served so are the
+        region's: `freeze` counts them between the tensors."""
+        first, last = offset // self.PAGE, (offset + len(out) - 1) // self.PAGE
+        if not len(out) or any(i not in self._pages for i in range(first, last + 1)):
+            return False
+        view = memoryview(out).cast("B")
+        done = 0
+        for index in range(first, last + 1):
+            page = self._pages[index]
+            skip = offset + done - index * self.PAGE
+            n = min(len(page) - skip, len(out) - done)
+            view[done : done + n] = page[skip : skip + n]
+            done += n
+        return done == len(out)
+
     def freeze(self, tensors: list[tuple[int, memoryview]]) -> list[tuple[int, int, int]]:
         """Serves the region from memory from now on, consistent with `tensors` -- (offset, bytes as
         read), sorted and disjoint; returns (offset, length, CRC-32) of each stretch between them."""

@@ -67,6 +67,20 @@ def snapshot(value) -> np.ndarray:
     return array if array.flags.c_contiguous else np.ascontiguousarray(array).reshape(array.shape)
 
 
+def bfloat16_bits(array: np.ndarray) -> np.ndarray:
+    """`array` viewed as bfloat16 if it holds untagged 2-byte opaque values ("|V2"): how h5py
+    stores ml_dtypes' bfloat16 when no `dtype` mark says so (the legacy `.h5` writers, tf_keras'
+    `.keras`). Stock cannot load those back ("No cast function available"); they are the bits."""
+    if array.dtype.kind == "V" and array.dtype.itemsize == 2 and array.dtype.fields is None:
+        return array.view(BFLOAT16)
+    return array
+
+
+def adoptable(array: np.ndarray) -> bool:
+    """Whether `adoptable_tensor` can hand TensorFlow this array's memory (numbers, bfloat16)."""
+    return array.dtype.kind in "biufc" or array.dtype == BFLOAT16
+
+
 def adoptable_tensor(array: np.ndarray):
     """A TensorFlow tensor over `array`'s memory (no copy) when it is aligned, else a copy."""
     import tensorflow as tf

@@ -7,4 +7,6 @@ pub mod chunks;
 pub mod filters;
 pub mod reader;
 
-pub use reader::{list_stored_datasets, Chunk, Chunked, Listing, Source, StoredDataset};
+pub use reader::{
+    list_keeping_pages, list_stored_datasets, Chunk, Chunked, Listing, Pages, Source, StoredDataset, BLOCK,
+};

@@ -108,11 +108,25 @@ struct FileRange {
     blocks: Mutex<HashMap<u64, Arc<[u8]>>>,
 }
 
-const BLOCK: u64 = 4 << 10;
+/// Size of the blocks the walk reads: the page size of `files.FileRegion`, which serves h5py, so
+/// the pages of one can seed the other.
+pub const BLOCK: u64 = 4 << 10;
+
+/// Blocks of the file as the walk read them: (index of the BLOCK-sized page from the HDF5 file's
+/// start, its bytes; the file's last page may be shorter).
+pub type Pages = Vec<(u64, Arc<[u8]>)>;
 /// Blocks kept at most (16 MiB); past that the cache starts over.
 const MAX_BLOCKS: usize = 4096;
 
 impl FileRange {
+    /// The blocks read and still kept, by index from the HDF5 file's start.
+    fn take_blocks(&self) -> Pages {
+        let mut blocks = self.blocks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pages: Pages = blocks.drain().collect();
+        pages.sort_unstable_by_key(|&(index, _)| index);
+        pages
+    }
+
     fn block(&self, index: u64) -> std::io::Result<Arc<[u8]>> {
         let mut blocks = self.blocks.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(block) = blocks.get(&index) {
@@ -175,34 +189,52 @@ fn bounded_options() -> OpenOptions {
 /// `Unreadable` when the walk cannot be done here. `path` names the file in errors: an error is a
 /// file found corrupted (see `Failure`). Never panics: a panic inside the parser is `Unreadable`.
 pub fn list_stored_datasets(source: Source, path: &Path) -> Result<Listing> {
-    // Fuzzing (fuzz/) wants the parser's panics to surface, not to be turned into `Unreadable`.
-    #[cfg(fuzzing)]
-    let walked: std::thread::Result<_> = Ok(list(source));
-    #[cfg(not(fuzzing))]
-    let walked = catch_unwind(AssertUnwindSafe(|| list(source)));
-    match walked {
-        Ok(Ok(found)) => Ok(Listing::Listed(found)),
-        Ok(Err(Failure::Unreadable(msg))) => Ok(Listing::Unreadable(msg)),
-        Ok(Err(Failure::Corrupt(msg))) => Err(Error::format(path, format!("corrupted HDF5 file: {msg}"))),
-        Err(_) => Ok(Listing::Unreadable("the HDF5 parser failed".to_string())),
-    }
+    list_keeping_pages(source, path).map(|(listing, _)| listing)
 }
 
-fn list(source: Source) -> std::result::Result<Vec<StoredDataset>, Failure> {
-    let file = match source {
+/// `list_stored_datasets`, also returning the blocks of a `Source::File` the walk read (up to
+/// 16 MiB of them), so the caller's other reader of the metadata need not read them again.
+pub fn list_keeping_pages(source: Source, path: &Path) -> Result<(Listing, Pages)> {
+    let mut pages = Pages::new();
+    // Fuzzing (fuzz/) wants the parser's panics to surface, not to be turned into `Unreadable`.
+    #[cfg(fuzzing)]
+    let walked: std::thread::Result<_> = Ok(walk_source(source, &mut pages));
+    #[cfg(not(fuzzing))]
+    let walked = catch_unwind(AssertUnwindSafe(|| walk_source(source, &mut pages)));
+    let listing = match walked {
+        Ok(Ok(found)) => Listing::Listed(found),
+        Ok(Err(Failure::Unreadable(msg))) => Listing::Unreadable(msg),
+        Ok(Err(Failure::Corrupt(msg))) => return Err(Error::format(path, format!("corrupted HDF5 file: {msg}"))),
+        Err(_) => Listing::Unreadable("the HDF5 parser failed".to_string()),
+    };
+    Ok((listing, pages))
+}
+
+fn walk_source(source: Source, pages: &mut Pages) -> std::result::Result<Vec<StoredDataset>, Failure> {
+    let (opened, range) = match source {
         Source::File { file, start, len } => {
             let blocks = Mutex::new(HashMap::new());
-            let range = FileRange {
+            let range = Arc::new(FileRange {
                 file,
                 start,
                 len,
                 blocks,
-            };
-            Hdf5File::from_storage_with_options(Arc::new(range), bounded_options())
+            });
+            let opened = Hdf5File::from_storage_with_options(range.clone(), bounded_options());
+            (opened, Some(range))
         }
-        Source::Bytes(bytes) => Hdf5File::from_shared_bytes_with_options(bytes, bounded_options()),
+        Source::Bytes(bytes) => (Hdf5File::from_shared_bytes_with_options(bytes, bounded_options()), None),
+    };
+    let walked = opened
+        .map_err(|e| Failure::from(e.to_string()))
+        .and_then(|file| walk_file(&file));
+    if let Some(range) = range {
+        *pages = range.take_blocks();
     }
-    .map_err(|e| e.to_string())?;
+    walked
+}
+
+fn walk_file(file: &Hdf5File) -> std::result::Result<Vec<StoredDataset>, Failure> {
     // Addresses count from the superblock: with a user block before it (never in Keras files) they
     // are not file offsets, and which base libhdf5 takes is its own business.
     let signature = file.storage().read_range(0, 8).map_err(|e| e.to_string())?;
@@ -212,18 +244,18 @@ fn list(source: Source) -> std::result::Result<Vec<StoredDataset>, Failure> {
         ));
     }
     let mut walk = Walk {
-        file: &file,
+        file,
         visited: HashSet::new(),
         heaps: HashSet::new(),
         found: Vec::new(),
-        metadata: vec![(0, superblock_len(&file))],
+        metadata: vec![(0, superblock_len(file))],
     };
     let root = file.root_group().map_err(|e| e.to_string())?;
     walk.group(&root, "", 0)?;
     let mut heaps: Vec<u64> = walk.heaps.into_iter().collect();
     heaps.sort_unstable();
     for address in heaps {
-        let size = check_global_heap(&file, address)?;
+        let size = check_global_heap(file, address)?;
         walk.metadata.push((address, size));
     }
     check_disjoint(&walk.found, walk.metadata)?;

@@ -27,7 +27,16 @@ from ..asynchronous import Write
 from ..files import FileRegion, atomic_replace
 from ..keras3 import state as keras3_state
 from ..mapped import BACKGROUND, Mapping, refuse_if_replaced, verify_in_background
-from .weights_h5 import Compression, ReadTensors, layout_for, read_weights, write_compressed, write_layout
+from .weights_h5 import (
+    Compression,
+    Listed,
+    ReadTensors,
+    layout_for,
+    list_before_opening,
+    read_weights,
+    write_compressed,
+    write_layout,
+)
 from .zip_members import member_name
 
 CONFIG = saving_lib._CONFIG_FILENAME
@@ -113,6 +122,7 @@ class WeightsMember:
     size: int
     h5: h5py.File
     region: FileRegion | None  # what h5py reads through, when read in place
+    listed: Listed  # the Rust core's listing, made before h5py opened it
 
 
 class KerasArchive:
@@ -166,12 +176,13 @@ class KerasArchive:
             source = self.zip.read(member.index)
             start, size, fileobj = 0, len(source), io.BytesIO(source)
         try:
+            listed = list_before_opening(source, start, size, region)
             try:
                 h5 = h5py.File(fileobj, "r")
             except OSError as e:
                 raise KerasSaveError(f"{self.path}: '{WEIGHTS}' is not a readable HDF5 file: {e}") from e
             with h5:
-                yield WeightsMember(source, start, size, h5, region)
+                yield WeightsMember(source, start, size, h5, region, listed)
         except Exception as e:
             if region is not None and not check_first and not isinstance(e, zipfile.BadZipFile):
                 try:
@@ -269,7 +280,9 @@ def load(
         archive.extracted_assets() as assets,
     ):
         mapping = archive.mapping(weights, mmap)
-        reading = read_weights(weights.h5, weights.source, weights.start, weights.size, filepath, threads, mapping)
+        reading = read_weights(
+            weights.h5, weights.source, weights.start, weights.size, filepath, threads, mapping, weights.listed
+        )
         try:  # the model is built while the tensors are read
             built = flavour.build_model(config_json, custom_objects, compile, safe_mode)
         finally:

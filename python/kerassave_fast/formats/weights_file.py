@@ -77,7 +77,9 @@ def load(model, filepath: str, skip_mismatch: bool = False, threads: int = 0, mm
             return False
         with archive.open_weights(threads, check_first=mmap and verify is True) as weights:
             mapping = archive.mapping(weights, mmap)
-            reading = read_weights(weights.h5, weights.source, weights.start, weights.size, filepath, threads, mapping)
+            reading = read_weights(
+                weights.h5, weights.source, weights.start, weights.size, filepath, threads, mapping, weights.listed
+            )
             arrays = archive.checked_arrays(weights, reading, mapped=mapping is not None)
             state.load_model_state(state.BuiltModel(model), weights.h5, arrays, None, skip_mismatch=skip_mismatch)
         if mapping is not None:

@@ -506,11 +506,14 @@ def _listed_by_h5py(h5: h5py.File) -> list[StoredTensor]:
     return [t for t in (_as_stored_tensor(h5, n) for n in names) if t is not None and t.nbytes]
 
 
-def _listed_by_rust(source: TensorFile | bytes, start: int, size: int) -> list[StoredTensor] | None:
+def _listed_by_rust(
+    source: TensorFile | bytes, start: int, size: int, pages: dict[int, bytes] | None = None
+) -> list[StoredTensor] | None:
     """The Rust core's listing (no libhdf5, a fraction of the cost per dataset), or None for a
     file it cannot walk (h5py lists that one, and stock's errors follow). A file corrupted in a way
-    libhdf5 does not survive (it hangs) is refused with `KerasSaveError` before h5py reads it."""
-    found = hdf5_stored_datasets(source, start, size)
+    libhdf5 does not survive (it hangs) is refused with `KerasSaveError` before h5py reads it.
+    `pages` receives the 4 KiB pages of the file the walk read."""
+    found = hdf5_stored_datasets(source, start, size, pages)
     if found is None:
         return None
     return [
@@ -519,12 +522,41 @@ def _listed_by_rust(source: TensorFile | bytes, start: int, size: int) -> list[S
     ]
 
 
+@dataclass
+class Listed:
+    """The Rust core's listing of an HDF5 file, made before h5py opens it: its tensors (None when
+    it cannot walk the file: h5py lists them then), and the region h5py reads through (if any),
+    holding the pages the listing read, so h5py is served them without reading them again."""
+
+    tensors: list[StoredTensor] | None
+    region: FileRegion | None = None
+
+
+def list_before_opening(source: TensorFile | bytes, start: int, size: int, region: FileRegion | None) -> Listed:
+    """Lists the HDF5 file at `start` of `source` and seeds `region` (the same file as h5py will
+    read it) with the pages read meanwhile: each page of metadata is read once per load."""
+    pages: dict[int, bytes] | None = {} if region is not None else None
+    tensors = _listed_by_rust(source, start, size, pages)
+    if region is not None:
+        region.seed(pages)
+    return Listed(tensors, region)
+
+
 def stored_tensors(
-    h5: h5py.File, size: int, where: str, source: TensorFile | bytes | None = None, start: int = 0
+    h5: h5py.File,
+    size: int,
+    where: str,
+    source: TensorFile | bytes | None = None,
+    start: int = 0,
+    listed: Listed | None = None,
 ) -> list[StoredTensor]:
     """Every dataset readable by offset, checked to lie inside the file's `size` bytes without
-    overlap. Listed by the Rust core from `source` (the HDF5 file at `start`) when given, else by h5py."""
-    found = _listed_by_rust(source, start, size) if source is not None else None
+    overlap. Listed by the Rust core (`listed` already, or now from `source`, the HDF5 file at
+    `start`) when it can, else by h5py."""
+    if listed is not None:
+        found = listed.tensors
+    else:
+        found = _listed_by_rust(source, start, size) if source is not None else None
     if found is None:
         found = _listed_by_h5py(h5)
     if not isinstance(source, TensorFile):  # chunks are read from a file; h5py reads them from memory
@@ -601,8 +633,10 @@ def read_ahead(filepath: str, threads: int = 0, mapped: bool = False) -> Iterato
     before = os.fstat(file.fileno())
     region = FileRegion(file.fileno(), 0, before.st_size, filepath)
     mapping = Mapping(file) if mapped else None
+    listed = list_before_opening(file, 0, before.st_size, region)
     with h5py.File(region, "r") as h5:
-        opened = ReadAhead(h5, region, read_weights(h5, file, 0, before.st_size, filepath, threads, mapping))
+        reading = read_weights(h5, file, 0, before.st_size, filepath, threads, mapping, listed)
+        opened = ReadAhead(h5, region, reading)
         yield opened
         opened.tensors  # noqa: B018 -- the checks of `freeze`, even if nothing asked for the tensors
     if mapped:
@@ -629,24 +663,31 @@ def read_weights(
     where: str,
     threads: int,
     mapping: Mapping | None = None,
+    listed: Listed | None = None,
 ) -> Future[ReadTensors]:
     """Reads every by-offset dataset into its own aligned array, in the background.
 
-    Lists the datasets now (h5py), then moves the bytes on a thread (the Rust core releases the
-    GIL), so the caller can build the model meanwhile. With a `mapping` of `source`, aligned tensors
-    are arrays over it instead (nothing read); the others are read.
+    Lists the datasets now (or takes `listed`), then moves the bytes on a thread (the Rust core
+    releases the GIL), so the caller can build the model meanwhile. With a `mapping` of `source`,
+    aligned tensors are arrays over it instead (nothing read); tensors lying within pages the
+    listing read are copied from them (read once); the others are read.
     """
-    listed = stored_tensors(h5, size, where, source, start)
+    found = stored_tensors(h5, size, where, source, start, listed)
     mapped = {}
     if mapping is not None:
-        for t in listed:
+        for t in found:
             if t.chunking is None and (array := mapping.array(start + t.offset, t.shape, t.dtype)) is not None:
                 mapped[t.name] = array
-    arrays = {t.name: mapped[t.name] if t.name in mapped else aligned_empty(t.shape, t.dtype) for t in listed}
-    by_offset = [t for t in listed if t.chunking is None]  # in file order
-    tensors = [t for t in by_offset if t.name not in mapped]  # read
+    arrays = {t.name: mapped[t.name] if t.name in mapped else aligned_empty(t.shape, t.dtype) for t in found}
+    by_offset = [t for t in found if t.chunking is None]  # in file order
+    region = listed.region if listed is not None and isinstance(source, TensorFile) else None
+    paged = set()  # served from the region's pages: h5py's bytes, checked with them, not tensors apart
+    for t in by_offset:
+        if region is not None and t.name not in mapped and region.copy_if_held(t.offset, as_bytes(arrays[t.name])):
+            paged.add(t.name)
+    tensors = [t for t in by_offset if t.name not in mapped and t.name not in paged]  # read
     buffers = [as_bytes(arrays[t.name]) for t in tensors]
-    chunked = [(t, as_bytes(arrays[t.name])) for t in listed if t.chunking is not None]
+    chunked = [(t, as_bytes(arrays[t.name])) for t in found if t.chunking is not None]
     future: Future[ReadTensors] = Future()
 
     def read() -> None:
@@ -655,7 +696,11 @@ def read_weights(
             if isinstance(source, TensorFile):
                 crcs = source.read_tensors([start + t.offset for t in tensors], buffers, threads)
                 crc_of = {t.name: c for t, c in zip(tensors, crcs, strict=True)}  # a mapped tensor's is not known
-                stretches = [(t.offset, memoryview(as_bytes(arrays[t.name])), crc_of.get(t.name)) for t in by_offset]
+                stretches = [
+                    (t.offset, memoryview(as_bytes(arrays[t.name])), crc_of.get(t.name))
+                    for t in by_offset
+                    if t.name not in paged
+                ]
                 if chunked:
                     items = [(t.name, t.chunking, t.shape, t.dtype.itemsize, b) for t, b in chunked]
                     source.read_chunked(start, items, threads)

@@ -14,7 +14,7 @@ from keras.src.saving.serialization_lib import SafeModeScope
 
 from ..formats.legacy_h5 import LegacyH5Contents, NamedVariables, encode_metadata, text_attribute, weights_contents
 from ..formats.weights_h5 import ReadAhead, consistent
-from ..tensors import BFLOAT16
+from ..tensors import bfloat16_bits
 from . import state
 
 # Stock's deprecation message for `.h5` saves (keras/src/saving/saving_api.py).
@@ -103,9 +103,7 @@ def _bfloat16_where_expected(values: list[np.ndarray], variables) -> list[np.nda
     """Stock writes bfloat16 tensors as 2-byte opaque data without a mark, which it cannot load
     back ("No cast function available"); loaded into a bfloat16 variable, they are its bits."""
     return [
-        value.view(BFLOAT16)
-        if value.dtype.kind == "V" and value.dtype.itemsize == 2 and backend.standardize_dtype(v.dtype) == "bfloat16"
-        else value
+        bfloat16_bits(value) if backend.standardize_dtype(v.dtype) == "bfloat16" else value
         for value, v in zip(values, variables, strict=False)
     ] + values[len(variables) :]
 

@@ -38,7 +38,7 @@ from keras.src.utils import dtype_utils
 
 from .._core import KerasSaveError
 from ..formats.weights_h5 import PlannedDataset, WeightsPlan, consistent
-from ..tensors import adoptable_tensor, snapshot
+from ..tensors import adoptable, adoptable_tensor, snapshot
 
 
 def serialize_model_as_json(model) -> tuple[str, str]:
@@ -490,7 +490,7 @@ def _called_from_keras() -> bool:
 
 def _convert_adopting(variable, loaded: dict, value, dtype=None):
     """`Variable._convert_to_tensor`, except a loaded array becomes a tensor over the same memory."""
-    if loaded.get(id(value)) is value:
+    if loaded.get(id(value)) is value and adoptable(value):  # else stock's conversion, and its errors
         tensor = adoptable_tensor(value)
         if dtype is None or backend.standardize_dtype(dtype) == backend.standardize_dtype(tensor.dtype):
             return tensor

@@ -22,7 +22,7 @@ import numpy as np
 from tf_keras.src.saving import saving_lib
 
 from ..formats.weights_h5 import WeightsPlan, consistent
-from ..tensors import BFLOAT16, adoptable_tensor
+from ..tensors import adoptable, adoptable_tensor, bfloat16_bits
 
 
 @contextlib.contextmanager
@@ -175,15 +175,14 @@ class _PreloadedVars:
         # Served once; anyone else asking for it (or a tensor not read by offset) gets h5py's.
         array = self._arrays.pop(f"{self._group.name}/{key}", None)
         if array is not None:
+            array = bfloat16_bits(array)
             # tf_keras' own loaders assign it at once: a tensor over our buffer saves TensorFlow a
             # conversion copy. Anyone else's code (a custom `load_own_variables`) gets its own copy.
             from_tf_keras = sys._getframe(1).f_globals.get("__name__", "").startswith("tf_keras.")
-            return adoptable_tensor(array) if from_tf_keras else np.array(array)
+            return adoptable_tensor(array) if from_tf_keras and adoptable(array) else np.array(array)
         dataset = consistent(self._group[key])
         if dataset.dtype.kind == "V" and dataset.dtype.itemsize == 2 and dataset.dtype.fields is None:
-            # A bfloat16 variable: h5py stored ml_dtypes' bfloat16 as untagged 2-byte opaque values,
-            # which stock cannot assign back ("No cast function available"); they are bfloat16 bits.
-            return dataset[()].view(BFLOAT16)
+            return bfloat16_bits(dataset[()])  # a bfloat16 variable's, unmarked
         return dataset
 
 

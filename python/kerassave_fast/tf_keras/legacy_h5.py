@@ -8,7 +8,7 @@ import os
 from ..formats import legacy_h5
 from ..formats.legacy_h5 import LegacyH5Contents, NamedVariables, encode_metadata
 from ..formats.weights_h5 import ReadAhead, consistent
-from ..tensors import adoptable_tensor
+from ..tensors import BFLOAT16, adoptable, adoptable_tensor, bfloat16_bits
 
 SAVE_KWARGS = frozenset({"include_optimizer", "signatures", "options", "save_traces"})
 # Stock's deprecation message for `.h5` saves (tf_keras/src/saving/saving_api.py).
@@ -183,7 +183,10 @@ def _set_values(pairs) -> None:
     from tf_keras.src import backend
 
     for variable, value in pairs:
-        value = np.asarray(value, dtype=backend.dtype_numpy(variable))
+        dtype = backend.dtype_numpy(variable)
+        if dtype == BFLOAT16:  # stock fails here on its own unmarked bfloat16 ("No cast function available")
+            value = bfloat16_bits(np.asarray(value))
+        value = np.asarray(value, dtype=dtype)
         variable.assign(adoptable_tensor(value))
 
 
@@ -256,8 +259,14 @@ def _restore_optimizer(model, f, arrays: dict) -> None:
             "optimizer state. As a result, your model is starting with a freshly initialized optimizer."
         )
     values = _subset(f["optimizer_weights"], arrays)
-    if isinstance(model.optimizer, optimizer_base.Optimizer):
-        values = [adoptable_tensor(v) for v in values]  # its `set_weights` assigns them one by one
+    new_optimizer = isinstance(model.optimizer, optimizer_base.Optimizer)
+    targets = model.optimizer.variables if new_optimizer else model.optimizer.weights  # `set_weights`' order
+    values = [
+        bfloat16_bits(v) if i < len(targets) and targets[i].dtype.name == "bfloat16" else v
+        for i, v in enumerate(values)
+    ]
+    if new_optimizer:  # its `set_weights` assigns them one by one
+        values = [adoptable_tensor(v) if adoptable(v) else v for v in values]
     try:
         model.optimizer.set_weights(values)
     except ValueError:

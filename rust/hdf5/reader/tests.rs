@@ -9,6 +9,11 @@ use proptest::prelude::*;
 
 use super::*;
 
+/// The walk alone, pages dropped (and panics not caught).
+fn list(source: Source) -> std::result::Result<Vec<StoredDataset>, Failure> {
+    walk_source(source, &mut Pages::new())
+}
+
 fn fixture() -> Vec<u8> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("rust/hdf5/testdata/keras_like.h5");
     std::fs::read(path).unwrap()
@@ -101,8 +106,8 @@ fn a_gzip_dataset_is_listed_by_chunk_and_decodes_to_its_values() {
     assert!(crate::hdf5::chunks::read_chunked(&file, Path::new("m.h5"), 0, vec![request], 1).is_err());
 }
 
-#[test]
-fn a_stretch_of_a_file_lists_as_the_bytes_do() {
+/// The fixture 1000 bytes into a file (as a member inside a zip), and the fixture's bytes.
+fn fixture_in_a_file() -> (Source, Vec<u8>) {
     let data = fixture();
     let mut file = tempfile::tempfile().unwrap();
     file.write_all(&[0xAB; 1000]).unwrap();
@@ -112,7 +117,38 @@ fn a_stretch_of_a_file_lists_as_the_bytes_do() {
         start: 1000,
         len: data.len() as u64,
     };
+    (source, data)
+}
+
+#[test]
+fn a_stretch_of_a_file_lists_as_the_bytes_do() {
+    let (source, data) = fixture_in_a_file();
     assert_eq!(list(source).unwrap(), list(bytes(&data)).unwrap());
+}
+
+#[test]
+fn the_pages_a_walk_read_are_kept_as_the_file_has_them() {
+    let (source, data) = fixture_in_a_file();
+    let (listing, pages) = list_keeping_pages(source, Path::new("m.h5")).unwrap();
+    assert!(
+        matches!(listing, Listing::Listed(ref found) if found.len() == 6),
+        "{listing:?}"
+    );
+    assert!(pages.iter().any(|&(index, _)| index == 0), "the superblock's page");
+    for (index, page) in &pages {
+        let at = (index * BLOCK) as usize;
+        assert_eq!(
+            &page[..],
+            &data[at..(at + BLOCK as usize).min(data.len())],
+            "page {index}"
+        );
+    }
+    assert!(pages.windows(2).all(|w| w[0].0 < w[1].0), "in file order, each once");
+    // From memory nothing is read, so nothing is kept.
+    assert!(list_keeping_pages(bytes(&data), Path::new("m.h5"))
+        .unwrap()
+        .1
+        .is_empty());
 }
 
 #[test]
