@@ -67,13 +67,22 @@ def snapshot(value) -> np.ndarray:
     return array if array.flags.c_contiguous else np.ascontiguousarray(array).reshape(array.shape)
 
 
+def unmarked_bfloat16(dtype: np.dtype) -> bool:
+    """Whether values of `dtype` are untagged 2-byte opaque ("|V2"): how h5py stores ml_dtypes'
+    bfloat16 when no `dtype` mark says so (the legacy `.h5` writers, tf_keras' `.keras`). Stock
+    cannot load those back ("No cast function available"); they are bfloat16 bits."""
+    return dtype.kind == "V" and dtype.itemsize == 2 and dtype.fields is None
+
+
 def bfloat16_bits(array: np.ndarray) -> np.ndarray:
-    """`array` viewed as bfloat16 if it holds untagged 2-byte opaque values ("|V2"): how h5py
-    stores ml_dtypes' bfloat16 when no `dtype` mark says so (the legacy `.h5` writers, tf_keras'
-    `.keras`). Stock cannot load those back ("No cast function available"); they are the bits."""
-    if array.dtype.kind == "V" and array.dtype.itemsize == 2 and array.dtype.fields is None:
-        return array.view(BFLOAT16)
-    return array
+    """`array` viewed as bfloat16 if it holds unmarked bfloat16 (see `unmarked_bfloat16`)."""
+    return array.view(BFLOAT16) if unmarked_bfloat16(array.dtype) else array
+
+
+def bfloat16_where_expected(values: list, bfloat16: list[bool]) -> list:
+    """`values`, each one meant for a bfloat16 variable (`bfloat16[i]`) taken as bfloat16 bits;
+    values past the end of `bfloat16` as they are."""
+    return [bfloat16_bits(v) if i < len(bfloat16) and bfloat16[i] else v for i, v in enumerate(values)]
 
 
 def adoptable(array: np.ndarray) -> bool:

@@ -680,7 +680,7 @@ def read_weights(
                 mapped[t.name] = array
     arrays = {t.name: mapped[t.name] if t.name in mapped else aligned_empty(t.shape, t.dtype) for t in found}
     by_offset = [t for t in found if t.chunking is None]  # in file order
-    region = listed.region if listed is not None and isinstance(source, TensorFile) else None
+    region = listed.region if listed is not None else None  # None for a member inflated in memory
     paged = set()  # served from the region's pages: h5py's bytes, checked with them, not tensors apart
     for t in by_offset:
         if region is not None and t.name not in mapped and region.copy_if_held(t.offset, as_bytes(arrays[t.name])):

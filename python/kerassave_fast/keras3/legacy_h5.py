@@ -14,7 +14,7 @@ from keras.src.saving.serialization_lib import SafeModeScope
 
 from ..formats.legacy_h5 import LegacyH5Contents, NamedVariables, encode_metadata, text_attribute, weights_contents
 from ..formats.weights_h5 import ReadAhead, consistent
-from ..tensors import bfloat16_bits
+from ..tensors import bfloat16_where_expected
 from . import state
 
 # Stock's deprecation message for `.h5` saves (keras/src/saving/saving_api.py).
@@ -102,10 +102,7 @@ class _Tensors:
 def _bfloat16_where_expected(values: list[np.ndarray], variables) -> list[np.ndarray]:
     """Stock writes bfloat16 tensors as 2-byte opaque data without a mark, which it cannot load
     back ("No cast function available"); loaded into a bfloat16 variable, they are its bits."""
-    return [
-        bfloat16_bits(value) if backend.standardize_dtype(v.dtype) == "bfloat16" else value
-        for value, v in zip(values, variables, strict=False)
-    ] + values[len(variables) :]
+    return bfloat16_where_expected(values, [backend.standardize_dtype(v.dtype) == "bfloat16" for v in variables])
 
 
 def _load_weights(group, model, tensors: _Tensors, skip_mismatch: bool = False) -> None:

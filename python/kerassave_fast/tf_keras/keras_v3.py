@@ -22,7 +22,7 @@ import numpy as np
 from tf_keras.src.saving import saving_lib
 
 from ..formats.weights_h5 import WeightsPlan, consistent
-from ..tensors import adoptable, adoptable_tensor, bfloat16_bits
+from ..tensors import adoptable, adoptable_tensor, bfloat16_bits, unmarked_bfloat16
 
 
 @contextlib.contextmanager
@@ -181,8 +181,8 @@ class _PreloadedVars:
             from_tf_keras = sys._getframe(1).f_globals.get("__name__", "").startswith("tf_keras.")
             return adoptable_tensor(array) if from_tf_keras and adoptable(array) else np.array(array)
         dataset = consistent(self._group[key])
-        if dataset.dtype.kind == "V" and dataset.dtype.itemsize == 2 and dataset.dtype.fields is None:
-            return bfloat16_bits(dataset[()])  # a bfloat16 variable's, unmarked
+        if unmarked_bfloat16(dataset.dtype):
+            return bfloat16_bits(dataset[()])
         return dataset
 
 

@@ -8,7 +8,7 @@ import os
 from ..formats import legacy_h5
 from ..formats.legacy_h5 import LegacyH5Contents, NamedVariables, encode_metadata
 from ..formats.weights_h5 import ReadAhead, consistent
-from ..tensors import BFLOAT16, adoptable, adoptable_tensor, bfloat16_bits
+from ..tensors import BFLOAT16, adoptable, adoptable_tensor, bfloat16_bits, bfloat16_where_expected
 
 SAVE_KWARGS = frozenset({"include_optimizer", "signatures", "options", "save_traces"})
 # Stock's deprecation message for `.h5` saves (tf_keras/src/saving/saving_api.py).
@@ -261,10 +261,7 @@ def _restore_optimizer(model, f, arrays: dict) -> None:
     values = _subset(f["optimizer_weights"], arrays)
     new_optimizer = isinstance(model.optimizer, optimizer_base.Optimizer)
     targets = model.optimizer.variables if new_optimizer else model.optimizer.weights  # `set_weights`' order
-    values = [
-        bfloat16_bits(v) if i < len(targets) and targets[i].dtype.name == "bfloat16" else v
-        for i, v in enumerate(values)
-    ]
+    values = bfloat16_where_expected(values, [t.dtype.name == "bfloat16" for t in targets])
     if new_optimizer:  # its `set_weights` assigns them one by one
         values = [adoptable_tensor(v) if adoptable(v) else v for v in values]
     try:
