@@ -5,7 +5,7 @@ DEPS   := $(VENV)/.deps-installed
 BUILT  := $(VENV)/.extension-built
 RUST_SOURCES := $(wildcard rust/*.rs rust/*/*.rs) Cargo.toml Cargo.lock
 
-.PHONY: test bench bench-compression bench-saved-model bench-adoption bench-mapped build lint fmt clean stock-suites fuzz corpus compat
+.PHONY: native-tools test bench bench-compression bench-saved-model bench-adoption bench-mapped build lint fmt clean stock-suites fuzz corpus compat
 
 $(DEPS): requirements-dev.txt
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -13,8 +13,20 @@ $(DEPS): requirements-dev.txt
 	$(PYTHON) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
+# ISA-L (the isal-sys crate) is built from source with nasm and autotools: installed here when
+# missing on a Debian machine where we are root, else named in an error.
+NATIVE_TOOLS := nasm autoconf automake libtoolize
+native-tools:
+	@missing=""; for t in $(NATIVE_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing nasm autoconf automake libtool (missing:$$missing)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nasm autoconf automake libtool >/dev/null; \
+	  else echo "building needs$$missing: install nasm, autoconf, automake and libtool" >&2; exit 1; fi; \
+	fi
+
 # The Rust extension, built in release mode and installed (editable) into the venv.
-$(BUILT): $(DEPS) $(RUST_SOURCES) pyproject.toml
+$(BUILT): $(DEPS) $(RUST_SOURCES) pyproject.toml | native-tools
 	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release --quiet
 	touch $@
 
@@ -64,7 +76,7 @@ compat: $(BUILT)
 fuzz:
 	bash fuzz/run.sh
 
-lint: $(DEPS)
+lint: $(DEPS) | native-tools
 	cargo fmt --check
 	cargo clippy --release --all-targets --quiet -- -D warnings
 	$(VENV)/bin/ruff check python tests benches

@@ -77,6 +77,7 @@ def main() -> None:
             ("gzip-1", 2): {"compression": "gzip", "compression_level": 1},
             ("zstd-3", 1): {"compression": "zstd", "compression_level": 3},
             ("zstd-3", 2): {"compression": "zstd", "compression_level": 3},
+            ("zstd-1", 1): {"compression": "zstd", "compression_level": 1},
             ("gzip-1 + checksum", 2): {"compression": "gzip", "compression_level": 1, "checksum": True},
         }
         path = {case: os.path.join(args.dir, f"ksf-compression-{i}.weights.h5") for i, case in enumerate(cases)}

@@ -26,7 +26,8 @@ import tf_keras_models
 
 SETTINGS = [
     {"compression": "gzip"},
-    {"compression": "gzip", "compression_level": 1, "checksum": True},
+    {"compression": "gzip", "compression_level": 1, "checksum": True},  # ISA-L's level 1
+    {"compression": "gzip", "compression_level": 3},  # ISA-L's level 3
     {"compression": "zstd"},
     {"compression": "zstd", "compression_level": 9, "checksum": True},
     {"checksum": True},

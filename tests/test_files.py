@@ -336,3 +336,48 @@ def test_a_keras_load_reads_each_byte_once(tmp_path, load, make):
         ksf.load_weights(model, path)
     read = _bytes_read_by_this_process() - before
     assert read <= 1.02 * os.path.getsize(path), f"{read} bytes read for a {os.path.getsize(path)}-byte file"
+
+
+@pytest.mark.parametrize("suffix", [".weights.h5", ".h5"])
+def test_a_compressed_hdf5_load_reads_each_byte_once(tmp_path, suffix):
+    """The Rust core reads the compressed chunks; nothing reads them again (HDF5 files keep no
+    checksum: the bytes between the tensors were once all read for one, then thrown away)."""
+    model = _two_wide_layers()
+    model.compile(optimizer="adam", loss=keras.losses.MeanSquaredError())
+    model.optimizer.build(model.trainable_variables)
+    path = tmp_path / f"m{suffix}"
+    if suffix == ".h5":
+        ksf.save_model(model, path, compression="gzip", compression_level=1)
+        ksf.load_model(path)  # imports and first-use work out of the count
+        before = _bytes_read_by_this_process()
+        ksf.load_model(path)
+    else:
+        ksf.save_weights(model, path, compression="gzip", compression_level=1)
+        ksf.load_weights(model, path)
+        before = _bytes_read_by_this_process()
+        ksf.load_weights(model, path)
+    read = _bytes_read_by_this_process() - before
+    assert read <= 1.05 * os.path.getsize(path), f"{read} bytes read for a {os.path.getsize(path)}-byte file"
+
+
+def test_a_region_checksums_long_unread_stretches_without_keeping_them(tmp_path):
+    """`FileRegion.freeze` reads stretches HDF5 never asked for in large pieces for the CRC, keeps
+    none of them, and serves one later only if it is still what was checksummed."""
+    import zlib
+
+    data = np.random.default_rng(0).integers(0, 256, 3 << 20, np.uint8).tobytes()
+    path = tmp_path / "region"
+    path.write_bytes(data)
+    with open(path, "r+b") as f:
+        region = files.FileRegion(f.fileno(), 0, len(data), str(path))
+        region.seek(5000)
+        assert region.read(10) == data[5000:5010]  # one page HDF5 read: kept
+        [(offset, length, crc)] = region.freeze([])
+        assert (offset, length, crc) == (0, len(data), zlib.crc32(data))
+        assert len(region._pages) < 8  # the rest was not kept
+        region.seek(2 << 20)
+        assert region.read(100) == data[2 << 20 : (2 << 20) + 100]
+        os.pwrite(f.fileno(), b"\xff" * 8, (1 << 20) + 64)  # rewritten in place after the checksum
+        region.seek((1 << 20) + 60)
+        with pytest.raises(ksf.KerasSaveError, match="changed while it was being read"):
+            region.read(16)

@@ -145,3 +145,24 @@ def test_maps_stock_would_refuse_get_stocks_error(model_zoo, tmp_path, damage):
     with pytest.raises(Exception) as ours:
         ksf.load_weights(_fresh_copy(model), path)
     assert (type(ours.value), str(ours.value)) == (type(stock.value), str(stock.value))
+
+
+def test_a_repeated_save_of_many_shards_reuses_every_shards_layout(model_zoo, tmp_path, monkeypatch):
+    """One layout per shard is remembered, however many shards (the cache once held 8): the next
+    save of the same model runs no h5py and still writes stock's files."""
+    from kerassave_fast.formats import weights_h5
+
+    model = model_zoo("convnet")
+    size = _largest_tensor_gb(model)  # about one tensor per shard
+    weights_h5._LAYOUTS.clear()
+    (tmp_path / "first").mkdir()
+    ksf.save_weights(model, tmp_path / "first" / "m.weights.json", max_shard_size=size)
+    shards = len(os.listdir(tmp_path / "first")) - 1
+    assert shards > 8
+    monkeypatch.setattr(weights_h5, "write_skeleton", _refuse)
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "stock").mkdir()
+    ksf.save_weights(model, tmp_path / "ours" / "m.weights.json", max_shard_size=size)
+    monkeypatch.undo()
+    keras.saving.save_weights(model, tmp_path / "stock" / "m.weights.json", max_shard_size=size)
+    assert _files(tmp_path / "ours") == _files(tmp_path / "stock")

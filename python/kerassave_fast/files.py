@@ -309,13 +309,15 @@ class FileRegion(_Seekable):
     file where it sits (inside a zip member) without copying it out.
 
     Each page is read from the file once and kept, so HDF5 sees one version of every byte however
-    often it asks: a file rewritten in place during a load cannot mix two versions. `freeze` then
+    often it asks: a file rewritten in place during a load cannot mix two versions (long stretches
+    HDF5 never read, checksummed in bulk, are not kept: read again if it asks, they must match). `freeze` then
     takes in every byte between the tensors, and checks the kept bytes that overlap a tensor
     against the tensor as it was read; after it, nothing HDF5 sees is unchecked. Reads past the
     region's end see zeros, as HDF5's own POSIX driver gives them.
     """
 
     PAGE = 1 << 12
+    _BULK = 1 << 20  # bytes per read of a stretch HDF5 never asked for (at least 16 pages of one)
 
     def __init__(self, fd: int, start: int, size: int, where: str):
         super().__init__(size)
@@ -324,6 +326,7 @@ class FileRegion(_Seekable):
         self._where = where
         self._pages: dict[int, bytes] = {}
         self._tensors: list[tuple[int, memoryview]] | None = None  # set by `freeze`: (offset, bytes as read)
+        self._unkept: list[tuple[int, int, int]] = []  # (offset, length, CRC-32) checksummed, not kept
 
     def readinto(self, buffer) -> int:
         view = memoryview(buffer).cast("B")
@@ -344,6 +347,9 @@ class FileRegion(_Seekable):
 
     def _page(self, index: int) -> bytes:
         page = self._pages.get(index)
+        if page is None and self._unkept:
+            self._keep_checked(index * self.PAGE)
+            page = self._pages.get(index)
         if page is None:
             offset = index * self.PAGE
             page = os.pread(self._fd, min(self.PAGE, self._size - offset), self._start + offset)
@@ -351,6 +357,18 @@ class FileRegion(_Seekable):
                 self._check_against_tensors(offset, page)
             self._pages[index] = page
         return page
+
+    def _keep_checked(self, offset: int) -> None:
+        """HDF5 asks for a page of a stretch checksummed but not kept: the stretch is read again,
+        kept, and must be what was checksummed."""
+        for start, length, crc in self._unkept:
+            if start <= offset < start + length:
+                data = os.pread(self._fd, length, self._start + start)
+                if zlib.crc32(data) != crc:
+                    raise KerasSaveError(f"{self._where}: the file changed while it was being read")
+                for k in range(0, length, self.PAGE):
+                    self._pages.setdefault((start + k) // self.PAGE, data[k : k + self.PAGE])
+                return
 
     def _check_against_tensors(self, offset: int, page: bytes) -> None:
         for t_offset, t_bytes in self._tensors_overlapping(offset, offset + len(page)):
@@ -392,12 +410,16 @@ class FileRegion(_Seekable):
             done += n
         return done == len(out)
 
-    def freeze(self, tensors: list[tuple[int, memoryview]]) -> list[tuple[int, int, int]]:
+    def freeze(self, tensors: list[tuple[int, memoryview]], checksums: bool = True) -> list[tuple[int, int, int]]:
         """Serves the region from memory from now on, consistent with `tensors` -- (offset, bytes as
-        read), sorted and disjoint; returns (offset, length, CRC-32) of each stretch between them."""
+        read), sorted and disjoint; returns (offset, length, CRC-32) of each stretch between them
+        (read now, and kept) if `checksums`, for a zip member's CRC, else nothing (then pages are
+        read only when HDF5 asks)."""
         self._tensors = tensors
         for index, page in list(self._pages.items()):
             self._check_against_tensors(index * self.PAGE, page)
+        if not checksums:
+            return []
         gaps, cursor = [], 0
         for offset, data in [*tensors, (self._size, b"")]:
             if offset > cursor:
@@ -409,12 +431,20 @@ class FileRegion(_Seekable):
         crc, end = 0, offset + length
         while offset < end:
             index, skip = divmod(offset, self.PAGE)
-            page = self._page(index)
-            n = min(len(page) - skip, end - offset)
-            if n <= 0:
+            if skip == 0 and index not in self._pages and end - offset >= 16 * self.PAGE:
+                # A long stretch HDF5 has not read (compressed chunks the Rust core decoded): read
+                # in large pieces, not kept, as HDF5 never reads it again.
+                n = min(self._BULK, end - offset) // self.PAGE * self.PAGE
+                n = next((k * self.PAGE for k in range(n // self.PAGE) if index + k in self._pages), n)
+                data = os.pread(self._fd, n, self._start + offset)
+                self._unkept.append((offset, len(data), zlib.crc32(data)))
+            else:
+                page = self._page(index)
+                data = page[skip : skip + min(len(page) - skip, end - offset)]
+            if not data:
                 raise KerasSaveError(f"{self._where}: the file is truncated at byte {self._start + offset}")
-            crc = zlib.crc32(page[skip : skip + n], crc)
-            offset += n
+            crc = zlib.crc32(data, crc)
+            offset += len(data)
         return crc
 
 

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import math
 import os
+import queue
 import resource
 import tempfile
 import threading
@@ -178,14 +179,76 @@ class Compression:
         return (max(1, min(shape[0], self.chunk_bytes // max(row, 1))), *shape[1:])
 
 
-# Raw bytes handed to the Rust core per call when compressing: what a save holds at most besides the model.
-_COMPRESS_BATCH = 32 << 20
+# Raw bytes handed to the Rust core per call when compressing, and how many such batches may wait
+# compressed for HDF5: what a save holds at most besides the model.
+_COMPRESS_BATCH = 16 << 20
+_BATCHES_AHEAD = 2
+
+
+def _encoded_batches(array: np.ndarray, compression: Compression, threads: int):
+    """One tensor's chunks as HDF5 stores them, `_COMPRESS_BATCH` raw bytes per call of the Rust
+    core: (each chunk's offset in the dataset, its stored bytes)."""
+    chunks = compression.chunk_shape(array.shape, array.dtype.itemsize)
+    flat, chunk_len = as_bytes(array), math.prod(chunks) * array.dtype.itemsize
+    starts = list(range(0, flat.nbytes, chunk_len))
+    per_call = max(1, _COMPRESS_BATCH // chunk_len)
+    for first in range(0, len(starts), per_call):
+        batch = starts[first : first + per_call]
+        raw = [flat[b : b + chunk_len] for b in batch]
+        if len(raw[-1]) < chunk_len:  # HDF5 stores an edge chunk whole; its tail is never read
+            raw[-1] = np.concatenate([raw[-1], np.zeros(chunk_len - len(raw[-1]), np.uint8)])
+        offsets = [(b // chunk_len * chunks[0],) + (0,) * (array.ndim - 1) for b in batch]
+        yield offsets, hdf5_encode_chunks(raw, compression.filters, compression.level, array.dtype.itemsize, threads)
+
+
+class _ChunksAhead:
+    """Compresses every chunked tensor of a plan, in plan order, on one background thread (the Rust
+    core, GIL released, on `threads` cores) while HDF5 stores the chunks compressed before them: the
+    serial part of a compressed save (h5py, one chunk at a time) overlaps the compression."""
+
+    def __init__(self, arrays: list[np.ndarray], compression: Compression, threads: int):
+        self._ready: queue.Queue = queue.Queue(_BATCHES_AHEAD)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._compress, args=(arrays, compression, threads), name="kerassave-compress", daemon=True
+        )
+        self._thread.start()
+
+    def _compress(self, arrays: list[np.ndarray], compression: Compression, threads: int) -> None:
+        try:
+            for array in arrays:
+                for batch in _encoded_batches(array, compression, threads):
+                    if not self._put(batch):
+                        return
+                if not self._put(None):  # the tensor's end
+                    return
+        except BaseException as e:  # handed to the writer, which raises it
+            self._put(e)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            with contextlib.suppress(queue.Full):
+                self._ready.put(item, timeout=0.1)
+                return True
+        return False
+
+    def batches(self) -> Iterator[tuple[list[tuple[int, ...]], list[bytes]]]:
+        """The next tensor's chunks, batch by batch: (chunk offsets, what HDF5 stores for each)."""
+        while (item := self._ready.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _create_compressed_dataset(
-    group: h5py.Group, name: str, array: np.ndarray, compression: Compression, named: bool, threads: int
+    group: h5py.Group, name: str, array: np.ndarray, compression: Compression, named: bool, ahead: _ChunksAhead
 ) -> h5d.DatasetID:
-    """A chunked dataset as h5py makes one with the same filters, its chunks written already filtered."""
+    """A chunked dataset as h5py makes one with the same filters, its chunks written already
+    filtered (by `ahead`, whose next tensor this must be)."""
     encoded, lcpl = group._e(name, lcpl=True)
     chunks = compression.chunk_shape(array.shape, array.dtype.itemsize)
     codec = {GZIP: ("gzip", compression.level), ZSTD: (_ZSTD, (compression.level,)), None: (None, None)}
@@ -202,18 +265,9 @@ def _create_compressed_dataset(
         allow_unknown_filter=True,  # zstd is written here; h5py needs hdf5plugin only to read it
         track_order=h5py.get_config().track_order,
     )
-    flat = as_bytes(array)
-    chunk_len = math.prod(chunks) * array.dtype.itemsize
-    starts = list(range(0, flat.nbytes, chunk_len))
-    per_call = max(1, _COMPRESS_BATCH // chunk_len)
-    for first in range(0, len(starts), per_call):
-        batch = starts[first : first + per_call]
-        raw = [flat[b : b + chunk_len] for b in batch]
-        if len(raw[-1]) < chunk_len:  # HDF5 stores an edge chunk whole; its tail is never read
-            raw[-1] = np.concatenate([raw[-1], np.zeros(chunk_len - len(raw[-1]), np.uint8)])
-        stored = hdf5_encode_chunks(raw, compression.filters, compression.level, array.dtype.itemsize, threads)
-        for b, data in zip(batch, stored, strict=True):
-            dsid.write_direct_chunk((b // chunk_len * chunks[0],) + (0,) * (array.ndim - 1), data)
+    for offsets, stored in ahead.batches():
+        for offset, data in zip(offsets, stored, strict=True):
+            dsid.write_direct_chunk(offset, data)
     if not named:
         h5o.link(dsid, group.id, encoded, lcpl=lcpl)
     return dsid
@@ -246,7 +300,14 @@ def write_skeleton(
     """
     placed: list[tuple[int, np.ndarray]] = []
     aligned = {"alignment_threshold": 1, "alignment_interval": alignment} if alignment > 1 else {}
-    with h5py.File(target, "w", **aligned) as f:
+    compressed_arrays = [
+        d.array for d in plan.steps if isinstance(d, PlannedDataset) and compression is not None and d.compressible
+    ]
+    ahead = _ChunksAhead(compressed_arrays, compression, threads) if compressed_arrays else None
+    with contextlib.ExitStack() as stack:
+        if ahead is not None:
+            stack.callback(ahead.close)  # also when HDF5 fails: the thread stops, the arrays are let go
+        f = stack.enter_context(h5py.File(target, "w", **aligned))
         group = f
         for step in plan.steps:
             if isinstance(step, PlannedGroup):
@@ -269,7 +330,7 @@ def write_skeleton(
             parent_group = group.require_group(parent) if parent else group
             named = keras_bfloat16 or step.created
             if compressed:
-                dsid = _create_compressed_dataset(parent_group, leaf, step.array, compression, named, threads)
+                dsid = _create_compressed_dataset(parent_group, leaf, step.array, compression, named, ahead)
             else:
                 dsid = _create_reserved_dataset(parent_group, leaf, step.array, named=named)
             if keras_bfloat16:
@@ -293,7 +354,13 @@ class Layout:
 # Repeated checkpoints of one architecture reuse its layout instead of running h5py again.
 _LAYOUTS: OrderedDict[tuple, Layout] = OrderedDict()
 _LAYOUTS_LOCK = threading.Lock()
-_MAX_LAYOUTS = 8
+# Bounded by the metadata they hold (the keys repeat its attributes), not by count: a sharded save
+# has one layout per shard, and dropping them would run h5py for every shard of every save.
+_MAX_LAYOUT_BYTES = 32 << 20
+
+
+def _held(layout: Layout) -> int:
+    return sum(len(data) for _, data in layout.metadata)
 
 
 def _layout_key(plan: WeightsPlan, driver: str, alignment: int) -> tuple | None:
@@ -398,8 +465,9 @@ def layout_for(plan: WeightsPlan, driver: str = FILE_OBJECT, alignment: int = 1)
     if key is not None:
         with _LAYOUTS_LOCK:
             _LAYOUTS[key] = layout
-            while len(_LAYOUTS) > _MAX_LAYOUTS:
-                _LAYOUTS.popitem(last=False)
+            held = sum(_held(kept) for kept in _LAYOUTS.values())
+            while held > _MAX_LAYOUT_BYTES and len(_LAYOUTS) > 1:
+                held -= _held(_LAYOUTS.popitem(last=False)[1])
     return layout, tensors
 
 
@@ -618,8 +686,9 @@ class ReadAhead:
     def tensors(self) -> dict[str, np.ndarray]:
         if self._tensors is None:
             read = self._reading.result()
-            # From now on h5py sees bytes consistent with the tensors as read.
-            self._region.freeze([(offset, data) for offset, data, _ in read.stretches])
+            # From now on h5py sees bytes consistent with the tensors as read (HDF5 keeps no checksum:
+            # the bytes between them, compressed chunks included, need not be read again for one).
+            self._region.freeze([(offset, data) for offset, data, _ in read.stretches], checksums=False)
             self._tensors = read.arrays
         return self._tensors
 
