@@ -36,6 +36,10 @@ def files(tmp_path_factory, model_zoo):
     ksf.save_model(tf_model, d / "tf_keras.h5")
     out.update({name: str(d / name) for name in os.listdir(d)})
     out["ckpt"] = str(d / "ckpt")
+    (d / "sharded").mkdir()
+    largest = max(np.asarray(v.numpy()).nbytes for v in model.weights)
+    out["sharded"] = str(d / "sharded" / "m.weights.json")
+    ksf.save_weights(model, out["sharded"], max_shard_size=2 * largest / 1024**3)
     return out
 
 
@@ -74,6 +78,16 @@ def test_inspect_other_containers(files):
     assert ckpt.format == "tf-checkpoint" and any(v.dtype == "float32" for v in ckpt.variables)
 
 
+def test_inspect_sharded_weights(files):
+    report = cli.inspect_file(files["sharded"])
+    shards = sorted(n for n in os.listdir(os.path.dirname(files["sharded"])) if n.endswith(".weights.h5"))
+    assert report.format == "keras-v3-sharded-weights" and len(shards) > 2
+    whole = cli.inspect_file(files["ours.weights.h5"])
+    assert sorted(v.name.split(":", 1)[1] for v in report.variables) == sorted(v.name for v in whole.variables)
+    assert {v.name.split(":", 1)[0] for v in report.variables} == set(shards)
+    assert report.total_bytes == whole.total_bytes
+
+
 def test_inspect_json_and_no_tensorflow(files):
     script = (
         "import sys, kerassave_fast.cli as c; code = c.main(['inspect', '--json', sys.argv[1]]); "
@@ -85,7 +99,7 @@ def test_inspect_json_and_no_tensorflow(files):
 
 
 @pytest.mark.parametrize(
-    "name", ["ours.keras", "stock.keras", "gzip.keras", "ours.h5", "ours.weights.h5", "saved_model", "ckpt"]
+    "name", ["ours.keras", "stock.keras", "gzip.keras", "ours.h5", "ours.weights.h5", "sharded", "saved_model", "ckpt"]
 )
 def test_verify_sound_files(files, name, capsys):
     assert cli.main(["verify", files[name]]) == 0
@@ -149,6 +163,23 @@ def test_verify_finds_a_flipped_checksummed_chunk(files, tmp_path, capsys):
     assert name in capsys.readouterr().out
 
 
+def test_verify_finds_a_missing_and_a_truncated_shard(files, tmp_path, capsys):
+    import shutil
+
+    directory = tmp_path / "sharded"
+    shutil.copytree(os.path.dirname(files["sharded"]), directory)
+    path = str(directory / "m.weights.json")
+    os.truncate(directory / "m_00001.weights.h5", os.path.getsize(directory / "m_00001.weights.h5") - 100)
+    assert cli.main(["verify", path]) == 1
+    assert "m_00001.weights.h5" in capsys.readouterr().out
+    os.unlink(directory / "m_00002.weights.h5")
+    assert cli.main(["verify", path]) == 1
+    assert "m_00002.weights.h5" in capsys.readouterr().out
+    (directory / "m.weights.json").write_text('{"metadata": {}}')
+    assert cli.main(["verify", path]) == 1
+    assert "not a sharded weights map" in capsys.readouterr().out
+
+
 def test_verify_refuses_what_is_no_model_file(tmp_path, capsys):
     junk = tmp_path / "junk.keras"
     junk.write_bytes(b"not a model at all")
@@ -181,8 +212,9 @@ def test_convert_tf_keras_to_a_saved_model(files, tmp_path):
     )
 
 
-def test_convert_refuses_weights_only(files, tmp_path, capsys):
-    assert cli.main(["convert", files["ours.weights.h5"], str(tmp_path / "m.keras")]) == 1
+@pytest.mark.parametrize("name", ["ours.weights.h5", "sharded"])
+def test_convert_refuses_weights_only(files, tmp_path, capsys, name):
+    assert cli.main(["convert", files[name], str(tmp_path / "m.keras")]) == 1
     assert "weights only" in capsys.readouterr().err
 
 

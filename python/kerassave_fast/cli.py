@@ -1,6 +1,7 @@
 """`python -m kerassave_fast` / `kerassave-fast`: look into, check and convert saved models.
 
     inspect FILE [--json]   format, flavour, Keras version, layers, variables, optimizer, compression
+                            (FILE: .keras, .h5, .weights.h5, .weights.json, SavedModel dir, TF checkpoint)
     verify FILE             CRCs and structure; exit code 0 (sound) or 1 (what is wrong is printed)
     convert SRC DST         load SRC, save DST (format from DST's suffix; --compression gzip|zstd)
     bench [ARGS]            the benchmark suite (benches/run.py of a source checkout)
@@ -12,6 +13,7 @@ TensorFlow is imported.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -25,12 +27,14 @@ import numpy as np
 
 from ._core import KerasSaveError, TensorBundleReader, TensorFile, ZipArchive
 from .files import FileRegion
+from .formats import sharded_weights
 from .formats.zip_members import member_name
 
-KERAS_ZIP, LEGACY_H5, WEIGHTS_H5, SAVED_MODEL, TF_CHECKPOINT = (
+KERAS_ZIP, LEGACY_H5, WEIGHTS_H5, SHARDED_WEIGHTS, SAVED_MODEL, TF_CHECKPOINT = (
     "keras-v3-zip",
     "legacy-h5",
     "keras-v3-weights-h5",
+    "keras-v3-sharded-weights",
     "tf-saved-model",
     "tf-checkpoint",
 )
@@ -80,7 +84,23 @@ def file_format(path: str) -> str:
     if magic == b"\x89HDF\r\n\x1a\n":
         with h5py.File(path, "r") as h5:
             return LEGACY_H5 if "keras_version" in h5.attrs or "layer_names" in h5.attrs else WEIGHTS_H5
+    if magic.lstrip().startswith(b"{") and path.endswith(".weights.json"):
+        _shards(path)  # refuses a map that is not one
+        return SHARDED_WEIGHTS
     raise KerasSaveError(f"{path}: neither a .keras zip, an HDF5 file, a SavedModel nor a TF checkpoint")
+
+
+def _shards(path: str) -> list[str]:
+    """The shard files a `.weights.json` map names (paths beside it), as stock's reader finds them."""
+    with open(path, "rb") as f:
+        try:
+            config = json.loads(f.read())
+        except ValueError as e:
+            raise KerasSaveError(f"{path}: not a sharded weights map (invalid JSON: {e})") from None
+    names = sharded_weights.files_to_open(path, config)
+    if names is None:
+        raise KerasSaveError(f"{path}: not a sharded weights map (no 'weight_map' naming shard files beside it)")
+    return [os.path.join(os.path.dirname(path), name) for name in names]
 
 
 def _flavour_of(keras_version: str | None) -> str | None:
@@ -164,6 +184,12 @@ def inspect_file(path: str) -> Report:
         if "model.weights.h5" in opened.names:
             with _keras_weights(opened, path) as h5:
                 report.variables = _hdf5_variables(h5)
+    elif report.format == SHARDED_WEIGHTS:
+        for shard in _shards(path):  # each variable once, in the shard holding it (a group may span shards)
+            with h5py.File(shard, "r") as h5:
+                report.variables += [
+                    dataclasses.replace(v, name=f"{os.path.basename(shard)}:{v.name}") for v in _hdf5_variables(h5)
+                ]
     elif report.format in (LEGACY_H5, WEIGHTS_H5):
         with h5py.File(path, "r") as h5:
             report.keras_version = _text(h5.attrs.get("keras_version"))
@@ -211,6 +237,8 @@ def verify_file(path: str, threads: int = 0) -> list[str]:
             with h5py.File(path, "r") as h5:
                 problems = _verify_json_attributes(h5)
                 return problems + _verify_hdf5(h5, os.path.getsize(path), path)
+        if kind == SHARDED_WEIGHTS:
+            return [p for shard in _shards(path) for p in verify_file(shard, threads)]
         prefix = os.path.join(path, "variables", "variables") if kind == SAVED_MODEL else path
         return _verify_bundle(prefix, threads)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
@@ -327,7 +355,8 @@ def convert(source: str, destination: str, **save_kwargs) -> None:
     from . import api
 
     report = inspect_file(source)
-    if report.format in (WEIGHTS_H5, TF_CHECKPOINT) or (report.format == LEGACY_H5 and report.model is None):
+    weights_only = report.format in (WEIGHTS_H5, SHARDED_WEIGHTS, TF_CHECKPOINT)
+    if weights_only or (report.format == LEGACY_H5 and report.model is None):
         raise KerasSaveError(f"{source}: holds weights only, no model to convert")
     flavour = report.flavour or ("tf_keras" if api.legacy_keras_requested() else "keras3")
     model = api.load_model_as(flavour, source)
