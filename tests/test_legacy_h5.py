@@ -59,6 +59,21 @@ def test_keras3_h5_is_stocks_byte_for_byte(saved, name):
     assert _read(ours) == _read(stock)
 
 
+def test_keras3_h5_of_layers_with_non_ascii_names_is_stocks_byte_for_byte(tmp_path):
+    """h5py makes a weight's parent groups from its encoded name, with ASCII-coded links: a
+    UTF-8-coded one would make HDF5 turn the group new-style (our file differed here). tf_keras
+    refuses such names (TensorFlow's scope names)."""
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(2, name="dénse_ü"), keras.layers.Dense(1, name="出力")]
+    )
+    model.compile(optimizer="adam", loss=keras.losses.MeanSquaredError())
+    model.optimizer.build(model.trainable_variables)
+    stock_save(model, tmp_path / "stock.h5")
+    ksf.save_model(model, tmp_path / "ours.h5")
+    assert _read(tmp_path / "ours.h5") == _read(tmp_path / "stock.h5")
+    assert_same_state(model, ksf.load_model(tmp_path / "ours.h5"))
+
+
 @pytest.mark.parametrize("include_optimizer", [True, False])
 def test_keras3_h5_without_optimizer_or_uncompiled_is_stocks(tmp_path, model_zoo, include_optimizer):
     uncompiled = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])

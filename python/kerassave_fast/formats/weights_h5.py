@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 import h5py
 import numpy as np
-from h5py import h5d, h5o, h5s, h5t
+from h5py import h5d, h5o, h5p, h5s, h5t
+from h5py._hl import base
 from h5py._hl.dataset import make_new_dset
 
 from .._core import KerasSaveError, TensorFile, hdf5_encode_chunks, hdf5_stored_datasets
@@ -104,26 +105,57 @@ class WeightsPlan:
         return [s for s in self.steps if isinstance(s, PlannedDataset)]
 
 
-def _create_reserved_dataset(group: h5py.Group, name: str, array: np.ndarray, named: bool) -> h5d.DatasetID:
+class _ReservedDatasets:
     """Stock's dataset creation, except only the first element is written through HDF5.
 
-    Like stock, the dataset is created with h5py's defaults and its storage allocated by its first
+    Like stock, each dataset is created with h5py's defaults and its storage allocated by its first
     write, so the metadata is byte for byte stock's; the remaining bytes are left to the Rust core.
-    `named` mirrors `create_dataset(name, data=...)`; otherwise `group[name] = ...` (create, then link).
+    The same libhdf5 calls as h5py's `make_new_dset` and `Group._e`, with the property lists, types
+    and dataspaces they would make afresh for every dataset made once per file (a first save of
+    thousands of small tensors spends its time here).
     """
-    encoded, lcpl = group._e(name, lcpl=True)
-    track_order = h5py.get_config().track_order
-    dsid = make_new_dset(group, array.shape, array.dtype, name=encoded if named else None, track_order=track_order)
-    if array.size:
-        first = (0,) * array.ndim
-        file_space = dsid.get_space()
-        if array.ndim:
-            file_space.select_hyperslab(first, (1,) * array.ndim)
-        memory_space = h5s.create_simple((1,) * array.ndim) if array.ndim else h5s.create(h5s.SCALAR)
-        dsid.write(memory_space, file_space, np.ascontiguousarray(array[first]).reshape((1,) * array.ndim))
-    if not named:
-        h5o.link(dsid, group.id, encoded, lcpl=lcpl)
-    return dsid
+
+    def __init__(self):
+        self._dcpl = h5p.create(h5p.DATASET_CREATE)  # what `make_new_dset` sets without chunks or filters
+        self._dcpl.set_obj_track_times(False)
+        self._dcpl.set_attr_creation_order(
+            h5p.CRT_ORDER_TRACKED | h5p.CRT_ORDER_INDEXED if h5py.get_config().track_order else 0
+        )
+        self._types: dict[np.dtype, h5t.TypeID] = {}
+        self._spaces: dict[tuple[int, ...], h5s.SpaceID] = {}
+        self._lcpls: dict[int, h5p.PropLCID] = {}
+
+    def _lcpl(self, coding: int) -> h5p.PropLCID:
+        if coding not in self._lcpls:
+            self._lcpls[coding] = base.dlcpl.copy()
+            self._lcpls[coding].set_char_encoding(coding)
+        return self._lcpls[coding]
+
+    def create(self, group: h5py.Group, name: str | bytes, array: np.ndarray, named: bool) -> h5d.DatasetID:
+        """`named` mirrors `create_dataset(name, data=...)`; otherwise `group[name] = ...` (create, then link)."""
+        if isinstance(name, bytes):  # as `Group._e` codes names
+            encoded, coding = name, h5t.CSET_ASCII
+        else:
+            try:
+                encoded, coding = name.encode("ascii"), h5t.CSET_ASCII
+            except UnicodeEncodeError:
+                encoded, coding = name.encode("utf8"), h5t.CSET_UTF8
+        if array.dtype not in self._types:
+            self._types[array.dtype] = h5t.py_create(array.dtype, logical=1)
+        if array.shape not in self._spaces:
+            self._spaces[array.shape] = h5s.create_simple(array.shape, None)
+        space = self._spaces[array.shape]
+        dsid = h5d.create(group.id, encoded if named else None, self._types[array.dtype], space, dcpl=self._dcpl)
+        if array.size:
+            first = (0,) * array.ndim
+            file_space = space.copy()
+            if array.ndim:
+                file_space.select_hyperslab(first, (1,) * array.ndim)
+            memory_space = h5s.create_simple((1,) * array.ndim) if array.ndim else h5s.create(h5s.SCALAR)
+            dsid.write(memory_space, file_space, np.ascontiguousarray(array[first]).reshape((1,) * array.ndim))
+        if not named:
+            h5o.link(dsid, group.id, encoded, lcpl=self._lcpl(coding))
+        return dsid
 
 
 GZIP, ZSTD = "gzip", "zstd"
@@ -245,7 +277,7 @@ class _ChunksAhead:
 
 
 def _create_compressed_dataset(
-    group: h5py.Group, name: str, array: np.ndarray, compression: Compression, named: bool, ahead: _ChunksAhead
+    group: h5py.Group, name: str | bytes, array: np.ndarray, compression: Compression, named: bool, ahead: _ChunksAhead
 ) -> h5d.DatasetID:
     """A chunked dataset as h5py makes one with the same filters, its chunks written already
     filtered (by `ahead`, whose next tensor this must be)."""
@@ -281,6 +313,19 @@ def _write_as_stock(group: h5py.Group, step: PlannedDataset) -> None:
     dataset[() if not step.array.shape else slice(None)] = step.array
 
 
+def _parent_and_leaf(group: h5py.Group, step: PlannedDataset) -> tuple[h5py.Group, str | bytes]:
+    """Where a dataset goes, and its name there. `group.create_dataset("a/b/name", ...)` (legacy
+    `.h5`) makes the parents from the name as h5py encodes it, bytes: their links are ASCII-coded
+    whatever the name holds (a UTF-8-coded link would make HDF5 turn the group into a new-style one)."""
+    if not step.created:
+        return group, step.name
+    name = group._e(step.name)
+    if b"/" in name.lstrip(b"/"):
+        parent, name = name.rsplit(b"/", 1)
+        return group.require_group(parent), name
+    return group, name
+
+
 def write_skeleton(
     target: str | SparseImage | FileWindow,
     plan: WeightsPlan,
@@ -308,31 +353,34 @@ def write_skeleton(
         if ahead is not None:
             stack.callback(ahead.close)  # also when HDF5 fails: the thread stops, the arrays are let go
         f = stack.enter_context(h5py.File(target, "w", **aligned))
-        group = f
+        reserved = _ReservedDatasets()
+        group, group_path = f, ""  # the group the last steps went to, and its path (`Group.name` asks HDF5)
+        made = {"": f}  # groups made here, by path: asking HDF5 whether a parent exists costs more
         for step in plan.steps:
             if isinstance(step, PlannedGroup):
                 parent, _, leaf = step.path.rpartition("/")
-                group = (f.require_group(parent) if parent else f).create_group(leaf)
+                into = made[parent] if parent in made else f.require_group(parent)
+                group = made[step.path] = into.create_group(leaf)
+                group_path = step.path
                 for key, value in (step.attrs or {}).items():
                     group.attrs[key] = value
                 continue
             if isinstance(step, PlannedAttribute):
                 (f[step.path] if step.path else f).attrs[step.name] = step.value
                 continue
-            if group.name != "/" + step.group:
-                group = f[step.group] if step.group else f
+            if group_path != step.group:
+                group, group_path = (f[step.group] if step.group else f), step.group
             compressed = compression is not None and step.compressible
             if not step.reserved and not compressed:  # strings and other objects: written by h5py as stock does
                 _write_as_stock(group, step)
                 continue
             keras_bfloat16 = step.array.dtype == BFLOAT16 and step.reserved  # Keras 3's bf16 + attribute
-            parent, _, leaf = step.name.rpartition("/") if step.created else ("", "", step.name)
-            parent_group = group.require_group(parent) if parent else group
+            parent_group, leaf = _parent_and_leaf(group, step)
             named = keras_bfloat16 or step.created
             if compressed:
                 dsid = _create_compressed_dataset(parent_group, leaf, step.array, compression, named, ahead)
             else:
-                dsid = _create_reserved_dataset(parent_group, leaf, step.array, named=named)
+                dsid = reserved.create(parent_group, leaf, step.array, named=named)
             if keras_bfloat16:
                 h5py.Dataset(dsid).attrs["dtype"] = "bfloat16"
             offset = dsid.get_offset()  # None for a chunked dataset
