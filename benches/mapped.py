@@ -15,8 +15,10 @@ predictions and the next training step are bitwise a copying load's, and the fil
 
 from __future__ import annotations
 
+import concurrent.futures
 import gc
 import hashlib
+import multiprocessing
 import os
 import random
 import statistics
@@ -196,13 +198,17 @@ def markdown(results: list[dict], info: dict, args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    model = None
+def _measure_fresh(units: int, directory: str, repeats: int) -> dict:
+    return measure_directory(dense_model(units), units, directory, repeats, report.log)
 
+
+def main() -> None:
     def measure(args, directory):
-        nonlocal model
-        model = model or dense_model(args.units)
-        return measure_directory(model, args.units, directory, args.repeats, report.log)
+        # Each directory in a new process: one pass of the 3.2 GB case peaks near this machine's
+        # 23.5 GiB, and a second pass in the same process was killed for memory here (see README).
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+            return pool.submit(_measure_fresh, args.units, directory, args.repeats).result()
 
     report.each_directory(__doc__, 8192, 5, "mapped.md", measure, markdown)
 
