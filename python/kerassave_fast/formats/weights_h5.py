@@ -133,13 +133,8 @@ class _ReservedDatasets:
 
     def create(self, group: h5py.Group, name: str | bytes, array: np.ndarray, named: bool) -> h5d.DatasetID:
         """`named` mirrors `create_dataset(name, data=...)`; otherwise `group[name] = ...` (create, then link)."""
-        if isinstance(name, bytes):  # as `Group._e` codes names
-            encoded, coding = name, h5t.CSET_ASCII
-        else:
-            try:
-                encoded, coding = name.encode("ascii"), h5t.CSET_ASCII
-            except UnicodeEncodeError:
-                encoded, coding = name.encode("utf8"), h5t.CSET_UTF8
+        encoded = group._e(name)  # `Group._e`'s coding, without the property list it copies each call
+        coding = h5t.CSET_ASCII if isinstance(name, bytes) or name.isascii() else h5t.CSET_UTF8
         if array.dtype not in self._types:
             self._types[array.dtype] = h5t.py_create(array.dtype, logical=1)
         if array.shape not in self._spaces:
