@@ -16,11 +16,9 @@ predictions and the next training step are bitwise a copying load's, and the fil
 from __future__ import annotations
 
 import concurrent.futures
-import gc
 import hashlib
 import multiprocessing
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -114,19 +112,9 @@ def measure_directory(model, units: int, directory: str, repeats: int, log) -> d
         "mapped load": lambda: mapped_load("background"),
         "mapped load, verify=False": lambda: mapped_load(False),
     }
-    samples: dict[str, list[float]] = {name: [] for name in ops}
     try:
         digest = _digest(path)
-        for op in ops.values():  # warm-up
-            op()
-            gc.collect()
-        order = list(ops)
-        for rep in range(repeats):
-            random.Random(rep).shuffle(order)
-            for name in order:
-                gc.collect()
-                samples[name].append(ops[name]())
-            log(f"  {directory}: repeat {rep + 1}/{repeats} done")
+        samples = measure.interleaved(ops, repeats, lambda rep: log(f"  {directory}: repeat {rep + 1}/{repeats} done"))
         anonymous = {how: _anonymous_added(path, how) for how in ("copying", "mapped")}
         same = _same_as_a_copying_load(path, units)
         unchanged = _digest(path) == digest

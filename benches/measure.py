@@ -43,6 +43,30 @@ def extra_peak_rss(action: Callable[[], object]) -> int:
     return max(0, peak - before)
 
 
+def interleaved(
+    ops: dict[str, Callable[[], float]],
+    repeats: int,
+    each_repeat: Callable[[int], None] = lambda rep: None,
+    warmed: Callable[[], None] = lambda: None,
+) -> dict[str, list[float]]:
+    """Each op's samples (it returns its own time): a warm-up call of each (then `warmed()`), then
+    `repeats` rounds in a shuffled order, a full collection before each call (a loaded model is a
+    reference cycle: its gigabytes go only when collected)."""
+    for op in ops.values():  # warm-up: first calls trace functions and fill caches
+        op()
+        gc.collect()
+    warmed()
+    samples: dict[str, list[float]] = {name: [] for name in ops}
+    order = list(ops)
+    for rep in range(repeats):
+        random.Random(rep).shuffle(order)
+        for name in order:
+            gc.collect()
+            samples[name].append(ops[name]())
+        each_repeat(rep)
+    return samples
+
+
 def model_arrays(model) -> list[np.ndarray]:
     """The bytes a save writes: every weight and optimizer variable (views, no copies)."""
     variables = list(model.weights) + list(model.optimizer.variables)

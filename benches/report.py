@@ -96,15 +96,17 @@ def versions_line(info: dict) -> str:
     return "Versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + "."
 
 
-def each_directory(doc: str, units: int, repeats: int, out_name: str, measure, markdown) -> None:
-    """The main of a benchmark part measured per directory: parses `--units --repeats --dirs --out`,
-    calls `measure(args, directory)` for each directory (made if missing), writes and prints
-    `markdown(results, machine, args)` (to results/`out_name` by default)."""
+def each_directory(doc: str, units: int, repeats: int, out_name: str, measure, markdown, options=None) -> None:
+    """The main of a benchmark part measured per directory: parses `--units --repeats --dirs --out`
+    (and what `options(parser)` adds), calls `measure(args, directory)` for each directory (made if
+    missing), writes and prints `markdown(results, machine, args)` (to results/`out_name` by default)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--units", type=int, default=units)
     parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--dirs", default="/dev/shm,benches/scratch", help="comma-separated directories")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / out_name))
+    if options is not None:
+        options(parser)
     args = parser.parse_args()
     directories = [d for d in args.dirs.split(",") if d]
     results = []

@@ -216,6 +216,7 @@ impl TensorFile {
     /// Reads chunked HDF5 datasets of the file starting at `start`: each item is (name, chunking
     /// as `hdf5_stored_datasets` lists it, shape, element size, writable buffer of the dataset);
     /// every chunk is read, checked, decoded and placed in parallel with the GIL released.
+    /// Returns (offset from `start`, stored length, CRC-32 of the stored bytes) of every chunk read.
     #[pyo3(signature = (start, datasets, threads = 0))]
     fn read_chunked(
         &self,
@@ -223,14 +224,14 @@ impl TensorFile {
         start: u64,
         datasets: Vec<ChunkedReadTuple<'_>>,
         threads: usize,
-    ) -> PyResult<()> {
+    ) -> PyResult<Vec<(u64, u64, u32)>> {
         let objects: Vec<Bound<'_, PyAny>> = datasets.iter().map(|d| d.4.clone()).collect();
         let (buffers, spans) = tensor_spans(vec![0; objects.len()], &objects, true)?;
         let plans: Vec<(String, hdf5::Chunked, Vec<u64>, usize)> = datasets
             .into_iter()
             .map(|(name, c, shape, itemsize, _)| (name, chunked_from(c), shape, itemsize))
             .collect();
-        py.detach(|| {
+        let read = py.detach(|| {
             let requests = plans
                 .iter()
                 .zip(&spans)
@@ -248,7 +249,7 @@ impl TensorFile {
             hdf5::chunks::read_chunked(&self.file, &self.path, start, requests, threads)
         })?;
         drop(buffers);
-        Ok(())
+        Ok(read)
     }
 
     /// CRC-32 of `length` bytes from `start`; `known` lists (offset, length, crc) stretches not to re-read.

@@ -224,3 +224,42 @@ def test_optimizers_that_build_differently_load_like_stock(tmp_path, optimizer):
     ours.train_on_batch(x, y)
     stock.train_on_batch(x, y)
     assert_same_state(stock, ours)
+
+
+def test_a_repeated_save_writes_tensors_early_and_stays_stocks_when_the_config_changes(tmp_path, monkeypatch):
+    """A blocking repeated save writes the tensors where the weights member started last time while
+    the config is serialized; a config of another length moves the member, and the tensors are
+    written again where it starts: the file is still stock's (members, offsets, no stray bytes)."""
+    from conftest import low_precision
+    from kerassave_fast.formats import keras_zip
+
+    model = low_precision()
+    early = []
+    in_background = keras_zip._in_background
+    monkeypatch.setattr(keras_zip, "_in_background", lambda *a: early.append(a[2]) or in_background(*a))
+    ours, stock = tmp_path / "ours.keras", tmp_path / "stock.keras"
+    config_lengths = []
+    for step, rate in enumerate([0.5, 0.001, 0.25]):  # the config longer ("0.0010000000474974513"), then shorter
+        model.optimizer.learning_rate.assign(rate)
+        model.train_on_batch(*_batch(model, seed=step))
+        ksf.save_model(model, ours)
+        keras.saving.save_model(model, stock)
+        assert len(early) == step  # every save after the first began early, at the last start
+        with zipfile.ZipFile(ours) as a, zipfile.ZipFile(stock) as b:
+            assert a.testzip() is None
+            assert [(i.filename, i.header_offset, i.file_size) for i in a.infolist()] == [
+                (i.filename, i.header_offset, i.file_size) for i in b.infolist()
+            ]
+        assert ours.stat().st_size == stock.stat().st_size
+        for name in (WEIGHTS, "config.json"):
+            assert member(ours, name) == member(stock, name)
+        assert_same_state(model, ksf.load_model(ours))
+        config_lengths.append(len(member(ours, "config.json")))
+    assert config_lengths[0] < config_lengths[1] > config_lengths[2]  # each early write went to the wrong place
+    key, start = keras_zip._STARTS[model]
+    keras_zip._STARTS[model] = (key, start + (1 << 16))  # an early write far past where the file ends
+    ksf.save_model(model, ours)
+    keras.saving.save_model(model, stock)
+    assert ours.stat().st_size == stock.stat().st_size and member(ours, WEIGHTS) == member(stock, WEIGHTS)
+    with zipfile.ZipFile(ours) as a:
+        assert a.testzip() is None

@@ -24,8 +24,9 @@ class TensorFile:
     def crc32(self, start: int, length: int, known: Sequence[tuple[int, int, int]] = (), threads: int = 0) -> int: ...
     def read_chunked(
         self, start: int, datasets: Sequence[tuple[str, Chunking, Sequence[int], int, Buffer]], threads: int = 0
-    ) -> None:
-        """Reads, checks and decodes chunked datasets (name, chunking, shape, element size, buffer)."""
+    ) -> list[tuple[int, int, int]]:
+        """Reads, checks and decodes chunked datasets (name, chunking, shape, element size, buffer);
+        returns (offset from `start`, stored length, CRC-32 of the stored bytes) of each chunk read."""
 
 DateTime = tuple[int, int, int, int, int, int]
 

@@ -307,7 +307,14 @@ def _save_model(
                 with _no_gc_pauses():
                     write(
                         keras_zip.prepare_save(
-                            model, path, True, threads, compression=compression, alignment=alignment, flavour=keras_v3
+                            model,
+                            path,
+                            True,
+                            threads,
+                            compression=compression,
+                            alignment=alignment,
+                            flavour=keras_v3,
+                            blocking=write is write_now,
                         )
                     )
             return None
@@ -359,7 +366,13 @@ def _save_model(
     with _no_gc_pauses():
         write(
             keras_zip.prepare_save(
-                model, path, include_optimizer, threads, compression=compression, alignment=alignment
+                model,
+                path,
+                include_optimizer,
+                threads,
+                compression=compression,
+                alignment=alignment,
+                blocking=write is write_now,
             )
         )
     return None

@@ -23,7 +23,12 @@ pub struct ChunkedRead<'a> {
     pub out: &'a mut [u8],
 }
 
-/// Reads the datasets' chunks from `file` (the HDF5 file starting at `start`), in parallel.
+/// A stored chunk as read: (offset in the HDF5 file, stored bytes, CRC-32 of them), so that a
+/// zip member's CRC can count them without reading them again.
+pub type ReadChunk = (u64, u64, u32);
+
+/// Reads the datasets' chunks from `file` (the HDF5 file starting at `start`), in parallel;
+/// returns each chunk's stored extent and CRC-32, in no particular order.
 /// Refuses, naming `path` and the dataset, chunks that do not tile the shape or do not decode.
 pub fn read_chunked(
     file: &File,
@@ -31,7 +36,7 @@ pub fn read_chunked(
     start: u64,
     datasets: Vec<ChunkedRead<'_>>,
     threads: usize,
-) -> Result<()> {
+) -> Result<Vec<ReadChunk>> {
     let mut tasks = Vec::new();
     for (i, d) in datasets.iter().enumerate() {
         check_tiling(d).map_err(|msg| Error::format(path, format!("dataset '{}': {msg}", d.name)))?;
@@ -49,41 +54,45 @@ pub fn read_chunked(
         .collect();
     let datasets = &datasets;
     run_on_pool(threads, || {
-        tasks.par_iter().try_for_each(|&(i, k)| {
-            let (d, ptr, len) = &datasets[i];
-            let (ptr, len) = (*ptr, *len);
-            let chunk = &d.chunked.chunks[k];
-            let fail = |msg: String| {
-                Error::format(
-                    path,
-                    format!("dataset '{}', chunk at {:?}: {msg}", d.name, chunk.coords),
-                )
-            };
-            let mut stored = vec![0u8; chunk.size as usize];
-            let at = start
-                .checked_add(chunk.offset)
-                .ok_or_else(|| fail("offset overflows".into()))?;
-            file.read_exact_at(&mut stored, at).map_err(|e| {
-                if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                    fail("the file ends before the chunk (truncated?)".into())
-                } else {
-                    Error::io(path, "read", e)
-                }
-            })?;
-            let pipeline = Pipeline {
-                filters: d.chunked.filters.clone(),
-                level: 0,
-                itemsize: d.itemsize,
-            };
-            let raw_len = chunk_len(&d.chunked.chunk_shape, d.itemsize);
-            let raw = pipeline.decode(stored, chunk.skipped, raw_len).map_err(fail)?;
-            crate::io::count_moved(raw_len);
-            // SAFETY: the buffer outlives this call (the caller holds it), and the bytes this chunk
-            // writes are written by no other task (`check_tiling`).
-            let out = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
-            place(&raw, &chunk.coords, &d.chunked.chunk_shape, d.shape, d.itemsize, out);
-            Ok(())
-        })
+        tasks
+            .par_iter()
+            .map(|&(i, k)| {
+                let (d, ptr, len) = &datasets[i];
+                let (ptr, len) = (*ptr, *len);
+                let chunk = &d.chunked.chunks[k];
+                let fail = |msg: String| {
+                    Error::format(
+                        path,
+                        format!("dataset '{}', chunk at {:?}: {msg}", d.name, chunk.coords),
+                    )
+                };
+                let mut stored = vec![0u8; chunk.size as usize];
+                let at = start
+                    .checked_add(chunk.offset)
+                    .ok_or_else(|| fail("offset overflows".into()))?;
+                file.read_exact_at(&mut stored, at).map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        fail("the file ends before the chunk (truncated?)".into())
+                    } else {
+                        Error::io(path, "read", e)
+                    }
+                })?;
+                let read = (chunk.offset, chunk.size, crc32fast::hash(&stored));
+                let pipeline = Pipeline {
+                    filters: d.chunked.filters.clone(),
+                    level: 0,
+                    itemsize: d.itemsize,
+                };
+                let raw_len = chunk_len(&d.chunked.chunk_shape, d.itemsize);
+                let raw = pipeline.decode(stored, chunk.skipped, raw_len).map_err(fail)?;
+                crate::io::count_moved(raw_len);
+                // SAFETY: the buffer outlives this call (the caller holds it), and the bytes this chunk
+                // writes are written by no other task (`check_tiling`).
+                let out = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
+                place(&raw, &chunk.coords, &d.chunked.chunk_shape, d.shape, d.itemsize, out);
+                Ok(read)
+            })
+            .collect()
     })?
 }
 

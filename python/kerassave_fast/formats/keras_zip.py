@@ -11,8 +11,10 @@ import contextlib
 import io
 import os
 import tempfile
+import threading
 import time
 import warnings
+import weakref
 import zipfile
 from concurrent import futures
 from concurrent.futures import Future
@@ -66,6 +68,12 @@ class _AssetsInto:
             self._writer.add_stored(info.filename, f.read(), info.date_time, info.external_attr)
 
 
+# model -> ((size, alignment, ZIP64 limit) of its weights member, where it started) at its last
+# blocking save: where it will start again unless the config's or metadata's length changed.
+_STARTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_STARTS_LOCK = threading.Lock()
+
+
 def prepare_save(
     model,
     filepath: str,
@@ -75,29 +83,52 @@ def prepare_save(
     compression: Compression | None = None,
     alignment: int = 1,
     flavour=keras3_state,
+    blocking: bool = False,
 ) -> Write:
     """Saves `model` to `filepath` as a `.keras` zip in two halves. This first one takes the model's
     config, its assets and a snapshot of its variables, now; it returns the second, which writes the
     file (on any thread), replacing any previous file only when complete, and must be called once.
 
+    `blocking`: the second half runs at once, on this thread. The config is then serialized there,
+    while the tensors are already being written where the weights member started at the model's
+    last save (the members before it are the config and metadata: the same lengths put it there
+    again; if they changed, the tensors are written again where it starts now).
     `flavour` is the Keras flavour's glue (`keras3.state`, `tf_keras.keras_v3`): its config and state walk.
     `zip64_limit` is `zipfile`'s; tests lower it to exercise ZIP64 framing on small models.
     With `alignment` > 1, the weights member starts at a multiple of it in the file, and every tensor too.
     """
-    config_json, metadata_json = flavour.serialize_model_as_json(model)
+    serialized = None if blocking else flavour.serialize_model_as_json(model)
     plan, assets = flavour.plan_model_state(model, include_optimizer)
 
     def write() -> None:
         try:
-            with atomic_replace(filepath) as destination:
+            with atomic_replace(filepath) as destination, contextlib.ExitStack() as joins:
                 file = destination.file
                 writer = ZipWriter(file, zip64_limit)
+                early = None  # the tensors' write begun before the config was serialized
+                if compression is None:
+                    layout, tensors = layout_for(plan, alignment=alignment)  # its size decides ZIP64, as `zipfile`
+                    key = (layout.size, alignment, zip64_limit)
+                    with _STARTS_LOCK:
+                        last = _STARTS.get(model) if serialized is None else None
+                    if last is not None and last[0] == key:
+                        early = (last[1], _in_background(write_layout, file, last[1], layout, tensors, threads))
+                        joins.callback(early[1].exception)  # never left writing into a file being closed
+                config_json, metadata_json = serialized or flavour.serialize_model_as_json(model)
                 writer.add_stored(METADATA, metadata_json.encode(), _ZIPINFO_DEFAULT_DATE, _OWNER_RW)
                 writer.add_stored(CONFIG, config_json.encode(), _ZIPINFO_DEFAULT_DATE, _OWNER_RW)
                 if compression is None:
-                    layout, tensors = layout_for(plan, alignment=alignment)  # its size decides ZIP64, as `zipfile`
                     start = writer.begin_stored(WEIGHTS, time.localtime()[:6], _OWNER_RW, layout.size, alignment)
-                    writer.end_stored(layout.size, write_layout(file, start, layout, tensors, threads))
+                    if early is not None and early[0] == start:
+                        crc = early[1].result()
+                    else:
+                        if early is not None:
+                            early[1].exception()  # wait: it writes where the member no longer starts
+                        crc = write_layout(file, start, layout, tensors, threads)
+                    writer.end_stored(layout.size, crc)
+                    if serialized is None:
+                        with _STARTS_LOCK:
+                            _STARTS[model] = (key, start)
                 else:  # the size comes out of the compression: hint an upper bound (ZIP64 when it may be needed)
                     bound = 2 * sum(d.array.nbytes for d in plan.datasets) + (1 << 20)
                     start = writer.begin_stored(WEIGHTS, time.localtime()[:6], _OWNER_RW, bound, alignment)
@@ -105,12 +136,26 @@ def prepare_save(
                     writer.end_stored(size, file.crc32(start, size, [], threads))
                 if assets.working_dir is not None:  # None: no object saved assets
                     saving_lib._write_to_zip_recursively(_AssetsInto(writer), assets.working_dir, ASSETS)
-                writer.finish()
+                writer.finish()  # cuts the file where the zip ends: no misplaced early write is left past it
                 del writer, file  # close before the rename
         finally:
             assets.close()
 
     return write
+
+
+def _in_background(function, *args) -> Future:
+    """`function(*args)` run on a new thread (the Rust core releases the GIL while it writes)."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(function(*args))
+        except BaseException as e:
+            future.set_exception(e)
+
+    threading.Thread(target=run, name="kerassave-early-write", daemon=True).start()
+    return future
 
 
 @dataclass
@@ -198,10 +243,11 @@ class KerasArchive:
         were not read: its CRC is checked by `verify` (see mapped.py)."""
         read = reading.result()
         if weights.region is not None:  # else inflated in memory, already checked
-            between = weights.region.freeze([(offset, data) for offset, data, _ in read.stretches])
+            chunks = [(offset, length) for offset, length, _ in read.chunks]
+            between = weights.region.freeze([(offset, data) for offset, data, _ in read.stretches], chunks)
             if mapped:  # h5py's view of the file is frozen consistent with the map; the CRC is `verify`'s
                 return read.arrays
-            known = [(offset, len(data), crc) for offset, data, crc in read.stretches] + between
+            known = [(offset, len(data), crc) for offset, data, crc in read.stretches] + read.chunks + between
             known = sorted((weights.start + offset, length, crc) for offset, length, crc in known)
             member = self.by_name[WEIGHTS]
             if self.file.crc32(weights.start, weights.size, known) != member.crc32:

@@ -761,10 +761,12 @@ def read_ahead(filepath: str, threads: int = 0, mapped: bool = False) -> Iterato
 class ReadTensors:
     """Tensors read by offset: {dataset name: array}, and (offset in the HDF5 file, bytes as read,
     CRC-32 or None for a tensor over a mapping) of each one read from a file, in file order (empty
-    when they came from memory already checked)."""
+    when they came from memory already checked); (offset, stored length, CRC-32) of each compressed
+    chunk read from a file."""
 
     arrays: dict[str, np.ndarray]
     stretches: list[tuple[int, memoryview, int]]
+    chunks: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 def read_weights(
@@ -804,7 +806,7 @@ def read_weights(
 
     def read() -> None:
         try:
-            stretches = []
+            stretches, chunks_read = [], []
             if isinstance(source, TensorFile):
                 crcs = source.read_tensors([start + t.offset for t in tensors], buffers, threads)
                 crc_of = {t.name: c for t, c in zip(tensors, crcs, strict=True)}  # a mapped tensor's is not known
@@ -815,11 +817,11 @@ def read_weights(
                 ]
                 if chunked:
                     items = [(t.name, t.chunking, t.shape, t.dtype.itemsize, b) for t, b in chunked]
-                    source.read_chunked(start, items, threads)
+                    chunks_read = sorted(source.read_chunked(start, items, threads))
             else:  # an inflated (DEFLATED) member already in memory
                 for t, buffer in zip(tensors, buffers, strict=True):
                     buffer[:] = np.frombuffer(source, np.uint8, t.nbytes, start + t.offset)
-            future.set_result(ReadTensors(arrays, stretches))
+            future.set_result(ReadTensors(arrays, stretches, chunks_read))
         except BaseException as e:
             future.set_exception(e)
 

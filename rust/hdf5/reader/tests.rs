@@ -78,8 +78,20 @@ fn a_gzip_dataset_is_listed_by_chunk_and_decodes_to_its_values() {
         };
         crate::hdf5::chunks::read_chunked(&file, Path::new("m.h5"), 0, vec![request], 2)
     };
-    read(chunked, &mut out).unwrap();
+    let mut chunks_read = read(chunked, &mut out).unwrap();
     assert!(out.chunks(4).all(|c| f32::from_le_bytes(c.try_into().unwrap()) == 1.0));
+    // Each chunk is reported with the CRC-32 of its stored bytes, for a zip member's CRC.
+    chunks_read.sort_unstable();
+    let mut expected: Vec<_> = chunked
+        .chunks
+        .iter()
+        .map(|k| {
+            let stored = &data[k.offset as usize..(k.offset + k.size) as usize];
+            (k.offset, k.size, crc32fast::hash(stored))
+        })
+        .collect();
+    expected.sort_unstable();
+    assert_eq!(chunks_read, expected);
     // A chunk listed twice, or one missing, is refused naming the file and the dataset.
     let mut twice = chunked.clone();
     twice.chunks.push(twice.chunks[0].clone());
