@@ -67,12 +67,6 @@ def train(model, batch, steps: int) -> None:
         model.train_on_batch(*batch)
 
 
-def timed(call) -> float:
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
-
-
 def cli(*args: str) -> None:
     """The command line as a user runs it: a new process (its imports counted)."""
     subprocess.run([sys.executable, "-m", "kerassave_fast", *args], check=True, capture_output=True)
@@ -101,13 +95,13 @@ def measure_directory(model, batch, directory: str, repeats: int, log) -> dict:
         return background[-1]["end"]
 
     ops = {
-        "blocking save": lambda: timed(lambda: ksf.save_model(model, path)),
+        "blocking save": lambda: measure.timed(lambda: ksf.save_model(model, path)),
         "background save": background_saved,
-        "training steps alone": lambda: timed(lambda: train(model, batch, step_count)),
+        "training steps alone": lambda: measure.timed(lambda: train(model, batch, step_count)),
         "model.save, install()": lambda: installed(lambda: model.save(path)),
-        "save_model, ours": lambda: timed(lambda: ksf.save_model(model, path)),
+        "save_model, ours": lambda: measure.timed(lambda: ksf.save_model(model, path)),
         "load_model, install()": lambda: installed(lambda: keras.saving.load_model(path)),
-        "load_model, ours": lambda: timed(lambda: ksf.load_model(path)),
+        "load_model, ours": lambda: measure.timed(lambda: ksf.load_model(path)),
     }
     try:
         samples = measure.interleaved(
@@ -132,9 +126,9 @@ def measure_cli(model, directory: str, repeats: int, log) -> dict:
     """Medians of `inspect`, `verify` and a load of `model` saved by us in `directory`."""
     path = os.path.join(directory, "ksf-bench-adoption-cli.keras")
     ops = {
-        "load_model, ours": lambda: timed(lambda: ksf.load_model(path)),
-        "inspect (CLI)": lambda: timed(lambda: cli("inspect", path)),
-        "verify (CLI)": lambda: timed(lambda: cli("verify", path)),
+        "load_model, ours": lambda: measure.timed(lambda: ksf.load_model(path)),
+        "inspect (CLI)": lambda: measure.timed(lambda: cli("inspect", path)),
+        "verify (CLI)": lambda: measure.timed(lambda: cli("verify", path)),
     }
     try:
         ksf.save_model(model, path)

@@ -100,15 +100,10 @@ def measure_directory(model, units: int, directory: str, repeats: int, log) -> d
             ksf.verification(loaded).result()  # untimed: runs after the model is returned
         return elapsed
 
-    def timed(call):
-        start = time.perf_counter()
-        call()
-        return time.perf_counter() - start
-
     ops = {
-        "raw read": lambda: timed(lambda: measure.raw_read(path)),
-        "build (stock, from config)": lambda: timed(lambda: measure.stock_build(path)),
-        "copying load": lambda: timed(lambda: ksf.load_model(path)),
+        "raw read": lambda: measure.timed(lambda: measure.raw_read(path)),
+        "build (stock, from config)": lambda: measure.timed(lambda: measure.stock_build(path)),
+        "copying load": lambda: measure.timed(lambda: ksf.load_model(path)),
         "mapped load": lambda: mapped_load("background"),
         "mapped load, verify=False": lambda: mapped_load(False),
     }

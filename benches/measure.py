@@ -43,6 +43,13 @@ def extra_peak_rss(action: Callable[[], object]) -> int:
     return max(0, peak - before)
 
 
+def timed(call: Callable[[], object]) -> float:
+    """Seconds `call()` took (what it returns is dropped)."""
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
 def interleaved(
     ops: dict[str, Callable[[], float]],
     repeats: int,

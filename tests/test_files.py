@@ -393,7 +393,7 @@ def test_a_region_checksums_long_unread_stretches_without_keeping_them(tmp_path)
 
 def test_the_replaced_file_is_freed_off_the_save_and_not_leaked(model, tmp_path, monkeypatch):
     """The file a save renames over is held open across the rename and closed on another thread
-    (freeing its blocks costs about 0.1 s per GB): what is held is the replaced file, and it goes."""
+    (freeing its blocks is then off the save): what is held is the replaced file, and it goes."""
     path = tmp_path / "m.keras"
     ksf.save_model(model, path)
     replaced = os.stat(path).st_ino

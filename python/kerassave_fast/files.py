@@ -184,7 +184,7 @@ _to_close: queue.SimpleQueue | None = None  # the closing thread's, once it runs
 
 def _release_later(fd: int) -> None:
     """Closes `fd` on a background thread: the last reference to a replaced file, whose freeing
-    (about 0.1 s per GB here) then overlaps with the caller's work instead of adding to the save."""
+    then overlaps with the caller's work instead of adding to the save."""
     global _to_close
     if fd < 0:
         return
