@@ -58,7 +58,8 @@ def main() -> None:
     lines = [
         f"{report.machine_line(info)}. "
         f"{info['date']}. "
-        f"Medians of {args.repeats} repeats, interleaved in a shuffled order, all in one run; `{args.dir}`.",
+        f"Medians of {args.repeats} repeats, interleaved in a shuffled order, all in one run; `{args.dir}`. "
+        + report.BACKED,
         "",
         "| dtype | what | threads | save s | raw MB/s | ×1 thread | vs h5py gzip-1 | load s | file MB | "
         "of raw | extra RSS MiB |",
@@ -89,6 +90,7 @@ def main() -> None:
         for _ in range(args.repeats):
             random.shuffle(order)
             for case, kind in order:
+                measure.back_memory(measure.backed_for(raw))
                 if case == "h5py":
                     start = time.perf_counter()
                     h5py_gzip(arrays, h5py_path)

@@ -43,6 +43,28 @@ def extra_peak_rss(action: Callable[[], object]) -> int:
     return max(0, peak - before)
 
 
+# The most memory a call is made ready for (see back_memory).
+_MAX_BACKED = 4 << 30
+
+
+def back_memory(nbytes: int) -> None:
+    """Touches and frees `nbytes` (at most 4 GiB) of fresh memory, untimed, right before a timed call.
+
+    This VM hands the memory its guest frees back to the host within seconds (free page reporting)
+    and faulting it in again costs up to 15x a first touch (800 MB: 2.4-3.7 s instead of 0.2 s,
+    measured here), so whichever call first allocates after a pause paid it at random. The pages
+    touched and freed here serve the call's allocations (new file pages, loaded buffers) instead,
+    as on a machine that owns its memory; stock, ours and the raw I/O get the same."""
+    if nbytes > 0:
+        np.ones(min(nbytes, _MAX_BACKED), np.uint8)
+
+
+def backed_for(nbytes: int) -> int:
+    """What a call saving or loading `nbytes` of tensors may allocate fresh: stock's save holds a
+    copy of the tensors while it writes a new file of them."""
+    return 2 * nbytes + (64 << 20)
+
+
 def timed(call: Callable[[], object]) -> float:
     """Seconds `call()` took (what it returns is dropped)."""
     start = time.perf_counter()
@@ -55,10 +77,12 @@ def interleaved(
     repeats: int,
     each_repeat: Callable[[int], None] = lambda rep: None,
     warmed: Callable[[], None] = lambda: None,
+    backed: int = 0,
 ) -> dict[str, list[float]]:
     """Each op's samples (it returns its own time): a warm-up call of each (then `warmed()`), then
     `repeats` rounds in a shuffled order, a full collection before each call (a loaded model is a
-    reference cycle: its gigabytes go only when collected)."""
+    reference cycle: its gigabytes go only when collected) and `backed` bytes of memory made ready
+    (`back_memory`)."""
     for op in ops.values():  # warm-up: first calls trace functions and fill caches
         op()
         gc.collect()
@@ -69,9 +93,28 @@ def interleaved(
         random.Random(rep).shuffle(order)
         for name in order:
             gc.collect()
+            back_memory(backed)
             samples[name].append(ops[name]())
         each_repeat(rep)
     return samples
+
+
+def paired(a: Callable[[], float], b: Callable[[], float], pairs: int, backed: int = 0) -> list[tuple[float, float]]:
+    """(a's time, b's time) of `pairs` back-to-back runs, a first in even pairs and b first in odd
+    ones (after a warm-up call of each), a full collection and `backed` bytes of memory made ready
+    before each call: the ratio within a pair compares two calls under the same machine state."""
+    a()
+    b()
+    result = []
+    for i in range(pairs):
+        gc.collect()
+        back_memory(backed)
+        first = a() if i % 2 == 0 else b()
+        gc.collect()
+        back_memory(backed)
+        second = b() if i % 2 == 0 else a()
+        result.append((first, second) if i % 2 == 0 else (second, first))
+    return result
 
 
 def model_arrays(model) -> list[np.ndarray]:
@@ -256,6 +299,7 @@ def run(
             for name in order:
                 op = ops[name]
                 gc.collect()
+                back_memory(backed_for(result.nbytes))
                 start = time.perf_counter()
                 kept = op()
                 samples[name].append(time.perf_counter() - start)

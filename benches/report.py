@@ -138,12 +138,21 @@ def targets(r: Result) -> list[tuple[str, bool]]:
     ]
 
 
+# Said under every table: what measure.back_memory does before each timed call.
+BACKED = (
+    "Before each timed call, twice its tensors' bytes + 64 MiB of memory (at most 4 GiB) are touched and "
+    "freed, untimed: this VM returns freed memory to its host within seconds, and whichever call faults it "
+    "back in pays up to 15x for its fresh pages."
+)
+
+
 def markdown(results: list[Result], info: dict, repeats: int) -> str:
     lines = [
         machine_line(info)
         + "; "
         + ", ".join(f"`{shown(d)}` is {fs}" for d, fs in info["filesystems"].items())
-        + f". {info['date']}. Medians of {repeats} repeats, interleaved in a shuffled order, all in one run.",
+        + f". {info['date']}. Medians of {repeats} repeats, interleaved in a shuffled order, all in one run. "
+        + BACKED,
         versions_line(info),
         "",
         "**Save** (floor: one thread writing the same bytes over the previous file; the atomic raw write "

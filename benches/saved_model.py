@@ -2,7 +2,7 @@
 the same bytes, medians of repeats interleaved in a shuffled order, all in one run; writes
 benches/results/saved-model.md.
 
-    python benches/saved_model.py [--units 4096] [--repeats 5] [--dir /dev/shm]
+    python benches/saved_model.py [--units 4096] [--repeats 7] [--dir /dev/shm]
 
 Model: 4 x Dense(units) + Adam after one training step (tf_keras), a metric. A SavedModel save is
 TensorFlow tracing and writing the graph, plus the variables: "graph only" is tf_keras' save with
@@ -17,7 +17,6 @@ built, so every tensor is restored at once). Last, the same layers in Keras 3: `
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import random
 import shutil
@@ -77,7 +76,7 @@ def graph_only_save(model, path: str, save_traces: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--units", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--dir", default="/dev/shm")
     args = parser.parse_args()
     info = report.machine([args.dir])
@@ -92,9 +91,15 @@ def main() -> None:
     raw_path = os.path.join(work, "raw")
     model.save(os.path.join(work, "ref"), save_format="tf")  # what the loads read (stock's file)
 
+    stale: list[str] = []  # earlier outputs moved aside inside a timed call, deleted after it
+
     def fresh(name: str) -> str:
+        """A path with nothing there; what was there is freed after the call, untimed (freeing
+        800 MB of tmpfs takes ~0.1 s, which no save of a new directory pays)."""
         path = os.path.join(work, name)
-        shutil.rmtree(path, ignore_errors=True)
+        if os.path.exists(path):
+            stale.append(f"{path}.old{len(stale)}")
+            os.rename(path, stale[-1])
         return path
 
     def raw_read() -> None:
@@ -117,7 +122,7 @@ def main() -> None:
     }
     for traces in (True, False):
         cases |= {
-            f"save graph only, save_traces={traces}": functools.partial(graph_only_save, model, fresh("g"), traces),
+            f"save graph only, save_traces={traces}": lambda t=traces: graph_only_save(model, fresh("g"), t),
             f"save stock, save_traces={traces}": lambda t=traces: model.save(
                 fresh("s"), save_format="tf", save_traces=t
             ),
@@ -129,9 +134,12 @@ def main() -> None:
         order = list(cases)
         random.shuffle(order)
         for name in order:
+            measure.back_memory(measure.backed_for(nbytes))
             start = time.perf_counter()
             cases[name]()
             times[name].append(time.perf_counter() - start)
+            while stale:
+                shutil.rmtree(stale.pop())
     rss = {
         "stock": measure.extra_peak_rss(lambda: model.save(fresh("s"), save_format="tf")),
         "ours": measure.extra_peak_rss(lambda: ksf.save_model(model, fresh("o"))),
@@ -142,7 +150,8 @@ def main() -> None:
     lines = [
         f"{report.machine_line(info)}. "
         f"{info['date']}. Medians of {args.repeats} repeats, interleaved in a shuffled order, all in one run; "
-        f"`{args.dir}`. tf_keras 4 × Dense({args.units}) + Adam after one step, {nbytes / 1e6:.0f} MB of variables.",
+        f"`{args.dir}`. tf_keras 4 × Dense({args.units}) + Adam after one step, {nbytes / 1e6:.0f} MB of variables. "
+        + report.BACKED,
         "",
         "| case | s | min-max | ratio |",
         "|---|--:|--:|--:|",
