@@ -249,6 +249,7 @@ class Result:
     format: str = "keras"
     times: dict[str, float] = field(default_factory=dict)
     spread: dict[str, tuple[float, float]] = field(default_factory=dict)
+    samples: dict[str, list[float]] = field(default_factory=dict)  # every timed call, in the order run
     extra_rss: dict[str, int] = field(default_factory=dict)
     file_size: dict[str, int] = field(default_factory=dict)
 
@@ -305,6 +306,7 @@ def run(
                 samples[name].append(time.perf_counter() - start)
                 del kept
             log(f"  {model_name} in {directory}: repeat {rep + 1}/{repeats} done")
+        result.samples = samples
         for name, values in samples.items():
             result.times[name] = statistics.median(values)
             result.spread[name] = (min(values), max(values))
