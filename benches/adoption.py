@@ -10,8 +10,8 @@ trained with batches of 8. Per directory, each repeat runs, in a shuffled order:
 a background save with training steps run until its write is done; the same number of steps with
 no save. Then `model.save` / `keras.saving.load_model` with `install()` and the same calls to ours
 directly, in 2 x repeats + 1 back-to-back pairs (which runs first alternates), compared by the ratio
-within each pair: this VM's fresh memory sometimes costs 10x more (the host takes back what the
-guest freed), which moves separate medians of the same code by 30 %. The command line is
+within each pair: on this VM a call that faults in memory the host took back pays several times
+more, at random, which moved separate medians of the same code by up to 37 %. The command line is
 measured on the file the issue names, 4 x Dense(cli-units) + Adam (8192: 3.2 GB), saved once per
 directory: each repeat runs `inspect`, `verify` and our `load_model` of it in a shuffled order.
 """

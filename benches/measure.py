@@ -51,8 +51,8 @@ def back_memory(nbytes: int) -> None:
     """Touches and frees `nbytes` (at most 4 GiB) of fresh memory, untimed, right before a timed call.
 
     This VM hands the memory its guest frees back to the host within seconds (free page reporting)
-    and faulting it in again costs up to 15x a first touch (800 MB: 2.4-3.7 s instead of 0.2 s,
-    measured here), so whichever call first allocates after a pause paid it at random. The pages
+    and faulting it in again costs several times a first touch, so whichever call first allocated
+    after a pause paid it at random. The pages
     touched and freed here serve the call's allocations (new file pages, loaded buffers) instead,
     as on a machine that owns its memory; stock, ours and the raw I/O get the same."""
     if nbytes > 0:
@@ -66,10 +66,13 @@ def backed_for(nbytes: int) -> int:
 
 
 def timed(call: Callable[[], object]) -> float:
-    """Seconds `call()` took (what it returns is dropped)."""
+    """Seconds `call()` took; what it returns is dropped after the clock stops (freeing a loaded
+    buffer is not part of the call)."""
     start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
+    kept = call()
+    elapsed = time.perf_counter() - start
+    del kept
+    return elapsed
 
 
 def interleaved(
@@ -80,9 +83,9 @@ def interleaved(
     backed: int = 0,
 ) -> dict[str, list[float]]:
     """Each op's samples (it returns its own time): a warm-up call of each (then `warmed()`), then
-    `repeats` rounds in a shuffled order, a full collection before each call (a loaded model is a
-    reference cycle: its gigabytes go only when collected) and `backed` bytes of memory made ready
-    (`back_memory`)."""
+    `repeats` rounds, reshuffled each round so that a noisy moment, or whatever follows a big free,
+    hits every op in turn; a full collection before each call (a loaded model is a reference cycle:
+    its gigabytes go only when collected) and `backed` bytes of memory made ready (`back_memory`)."""
     for op in ops.values():  # warm-up: first calls trace functions and fill caches
         op()
         gc.collect()
@@ -286,26 +289,12 @@ def run(
         "ours_load": lambda: fmt.ours_load(paths["ours"]),
     }
     try:
-        for op in ops.values():  # warm-up: first calls trace functions and fill caches
-            op()
-            gc.collect()
-        samples: dict[str, list[float]] = {name: [] for name in ops}
-        order = list(ops)
-        shuffle = random.Random(repeats).shuffle
-        for rep in range(repeats):
-            # Interleaved, so a noisy moment hits every column; reshuffled each time, because on a VM
-            # that hands freed memory back to its host, whatever runs right after a big free (stock's
-            # save drops ~1.6 GB) pays to fault fresh pages in.
-            shuffle(order)
-            for name in order:
-                op = ops[name]
-                gc.collect()
-                back_memory(backed_for(result.nbytes))
-                start = time.perf_counter()
-                kept = op()
-                samples[name].append(time.perf_counter() - start)
-                del kept
-            log(f"  {model_name} in {directory}: repeat {rep + 1}/{repeats} done")
+        samples = interleaved(
+            {name: lambda op=op: timed(op) for name, op in ops.items()},
+            repeats,
+            lambda rep: log(f"  {model_name} in {directory}: repeat {rep + 1}/{repeats} done"),
+            backed=backed_for(result.nbytes),
+        )
         result.samples = samples
         for name, values in samples.items():
             result.times[name] = statistics.median(values)

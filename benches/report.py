@@ -142,7 +142,7 @@ def targets(r: Result) -> list[tuple[str, bool]]:
 BACKED = (
     "Before each timed call, twice its tensors' bytes + 64 MiB of memory (at most 4 GiB) are touched and "
     "freed, untimed: this VM returns freed memory to its host within seconds, and whichever call faults it "
-    "back in pays up to 15x for its fresh pages."
+    "back in pays several times the usual cost of its fresh pages."
 )
 
 
