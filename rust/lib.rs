@@ -1,12 +1,14 @@
 //! Python bindings of the Rust core: the only file that knows pyo3. Each wrapper turns Python
 //! buffers into byte slices once, then releases the GIL while the bytes move.
 
+use std::ffi::{c_int, c_void};
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use pyo3::buffer::PyUntypedBuffer;
 use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyTuple, PyType};
@@ -700,6 +702,40 @@ fn chunked_from(tuple: ChunkingTuple) -> hdf5::Chunked {
     }
 }
 
+/// One chunk as HDF5 stores it, made by the core: read-only bytes through the buffer protocol,
+/// handed to h5py's `write_direct_chunk` without a copy into a `bytes`.
+#[pyclass(frozen, module = "kerassave_fast._core")]
+struct StoredChunk {
+    data: Vec<u8>,
+}
+
+#[pymethods]
+impl StoredChunk {
+    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+        let data = &slf.get().data;
+        // SAFETY: the bytes never change (frozen) and live as long as `slf`, which the view holds
+        // (PyBuffer_FillInfo takes a reference); a writable view is refused with BufferError.
+        let filled = unsafe {
+            ffi::PyBuffer_FillInfo(
+                view,
+                slf.as_ptr(),
+                data.as_ptr() as *mut c_void,
+                data.len() as ffi::Py_ssize_t,
+                1,
+                flags,
+            )
+        };
+        if filled < 0 {
+            return Err(PyErr::fetch(slf.py()));
+        }
+        Ok(())
+    }
+
+    fn __len__(&self) -> usize {
+        self.data.len()
+    }
+}
+
 /// Runs HDF5's filter pipeline (`filters`, ids in order) over each raw chunk, in parallel with the
 /// GIL released; returns what HDF5 stores for each (h5py's `write_direct_chunk` takes it).
 #[pyfunction]
@@ -711,7 +747,7 @@ fn hdf5_encode_chunks<'py>(
     level: i32,
     itemsize: usize,
     threads: usize,
-) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+) -> PyResult<Vec<Bound<'py, StoredChunk>>> {
     if !hdf5::filters::Pipeline::supported(&filters) {
         return Err(PyValueError::new_err(format!("unsupported HDF5 filters {filters:?}")));
     }
@@ -737,7 +773,14 @@ fn hdf5_encode_chunks<'py>(
     drop(buffers);
     encoded
         .into_iter()
-        .map(|e| e.map(|data| PyBytes::new(py, &data)).map_err(PyValueError::new_err))
+        .map(|e| {
+            Bound::new(
+                py,
+                StoredChunk {
+                    data: e.map_err(PyValueError::new_err)?,
+                },
+            )
+        })
         .collect()
 }
 
@@ -813,6 +856,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ZipMember>()?;
     m.add_class::<TensorBundleReader>()?;
     m.add_class::<TensorBundleWriter>()?;
+    m.add_class::<StoredChunk>()?;
     m.add_function(wrap_pyfunction!(bundle_write_sharded_index, m)?)?;
     m.add_function(wrap_pyfunction!(hdf5_stored_datasets, m)?)?;
     m.add_function(wrap_pyfunction!(hdf5_encode_chunks, m)?)?;

@@ -102,8 +102,13 @@ def hdf5_stored_datasets(
 
 def hdf5_encode_chunks(
     chunks: Sequence[Buffer], filters: Sequence[int], level: int, itemsize: int, threads: int = 0
-) -> list[bytes]:
+) -> list[StoredChunk]:
     """HDF5's filter pipeline run over each raw chunk, in parallel: what HDF5 stores for each."""
+
+class StoredChunk:
+    """One chunk as HDF5 stores it: read-only bytes (the buffer protocol), made by the core."""
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+    def __len__(self) -> int: ...
 
 def tensor_bytes_moved() -> int:
     """Tensor bytes the core has written, read or compressed in this process so far (for progress bars)."""

@@ -4,6 +4,8 @@
 
 use std::borrow::Cow;
 
+use super::shuffle::{shuffle, unshuffle};
+
 /// What is wrong with a chunk; the caller names the file and dataset.
 pub type Result<T> = std::result::Result<T, String>;
 
@@ -76,54 +78,6 @@ impl Pipeline {
     }
 }
 
-/// HDF5's byte shuffle: byte k of every element, then byte k+1 of every element, ...; a tail
-/// shorter than an element stays where it is (H5Zshuffle.c).
-pub fn shuffle(data: &[u8], itemsize: usize) -> Vec<u8> {
-    regroup(data, itemsize, true)
-}
-
-/// The inverse of `shuffle`.
-pub fn unshuffle(data: &[u8], itemsize: usize) -> Vec<u8> {
-    regroup(data, itemsize, false)
-}
-
-fn regroup(data: &[u8], itemsize: usize, to_planes: bool) -> Vec<u8> {
-    let body = data.len() - data.len() % itemsize.max(1);
-    if itemsize <= 1 || body == 0 {
-        return data.to_vec();
-    }
-    let mut out = vec![0u8; data.len()]; // every byte is moved below: no copy to start from
-    out[body..].copy_from_slice(&data[body..]);
-    let (src, dst) = (&data[..body], &mut out[..body]);
-    match itemsize {
-        2 => move_bytes::<2>(src, dst, 2, to_planes),
-        4 => move_bytes::<4>(src, dst, 4, to_planes),
-        8 => move_bytes::<8>(src, dst, 8, to_planes),
-        n => move_bytes::<0>(src, dst, n, to_planes),
-    }
-    out
-}
-
-/// Byte k of element j sits at `j * n + k` in element order and at `k * count + j` in plane
-/// order; this moves every byte from one order to the other, a plane at a time. `N` is `n` when
-/// known at compile time (the loops then unroll), 0 otherwise.
-fn move_bytes<const N: usize>(src: &[u8], dst: &mut [u8], n: usize, to_planes: bool) {
-    let n = if N == 0 { n } else { N };
-    let count = src.len() / n;
-    for k in 0..n {
-        let plane = k * count..(k + 1) * count;
-        if to_planes {
-            for (o, e) in dst[plane].iter_mut().zip(src.chunks_exact(n)) {
-                *o = e[k];
-            }
-        } else {
-            for (e, &b) in dst.chunks_exact_mut(n).zip(&src[plane]) {
-                e[k] = b;
-            }
-        }
-    }
-}
-
 /// HDF5's Fletcher-32 (H5_checksum_fletcher32): big-endian 16-bit words, sums folded every 360 words.
 pub fn fletcher32(data: &[u8]) -> u32 {
     let (mut sum1, mut sum2) = (0u32, 0u32);
@@ -172,21 +126,24 @@ fn strip_fletcher32(mut data: Vec<u8>) -> Result<Vec<u8>> {
 /// A zlib stream, as HDF5's deflate filter stores it: levels 1-3 by ISA-L (its levels 1 and 3;
 /// several times libdeflate's speed on weights), the others, and anything ISA-L refuses, by libdeflate.
 fn deflate(data: &[u8], level: i32) -> Result<Vec<u8>> {
-    let lvl = libdeflater::CompressionLvl::new(level).map_err(|_| format!("deflate level {level}"))?;
-    let mut compressor = libdeflater::Compressor::new(lvl);
-    let mut out = vec![0u8; compressor.zlib_compress_bound(data.len())];
     let fast = match level {
         1 => Some(isal::CompressionLevel::One),
         2 | 3 => Some(isal::CompressionLevel::Three),
         _ => None,
     };
     if let Some(fast) = fast {
-        // Stateless: the whole chunk in one call; an output that does not fit is an error, not a partial stream.
+        // Stateless: the whole chunk in one call; an output that does not fit is an error, not a
+        // partial stream. Room for stored blocks' headers; libdeflate takes over if even that is short.
+        let mut out = vec![0u8; data.len() + data.len() / 1024 + 1024];
         if let Ok(n) = isal::compress_into(data, &mut out, fast, isal::Codec::Zlib) {
             out.truncate(n);
+            out.shrink_to_fit(); // held until HDF5 stores it: no slack beside it
             return Ok(out);
         }
     }
+    let lvl = libdeflater::CompressionLvl::new(level).map_err(|_| format!("deflate level {level}"))?;
+    let mut compressor = libdeflater::Compressor::new(lvl);
+    let mut out = vec![0u8; compressor.zlib_compress_bound(data.len())];
     let n = compressor
         .zlib_compress(data, &mut out)
         .map_err(|e| format!("deflate: {e}"))?;
@@ -221,28 +178,6 @@ fn unzstd(data: &[u8], len: usize) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn shuffle_round_trips_with_a_tail() {
-        let data: Vec<u8> = (0..=22).collect();
-        let shuffled = shuffle(&data, 4);
-        assert_eq!(&shuffled[..5], &[0, 4, 8, 12, 16]);
-        assert_eq!(&shuffled[20..], &[20, 21, 22]);
-        assert_eq!(unshuffle(&shuffled, 4), data);
-        // Every element size, specialised or not, against the definition.
-        for itemsize in 1..=12 {
-            let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
-            let n = data.len() / itemsize;
-            let mut expected = data.clone();
-            for j in 0..n {
-                for k in 0..itemsize {
-                    expected[k * n + j] = data[j * itemsize + k];
-                }
-            }
-            assert_eq!(shuffle(&data, itemsize), expected, "itemsize {itemsize}");
-            assert_eq!(unshuffle(&expected, itemsize), data, "itemsize {itemsize}");
-        }
-    }
 
     #[test]
     fn fletcher32_matches_hdf5_reference_values() {

@@ -6,6 +6,7 @@
 pub mod chunks;
 pub mod filters;
 pub mod reader;
+pub mod shuffle;
 
 pub use reader::{
     list_keeping_pages, list_stored_datasets, Chunk, Chunked, Listing, Pages, Source, StoredDataset, BLOCK,
