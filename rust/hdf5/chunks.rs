@@ -84,12 +84,17 @@ pub fn read_chunked(
                     itemsize: d.itemsize,
                 };
                 let raw_len = chunk_len(&d.chunked.chunk_shape, d.itemsize);
-                let raw = pipeline.decode(stored, chunk.skipped, raw_len).map_err(fail)?;
-                crate::io::count_moved(raw_len);
                 // SAFETY: the buffer outlives this call (the caller holds it), and the bytes this chunk
                 // writes are written by no other task (`check_tiling`).
                 let out = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
-                place(&raw, &chunk.coords, &d.chunked.chunk_shape, d.shape, d.itemsize, out);
+                match stretch_of(&chunk.coords, &d.chunked.chunk_shape, d.shape, d.itemsize) {
+                    Some(at) => pipeline.decode_into(stored, chunk.skipped, &mut out[at..at + raw_len]),
+                    None => pipeline
+                        .decode(stored, chunk.skipped, raw_len)
+                        .map(|raw| place(&raw, &chunk.coords, &d.chunked.chunk_shape, d.shape, d.itemsize, out)),
+                }
+                .map_err(fail)?;
+                crate::io::count_moved(raw_len);
                 Ok(read)
             })
             .collect()
@@ -143,6 +148,16 @@ fn check_tiling(d: &ChunkedRead<'_>) -> std::result::Result<(), String> {
         return Err(format!("{} of its {expected} chunks are stored", seen.len()));
     }
     Ok(())
+}
+
+/// Where a chunk's raw bytes go in the dataset's buffer when they are one stretch of it (whole
+/// rows of the first axis, all inside the dataset: Keras' chunks but the last), so they are
+/// decoded straight there; None otherwise.
+fn stretch_of(coords: &[u64], chunk_shape: &[u64], shape: &[u64], itemsize: usize) -> Option<usize> {
+    let (first, rows) = (*coords.first()?, *chunk_shape.first()?);
+    let whole_rows = chunk_shape[1..] == shape[1..] && first + rows <= *shape.first()?;
+    let row: u64 = shape[1..].iter().product::<u64>() * itemsize as u64;
+    whole_rows.then(|| (first * row) as usize)
 }
 
 /// Copies the part of a decoded chunk that lies inside the dataset to its place in `out`.

@@ -4,7 +4,7 @@
 
 use std::borrow::Cow;
 
-use super::shuffle::{shuffle, unshuffle};
+use super::shuffle::{shuffle, unshuffle, unshuffle_into};
 
 /// What is wrong with a chunk; the caller names the file and dataset.
 pub type Result<T> = std::result::Result<T, String>;
@@ -57,25 +57,47 @@ impl Pipeline {
     /// Runs the pipeline backwards over a stored chunk: its raw bytes, exactly `len` of them.
     /// `skipped` is the chunk's filter mask: bit i set means filter i was not applied to it.
     pub fn decode(&self, stored: Vec<u8>, skipped: u32, len: usize) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; len];
+        self.decode_into(stored, skipped, &mut out)?;
+        Ok(out)
+    }
+
+    /// As `decode`, into `out` (exactly the raw length): the last filter undone writes there.
+    pub fn decode_into(&self, stored: Vec<u8>, skipped: u32, out: &mut [u8]) -> Result<()> {
+        let len = out.len();
+        let undo: Vec<u16> = (self.filters.iter().enumerate().rev())
+            .filter(|&(i, _)| i >= 32 || skipped & (1 << i) == 0)
+            .map(|(_, &filter)| filter)
+            .collect();
         let mut data = stored;
-        for (i, &filter) in self.filters.iter().enumerate().rev() {
-            if i < 32 && skipped & (1 << i) != 0 {
-                continue;
-            }
+        for (n, &filter) in undo.iter().enumerate() {
+            let last = n + 1 == undo.len();
             data = match filter {
                 FLETCHER32 => strip_fletcher32(data)?,
+                DEFLATE if last => return exactly(inflate_into(&data, out)?, len),
                 DEFLATE => inflate(&data, len)?,
+                ZSTD if last => return exactly(unzstd_into(&data, out)?, len),
                 ZSTD => unzstd(&data, len)?,
+                SHUFFLE if last && data.len() == len => {
+                    unshuffle_into(&data, self.itemsize, out);
+                    return Ok(());
+                }
                 SHUFFLE => unshuffle(&data, self.itemsize),
                 other => return Err(format!("HDF5 filter {other} is not supported here")),
             };
         }
-        if data.len() != len {
-            let got = data.len();
-            return Err(format!("a chunk decodes to {got} bytes, not the {len} of its shape"));
-        }
-        Ok(data)
+        exactly(data.len(), len)?;
+        out.copy_from_slice(&data);
+        Ok(())
     }
+}
+
+/// A chunk decoded to `got` bytes is whole only with the `len` of its shape.
+fn exactly(got: usize, len: usize) -> Result<()> {
+    if got != len {
+        return Err(format!("a chunk decodes to {got} bytes, not the {len} of its shape"));
+    }
+    Ok(())
 }
 
 /// HDF5's Fletcher-32 (H5_checksum_fletcher32): big-endian 16-bit words, sums folded every 360 words.
@@ -164,15 +186,25 @@ fn compress_zstd(data: &[u8], level: i32) -> Result<Vec<u8>> {
 /// Inflates a zlib stream that must give exactly `len` bytes (more is refused, never allocated).
 fn inflate(data: &[u8], len: usize) -> Result<Vec<u8>> {
     let mut out = vec![0u8; len];
-    let n = libdeflater::Decompressor::new()
-        .zlib_decompress(data, &mut out)
-        .map_err(|e| format!("a deflated chunk does not inflate ({e:?})"))?;
+    let n = inflate_into(data, &mut out)?;
     out.truncate(n);
     Ok(out)
 }
 
+/// Inflates into `out`; returns how many bytes the stream held (more than fit is an error).
+fn inflate_into(data: &[u8], out: &mut [u8]) -> Result<usize> {
+    libdeflater::Decompressor::new()
+        .zlib_decompress(data, out)
+        .map_err(|e| format!("a deflated chunk does not inflate ({e:?})"))
+}
+
 fn unzstd(data: &[u8], len: usize) -> Result<Vec<u8>> {
     zstd::bulk::decompress(data, len).map_err(|e| format!("a zstd chunk does not decompress ({e})"))
+}
+
+/// Decompresses into `out`; returns how many bytes the frame held (more than fit is an error).
+fn unzstd_into(data: &[u8], out: &mut [u8]) -> Result<usize> {
+    zstd::bulk::decompress_to_buffer(data, out).map_err(|e| format!("a zstd chunk does not decompress ({e})"))
 }
 
 #[cfg(test)]

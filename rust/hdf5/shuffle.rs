@@ -12,12 +12,24 @@ pub fn unshuffle(data: &[u8], itemsize: usize) -> Vec<u8> {
     regroup(data, itemsize, false)
 }
 
+/// `unshuffle` into `out`, of `data`'s length.
+pub fn unshuffle_into(data: &[u8], itemsize: usize, out: &mut [u8]) {
+    regroup_into(data, itemsize, false, out)
+}
+
 fn regroup(data: &[u8], itemsize: usize, to_planes: bool) -> Vec<u8> {
+    let mut out = vec![0u8; data.len()]; // every byte is written below: no copy to start from
+    regroup_into(data, itemsize, to_planes, &mut out);
+    out
+}
+
+fn regroup_into(data: &[u8], itemsize: usize, to_planes: bool, out: &mut [u8]) {
+    assert_eq!(data.len(), out.len(), "a shuffle's output is its input's length");
     let body = data.len() - data.len() % itemsize.max(1);
     if itemsize <= 1 || body == 0 {
-        return data.to_vec();
+        out.copy_from_slice(data);
+        return;
     }
-    let mut out = vec![0u8; data.len()]; // every byte is moved below: no copy to start from
     out[body..].copy_from_slice(&data[body..]);
     let (src, dst) = (&data[..body], &mut out[..body]);
     let done = simd::regroup(src, dst, itemsize, to_planes);
@@ -27,7 +39,6 @@ fn regroup(data: &[u8], itemsize: usize, to_planes: bool) -> Vec<u8> {
         8 => move_bytes::<8>(src, dst, 8, to_planes, done),
         n => move_bytes::<0>(src, dst, n, to_planes, done),
     }
-    out
 }
 
 /// Byte k of element j sits at `j * n + k` in element order and at `k * count + j` in plane
