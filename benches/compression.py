@@ -48,6 +48,36 @@ def h5py_gzip(arrays: list[np.ndarray], path: str) -> None:
                 f.create_dataset(str(i), data=a)
 
 
+def compressor_alone(arrays: list[np.ndarray], repeats: int, raw: int) -> dict[tuple[str, int], float]:
+    """Medians of the Rust core's compression alone (shuffle + codec at level 1 on the tensors'
+    1 MiB chunks, 16 per call as a save hands them over, each call's results dropped: no file, no
+    HDF5) on 1 and 2 threads, interleaved: how far the compressor itself scales beside the saves above."""
+    from kerassave_fast._core import hdf5_encode_chunks
+    from kerassave_fast.formats.weights_h5 import Compression
+
+    by_itemsize: dict[int, list[np.ndarray]] = {}
+    for a in arrays:
+        if a.ndim:
+            flat = a.reshape(-1).view(np.uint8)
+            by_itemsize.setdefault(a.dtype.itemsize, []).extend(
+                flat[i : i + (1 << 20)] for i in range(0, flat.nbytes, 1 << 20)
+            )
+
+    def op(codec: str, threads: int):
+        filters = Compression.from_arguments(codec, 1).filters
+
+        def compress() -> None:
+            for itemsize, chunks in by_itemsize.items():
+                for i in range(0, len(chunks), 16):
+                    hdf5_encode_chunks(chunks[i : i + 16], filters, 1, itemsize, threads)
+
+        return lambda: measure.timed(compress)
+
+    cases = [(codec, threads) for codec in ("gzip", "zstd") for threads in (1, 2)]
+    samples = measure.interleaved({f"{c}|{t}": op(c, t) for c, t in cases}, repeats, backed=measure.backed_for(raw))
+    return {(c, t): statistics.median(samples[f"{c}|{t}"]) for c, t in cases}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--units", type=int, default=2048)
@@ -65,6 +95,7 @@ def main() -> None:
         "of raw | extra RSS MiB |",
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
+    alone: dict[str, tuple[dict[tuple[str, int], float], int]] = {}
     for dtype in ("float32", "bfloat16"):
         model = model_of(args.units, dtype)
         arrays = measure.model_arrays(model)
@@ -128,6 +159,21 @@ def main() -> None:
         )
         for p in [*path.values(), h5py_path]:
             os.unlink(p)
+        alone[dtype] = (compressor_alone(arrays, args.repeats, raw), raw)
+    lines += [
+        "",
+        "The compressor alone: the Rust core's shuffle + codec at level 1 over the same tensors' 1 MiB chunks, "
+        "16 per call as a save hands them over, each call's results dropped (no file, no HDF5), medians of the "
+        "same number of interleaved repeats:",
+        "",
+        "| dtype | codec | threads | s | raw MB/s | ×1 thread |",
+        "|---|---|--:|--:|--:|--:|",
+    ]
+    for dtype, (times, raw) in alone.items():
+        for (codec, threads), t in times.items():
+            lines.append(
+                f"| {dtype} | {codec}-1 | {threads} | {t:.3f} | {raw / t / 1e6:.0f} | {times[(codec, 1)] / t:.2f}× |"
+            )
     lines += [
         "",
         f"Model: 4 × Dense({args.units}) + Adam after one step (weights and both moments), per dtype. "
