@@ -730,10 +730,6 @@ impl StoredChunk {
         }
         Ok(())
     }
-
-    fn __len__(&self) -> usize {
-        self.data.len()
-    }
 }
 
 /// Runs HDF5's filter pipeline (`filters`, ids in order) over each raw chunk, in parallel with the

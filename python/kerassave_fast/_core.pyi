@@ -108,7 +108,6 @@ def hdf5_encode_chunks(
 class StoredChunk:
     """One chunk as HDF5 stores it: read-only bytes (the buffer protocol), made by the core."""
     def __buffer__(self, flags: int, /) -> memoryview: ...
-    def __len__(self) -> int: ...
 
 def tensor_bytes_moved() -> int:
     """Tensor bytes the core has written, read or compressed in this process so far (for progress bars)."""

@@ -78,7 +78,8 @@ impl Pipeline {
                 DEFLATE => inflate(&data, len)?,
                 ZSTD if last => return exactly(unzstd_into(&data, out)?, len),
                 ZSTD => unzstd(&data, len)?,
-                SHUFFLE if last && data.len() == len => {
+                SHUFFLE if last => {
+                    exactly(data.len(), len)?;
                     unshuffle_into(&data, self.itemsize, out);
                     return Ok(());
                 }
