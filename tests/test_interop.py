@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import zipfile
 
 import keras
@@ -226,6 +227,38 @@ def test_optimizers_that_build_differently_load_like_stock(tmp_path, optimizer):
     assert_same_state(stock, ours)
 
 
+def test_an_early_write_never_lands_on_a_config_that_grew_past_it(tmp_path, monkeypatch):
+    """Freezing layers for fine-tuning lengthens the config by more than the weights member's local
+    header: the tensors' early write, at the last start, then covers the end of the new config. It
+    must be over before the config is written, however late it runs (here: held back on purpose)."""
+    from kerassave_fast.formats import keras_zip
+
+    model = keras.Sequential([keras.Input((3,))] + [keras.layers.Dense(2) for _ in range(64)])
+    model.compile(optimizer="adam", loss="mse")
+    model.train_on_batch(*_batch(model))
+    in_background = keras_zip._in_background
+
+    def late(function, *args):
+        return in_background(lambda *a: time.sleep(0.5) or function(*a), *args)
+
+    monkeypatch.setattr(keras_zip, "_in_background", late)
+    ours, stock = tmp_path / "ours.keras", tmp_path / "stock.keras"
+    ksf.save_model(model, ours)
+    before = len(member(ours, "config.json"))
+    for layer in model.layers:
+        layer.trainable = False
+    ksf.save_model(model, ours)
+    keras.saving.save_model(model, stock)
+    assert len(member(ours, "config.json")) - before > 30 + len(WEIGHTS)  # past the old start
+    with zipfile.ZipFile(ours) as z:
+        assert z.testzip() is None
+    for name in (WEIGHTS, "config.json"):
+        assert member(ours, name) == member(stock, name)
+    loaded = ksf.load_model(ours)  # its optimizer is built for no trainable variable, as stock's
+    for expected, found in zip(model.weights, loaded.weights, strict=True):
+        np.testing.assert_array_equal(expected.numpy(), found.numpy())
+
+
 def test_a_repeated_save_writes_tensors_early_and_stays_stocks_when_the_config_changes(tmp_path, monkeypatch):
     """A blocking repeated save writes the tensors where the weights member started last time while
     the config is serialized; a config of another length moves the member, and the tensors are
@@ -256,8 +289,8 @@ def test_a_repeated_save_writes_tensors_early_and_stays_stocks_when_the_config_c
         assert_same_state(model, ksf.load_model(ours))
         config_lengths.append(len(member(ours, "config.json")))
     assert config_lengths[0] < config_lengths[1] > config_lengths[2]  # each early write went to the wrong place
-    key, start = keras_zip._STARTS[model]
-    keras_zip._STARTS[model] = (key, start + (1 << 16))  # an early write far past where the file ends
+    key, start, lengths = keras_zip._STARTS[model]
+    keras_zip._STARTS[model] = (key, start + (1 << 16), lengths)  # an early write far past where the file ends
     ksf.save_model(model, ours)
     keras.saving.save_model(model, stock)
     assert ours.stat().st_size == stock.stat().st_size and member(ours, WEIGHTS) == member(stock, WEIGHTS)

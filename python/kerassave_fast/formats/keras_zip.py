@@ -68,8 +68,8 @@ class _AssetsInto:
             self._writer.add_stored(info.filename, f.read(), info.date_time, info.external_attr)
 
 
-# model -> ((size, alignment, ZIP64 limit) of its weights member, where it started) at its last
-# blocking save: where it will start again unless the config's or metadata's length changed.
+# model -> ((size, alignment, ZIP64 limit) of its weights member, where it started, the lengths of
+# the metadata and config before it) at its last blocking save: where it starts again if they are equal.
 _STARTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _STARTS_LOCK = threading.Lock()
 
@@ -115,8 +115,15 @@ def prepare_save(
                         early = (last[1], _in_background(write_layout, file, last[1], layout, tensors, threads))
                         joins.callback(early[1].exception)  # never left writing into a file being closed
                 config_json, metadata_json = serialized or flavour.serialize_model_as_json(model)
-                writer.add_stored(METADATA, metadata_json.encode(), _ZIPINFO_DEFAULT_DATE, _OWNER_RW)
-                writer.add_stored(CONFIG, config_json.encode(), _ZIPINFO_DEFAULT_DATE, _OWNER_RW)
+                metadata_bytes, config_bytes = metadata_json.encode(), config_json.encode()
+                lengths = (len(metadata_bytes), len(config_bytes))
+                if early is not None and last[2] != lengths:
+                    # The member moved: the early write may cover where the config goes now. It ends
+                    # before the members are written, and the tensors are written again below.
+                    early[1].exception()
+                    early = None
+                writer.add_stored(METADATA, metadata_bytes, _ZIPINFO_DEFAULT_DATE, _OWNER_RW)
+                writer.add_stored(CONFIG, config_bytes, _ZIPINFO_DEFAULT_DATE, _OWNER_RW)
                 if compression is None:
                     start = writer.begin_stored(WEIGHTS, time.localtime()[:6], _OWNER_RW, layout.size, alignment)
                     if early is not None and early[0] == start:
@@ -128,7 +135,7 @@ def prepare_save(
                     writer.end_stored(layout.size, crc)
                     if serialized is None:
                         with _STARTS_LOCK:
-                            _STARTS[model] = (key, start)
+                            _STARTS[model] = (key, start, lengths)
                 else:  # the size comes out of the compression: hint an upper bound (ZIP64 when it may be needed)
                     bound = 2 * sum(d.array.nbytes for d in plan.datasets) + (1 << 20)
                     start = writer.begin_stored(WEIGHTS, time.localtime()[:6], _OWNER_RW, bound, alignment)
