@@ -314,6 +314,12 @@ impl ZipWriter {
             .begin_stored(name, when, external_attr, size_hint, alignment)?)
     }
 
+    /// Where `begin_stored(name, ..., size_hint, alignment)` would start the data, reserving nothing.
+    #[pyo3(signature = (name, size_hint, alignment=1))]
+    fn data_start(&self, name: &str, size_hint: u64, alignment: u64) -> PyResult<u64> {
+        Ok(self.inner.data_start(name, size_hint, alignment)?)
+    }
+
     fn end_stored(&mut self, size: u64, crc32: u32) -> PyResult<()> {
         Ok(self.inner.end_stored(&self.file, size, crc32)?)
     }

@@ -331,6 +331,28 @@ impl ZipWriter {
         alignment: u64,
     ) -> Result<u64> {
         self.check_idle("begin a member")?;
+        let m = self.stored_member(name, modified, external_attr, size_hint, alignment)?;
+        let data_offset = self.end + m.local_header_len();
+        self.open = Some(m);
+        Ok(data_offset)
+    }
+
+    /// Where `begin_stored` with these arguments would start the member's data, reserving nothing:
+    /// lets its data be written before the size that decides ZIP64 is known (checked when it is).
+    pub fn data_start(&self, name: &str, size_hint: u64, alignment: u64) -> Result<u64> {
+        self.check_idle("plan a member")?;
+        let m = self.stored_member(name, DosDateTime::default(), 0, size_hint, alignment)?;
+        Ok(self.end + m.local_header_len())
+    }
+
+    fn stored_member(
+        &self,
+        name: &str,
+        modified: DosDateTime,
+        external_attr: u32,
+        size_hint: u64,
+        alignment: u64,
+    ) -> Result<Member> {
         if !alignment.is_power_of_two() || alignment > MAX_ALIGNMENT {
             return Err(Error::Argument(format!(
                 "{}: alignment {alignment} is not a power of two up to {MAX_ALIGNMENT}",
@@ -340,9 +362,7 @@ impl ZipWriter {
         let mut m = self.new_member(name, modified, external_attr)?;
         m.zip64_local = self.needs_zip64_local(size_hint);
         m.align_data(alignment);
-        let data_offset = self.end + m.local_header_len();
-        self.open = Some(m);
-        Ok(data_offset)
+        Ok(m)
     }
 
     /// Closes the open member: its data (already in the file) has `size` bytes and CRC-32 `crc32`.
@@ -837,7 +857,10 @@ mod tests {
                 let mut w = ZipWriter::with_zip64_limit(Path::new("al.zip"), limit);
                 w.add_stored(&file, "config.json", when(), 0, b"{}").unwrap();
                 let big = vec![7u8; 300];
+                let planned = w.data_start(name, 300, alignment).unwrap();
                 let at = w.begin_stored(name, when(), 0, 300, alignment).unwrap();
+                assert_eq!(planned, at, "data_start reserves nothing and agrees with begin_stored");
+                assert!(w.data_start(name, 300, alignment).is_err(), "a member is open");
                 assert_eq!(at % alignment, 0, "alignment {alignment}, limit {limit}");
                 file.write_all_at(&big, at).unwrap();
                 w.end_stored(&file, 300, crc32fast::hash(&big)).unwrap();

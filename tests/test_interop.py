@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import time
 import zipfile
 
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -227,11 +229,13 @@ def test_optimizers_that_build_differently_load_like_stock(tmp_path, optimizer):
     assert_same_state(stock, ours)
 
 
-def test_an_early_write_never_lands_on_a_config_that_grew_past_it(tmp_path, monkeypatch):
+@pytest.mark.parametrize("layout_remembered", [True, False], ids=["remembered-layout", "layout-made-again"])
+def test_an_early_write_never_lands_on_a_config_that_grew_past_it(tmp_path, monkeypatch, layout_remembered):
     """Freezing layers for fine-tuning lengthens the config by more than the weights member's local
     header: the tensors' early write, at the last start, then covers the end of the new config. It
-    must be over before the config is written, however late it runs (here: held back on purpose)."""
-    from kerassave_fast.formats import keras_zip
+    must be over before the config is written, however late it runs (here: held back on purpose),
+    whether it writes a remembered layout or the tensors h5py places while it lays the file out."""
+    from kerassave_fast.formats import keras_zip, weights_h5
 
     model = keras.Sequential([keras.Input((3,))] + [keras.layers.Dense(2) for _ in range(64)])
     model.compile(optimizer="adam", loss="mse")
@@ -241,15 +245,29 @@ def test_an_early_write_never_lands_on_a_config_that_grew_past_it(tmp_path, monk
     def late(function, *args):
         return in_background(lambda *a: time.sleep(0.5) or function(*a), *args)
 
+    class LateStreamedWrite(weights_h5.StreamedWrite):
+        def _write(self):
+            time.sleep(0.5)
+            super()._write()
+
     monkeypatch.setattr(keras_zip, "_in_background", late)
+    monkeypatch.setattr(keras_zip, "StreamedWrite", LateStreamedWrite)
     ours, stock = tmp_path / "ours.keras", tmp_path / "stock.keras"
     ksf.save_model(model, ours)
     before = len(member(ours, "config.json"))
     for layer in model.layers:
         layer.trainable = False
+        for regularized in ("kernel", "bias", "activity"):  # the config grows past the first tensor too
+            setattr(layer, f"{regularized}_regularizer", keras.regularizers.L2(0.5))
+    if not layout_remembered:
+        weights_h5._LAYOUTS.clear()
     ksf.save_model(model, ours)
     keras.saving.save_model(model, stock)
-    assert len(member(ours, "config.json")) - before > 30 + len(WEIGHTS)  # past the old start
+    offsets = []
+    with h5py.File(io.BytesIO(member(ours, WEIGHTS))) as h5:
+        h5.visititems(lambda _, obj: offsets.append(obj.id.get_offset()) if isinstance(obj, h5py.Dataset) else None)
+    first_tensor = min(o for o in offsets if o is not None)
+    assert len(member(ours, "config.json")) - before > 30 + len(WEIGHTS) + first_tensor  # past the old start
     with zipfile.ZipFile(ours) as z:
         assert z.testzip() is None
     for name in (WEIGHTS, "config.json"):

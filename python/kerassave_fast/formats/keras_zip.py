@@ -16,6 +16,7 @@ import time
 import warnings
 import weakref
 import zipfile
+from collections.abc import Callable
 from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -31,11 +32,15 @@ from ..keras3 import state as keras3_state
 from ..mapped import BACKGROUND, Mapping, refuse_if_replaced, verify_in_background
 from .weights_h5 import (
     Compression,
+    Layout,
     Listed,
     ReadTensors,
-    layout_for,
+    StreamedWrite,
     list_before_opening,
+    make_layout,
     read_weights,
+    remembered_layout,
+    reserved_tensors,
     write_compressed,
     write_layout,
 )
@@ -92,7 +97,9 @@ def prepare_save(
     `blocking`: the second half runs at once, on this thread. The config is then serialized there,
     while the tensors are already being written where the weights member started at the model's
     last save (the members before it are the config and metadata: the same lengths put it there
-    again; if they changed, the tensors are written again where it starts now).
+    again; if they changed, the tensors are written again where it starts now). When h5py must lay
+    the weights member out (the first save of an architecture), each tensor is written as soon as
+    HDF5 has placed it, while h5py places the rest.
     `flavour` is the Keras flavour's glue (`keras3.state`, `tf_keras.keras_v3`): its config and state walk.
     `zip64_limit` is `zipfile`'s; tests lower it to exercise ZIP64 framing on small models.
     With `alignment` > 1, the weights member starts at a multiple of it in the file, and every tensor too.
@@ -105,37 +112,48 @@ def prepare_save(
             with atomic_replace(filepath) as destination, contextlib.ExitStack() as joins:
                 file = destination.file
                 writer = ZipWriter(file, zip64_limit)
-                early = None  # the tensors' write begun before the config was serialized
+                with _STARTS_LOCK:
+                    last = _STARTS.get(model) if serialized is None else None
+                lengths = None  # of metadata.json and config.json, once written
+                early = None  # the weights member being written before its start is certain
                 if compression is None:
-                    layout, tensors = layout_for(plan, alignment=alignment)  # its size decides ZIP64, as `zipfile`
-                    key = (layout.size, alignment, zip64_limit)
-                    with _STARTS_LOCK:
-                        last = _STARTS.get(model) if serialized is None else None
-                    if last is not None and last[0] == key:
-                        early = (last[1], _in_background(write_layout, file, last[1], layout, tensors, threads))
-                        joins.callback(early[1].exception)  # never left writing into a file being closed
-                config_json, metadata_json = serialized or flavour.serialize_model_as_json(model)
-                metadata_bytes, config_bytes = metadata_json.encode(), config_json.encode()
-                lengths = (len(metadata_bytes), len(config_bytes))
-                if early is not None and last[2] != lengths:
-                    # The member moved: the early write may cover where the config goes now. It ends
-                    # before the members are written, and the tensors are written again below.
-                    early[1].exception()
-                    early = None
-                writer.add_stored(METADATA, metadata_bytes, _ZIPINFO_DEFAULT_DATE, _OWNER_RW)
-                writer.add_stored(CONFIG, config_bytes, _ZIPINFO_DEFAULT_DATE, _OWNER_RW)
+                    layout = remembered_layout(plan, alignment=alignment)
+                    tensors = reserved_tensors(plan)
+                    if layout is None:  # h5py lays it out while the tensors it placed are written
+                        if last is None:  # where it starts now, for a model not saved before
+                            lengths = _add_members(
+                                writer, _encoded(serialized or flavour.serialize_model_as_json(model))
+                            )
+                            guess = writer.data_start(WEIGHTS, sum(a.nbytes for a in tensors), alignment)
+                        else:  # where it started last time, while the config is serialized after
+                            guess = last[1]
+                        streamed = joins.enter_context(StreamedWrite(file, guess, threads))
+                        layout, tensors = make_layout(plan, alignment=alignment, on_placed=streamed.place)
+                        early = _EarlyWeights(guess, streamed.finish, streamed.wait)
+                    elif last is not None and last[0] == (layout.size, alignment, zip64_limit):
+                        future = _in_background(write_layout, file, last[1], layout, tensors, threads)
+                        joins.callback(future.exception)  # never left writing into a file being closed
+                        early = _EarlyWeights(last[1], lambda _: future.result(), future.exception)
+                if lengths is None:
+                    encoded = _encoded(serialized or flavour.serialize_model_as_json(model))
+                    if early is not None and last[2] != tuple(map(len, encoded)):
+                        # The member moved: the early write may cover where the config goes now. It ends
+                        # before the members are written, and the tensors are written again below.
+                        early.wait()
+                        early = None
+                    lengths = _add_members(writer, encoded)
                 if compression is None:
                     start = writer.begin_stored(WEIGHTS, time.localtime()[:6], _OWNER_RW, layout.size, alignment)
-                    if early is not None and early[0] == start:
-                        crc = early[1].result()
+                    if early is not None and early.start == start:
+                        crc = early.finish(layout)
                     else:
                         if early is not None:
-                            early[1].exception()  # wait: it writes where the member no longer starts
+                            early.wait()  # it writes where the member does not start
                         crc = write_layout(file, start, layout, tensors, threads)
                     writer.end_stored(layout.size, crc)
                     if serialized is None:
                         with _STARTS_LOCK:
-                            _STARTS[model] = (key, start, lengths)
+                            _STARTS[model] = ((layout.size, alignment, zip64_limit), start, lengths)
                 else:  # the size comes out of the compression: hint an upper bound (ZIP64 when it may be needed)
                     bound = 2 * sum(d.array.nbytes for d in plan.datasets) + (1 << 20)
                     start = writer.begin_stored(WEIGHTS, time.localtime()[:6], _OWNER_RW, bound, alignment)
@@ -149,6 +167,30 @@ def prepare_save(
             assets.close()
 
     return write
+
+
+@dataclass
+class _EarlyWeights:
+    """The weights member written at `start` before the members ahead of it are: where it started
+    at the model's last save, or where it starts after members already written."""
+
+    start: int
+    finish: Callable[[Layout], int]  # completes it there; returns its CRC-32
+    wait: Callable[[], object]  # lets it end, when it went where the member does not start
+
+
+def _encoded(serialized: tuple[str, str]) -> tuple[bytes, bytes]:
+    """metadata.json and config.json's bytes, from the flavour's (config, metadata) JSON."""
+    config_json, metadata_json = serialized
+    return metadata_json.encode(), config_json.encode()
+
+
+def _add_members(writer: ZipWriter, encoded: tuple[bytes, bytes]) -> tuple[int, int]:
+    """Writes metadata.json and config.json, as stock writes them; returns their lengths."""
+    metadata_bytes, config_bytes = encoded
+    writer.add_stored(METADATA, metadata_bytes, _ZIPINFO_DEFAULT_DATE, _OWNER_RW)
+    writer.add_stored(CONFIG, config_bytes, _ZIPINFO_DEFAULT_DATE, _OWNER_RW)
+    return len(metadata_bytes), len(config_bytes)
 
 
 def _in_background(function, *args) -> Future:

@@ -18,7 +18,7 @@ import resource
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -327,8 +327,10 @@ def write_skeleton(
     compression: Compression | None = None,
     threads: int = 0,
     alignment: int = 1,
+    on_placed: Callable[[int, np.ndarray], None] | None = None,
 ) -> list[tuple[int, np.ndarray]]:
-    """Writes the HDF5 file's metadata to `target`; returns (offset, array) of each reserved tensor.
+    """Writes the HDF5 file's metadata to `target`; returns (offset, array) of each reserved tensor,
+    also handed to `on_placed` as soon as HDF5 has placed it.
 
     With `alignment` > 1, HDF5 places everything it allocates, every tensor's bytes included, at a
     multiple of it (`H5Pset_alignment`): a file a mapped load can hand to variables without a copy.
@@ -381,6 +383,8 @@ def write_skeleton(
             offset = dsid.get_offset()  # None for a chunked dataset
             if offset is not None and step.array.nbytes:
                 placed.append((offset, step.array))
+                if on_placed is not None:
+                    on_placed(offset, step.array)
     return placed
 
 
@@ -430,6 +434,8 @@ def _attribute_key(value) -> tuple:
     return (type(value).__name__, repr(value))
 
 
+OnPlaced = Callable[[int, np.ndarray], None] | None  # told each tensor's offset as HDF5 places it
+
 # HDF5's drivers lay the same calls out differently: stock writes a `.keras` member through h5py's
 # file-object driver and a `.weights.h5` file through the POSIX one, so each gets the driver stock uses.
 FILE_OBJECT, POSIX = "fileobj", "sec2"
@@ -447,12 +453,14 @@ def _gaps(placed: list[tuple[int, np.ndarray]], size: int) -> list[tuple[int, in
     return gaps
 
 
-def _lay_out_in_memory(plan: WeightsPlan, alignment: int) -> tuple[int, list[tuple[int, np.ndarray]], list[bytes]]:
+def _lay_out_in_memory(
+    plan: WeightsPlan, alignment: int, on_placed: OnPlaced
+) -> tuple[int, list[tuple[int, np.ndarray]], list[bytes]]:
     """h5py's file-object driver over an in-memory image; the bytes between the tensors are its
     writes replayed in order (writes inside a tensor's stretch, the element that made HDF5 allocate
     it, are dropped: the tensor's own bytes go there)."""
     image = SparseImage()
-    placed = write_skeleton(image, plan, None, 0, alignment)
+    placed = write_skeleton(image, plan, None, 0, alignment, on_placed)
     gaps = _gaps(placed, image.size)
     starts = [g for g, _ in gaps]
     contents = [bytearray(end - start) for start, end in gaps]
@@ -466,7 +474,9 @@ def _lay_out_in_memory(plan: WeightsPlan, alignment: int) -> tuple[int, list[tup
     return image.size, placed, [bytes(c) for c in contents]
 
 
-def _lay_out_on_scratch(plan: WeightsPlan, alignment: int) -> tuple[int, list[tuple[int, np.ndarray]], list[bytes]]:
+def _lay_out_on_scratch(
+    plan: WeightsPlan, alignment: int, on_placed: OnPlaced
+) -> tuple[int, list[tuple[int, np.ndarray]], list[bytes]]:
     """HDF5's POSIX driver writing a scratch file in memory-backed /dev/shm (sparse: the tensors'
     stretches are never written); the bytes between the tensors are read back from it. h5py never
     writes where the user's file goes, so a full disk there is a clean `OSError` from the Rust core."""
@@ -478,7 +488,7 @@ def _lay_out_on_scratch(plan: WeightsPlan, alignment: int) -> tuple[int, list[tu
     fd, scratch = tempfile.mkstemp(prefix="kerassave-layout-", suffix=".h5", dir=directory)
     try:
         os.close(fd)
-        placed = write_skeleton(scratch, plan, None, 0, alignment)
+        placed = write_skeleton(scratch, plan, None, 0, alignment, on_placed)
         with open(scratch, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             contents = [os.pread(f.fileno(), end - start, start) for start, end in _gaps(placed, size)]
@@ -487,24 +497,41 @@ def _lay_out_on_scratch(plan: WeightsPlan, alignment: int) -> tuple[int, list[tu
     return size, placed, contents
 
 
-def _lay_out(plan: WeightsPlan, driver: str, alignment: int) -> tuple[Layout, list[np.ndarray]]:
+def _lay_out(
+    plan: WeightsPlan, driver: str, alignment: int, on_placed: OnPlaced = None
+) -> tuple[Layout, list[np.ndarray]]:
     """Runs h5py with `driver`; returns the layout and the tensors in its order."""
-    size, placed, contents = (_lay_out_on_scratch if driver == POSIX else _lay_out_in_memory)(plan, alignment)
+    lay_out = _lay_out_on_scratch if driver == POSIX else _lay_out_in_memory
+    size, placed, contents = lay_out(plan, alignment, on_placed)
     metadata = tuple((start, data) for (start, _), data in zip(_gaps(placed, size), contents, strict=True))
     return Layout(size, tuple(o for o, _ in placed), metadata), [a for _, a in placed]
 
 
-def layout_for(plan: WeightsPlan, driver: str = FILE_OBJECT, alignment: int = 1) -> tuple[Layout, list[np.ndarray]]:
-    """The plan's layout (remembered from an earlier save of the same plan, or made now) and the
-    tensors in its order, each at a multiple of `alignment` if above 1 (the file must then start at one)."""
+def remembered_layout(plan: WeightsPlan, driver: str = FILE_OBJECT, alignment: int = 1) -> Layout | None:
+    """The layout an earlier save of the same plan made (each tensor at a multiple of `alignment`
+    if above 1: the file must then start at one), or None."""
     key = _layout_key(plan, driver, alignment)
+    if key is None:
+        return None
     with _LAYOUTS_LOCK:
-        layout = _LAYOUTS.get(key) if key is not None else None
+        layout = _LAYOUTS.get(key)
         if layout is not None:
             _LAYOUTS.move_to_end(key)
-    if layout is not None:
-        return layout, [d.array for d in plan.datasets if d.reserved and d.array.nbytes]
-    layout, tensors = _lay_out(plan, driver, alignment)
+    return layout
+
+
+def reserved_tensors(plan: WeightsPlan) -> list[np.ndarray]:
+    """The tensors whose bytes the Rust core writes, in the layout's order."""
+    return [d.array for d in plan.datasets if d.reserved and d.array.nbytes]
+
+
+def make_layout(
+    plan: WeightsPlan, driver: str = FILE_OBJECT, alignment: int = 1, on_placed: OnPlaced = None
+) -> tuple[Layout, list[np.ndarray]]:
+    """Lays the plan out with h5py (`on_placed` is told each tensor's offset as soon as it is
+    known) and remembers the layout for the next save of the same plan."""
+    layout, tensors = _lay_out(plan, driver, alignment, on_placed)
+    key = _layout_key(plan, driver, alignment)
     if key is not None:
         with _LAYOUTS_LOCK:
             _LAYOUTS[key] = layout
@@ -514,14 +541,98 @@ def layout_for(plan: WeightsPlan, driver: str = FILE_OBJECT, alignment: int = 1)
     return layout, tensors
 
 
+def layout_for(plan: WeightsPlan, driver: str = FILE_OBJECT, alignment: int = 1) -> tuple[Layout, list[np.ndarray]]:
+    """The plan's layout (remembered from an earlier save of the same plan, or made now) and the
+    tensors in its order, each at a multiple of `alignment` if above 1 (the file must then start at one)."""
+    layout = remembered_layout(plan, driver, alignment)
+    if layout is not None:
+        return layout, reserved_tensors(plan)
+    return make_layout(plan, driver, alignment)
+
+
+def _write_rest(file: TensorFile, start: int, layout: Layout, segments: list, known: list, threads: int) -> int:
+    """Writes `segments` (offset in the HDF5 file, bytes) and the layout's metadata at `start` of
+    `file`; returns the file's CRC-32, joined from theirs and the `known` (file offset, length, CRC-32)."""
+    segments = segments + [(o, np.frombuffer(data, np.uint8)) for o, data in layout.metadata]
+    crcs = file.write_tensors([start + o for o, _ in segments], [b for _, b in segments], threads)
+    known = sorted(known + [(start + o, b.nbytes, c) for (o, b), c in zip(segments, crcs, strict=True)])
+    return file.crc32(start, layout.size, known, threads)
+
+
 def write_layout(file: TensorFile, start: int, layout: Layout, tensors: list[np.ndarray], threads: int = 0) -> int:
     """Writes the HDF5 file at `start` of `file` (a zip member), metadata and tensors in one
     parallel call; returns its CRC-32, joined from the CRCs of the pieces as they were written."""
     segments = [(o, as_bytes(a)) for o, a in zip(layout.tensor_offsets, tensors, strict=True)]
-    segments += [(o, np.frombuffer(data, np.uint8)) for o, data in layout.metadata]
-    crcs = file.write_tensors([start + o for o, _ in segments], [b for _, b in segments], threads)
-    known = sorted((start + o, b.nbytes, c) for (o, b), c in zip(segments, crcs, strict=True))
-    return file.crc32(start, layout.size, known, threads)
+    return _write_rest(file, start, layout, segments, [], threads)
+
+
+_STREAM_BATCH = 32 << 20
+
+
+class StreamedWrite:
+    """A first save's tensors written at `start` of `file` while h5py lays the file out: each one
+    as soon as HDF5 has placed it (`place`, h5py's `on_placed`), on a background thread (the Rust
+    core releases the GIL), instead of all of them once the layout is done.
+
+    Use it as a context manager: leaving it, however, waits for the thread (nothing is left
+    writing into a file being closed); `finish` completes the file.
+    """
+
+    def __init__(self, file: TensorFile, start: int, threads: int = 0):
+        self.start = start
+        self._file, self._threads = file, threads
+        self._placed: queue.SimpleQueue = queue.SimpleQueue()  # batches of (offset, array), then None
+        self._batch: list[tuple[int, np.ndarray]] = []
+        self._batch_bytes = 0
+        self._written: list[tuple[int, int, int]] = []  # (file offset, length, CRC-32) of each tensor
+        self._error: BaseException | None = None
+        self._ended = False
+        self._thread = threading.Thread(target=self._write, name="kerassave-streamed-write", daemon=True)
+        self._thread.start()
+
+    def place(self, offset: int, array: np.ndarray) -> None:
+        # Handed over in batches of _STREAM_BATCH bytes: each wakes the writing thread, which then
+        # takes the GIL from h5py's thread (hundreds of small handovers would slow h5py down).
+        self._batch.append((offset, array))
+        self._batch_bytes += array.nbytes
+        if self._batch_bytes >= _STREAM_BATCH:
+            self._placed.put(self._batch)
+            self._batch, self._batch_bytes = [], 0
+
+    def _write(self) -> None:
+        while (batch := self._placed.get()) is not None:
+            if self._error is not None:
+                continue
+            try:
+                buffers = [as_bytes(a) for _, a in batch]
+                crcs = self._file.write_tensors([self.start + o for o, _ in batch], buffers, self._threads)
+                self._written += [
+                    (self.start + o, b.nbytes, c) for (o, _), b, c in zip(batch, buffers, crcs, strict=True)
+                ]
+            except BaseException as e:  # raised by `finish`
+                self._error = e
+
+    def wait(self) -> None:
+        """Returns once every tensor placed so far is written (or failed to be)."""
+        if not self._ended:
+            self._ended = True
+            if self._batch:
+                self._placed.put(self._batch)
+            self._placed.put(None)
+            self._thread.join()
+
+    def finish(self, layout: Layout) -> int:
+        """Waits for the tensors, writes the layout's metadata; returns the file's CRC-32."""
+        self.wait()
+        if self._error is not None:
+            raise self._error
+        return _write_rest(self._file, self.start, layout, [], self._written, self._threads)
+
+    def __enter__(self) -> StreamedWrite:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wait()
 
 
 def write_weights_file(
@@ -536,8 +647,13 @@ def write_weights_file(
     if compression is not None:
         write_compressed(destination.file, 0, plan, compression, threads, alignment)
         return
-    layout, tensors = layout_for(plan, POSIX, alignment)
-    write_layout(destination.file, 0, layout, tensors, threads)
+    layout = remembered_layout(plan, POSIX, alignment)
+    if layout is not None:
+        write_layout(destination.file, 0, layout, reserved_tensors(plan), threads)
+        return
+    with StreamedWrite(destination.file, 0, threads) as streamed:
+        layout, _ = make_layout(plan, POSIX, alignment, streamed.place)
+        streamed.finish(layout)
 
 
 def write_plan(
