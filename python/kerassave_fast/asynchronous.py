@@ -149,3 +149,38 @@ os.register_at_fork(after_in_child=_forget_in_child)
 
 def write_now(write: Write) -> None:
     write()
+
+
+def side_by_side(calls: list[Callable[[], object]], workers: int) -> list:
+    """Runs `calls` on up to `workers` threads; returns their results in order, or raises the first
+    call's error once all have ended. Plain threads, not a `ThreadPoolExecutor`: an executor takes
+    no work once the interpreter begins to exit, which is when the `atexit` wait lets a background
+    save finish."""
+    results: list = [None] * len(calls)
+    errors: list[BaseException | None] = [None] * len(calls)
+    indices = iter(range(len(calls)))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                i = next(indices, None)
+            if i is None:
+                return
+            try:
+                results[i] = calls[i]()
+            except BaseException as e:  # raised below, in order
+                errors[i] = e
+
+    threads = [
+        threading.Thread(target=work, name="kerassave-side-by-side", daemon=True)
+        for _ in range(max(1, min(workers, len(calls))))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for error in errors:
+        if error is not None:
+            raise error
+    return results

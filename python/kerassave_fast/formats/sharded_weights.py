@@ -7,15 +7,16 @@ bytes by the Rust core); the shards are written side by side and renamed into pl
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..asynchronous import side_by_side
 from ..files import atomic_replace_all
 from .weights_h5 import Compression, PlannedDataset, PlannedGroup, WeightsPlan, write_weights_file
 
@@ -99,13 +100,11 @@ def write(sharded: ShardedPlan, filepath: str, threads: int = 0, compression: Co
     directory = os.path.dirname(filepath)
     paths = [os.path.join(directory, name) for name in sharded.names]
     with atomic_replace_all([*paths, filepath]) as destinations:
-        with ThreadPoolExecutor(max_workers=min(2, len(paths)), thread_name_prefix="kerassave-shard") as pool:
-            writes = [
-                pool.submit(write_weights_file, d, plan, threads, compression, alignment)
-                for d, plan in zip(destinations[:-1], sharded.shards, strict=True)
-            ]
-            for done in writes:
-                done.result()
+        writes = [
+            functools.partial(write_weights_file, d, plan, threads, compression, alignment)
+            for d, plan in zip(destinations[:-1], sharded.shards, strict=True)
+        ]
+        side_by_side(writes, workers=2)
         destinations[-1].file.write_tensors([0], [np.frombuffer(sharded.map_json.encode(), np.uint8)])
 
 

@@ -7,15 +7,16 @@ into arrays TensorFlow can adopt.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from .._core import TensorBundleReader, TensorBundleWriter, bundle_write_sharded_index
+from ..asynchronous import side_by_side
 from ..files import atomic_replace_all
 from ..tensors import aligned_empty, as_bytes
 
@@ -68,9 +69,8 @@ def write(prefix: str, tensors: list[BundleTensor], threads: int = 0, max_shard_
     with atomic_replace_all([*(data_path(prefix, i, n) for i in range(n)), index_path(prefix)]) as files:
         writers = [TensorBundleWriter(data.file, files[-1].file) for data in files[:-1]]
         # One writer per shard at a time, shards side by side: separate files take parallel writes.
-        with ThreadPoolExecutor(min(n, threads or os.cpu_count() or 1)) as pool:
-            for done in [pool.submit(w.add, items(group), 1) for w, group in zip(writers, groups, strict=True)]:
-                done.result()
+        adds = [functools.partial(w.add, items(group), 1) for w, group in zip(writers, groups, strict=True)]
+        side_by_side(adds, workers=threads or os.cpu_count() or 1)
         bundle_write_sharded_index(files[-1].file, writers)
 
 
