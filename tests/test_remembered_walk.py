@@ -111,6 +111,19 @@ def test_a_weights_only_walk_does_not_stand_in_for_a_model_save(tmp_path):
         assert any(name.startswith("assets/") for name in zf.namelist())
 
 
+@pytest.mark.parametrize("renamed", ["layer", "model", "optimizer"])
+def test_a_renamed_object_walks_again(tmp_path, renamed):
+    """Each group of the weights file records the name of the object it holds (Keras 3.15): a
+    rename between two saves changes those bytes."""
+    model = MODELS["optimizer_adam"]()
+    assert_saves_like_stock(model, tmp_path, "before")
+    assert state._WALKS[model].named  # the names the walk depends on
+    target = {"layer": model.layers[-1], "model": model, "optimizer": model.optimizer}[renamed]
+    target.name = f"renamed_{renamed}"
+    assert_saves_like_stock(model, tmp_path, "after")
+    assert member(tmp_path / "after-ours.keras", WEIGHTS) != member(tmp_path / "before-ours.keras", WEIGHTS)
+
+
 def test_new_variables_walk_again(tmp_path):
     """Quantizing replaces each Dense kernel by int8 values and a scale: new variables."""
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8), keras.layers.Dense(2)])

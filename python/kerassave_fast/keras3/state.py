@@ -79,6 +79,8 @@ class _WeightsRecorder(saving_lib.H5IOStore):
         self._group_made = False
         self._keys: list[str] = []
         self.sources: list = []  # what each dataset was read from
+        # The object whose name each group's `name` attribute holds (None: not found), in order.
+        self.named: list = []
 
     def __bool__(self) -> bool:
         return True
@@ -89,6 +91,7 @@ class _WeightsRecorder(saving_lib.H5IOStore):
         self._path, self._group_made, self._keys = path, bool(metadata), []
         if metadata:
             self.plan.add_group(_vars_group(path), metadata)
+            self.named.append(_saveable_of_caller(sys._getframe(1), metadata))
         return self
 
     def __setitem__(self, key, value):
@@ -110,6 +113,15 @@ class _WeightsRecorder(saving_lib.H5IOStore):
 
     def close(self):
         pass
+
+
+def _saveable_of_caller(frame, metadata: dict):
+    """The object stock's `_save_state` (the caller's frame) records `metadata` of: its `name`
+    is written as an attribute, so a remembered walk holds only while it keeps that name."""
+    if frame.f_code is not saving_lib._save_state.__code__:
+        return None
+    saveable = frame.f_locals.get("saveable")
+    return saveable if metadata == {"name": getattr(saveable, "name", None)} else None
 
 
 def _optimizers_of(model) -> list[BaseOptimizer]:
@@ -208,12 +220,15 @@ class _RememberedWalk:
     variables: list  # weak references to every variable of the model and its optimizers, in order
     plan: WeightsPlan  # its datasets' arrays are stale: each save snapshots their sources again
     sources: list  # weak references to the variable each dataset was read from
+    named: list  # (weak reference to an object, the name its group's attribute holds)
 
     def plan_again(self, variables: list) -> WeightsPlan | None:
         """The plan the walk would record now, or None if anything it depended on has changed."""
         if len(variables) != len(self.variables):
             return None
         if any(r() is not v for r, v in zip(self.variables, variables, strict=True)):
+            return None
+        if any(getattr(r(), "name", None) != name for r, name in self.named):  # a layer renamed
             return None
         sources = [r() for r in self.sources]
         if any(s is None for s in sources):
@@ -280,7 +295,7 @@ def _remember_walk(
     model, include_optimizer: bool, assets_checked: bool, variables: list, recorder: _WeightsRecorder
 ) -> None:
     known = {id(v) for v in variables}
-    if not all(id(s) in known for s in recorder.sources):
+    if not all(id(s) in known for s in recorder.sources) or any(s is None for s in recorder.named):
         return
     # The template keeps no snapshot: a view would keep the variable's old buffer alive after training.
     steps = [replace(s, array=_NO_ARRAY) if isinstance(s, PlannedDataset) else s for s in recorder.plan.steps]
@@ -291,6 +306,7 @@ def _remember_walk(
             [weakref.ref(v) for v in variables],
             WeightsPlan(steps),
             [weakref.ref(s) for s in recorder.sources],
+            [(weakref.ref(s), s.name) for s in recorder.named],
         )
     except TypeError:  # something not weakly referenceable: walk every time
         return
