@@ -152,6 +152,54 @@ def test_rename_refused_falls_back_to_writing_in_place(model, tmp_path, monkeypa
     assert_same_state(model, ksf.load_model(path))
 
 
+def test_a_failed_copy_over_a_file_that_refuses_rename_keeps_the_new_file(model, tmp_path, monkeypatch):
+    """Where rename(2) is impossible the new file is copied over the old one: if that copy fails,
+    the old file may be broken, so the complete new one is kept, and the error says where."""
+    path = tmp_path / "m.keras"
+    path.write_bytes(b"old")
+
+    def busy(src, dst):
+        raise OSError(errno.EBUSY, "Device or resource busy", dst)
+
+    def disk_full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device", dst)
+
+    monkeypatch.setattr(files.os, "replace", busy)
+    monkeypatch.setattr(files.shutil, "copyfile", disk_full)
+    with pytest.raises(OSError, match="No space left") as e:
+        ksf.save_model(model, path)
+    kept = [name for name in os.listdir(tmp_path) if name != "m.keras"]
+    assert len(kept) == 1 and str(tmp_path / kept[0]) in "".join(e.value.__notes__)
+    monkeypatch.undo()
+    os.rename(tmp_path / kept[0], tmp_path / "kept.keras")
+    assert_same_state(model, ksf.load_model(tmp_path / "kept.keras"))
+
+
+@pytest.mark.parametrize("why", ["no-temporary-file", "rename-refused"])
+def test_a_file_a_mapped_model_reads_is_never_written_in_place(model, tmp_path, monkeypatch, why):
+    """A model loaded with mmap=True reads the pages of its file it has not written yet: writing
+    that file in place would change its weights (or, truncated, crash it). Refused, the file whole."""
+    path = tmp_path / "m.keras"
+    ksf.save_model(model, path, aligned=True)
+    saved = path.read_bytes()
+    mapped = ksf.load_model(path, mmap=True, verify=False)
+    before = [np.array(v.numpy()) for v in mapped.weights]
+    if why == "no-temporary-file":
+        monkeypatch.setattr(files.tempfile, "mkstemp", lambda *a, **k: (_ for _ in ()).throw(PermissionError()))
+    else:
+        monkeypatch.setattr(files.os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError(errno.EBUSY, "")))
+    with pytest.raises(ksf.KerasSaveError, match="mmap=True"):
+        ksf.save_model(mapped, path)
+    assert path.read_bytes() == saved and os.listdir(tmp_path) == ["m.keras"]
+    for expected, variable in zip(before, mapped.weights, strict=True):
+        assert np.array_equal(expected, variable.numpy())
+    other = tmp_path / "other.keras"
+    other.write_bytes(b"old")
+    ksf.save_model(mapped, other)  # another file: written in place as before
+    monkeypatch.undo()
+    assert_same_state(mapped, ksf.load_model(other))
+
+
 def test_single_file_bind_mount_is_written_in_place(model, tmp_path):
     source, target = tmp_path / "host.keras", tmp_path / "app" / "m.keras"
     target.parent.mkdir()

@@ -13,6 +13,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import weakref
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -100,6 +101,34 @@ def _sync_file(path: str) -> None:
 # rename(2) over a file that is a mount point (a single-file bind mount) fails with these.
 _RENAME_IMPOSSIBLE = (errno.EBUSY, errno.EXDEV)
 
+# The files mapped by mapped loads, as ((device, inode), weak reference to the map): a file must not
+# be written in place while a map of it lives (its pages not yet copied would show the new bytes).
+_MAPPED_LOCK = threading.Lock()
+_MAPPED: list[tuple[tuple[int, int], weakref.ref]] = []
+
+
+def note_mapped(fd: int, mapped) -> None:
+    """Records that `mapped` (an `mmap`) maps the file open at `fd`, for as long as it lives."""
+    identity = os.fstat(fd)
+    with _MAPPED_LOCK:
+        _MAPPED[:] = [(k, r) for k, r in _MAPPED if r() is not None]
+        _MAPPED.append(((identity.st_dev, identity.st_ino), weakref.ref(mapped)))
+
+
+def _refuse_if_mapped(target: str, filepath: str) -> None:
+    """Refuses to write `target` in place while a model loaded from it with mmap=True reads its pages."""
+    identity = _stat_or_none(target)
+    if identity is None:
+        return
+    with _MAPPED_LOCK:
+        live = any(k == (identity.st_dev, identity.st_ino) and r() is not None for k, r in _MAPPED)
+    if live:
+        raise KerasSaveError(
+            f"{filepath}: cannot be written in place (no new file can be renamed over it here) while a "
+            "model loaded from it with mmap=True still reads its pages; save to another path, or load "
+            "it with mmap=False"
+        )
+
 
 @contextlib.contextmanager
 def atomic_replace(filepath: str) -> Iterator[Destination]:
@@ -125,6 +154,7 @@ def atomic_replace(filepath: str) -> Iterator[Destination]:
             if previous is None:  # stock could not create it either
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), filepath) from None
     if tmp_path is None:
+        _refuse_if_mapped(target, filepath)
         yield from _in_place(target)
         return
     try:
@@ -140,7 +170,13 @@ def atomic_replace(filepath: str) -> Iterator[Destination]:
         except OSError as e:
             if e.errno not in _RENAME_IMPOSSIBLE:
                 raise
-            shutil.copyfile(tmp_path, target)  # in place, as stock writes
+            _refuse_if_mapped(target, filepath)
+            try:
+                shutil.copyfile(tmp_path, target)  # in place, as stock writes
+            except BaseException as failed:
+                failed.add_note(f"{filepath} may be incomplete; the new file is whole at {tmp_path} (copy it there)")
+                tmp_path = None  # kept: the only complete copy
+                raise
             os.unlink(tmp_path)
             sync(target)
         finally:
@@ -150,8 +186,9 @@ def atomic_replace(filepath: str) -> Iterator[Destination]:
     except BaseException:
         if fd >= 0:
             os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_path)
+        if tmp_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_path)
         raise
 
 

@@ -19,7 +19,7 @@ import weakref
 import numpy as np
 
 from ._core import BadKerasZipFile, KerasSaveError, TensorFile
-from .files import changed
+from .files import changed, note_mapped
 from .tensors import ALIGNMENT
 
 # verify= values of a mapped load: check the CRC before parsing (a whole read of the file), after
@@ -48,6 +48,8 @@ class Mapping:
         size = file.size()
         # mmap of an empty file is an error; an empty file has no tensor to map anyway.
         self._map = mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY) if size else None
+        if self._map is not None:
+            note_mapped(file.fileno(), self._map)
 
     def array(self, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
         """The tensor at `offset` of the file as an array over the mapping, or None where a variable
