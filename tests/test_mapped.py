@@ -9,6 +9,7 @@ import gc
 import io
 import os
 import struct
+import threading
 import zipfile
 
 import h5py
@@ -18,6 +19,7 @@ import pytest
 
 import kerassave_fast as ksf
 from conftest import _batch, assert_same_state, state_of
+from kerassave_fast import mapped as mapped_module
 from kerassave_fast.formats import keras_zip
 from kerassave_fast.tensors import ALIGNMENT, snapshot
 
@@ -216,6 +218,36 @@ def test_background_verification_finds_a_flipped_tensor_byte(model_zoo, tmp_path
     assert ksf.verification(unchecked) is None
     with pytest.raises(zipfile.BadZipFile, match="Bad CRC-32"):
         ksf.load_model(path)  # a copying load checks as it reads
+
+
+@pytest.mark.parametrize("check_ends", ["before", "after"])
+def test_a_later_load_into_the_model_ends_what_the_last_check_speaks_for(model_zoo, tmp_path, monkeypatch, check_ends):
+    """`load_weights` of a sound file into a model mapped from a damaged one: the damaged file's
+    check, ending before or after that load, no longer poisons the model nor stands for its weights."""
+    damaged, sound = tmp_path / "damaged.keras", tmp_path / "sound.keras"
+    model = model_zoo("optimizer_adam")
+    ksf.save_model(model, damaged, aligned=True)
+    ksf.save_model(model, sound)
+    _flip_in_first_tensor(damaged)
+    gate = threading.Event()
+    finish = mapped_module.Verification._finish
+    monkeypatch.setattr(
+        mapped_module.Verification, "_finish", lambda self, error: gate.wait(60) and finish(self, error)
+    )
+    mapped = ksf.load_model(damaged, mmap=True)
+    check = ksf.verification(mapped)
+    check.poison_on_failure()
+    if check_ends == "before":
+        gate.set()
+        assert check.wait(60)
+    ksf.load_weights(mapped, sound)
+    gate.set()
+    with pytest.raises(zipfile.BadZipFile, match="Bad CRC-32"):
+        check.result(60)  # the damaged file's check still reports it
+    check.poison_on_failure()
+    assert ksf.verification(mapped) is None
+    for expected, actual in zip(model.weights, mapped.weights, strict=True):
+        assert np.array_equal(np.asarray(expected), np.asarray(actual))
 
 
 def _replacing_during_build(monkeypatch, action):

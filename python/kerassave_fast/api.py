@@ -603,6 +603,7 @@ def load_weights(model, filepath, skip_mismatch=False, **kwargs):
     reading = _Reading(threads, kwargs)
     flavour = _flavour(model)
     asynchronous.wait_for_previous()
+    mapped.forget_verification(model)  # an earlier mapped load's check no longer speaks for its weights
     with progress.bar(progress.path_bytes(filepath) if show else 0, _labelled("loading", filepath), show):
         return _load_weights(model, flavour, filepath, skip_mismatch, reading, kwargs)
 

@@ -89,14 +89,20 @@ class Verification:
         with self._lock:
             self._poison = True
             failed = self._finished and self._error is not None
-        if failed:
+        if failed and self._current():
             _poison(self._model())
+
+    def _current(self) -> bool:
+        """Whether the model's weights are still those of the load this checks (no load since)."""
+        model = self._model()
+        with _VERIFICATIONS_LOCK:
+            return model is not None and _VERIFICATIONS.get(model) is self
 
     def _finish(self, error: BaseException | None) -> None:
         with self._lock:
             self._error = error
             self._finished = True
-            poison = self._poison and error is not None
+            poison = self._poison and error is not None and self._current()
         try:
             if poison:
                 _poison(self._model())
@@ -151,6 +157,12 @@ def _poison(model) -> None:
         dtype = tf.as_dtype(variable.dtype)
         if dtype.is_floating:
             variable.assign(tf.cast(tf.fill(variable.shape, float("nan")), dtype))
+
+
+def forget_verification(model) -> None:
+    """Another load into `model` begins: the check of its last mapped load no longer speaks for it."""
+    with _VERIFICATIONS_LOCK:
+        _VERIFICATIONS.pop(model, None)
 
 
 def verification(model) -> Verification | None:
