@@ -158,9 +158,12 @@ def test_resave_replaces_the_directory_and_keeps_foreign_ones(tmp_path):
     target = tmp_path / "sm"
     ksf.save_model(model, target)
     (target / "variables" / "variables.data-00000-of-00002").write_bytes(b"stale shard")
+    (target / "assets.extra").mkdir()  # TF Serving's warm-up requests: stock's save leaves them
+    (target / "assets.extra" / "tf_serving_warmup_requests").write_bytes(b"requests")
     model.train_on_batch(*batch(model, seed=6))
     ksf.save_model(model, target)
     assert not (target / "variables" / "variables.data-00000-of-00002").exists()
+    assert (target / "assets.extra" / "tf_serving_warmup_requests").read_bytes() == b"requests"
     assert sorted(os.listdir(tmp_path)) == ["sm"]  # nothing left beside it
     loaded = tf_keras.models.load_model(str(target))
     for a, b in zip(model.weights, loaded.weights, strict=True):

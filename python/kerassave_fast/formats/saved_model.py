@@ -281,12 +281,27 @@ def staged_directory(filepath: str) -> Iterator[str]:
         mode = os.stat(target).st_mode & 0o7777 if previous is not None else 0o777 & ~_umask()
         os.chmod(staging, mode)
         yield staging
+        if previous:
+            _carry_over_unwritten(target, staging)
         sync(staging)
         _move_into_place(staging, target)
         sync_name(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _carry_over_unwritten(target: str, staging: str) -> None:
+    """Copies into the new SavedModel the entries of the previous one that this save did not write
+    (`assets.extra`: TF Serving's warm-up requests, `debug`): stock writes into the directory, so
+    they stay. Entries the save wrote replace the previous ones whole (no stale variable shards)."""
+    written = set(os.listdir(staging))
+    for name in sorted(set(os.listdir(target)) - written):
+        source, destination = os.path.join(target, name), os.path.join(staging, name)
+        if os.path.isdir(source) and not os.path.islink(source):
+            shutil.copytree(source, destination, symlinks=True)
+        else:
+            shutil.copy2(source, destination, follow_symlinks=False)
 
 
 def _entries_or_none(path: str) -> set[str] | None:
