@@ -9,6 +9,7 @@ tensors already read in parallel, which the variables adopt without a copy.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import json
@@ -367,10 +368,13 @@ def _build_deferred(build: Callable[[], BuiltModel], stock_build: Callable[[], o
     if not _can_defer_initialization():
         return BuiltModel(stock_build())
     first_new = len(_uninitialized_registry())
+    names_used = copy.copy(global_state.get_global_attribute("object_name_uids"))
     try:
         built = build()
     except Exception:
         del _uninitialized_registry()[first_new:]
+        # The stock build names its objects as if the first attempt had not been made (`dense`, not `dense_2`).
+        global_state.set_global_attribute("object_name_uids", names_used)
         return BuiltModel(stock_build())
     registry = _uninitialized_registry()
     built.uninitialized = registry[first_new:]
