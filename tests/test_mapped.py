@@ -240,6 +240,10 @@ def test_a_later_load_into_the_model_ends_what_the_last_check_speaks_for(model_z
     if check_ends == "before":
         gate.set()
         assert check.wait(60)
+    with pytest.raises(FileNotFoundError):
+        ksf.load_weights(mapped, tmp_path / "missing.keras")  # a failed load changes nothing
+    ksf.load_weights(mapped, sound, skip_mismatch=True)  # nor does one that may keep some weights
+    assert ksf.verification(mapped) is check
     ksf.load_weights(mapped, sound)
     gate.set()
     with pytest.raises(zipfile.BadZipFile, match="Bad CRC-32"):

@@ -98,6 +98,19 @@ def _no_gc_pauses():
                 gc.enable()
 
 
+def _gc_in_child() -> None:
+    """A child forked while a save or load ran has none running: GC back as it was, the count reset."""
+    global _gc_lock, _gc_pausers
+    _gc_lock = threading.Lock()  # it may have been held by a thread the child does not have
+    if _gc_pausers:
+        _gc_pausers = 0
+        if _gc_was_enabled:
+            gc.enable()
+
+
+os.register_at_fork(after_in_child=_gc_in_child)
+
+
 @contextlib.contextmanager
 def _naming(path: str):
     """Errors out of a load keep stock's type and message (HDF5's own rarely name the file) and
@@ -603,9 +616,13 @@ def load_weights(model, filepath, skip_mismatch=False, **kwargs):
     reading = _Reading(threads, kwargs)
     flavour = _flavour(model)
     asynchronous.wait_for_previous()
-    mapped.forget_verification(model)  # an earlier mapped load's check no longer speaks for its weights
+    partial = skip_mismatch or bool(kwargs)  # `by_name`, `objects_to_skip`: some variables may keep their bytes
+    earlier_check = mapped.verification(model)
     with progress.bar(progress.path_bytes(filepath) if show else 0, _labelled("loading", filepath), show):
-        return _load_weights(model, flavour, filepath, skip_mismatch, reading, kwargs)
+        loaded = _load_weights(model, flavour, filepath, skip_mismatch, reading, kwargs)
+    if earlier_check is not None and not partial:  # every weight replaced: the check no longer speaks for them
+        mapped.forget_verification(model, earlier_check)
+    return loaded
 
 
 def _load_weights(model, flavour, filepath, skip_mismatch, reading: _Reading, kwargs):

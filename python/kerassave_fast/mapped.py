@@ -159,10 +159,12 @@ def _poison(model) -> None:
             variable.assign(tf.cast(tf.fill(variable.shape, float("nan")), dtype))
 
 
-def forget_verification(model) -> None:
-    """Another load into `model` begins: the check of its last mapped load no longer speaks for it."""
+def forget_verification(model, check: Verification) -> None:
+    """Another load replaced every weight of `model`: `check` (its last mapped load's, unless
+    that load made a newer one) no longer speaks for them."""
     with _VERIFICATIONS_LOCK:
-        _VERIFICATIONS.pop(model, None)
+        if _VERIFICATIONS.get(model) is check:
+            del _VERIFICATIONS[model]
 
 
 def verification(model) -> Verification | None:
