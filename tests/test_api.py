@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import stat
@@ -349,3 +350,52 @@ def test_a_keras_without_a_hook_we_use_goes_to_stock_with_one_warning(model_zoo,
     ours = [str(w.message) for w in caught if "kerassave_fast" in str(w.message)]
     assert len(ours) == 1 and "_save_state is missing" in ours[0] and "go to stock Keras" in ours[0], ours
     assert_same_state(model, loaded)
+
+
+@keras.saving.register_keras_serializable(package="kerassave_fast_tests")
+class CompilesItsOwnWay(keras.Model):
+    """A subclassed model with its own `compile` (as GANs have): our deferred build gives up and
+    builds the stock way, after a first attempt that already made its layers."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = keras.layers.Dense(3)
+        self.out = keras.layers.Dense(2)
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+    def compile(self, *args, **kwargs):
+        super().compile(*args, **kwargs)
+
+
+def test_a_build_that_falls_back_to_stocks_names_its_layers_as_stock(tmp_path):
+    model = CompilesItsOwnWay()
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(np.ones((4, 5)), np.ones((4, 2)), verbose=0)
+    path = tmp_path / "m.keras"
+    ksf.save_model(model, path)
+    names = {}
+    for name, load in (("stock", keras.saving.load_model), ("ours", ksf.load_model)):
+        keras.backend.clear_session()
+        with pytest.warns(UserWarning, match="`compile\\(\\)` was not called"):  # stock's, for its own compile
+            loaded = load(path)
+        names[name] = [layer.name for layer in loaded.layers] + [v.path for v in loaded.weights]
+    assert names["ours"] == names["stock"]
+    for expected, actual in zip(model.weights, loaded.weights, strict=True):
+        assert np.array_equal(np.asarray(expected), np.asarray(actual))
+
+
+def test_a_child_forked_during_a_save_has_the_garbage_collector_on():
+    """The GC pause of a save or load in progress is the parent's: a forked child has none running."""
+    from kerassave_fast import api
+
+    assert gc.isenabled()
+    with api._no_gc_pauses():
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if gc.isenabled() and api._gc_pausers == 0 else 1)
+        assert not gc.isenabled()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert gc.isenabled()

@@ -557,6 +557,34 @@ def test_recompressed_members_load(stock_file, tmp_path, method):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
+def test_a_member_load_weights_never_reads_is_not_read_here_either(stock_file, tmp_path):
+    """A member beside the model's, in a method nobody here reads (Deflate64, 9): stock's
+    `load_weights` never opens it, and ours loads too; `load_model` extracts every member: both refuse."""
+    path = tmp_path / "extra.keras"
+    with zipfile.ZipFile(stock_file) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info, src.read(info))
+        dst.writestr("notes.txt", b"the extra member")
+    data = bytearray(path.read_bytes())
+    for signature, method_at in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):  # local header, central directory
+        header = data.rfind(signature)
+        data[header + method_at : header + method_at + 2] = struct.pack("<H", 9)
+    path.write_bytes(bytes(data))
+    with zipfile.ZipFile(path) as zf:
+        assert zf.getinfo("notes.txt").compress_type == 9
+    with pytest.raises(NotImplementedError):
+        keras.saving.load_model(path)
+    with pytest.raises(ksf.KerasSaveError, match="compression method 9"):
+        ksf.load_model(path)
+    expected = keras.saving.load_model(stock_file)
+    stocks, ours = keras.models.clone_model(expected), keras.models.clone_model(expected)
+    stocks.load_weights(path)
+    ksf.load_weights(ours, path)
+    for a, b, c in zip(expected.weights, stocks.weights, ours.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+        np.testing.assert_array_equal(a.numpy(), c.numpy())
+
+
 @pytest.mark.parametrize("content", [b"", b"PK", b"not a zip at all" * 10, os.urandom(4096)])
 def test_garbage_is_refused_with_the_path(tmp_path, content):
     path = tmp_path / "garbage.keras"

@@ -233,15 +233,23 @@ class KerasArchive:
     @property
     def readable_here(self) -> bool:
         """Whether every member is STORED or DEFLATED, the methods read here (stock also reads
-        BZIP2 and LZMA members, through `zipfile`). A method no one reads is refused, naming the
-        file, where `zipfile` would raise a bare NotImplementedError."""
-        for m in self.members:
+        BZIP2 and LZMA members, through `zipfile`; its `load_model` extracts them all). A method no
+        one reads is refused, naming the file, where `zipfile` would raise a bare NotImplementedError."""
+        return self._readable_here(self.members)
+
+    @property
+    def weights_readable_here(self) -> bool:
+        """`readable_here` for the weights member alone: all that stock's `load_weights` reads."""
+        return self._readable_here([m for m in self.members if member_name(m) == WEIGHTS])
+
+    def _readable_here(self, members) -> bool:
+        for m in members:
             if m.method not in _METHODS_ANYONE_READS:
                 raise BadKerasZipFile(
                     f"{self.path}: member {member_name(m)!r} has compression method {m.method}, "
                     "which no zip reader here supports (a damaged file?)"
                 )
-        return all(m.method in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) for m in self.members)
+        return all(m.method in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) for m in members)
 
     def read(self, name: str) -> bytes:
         member = self.by_name.get(name)

@@ -73,7 +73,7 @@ def load(model, filepath: str, skip_mismatch: bool = False, threads: int = 0, mm
         return _load_sharded(model, filepath, skip_mismatch, threads, mmap)
     if filepath.endswith(".keras"):
         archive = KerasArchive(filepath)
-        if not archive.readable_here:
+        if not archive.weights_readable_here:
             return False
         with archive.open_weights(threads, check_first=mmap and verify is True) as weights:
             mapping = archive.mapping(weights, mmap)
