@@ -211,3 +211,23 @@ def test_load_weights_from_a_saved_model_directory(tmp_path):
         ksf.load_weights(target, tmp_path / "sm")
     for a, b in zip(model.weights, target.weights, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_a_float8_variable_loads_as_in_stock(tmp_path):
+    """TensorFlow cannot take a float8 buffer without a copy (DLPack): it is copied, as stock does."""
+    import ml_dtypes
+
+    def holding_float8(values):
+        model = tf_keras.Sequential([tf_keras.layers.Dense(2, input_shape=(3,))])
+        model.f8 = tf.Variable(tf.constant(np.array(values, ml_dtypes.float8_e4m3fn)))
+        return model
+
+    model = holding_float8([1.5, -2.0, 0.25, 3.0])
+    ksf.save_weights(model, str(tmp_path / "ours" / "w"))
+    model.save_weights(str(tmp_path / "stock" / "w"))
+    for directory in ("ours", "stock"):
+        loaded = holding_float8([0.0] * 4)
+        ksf.load_weights(loaded, str(tmp_path / directory / "w"))
+        np.testing.assert_array_equal(loaded.f8.numpy(), model.f8.numpy())
+        for a, b in zip(model.weights, loaded.weights, strict=True):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())

@@ -23,7 +23,7 @@ import warnings
 
 import numpy as np
 
-from ..tensors import adoptable_tensor
+from ..tensors import adoptable, adoptable_tensor
 from .tensor_bundle import DT_STRING, OBJECT_GRAPH_KEY, BundleReader, BundleTensor
 
 # TensorFlow versions whose checkpoint internals this module was checked against.
@@ -261,11 +261,11 @@ def _restore_coordinator_class():
                 for st in shard:
                     restore_fn = restore_fn_of[(st.checkpoint_key, st.slice_spec)]
                     name = st._tensor_save_spec.name if st._tensor_save_spec else st.checkpoint_key
-                    tensor = (
-                        constant_op.constant(strings[name], dtype=st.dtype)
-                        if name in strings
-                        else adoptable_tensor(next(arrays))
-                    )
+                    if name in strings:
+                        tensor = constant_op.constant(strings[name], dtype=st.dtype)
+                    else:  # a dtype TensorFlow cannot take without a copy (float8, int4): copied, as stock
+                        array = next(arrays)
+                        tensor = adoptable_tensor(array) if adoptable(array) else constant_op.constant(array, st.dtype)
                     inputs.setdefault(restore_fn, {})[st.checkpoint_key] = tensor
                     pending[restore_fn] -= 1
                     if pending[restore_fn] == 0:
