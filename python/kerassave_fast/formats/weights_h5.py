@@ -68,9 +68,11 @@ class PlannedDataset:
 
     @property
     def compressible(self) -> bool:
-        """Whether a compressed save writes it chunked: numbers (bfloat16 included) with elements."""
+        """Whether a compressed save writes it chunked: numbers (bfloat16 included) with elements.
+        Not booleans and complex numbers (HDF5 enums and compounds): only h5py reads those, and
+        it cannot undo zstd without hdf5plugin."""
         array = self.array
-        return bool(array.ndim and array.size) and (array.dtype == BFLOAT16 or array.dtype.kind in "biufc")
+        return bool(array.ndim and array.size) and (array.dtype == BFLOAT16 or array.dtype.kind in "iuf")
 
     @property
     def reserved(self) -> bool:
