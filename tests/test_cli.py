@@ -226,3 +226,35 @@ def test_bench_runs_the_benchmark_suite(capfd):
 def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "kerassave_fast", "--help"], capture_output=True, text=True, check=True)
     assert all(command in out.stdout for command in ("inspect", "verify", "convert", "bench"))
+
+
+def test_verify_passes_sound_zstd_files_without_hdf5plugin(model_zoo, tmp_path):
+    """zstd chunks are decoded by the Rust core, as our loads decode them: no plugin needed."""
+    model = model_zoo("low_precision")
+    paths = [tmp_path / "z.keras", tmp_path / "z.weights.h5", tmp_path / "z.h5"]
+    ksf.save_model(model, paths[0], compression="zstd", checksum=True, chunk_bytes=64)
+    ksf.save_weights(model, paths[1], compression="zstd", chunk_bytes=64)
+    ksf.save_model(model, paths[2], compression="zstd", chunk_bytes=64)
+    script = (
+        "import sys, h5py, kerassave_fast.cli as c\n"
+        "assert not h5py.h5z.filter_avail(32015), 'zstd readable by h5py: the test would prove nothing'\n"
+        "sys.exit(max(c.main(['verify', p]) for p in sys.argv[1:]))"
+    )
+    run = subprocess.run([sys.executable, "-c", script, *map(str, paths)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr[-2000:]
+
+
+def test_verify_and_inspect_refuse_a_file_libhdf5_hangs_on(model_zoo, tmp_path):
+    """The Rust core walks the file before h5py opens it: a damaged global heap, on which libhdf5
+    loops forever reading an attribute, is an error naming it, not a hang."""
+    from test_hdf5_reader import _grow_last_heap_object
+
+    path = tmp_path / "m.h5"
+    keras.saving.save_model(model_zoo("optimizer_adam"), path)
+    data = bytearray(path.read_bytes())
+    _grow_last_heap_object(data)
+    path.write_bytes(bytes(data))
+    for command in ("verify", "inspect"):
+        script = f"import sys, kerassave_fast.cli as c; sys.exit(c.main([{command!r}, sys.argv[1]]))"
+        run = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120)
+        assert run.returncode != 0 and "global heap" in run.stdout + run.stderr, run.stdout + run.stderr[-2000:]
