@@ -199,6 +199,17 @@ class Compression:
         codec = {GZIP: [_SHUFFLE, _DEFLATE], ZSTD: [_SHUFFLE, _ZSTD], None: []}[self.codec]
         return codec + ([_FLETCHER32] if self.checksum else [])
 
+    def size_bound(self, datasets: list[PlannedDataset]) -> int:
+        """More than the file can take: every tensor twice (a stored chunk is at most its raw
+        bytes plus the codec's few bytes of framing; an edge chunk is padded to the chunk's size,
+        at most the tensor's), 256 bytes a chunk (B-tree entry, framing, checksum) and 1 MiB of metadata."""
+        chunks = 0
+        for d in datasets:
+            if d.compressible:
+                rows = self.chunk_shape(d.array.shape, d.array.dtype.itemsize)[0]
+                chunks += -(-d.array.shape[0] // rows)
+        return 2 * sum(d.array.nbytes for d in datasets) + 256 * chunks + (1 << 20)
+
     def chunk_shape(self, shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
         """Whole rows along the first axis, about `chunk_bytes` each: every chunk is then one
         stretch of the array's memory, and only the last one is partial."""
