@@ -142,6 +142,11 @@ def model_zoo():
     def get(name: str) -> keras.Model:
         if name not in cache:
             cache[name] = MODELS[name]()
+        compile_config = getattr(cache[name], "_compile_config", None)
+        # Stock's `.h5` save pops it, and every later save of the shared model would lose its optimizer.
+        assert compile_config is None or "optimizer" in compile_config.config, (
+            f"an earlier test saved the shared {name!r} with keras.saving's .h5 save: use test_legacy_h5.stock_save"
+        )
         return cache[name]
 
     return get
