@@ -63,7 +63,6 @@ fn pool_for(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("kerassave-io-{i}"))
-        .stack_size(16 << 20) // zstd of many tiny chunks overflowed the default 2 MiB (an intermittent SIGSEGV)
         .build()
         .map_err(|e| Error::Argument(format!("cannot start {threads} I/O threads: {e}")))?;
     let pool = Arc::new(pool);

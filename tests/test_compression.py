@@ -279,3 +279,21 @@ def test_booleans_and_complex_numbers_are_stored_uncompressed():
     dtypes = ["bool", "complex64", "int8", "uint16", "float16", "float64", BFLOAT16]
     compressible = [PlannedDataset("g", "0", np.zeros((4, 2), d)).compressible for d in dtypes]
     assert compressible == [False, False, True, True, True, True, True]
+
+
+def test_the_size_hint_of_a_compressed_member_bounds_its_size(tmp_path):
+    """Tiny chunks cost more per chunk than their bytes (B-tree entries, framing): the hint that
+    decides ZIP64 before the member is written must still be an upper bound."""
+    from kerassave_fast.formats.weights_h5 import Compression, WeightsPlan, write_compressed
+
+    plan = WeightsPlan()
+    plan.add_group("g")
+    for i in range(3):
+        plan.add_dataset("g", str(i), np.random.default_rng(i).normal(size=(20000, 8)).astype("float32"))
+    plan.add_dataset("g", "scalar", np.float32(1.0))
+    for codec in ("gzip", "zstd"):
+        compression = Compression.from_arguments(codec, chunk_bytes=32, checksum=True)
+        with open(tmp_path / f"{codec}.h5", "w+b") as f:
+            size = write_compressed(ksf._core.TensorFile(f.name, writable=True), 0, plan, compression)
+        raw = sum(d.array.nbytes for d in plan.datasets)
+        assert 2 * raw + (1 << 20) < size <= compression.size_bound(plan.datasets)  # the old hint was short

@@ -148,6 +148,9 @@ fn strip_fletcher32(mut data: Vec<u8>) -> Result<Vec<u8>> {
 
 /// A zlib stream, as HDF5's deflate filter stores it: levels 1-3 by ISA-L (its levels 1 and 3;
 /// several times libdeflate's speed on weights), the others, and anything ISA-L refuses, by libdeflate.
+/// Never inlined: ISA-L's stream state is ~240 KiB on the stack, which inlined into rayon's
+/// recursive splitting sat in every level of it and overflowed a worker's stack (SIGSEGV).
+#[inline(never)]
 fn deflate(data: &[u8], level: i32) -> Result<Vec<u8>> {
     let fast = match level {
         1 => Some(isal::CompressionLevel::One),
