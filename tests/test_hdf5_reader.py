@@ -363,3 +363,16 @@ def test_mutated_compressed_files_decode_exactly_or_are_refused(model_zoo, tmp_p
                     np.testing.assert_array_equal(out, expected, err_msg=f"{name} mutant {i}: {dataset}")
             outcomes["decoded"] += 1
     assert all(outcomes.values()), outcomes
+
+
+def test_chunks_out_of_proportion_to_their_dataset_are_left_to_h5py(tmp_path):
+    """Each chunk read in parallel allocates its raw size: a one-element dataset declaring a 1 GiB
+    chunk (a few stored bytes of deflate) must not take a gigabyte per core. h5py reads it, one
+    chunk at a time; chunks a little past an extendible dataset's end are still read here."""
+    path = tmp_path / "f.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset(
+            "huge_chunk", data=np.ones(1, "float32"), maxshape=(None,), chunks=(1 << 28,), compression="gzip"
+        )
+        f.create_dataset("resizable", data=np.ones(10, "float32"), maxshape=(None,), chunks=(1024,), compression="gzip")
+    assert [d[0] for d in hdf5_stored_datasets(TensorFile(str(path)))] == ["/resizable"]

@@ -9,7 +9,7 @@ use std::path::Path;
 use rayon::prelude::*;
 
 use super::filters::Pipeline;
-use super::reader::{max_stored_chunk, Chunked};
+use super::reader::{chunks_in_proportion, max_stored_chunk, Chunked};
 use crate::error::{Error, Result};
 use crate::io::run_on_pool;
 
@@ -117,7 +117,7 @@ fn check_tiling(d: &ChunkedRead<'_>) -> std::result::Result<(), String> {
         || c.contains(&0)
         || c.iter()
             .try_fold(d.itemsize as u64, |n, &x| n.checked_mul(x))
-            .is_none_or(|n| n > 1 << 32)
+            .is_none_or(|n| n > 1 << 32 || !chunks_in_proportion(n, d.out.len() as u64))
     {
         return Err(format!("chunk shape {c:?} does not fit shape {:?}", d.shape));
     }

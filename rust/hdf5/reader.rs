@@ -72,6 +72,13 @@ pub fn max_stored_chunk(raw: u64) -> u64 {
     raw.saturating_mul(2).saturating_add(4096)
 }
 
+/// Whether chunks of `chunk_bytes` are in proportion to a dataset of `nbytes`: each chunk read
+/// in parallel allocates its raw size, so a tiny hostile dataset declaring 4 GiB chunks would take
+/// gigabytes per core. Larger ones (only an extendible dataset can have them) are left to h5py.
+pub fn chunks_in_proportion(chunk_bytes: u64, nbytes: u64) -> bool {
+    chunk_bytes <= nbytes.max(4 << 20)
+}
+
 /// What the listing found: the datasets, or why the file could not be walked here (a layout the
 /// crate does not read, or damage it cannot make sense of; h5py may still read it).
 #[derive(Debug)]
@@ -564,7 +571,7 @@ fn chunked_dataset(
     let (Some(nbytes), Some(chunk_bytes), Some(expected)) = (nbytes, chunk_bytes, expected) else {
         return Ok(None);
     };
-    if nbytes == 0 || chunk_bytes > 1 << 32 {
+    if nbytes == 0 || chunk_bytes > 1 << 32 || !chunks_in_proportion(chunk_bytes, nbytes) {
         return Ok(None);
     }
     let superblock = file.superblock();
