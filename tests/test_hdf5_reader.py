@@ -18,7 +18,7 @@ import pytest
 import kerassave_fast as ksf
 from conftest import MODELS
 from kerassave_fast._core import KerasSaveError, TensorFile, hdf5_stored_datasets
-from kerassave_fast.formats.weights_h5 import _listed_by_h5py, _listed_by_rust
+from kerassave_fast.formats.weights_h5 import _listed_by_h5py, listed_by_rust
 from test_legacy_h5 import stock_save
 
 
@@ -26,7 +26,7 @@ def _views(path) -> tuple[set, set]:
     """(Rust's listing, h5py's listing) of the HDF5 file at `path`, as comparable sets."""
     with open(path, "rb") as f:
         data = f.read()
-    rust = _listed_by_rust(TensorFile(str(path)), 0, len(data))
+    rust = listed_by_rust(TensorFile(str(path)), 0, len(data))
     assert rust is not None, f"the Rust listing refused {path}"
     with h5py.File(io.BytesIO(data), "r") as h5:
         reference = _listed_by_h5py(h5)  # contiguous datasets only
@@ -38,7 +38,7 @@ def _chunked_as_h5py_reads_them(path) -> set[str]:
     """Names of the datasets the Rust listing reads by chunk, each checked to decode (Rust core)
     to exactly what h5py reads."""
     file = TensorFile(str(path))
-    chunked = [t for t in _listed_by_rust(file, 0, file.size()) if t.chunking is not None]
+    chunked = [t for t in listed_by_rust(file, 0, file.size()) if t.chunking is not None]
     with h5py.File(path, "r") as h5:
         for t in chunked:
             out = np.empty(t.shape, t.dtype)

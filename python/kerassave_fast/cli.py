@@ -29,8 +29,8 @@ import numpy as np
 from ._core import KerasSaveError, TensorBundleReader, TensorFile, ZipArchive, hdf5_stored_datasets
 from .files import FileRegion
 from .formats import sharded_weights
+from .formats.weights_h5 import listed_by_rust
 from .formats.zip_members import member_name
-from .tensors import BFLOAT16
 
 KERAS_ZIP, LEGACY_H5, WEIGHTS_H5, SHARDED_WEIGHTS, SAVED_MODEL, TF_CHECKPOINT = (
     "keras-v3-zip",
@@ -161,12 +161,15 @@ def _open_keras(path: str) -> _OpenKeras:
     return _OpenKeras(archive, {member_name(m): m.index for m in archive.members()}, file)
 
 
-def _keras_weights(opened: _OpenKeras, path: str) -> h5py.File:
+def _keras_weights(opened: _OpenKeras, path: str, walked: bool = False) -> h5py.File:
+    """h5py's view of the weights member; `walked`: the Rust core's walk of it (which refuses what
+    libhdf5 would hang on) already ran."""
     index = opened.names["model.weights.h5"]
     member = opened.archive.members()[index]
     if member.method == zipfile.ZIP_STORED:
         start = opened.archive.data_offset(index)
-        hdf5_stored_datasets(opened.file, start, member.size)  # refuses what libhdf5 would hang on
+        if not walked:
+            hdf5_stored_datasets(opened.file, start, member.size)
         return h5py.File(FileRegion(opened.file.fileno(), start, member.size, path), "r")
     data = opened.archive.read(index)
     hdf5_stored_datasets(data, 0, len(data))
@@ -288,7 +291,7 @@ def _verify_keras(path: str, threads: int) -> list[str]:
                 chunked = _chunked_datasets(source, start, member.size)
             else:  # inflated in memory: h5py decodes its chunks
                 source, start, chunked = None, 0, {}
-            with _keras_weights(opened, path) as h5:
+            with _keras_weights(opened, path, walked=source is not None) as h5:
                 problems += _verify_hdf5(h5, member.size, where, source, start, chunked, threads)
         except KerasSaveError as e:
             problems.append(f"{where}: {e}")
@@ -301,12 +304,8 @@ def _chunked_datasets(source: TensorFile, start: int, size: int) -> dict[str, tu
     """The chunked datasets the Rust core decodes (without libhdf5's filters: zstd needs no plugin),
     by their name in `visititems`: (chunking, shape, dtype). Its walk refuses, with `KerasSaveError`, a file damaged
     in ways libhdf5 loops forever on."""
-    found = hdf5_stored_datasets(source, start, size) or []
-    return {
-        name.lstrip("/"): (chunking, tuple(shape), BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype))
-        for name, _, shape, dtype, chunking in found
-        if chunking is not None
-    }
+    listed = listed_by_rust(source, start, size) or []
+    return {t.name.lstrip("/"): (t.chunking, t.shape, t.dtype) for t in listed if t.chunking is not None}
 
 
 def _verify_json_attributes(h5: h5py.File) -> list[str]:

@@ -554,15 +554,6 @@ def make_layout(
     return layout, tensors
 
 
-def layout_for(plan: WeightsPlan, driver: str = FILE_OBJECT, alignment: int = 1) -> tuple[Layout, list[np.ndarray]]:
-    """The plan's layout (remembered from an earlier save of the same plan, or made now) and the
-    tensors in its order, each at a multiple of `alignment` if above 1 (the file must then start at one)."""
-    layout = remembered_layout(plan, driver, alignment)
-    if layout is not None:
-        return layout, reserved_tensors(plan)
-    return make_layout(plan, driver, alignment)
-
-
 def _write_rest(file: TensorFile, start: int, layout: Layout, segments: list, known: list, threads: int) -> int:
     """Writes `segments` (offset in the HDF5 file, bytes) and the layout's metadata at `start` of
     `file`; returns the file's CRC-32, joined from theirs and the `known` (file offset, length, CRC-32)."""
@@ -746,7 +737,7 @@ def _listed_by_h5py(h5: h5py.File) -> list[StoredTensor]:
     return [t for t in (_as_stored_tensor(h5, n) for n in names) if t is not None and t.nbytes]
 
 
-def _listed_by_rust(
+def listed_by_rust(
     source: TensorFile | bytes, start: int, size: int, pages: dict[int, bytes] | None = None
 ) -> list[StoredTensor] | None:
     """The Rust core's listing (no libhdf5, a fraction of the cost per dataset), or None for a
@@ -776,7 +767,7 @@ def list_before_opening(source: TensorFile | bytes, start: int, size: int, regio
     """Lists the HDF5 file at `start` of `source` and seeds `region` (the same file as h5py will
     read it) with the pages read meanwhile: each page of metadata is read once per load."""
     pages: dict[int, bytes] | None = {} if region is not None else None
-    tensors = _listed_by_rust(source, start, size, pages)
+    tensors = listed_by_rust(source, start, size, pages)
     if region is not None:
         region.seed(pages)
     return Listed(tensors, region)
@@ -796,7 +787,7 @@ def stored_tensors(
     if listed is not None:
         found = listed.tensors
     else:
-        found = _listed_by_rust(source, start, size) if source is not None else None
+        found = listed_by_rust(source, start, size) if source is not None else None
     if found is None:
         found = _listed_by_h5py(h5)
     if not isinstance(source, TensorFile):  # chunks are read from a file; h5py reads them from memory
