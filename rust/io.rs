@@ -63,6 +63,7 @@ fn pool_for(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("kerassave-io-{i}"))
+        .stack_size(8 << 20) // headroom: C codecs keep their state on the stack (ISA-L's ~240 KiB)
         .build()
         .map_err(|e| Error::Argument(format!("cannot start {threads} I/O threads: {e}")))?;
     let pool = Arc::new(pool);

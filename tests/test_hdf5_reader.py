@@ -372,7 +372,7 @@ def test_chunks_out_of_proportion_to_their_dataset_are_left_to_h5py(tmp_path):
     path = tmp_path / "f.h5"
     with h5py.File(path, "w") as f:
         f.create_dataset(
-            "huge_chunk", data=np.ones(1, "float32"), maxshape=(None,), chunks=(1 << 28,), compression="gzip"
+            "huge_chunk", data=np.ones(1, "float32"), maxshape=(None,), chunks=(1 << 21,), compression="gzip"
         )
         f.create_dataset("resizable", data=np.ones(10, "float32"), maxshape=(None,), chunks=(1024,), compression="gzip")
     assert [d[0] for d in hdf5_stored_datasets(TensorFile(str(path)))] == ["/resizable"]

@@ -84,7 +84,7 @@ def file_format(path: str) -> str:
     if magic.startswith(b"PK"):
         return KERAS_ZIP
     if magic == b"\x89HDF\r\n\x1a\n":
-        with h5py.File(path, "r") as h5:
+        with _open_hdf5(path) as h5:
             return LEGACY_H5 if "keras_version" in h5.attrs or "layer_names" in h5.attrs else WEIGHTS_H5
     if magic.lstrip().startswith(b"{") and path.endswith(".weights.json"):
         _shards(path)  # refuses a map that is not one

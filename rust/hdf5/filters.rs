@@ -3,6 +3,7 @@
 //! order h5py's `create_dataset(shuffle=..., compression=..., fletcher32=...)` sets them up.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 
 use super::shuffle::{shuffle, unshuffle, unshuffle_into};
 
@@ -177,14 +178,32 @@ fn deflate(data: &[u8], level: i32) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// The largest zstd context a worker keeps between chunks (levels 3-5 over 1 MiB chunks: 1-2 MiB).
+const MAX_KEPT_ZSTD_CONTEXT: usize = 16 << 20;
+
 /// A zstd frame with its content checksum (a reader verifies it: a damaged chunk does not decode
-/// silently, as zlib's Adler-32 guarantees for deflate).
+/// silently, as zlib's Adler-32 guarantees for deflate). Each worker thread keeps its compressor: a new one per chunk allocated (and faulted in) its
+/// megabytes of tables every time. The pools live as long as the process: a big one is let go.
 fn compress_zstd(data: &[u8], level: i32) -> Result<Vec<u8>> {
-    let mut compressor = zstd::bulk::Compressor::new(level).map_err(|e| format!("zstd: {e}"))?;
-    compressor
-        .set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
-        .map_err(|e| format!("zstd: {e}"))?;
-    compressor.compress(data).map_err(|e| format!("zstd: {e}"))
+    thread_local! {
+        static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+    }
+    COMPRESSOR.with_borrow_mut(|kept| {
+        if kept.as_ref().is_none_or(|(l, _)| *l != level) {
+            let mut compressor = zstd::bulk::Compressor::new(level).map_err(|e| format!("zstd: {e}"))?;
+            compressor
+                .set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
+                .map_err(|e| format!("zstd: {e}"))?;
+            *kept = Some((level, compressor));
+        }
+        let (_, compressor) = kept.as_mut().expect("made above");
+        let mut out = compressor.compress(data).map_err(|e| format!("zstd: {e}"))?;
+        out.shrink_to_fit(); // held until HDF5 stores it: no slack beside it
+        if compressor.context_mut().sizeof() > MAX_KEPT_ZSTD_CONTEXT {
+            *kept = None; // high levels over big chunks: hundreds of MiB per worker, not kept idle
+        }
+        Ok(out)
+    })
 }
 
 /// Inflates a zlib stream that must give exactly `len` bytes (more is refused, never allocated).
@@ -247,6 +266,23 @@ mod tests {
             let mut stored = bare.encode(&raw).unwrap();
             stored.truncate(stored.len() / 2);
             assert!(bare.decode(stored, 0, raw.len()).is_err());
+        }
+    }
+
+    #[test]
+    fn a_kept_zstd_compressor_makes_the_frames_a_fresh_one_makes() {
+        let raw: Vec<u8> = (0..50_000u32).flat_map(|i| (i % 613).to_le_bytes()).collect();
+        let fresh = |level| {
+            let mut c = zstd::bulk::Compressor::new(level).unwrap();
+            c.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
+                .unwrap();
+            c.compress(&raw).unwrap()
+        };
+        // Levels alternate on one thread: each call after the first reuses or replaces the kept one.
+        for level in [3, 3, 1, 19, 3] {
+            let kept = compress_zstd(&raw, level).unwrap();
+            assert_eq!(kept, fresh(level), "level {level}");
+            assert_eq!(zstd::bulk::decompress(&kept, raw.len()).unwrap(), raw);
         }
     }
 
