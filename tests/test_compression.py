@@ -297,3 +297,67 @@ def test_the_size_hint_of_a_compressed_member_bounds_its_size(tmp_path):
             size = write_compressed(ksf._core.TensorFile(f.name, writable=True), 0, plan, compression)
         raw = sum(d.array.nbytes for d in plan.datasets)
         assert 2 * raw + (1 << 20) < size <= compression.size_bound(plan.datasets)  # the old hint was short
+
+
+# A registered layer with a boolean variable, defined alike here and in a process without hdf5plugin.
+_FLAGS_LAYER = """
+import keras
+@keras.saving.register_keras_serializable(package="kerassave_fast_tests")
+class Flags(keras.layers.Layer):
+    def build(self, input_shape):
+        self.flags = self.add_weight(shape=(input_shape[-1],), dtype="bool", initializer="zeros", trainable=False)
+    def call(self, x):
+        return keras.ops.where(self.flags, x, 0.0)
+"""
+
+
+def test_a_model_with_a_boolean_variable_saved_with_zstd_loads_without_hdf5plugin(tmp_path):
+    """Booleans are stored uncompressed (HDF5 enums: only h5py reads them here), so the zstd file
+    still loads without a plugin, the flags and the zstd-compressed kernel bitwise."""
+    namespace: dict = {}
+    exec(_FLAGS_LAYER, namespace)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(6), namespace["Flags"]()])
+    flags = model.layers[-1].flags
+    flags.assign(np.arange(6) % 2 == 0)
+    path = tmp_path / "m.keras"
+    ksf.save_model(model, path, compression="zstd", chunk_bytes=64)
+    script = (
+        "import sys, h5py, numpy as np, kerassave_fast as ksf\n"
+        + _FLAGS_LAYER
+        + "assert not h5py.h5z.filter_avail(32015)\n"
+        "m = ksf.load_model(sys.argv[1])\n"
+        "print([np.asarray(v.numpy()).tobytes().hex() for v in m.weights])\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    expected = [np.asarray(v.numpy()).tobytes().hex() for v in model.weights]
+    assert run.stdout.splitlines()[-1] == str(expected)
+
+
+def test_tensors_left_uncompressed_are_written_whole(tmp_path):
+    """Booleans, complex numbers and scalars stay contiguous in a compressed file: HDF5 reserves
+    them writing only their first element, and the rest of their bytes must follow (they once did
+    not: every element but the first read back as zero)."""
+    from kerassave_fast.formats.weights_h5 import Compression, WeightsPlan, write_compressed
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "flags": rng.random((5, 3)) < 0.5,
+        "phases": (rng.normal(size=7) + 1j * rng.normal(size=7)).astype("complex64"),
+        "scalar": np.float32(3.5),
+        "kernel": rng.normal(size=(300, 8)).astype("float32"),
+    }
+    plan = WeightsPlan()
+    plan.add_group("g")
+    for name, array in arrays.items():
+        plan.add_dataset("g", name, array)
+    for codec in ("gzip", "zstd"):
+        path = tmp_path / f"{codec}.h5"
+        with open(path, "w+b") as f:
+            write_compressed(
+                TensorFile(f.name, writable=True), 0, plan, Compression.from_arguments(codec, chunk_bytes=256)
+            )
+        with h5py.File(path, "r") as f:
+            assert f["g/kernel"].chunks is not None and f["g/flags"].chunks is None
+            for name, array in arrays.items():
+                assert np.asarray(f["g"][name][()]).tobytes() == np.asarray(array).tobytes(), (codec, name)

@@ -678,8 +678,11 @@ def write_compressed(
     """Writes the plan as an HDF5 file with chunked, filtered tensors at `start` of `file`, through
     h5py's file-object driver (its size depends on the data: no layout is remembered); returns its size."""
     window = FileWindow(file.fileno(), start)
-    # What stays contiguous is scalars, whose one element HDF5 wrote when it allocated them.
-    write_skeleton(window, plan, compression, threads, alignment)
+    # What stays contiguous (scalars, booleans, complex numbers) HDF5 only reserved, writing each
+    # one's first element: the rest of their bytes are written here.
+    placed = write_skeleton(window, plan, compression, threads, alignment)
+    if placed:
+        file.write_tensors([start + offset for offset, _ in placed], [as_bytes(a) for _, a in placed], threads)
     return window.size
 
 
