@@ -314,3 +314,32 @@ def test_a_repeated_save_writes_tensors_early_and_stays_stocks_when_the_config_c
     assert ours.stat().st_size == stock.stat().st_size and member(ours, WEIGHTS) == member(stock, WEIGHTS)
     with zipfile.ZipFile(ours) as a:
         assert a.testzip() is None
+
+
+@keras.saving.register_keras_serializable(package="kerassave_fast_tests")
+class Temperature(keras.layers.Layer):
+    """A layer whose one weight is a scalar (shape ()) of the layer's dtype."""
+
+    def build(self, input_shape):
+        self.temperature = self.add_weight(shape=(), initializer="ones", name="temperature")
+
+    def call(self, x):
+        return x * keras.ops.cast(self.temperature, x.dtype)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_scalar_variables_of_every_float_dtype_save_as_stock(tmp_path, dtype):
+    """A 0-d tensor reads back as a numpy scalar, which TensorFlow could not turn into a bfloat16
+    array: every save of a model with a bfloat16 scalar failed where stock's succeed."""
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), Temperature(dtype=dtype)])
+    model.layers[-1].temperature.assign(2.5)
+    ksf.save_model(model, tmp_path / "ours.keras")
+    keras.saving.save_model(model, tmp_path / "stock.keras")
+    assert member(tmp_path / "ours.keras", "model.weights.h5") == member(tmp_path / "stock.keras", "model.weights.h5")
+    ksf.save_weights(model, tmp_path / "ours.weights.h5")
+    model.save_weights(tmp_path / "stock.weights.h5")
+    assert (tmp_path / "ours.weights.h5").read_bytes() == (tmp_path / "stock.weights.h5").read_bytes()
+    ksf.save_model(model, tmp_path / "ours.h5")
+    ksf.save_model(model, tmp_path / "zstd.keras", compression="zstd")
+    for path in ("ours.keras", "stock.keras", "ours.h5", "zstd.keras"):
+        assert_same_state(model, ksf.load_model(tmp_path / path))

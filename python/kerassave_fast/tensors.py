@@ -50,7 +50,7 @@ def snapshot(value) -> np.ndarray:
         tensor = read_variable_op(value.handle, value.dtype)
         array = tensor._numpy()
         if not isinstance(array, np.ndarray):  # a 0-d tensor's comes as a numpy scalar: a copy
-            array = np.asarray(tensor)
+            array = np.asarray(array)  # not the tensor's `__array__`: it refuses a bfloat16 scalar
         array.flags.writeable = False
         return array
     import tensorflow as tf
