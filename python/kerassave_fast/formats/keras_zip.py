@@ -155,7 +155,7 @@ def prepare_save(
                         with _STARTS_LOCK:
                             _STARTS[model] = ((layout.size, alignment, zip64_limit), start, lengths)
                 else:  # the size comes out of the compression: hint an upper bound (ZIP64 when it may be needed)
-                    bound = compression.size_bound(plan.datasets)
+                    bound = compression.size_bound(plan)
                     start = writer.begin_stored(WEIGHTS, time.localtime()[:6], _OWNER_RW, bound, alignment)
                     size = write_compressed(file, start, plan, compression, threads, alignment)
                     writer.end_stored(size, file.crc32(start, size, [], threads))
