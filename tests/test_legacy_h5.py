@@ -376,3 +376,30 @@ def test_tf_keras_load_weights_of_an_h5_refuses_as_stock(tf_keras_saved):
     assert str(our_error.value) == str(stock_error.value)
     with pytest.raises(ValueError, match="skip_mismatch can only be set to True when by_name is True"):
         ksf.load_weights(other, paths["ours_w"], skip_mismatch=True)  # stock's refusal, through stock
+
+
+@keras.saving.register_keras_serializable(package="kerassave_fast_tests")
+class AssignsWhileBuilding(keras.layers.Layer):
+    """A layer that gives its variable a value in `build`: our deferred build gives up on it."""
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=(input_shape[-1],), initializer="zeros", name="w")
+        self.w.assign(np.ones(input_shape[-1], "float32"))
+
+    def call(self, x):
+        return x * self.w
+
+
+def test_a_functional_h5_whose_deferred_build_gives_up_loads_as_in_stock(tmp_path):
+    """The build retried the stock way once reused the config the first attempt had consumed
+    (a Functional's came back empty: "Unable to revive model from config")."""
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(AssignsWhileBuilding()(inputs)))
+    model.layers[1].w.assign(np.array([1.5, -2.0, 3.0], "float32"))
+    stock_save(model, tmp_path / "stock.h5")
+    ksf.save_model(model, tmp_path / "ours.h5")
+    for path in ("stock.h5", "ours.h5"):
+        ours, stock = ksf.load_model(tmp_path / path), keras.saving.load_model(tmp_path / path)
+        assert [v.path for v in ours.weights] == [v.path for v in stock.weights]
+        for a, b, c in zip(model.weights, ours.weights, stock.weights, strict=True):
+            assert np.asarray(a).tobytes() == np.asarray(b).tobytes() == np.asarray(c).tobytes()

@@ -190,10 +190,10 @@ def load_model(opened: ReadAhead, filepath: str, custom_objects=None, compile: b
     model_config = text_attribute(h5, "model_config")
     if model_config is None:
         raise ValueError(f"No model config found in the file at {filepath}.")
-    model_config = json_utils.decode(model_config)
     with saving_options.keras_option_scope(use_legacy_config=True), SafeModeScope(safe_mode):
+        # Decoded for each attempt: a build that gives up (to build the stock way) has consumed its config.
         built = state.build_model_with(
-            lambda: saving_utils.model_from_config(model_config, custom_objects=custom_objects)
+            lambda: saving_utils.model_from_config(json_utils.decode(model_config), custom_objects=custom_objects)
         )
         model = built.model
         tensors = _Tensors(opened.tensors)
