@@ -50,7 +50,10 @@ def snapshot(value) -> np.ndarray:
         tensor = read_variable_op(value.handle, value.dtype)
         array = tensor._numpy()
         if not isinstance(array, np.ndarray):  # a 0-d tensor's comes as a numpy scalar: a copy
-            array = np.asarray(array)  # not the tensor's `__array__`: it refuses a bfloat16 scalar
+            try:
+                array = np.asarray(tensor)  # the tensor's own buffer
+            except ValueError:  # TensorFlow refuses a bfloat16 scalar this way: the copy it is
+                array = np.asarray(array)
         array.flags.writeable = False
         return array
     import tensorflow as tf
