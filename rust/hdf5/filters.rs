@@ -182,8 +182,9 @@ fn deflate(data: &[u8], level: i32) -> Result<Vec<u8>> {
 const MAX_KEPT_ZSTD_CONTEXT: usize = 16 << 20;
 
 /// A zstd frame with its content checksum (a reader verifies it: a damaged chunk does not decode
-/// silently, as zlib's Adler-32 guarantees for deflate). Each worker thread keeps its compressor: a new one per chunk allocated (and faulted in) its
-/// megabytes of tables every time. The pools live as long as the process: a big one is let go.
+/// silently, as zlib's Adler-32 guarantees for deflate). Each worker thread keeps its compressor:
+/// a new one per chunk allocated (and faulted in) its megabytes of tables every time. The pools
+/// live as long as the process: a big one is let go.
 fn compress_zstd(data: &[u8], level: i32) -> Result<Vec<u8>> {
     thread_local! {
         static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
