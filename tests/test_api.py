@@ -399,3 +399,43 @@ def test_a_child_forked_during_a_save_has_the_garbage_collector_on():
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert gc.isenabled()
+
+
+class _SavesText(keras.layers.Layer):
+    """Stores a string or bytes beside its variable, which stock's store refuses."""
+
+    def __init__(self, text=b"", **kwargs):
+        super().__init__(**kwargs)
+        self.text = text
+
+    def build(self, input_shape):
+        self.weight = self.add_weight(shape=(2,), initializer="ones")
+
+    def call(self, x):
+        return x
+
+    def get_config(self):
+        return super().get_config()
+
+    def save_own_variables(self, store):
+        store["0"] = self.weight
+        store["tag"] = self.text
+
+
+@pytest.mark.parametrize("text", [b"hello", "hello"])
+@pytest.mark.parametrize("suffix", [".weights.h5", ".keras"])
+def test_a_string_entry_is_refused_as_stock_refuses_it(tmp_path, text, suffix):
+    """Stock raises `ValueError: Invalid dtype` (ours saved bytes, and raised TypeError for str)."""
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, _SavesText(text)(inputs))
+    save_ours, save_stock = (
+        (ksf.save_weights, keras.Model.save_weights)
+        if suffix == ".weights.h5"
+        else (ksf.save_model, keras.saving.save_model)
+    )
+    with pytest.raises(ValueError, match="Invalid dtype") as stock:
+        save_stock(model, tmp_path / f"stock{suffix}")
+    with pytest.raises(ValueError, match="Invalid dtype") as ours:
+        save_ours(model, tmp_path / f"ours{suffix}")
+    assert str(ours.value) == str(stock.value)
+    assert not (tmp_path / f"ours{suffix}").exists()

@@ -116,6 +116,22 @@ def test_keras3_h5_next_training_step_is_the_originals(saved, name, tmp_path):
     assert int(loaded.optimizer.iterations.numpy()) == int(model.optimizer.iterations.numpy()) + 1
 
 
+def test_keras3_h5_load_of_a_loss_scale_optimizer_with_a_loss_by_name(tmp_path):
+    """The loss-by-name retry must start from the whole config: the first attempt deserializes the
+    LossScaleOptimizer, which takes "inner_optimizer" out of it (a KeyError, found by a reviewing subagent)."""
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    try:
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        model.compile("adam", "mse")
+        model.train_on_batch(np.ones((4, 4), "float32"), np.ones((4, 2), "float32"))
+        ksf.save_model(model, tmp_path / "m.h5")
+        loaded = ksf.load_model(tmp_path / "m.h5")
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    assert isinstance(loaded.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert_same_state(model, loaded)
+
+
 def test_stock_keras3_reads_our_h5(saved):
     """Stock's own reader, on a file of ours: the weights it gets are the original's."""
     model, ours, _ = saved("custom_layers")

@@ -149,3 +149,81 @@ def test_a_remembered_walk_keeps_nothing_alive(tmp_path, save):
     del model
     gc.collect()
     assert alive() is None  # the remembered walk does not keep the model (or its variables) alive
+
+
+@keras.saving.register_keras_serializable(package="test_remembered_walk")
+class _PicksWhatItSaves(keras.layers.Layer):
+    """Saves one of two variables, chosen by a Python attribute (found by a reviewing subagent)."""
+
+    def __init__(self, use_average=False, **kwargs):
+        super().__init__(**kwargs)
+        self.use_average = use_average
+
+    def build(self, input_shape):
+        self.weight = self.add_weight(shape=(2,), initializer="ones", name="weight")
+        self.average = self.add_weight(shape=(2,), initializer="zeros", name="average")
+
+    def call(self, x):
+        return x * (self.average if self.use_average else self.weight)
+
+    def get_config(self):
+        return {**super().get_config(), "use_average": self.use_average}
+
+    def save_own_variables(self, store):
+        store["0"] = self.average if self.use_average else self.weight
+
+    def load_own_variables(self, store):
+        (self.average if self.use_average else self.weight).assign(store["0"])
+
+
+def test_a_layer_choosing_what_it_saves_walks_every_time(tmp_path):
+    inputs = keras.Input((2,))
+    layer = _PicksWhatItSaves()
+    model = keras.Model(inputs, layer(inputs))
+    layer.average.assign([5.0, 7.0])
+    assert_saves_like_stock(model, tmp_path, "weight")
+    assert model not in state._WALKS  # its choice is Python state a replay would not see
+    layer.use_average = True
+    assert_saves_like_stock(model, tmp_path, "average")
+    loaded = ksf.load_model(tmp_path / "average-ours.keras")
+    np.testing.assert_array_equal(loaded.layers[1].average.numpy(), [5.0, 7.0])
+
+
+class _TwoHeads(keras.Model):
+    """A subclassed model whose attributes can be reassigned to layers it already tracks."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.first = keras.layers.Dense(3, name="first")
+        self.second = keras.layers.Dense(3, name="second")
+        self.heads = [keras.layers.Dense(2, name="head_a"), keras.layers.Dense(2, name="head_b")]
+        self.head = self.heads[0]
+
+    def call(self, x):
+        return self.first(x) + self.second(x), self.head(x), self.heads[1](x)
+
+
+@pytest.mark.parametrize("change", ["swap", "reassign"])
+@pytest.mark.parametrize("suffix", [".weights.h5", ".keras"])
+def test_an_attribute_pointed_at_another_layer_walks_again(tmp_path, change, suffix):
+    """The model's variables stay the same objects, but stock's walk reaches layers by attribute
+    paths: a replay wrote the old paths (swapped weights, found by a reviewing subagent)."""
+    model = _TwoHeads()
+    model(np.ones((1, 4), "float32"))
+    save_ours, save_stock = (
+        (ksf.save_weights, keras.Model.save_weights)
+        if suffix == ".weights.h5"
+        else (ksf.save_model, keras.saving.save_model)
+    )
+    save_ours(model, tmp_path / f"first{suffix}")
+    assert model in state._WALKS
+    if change == "swap":
+        model.first, model.second = model.second, model.first
+    else:
+        model.head = model.heads[1]
+    save_ours(model, tmp_path / f"ours{suffix}")
+    save_stock(model, tmp_path / f"stock{suffix}")
+    if suffix == ".keras":
+        assert member(tmp_path / f"ours{suffix}", WEIGHTS) == member(tmp_path / f"stock{suffix}", WEIGHTS)
+    else:
+        assert (tmp_path / f"ours{suffix}").read_bytes() == (tmp_path / f"stock{suffix}").read_bytes()

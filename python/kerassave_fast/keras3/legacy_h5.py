@@ -3,6 +3,8 @@ with the variables themselves in place of the copies stock makes of them."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 from absl import logging
 from keras.src import backend, optimizers
@@ -69,13 +71,15 @@ def _compile_args(training_config: dict, custom_objects: dict) -> dict:
     """Stock's `compile_args_from_training_config`, except that losses saved by name ("mse") go to
     `compile` as those names: Keras 3.15.1 cannot deserialize its own aliases ("Could not
     deserialize 'keras.metrics.mse'")."""
-    try:
-        return saving_utils.compile_args_from_training_config(training_config, custom_objects)
+    try:  # on a copy: deserializing consumes parts of the config (LossScaleOptimizer's "inner_optimizer")
+        return saving_utils.compile_args_from_training_config(copy.deepcopy(training_config), custom_objects)
     except ValueError:
         loss = training_config.get("loss")
         if loss is None or not _only_strings(loss):
             raise
-        args = saving_utils.compile_args_from_training_config({**training_config, "loss": None}, custom_objects)
+        args = saving_utils.compile_args_from_training_config(
+            {**copy.deepcopy(training_config), "loss": None}, custom_objects
+        )
         args["loss"] = loss
         return args
 
@@ -169,12 +173,27 @@ def _restore_optimizer(model, h5, tensors: _Tensors) -> None:
     values = _bfloat16_where_expected(tensors.of_group(safe_get_h5_group(h5, "optimizer_weights")), optimizer.variables)
     with state.initializing(built, values):
         try:
-            optimizer.set_weights(values)
+            _set_optimizer_weights(optimizer, values)
         except ValueError:
             logging.warning(
                 "Error in loading the saved optimizer state. As a result, your model is starting with a "
                 "freshly initialized optimizer."
             )
+
+
+def _set_optimizer_weights(optimizer, values: list) -> None:
+    """`optimizer.set_weights(values)` over every variable the save wrote (`optimizer.variables`):
+    a LossScaleOptimizer's `set_weights` covers only its own, leaving its inner optimizer's state."""
+    if not isinstance(optimizer, optimizers.Optimizer) or not optimizer.built:
+        optimizer.set_weights(values)  # stock's own (and its error for an optimizer not built)
+        return
+    for variable, value in zip(optimizer.variables, values, strict=False):  # as stock: the shorter list
+        if variable.shape != value.shape:
+            raise ValueError(
+                f"Optimizer variable {optimizer._var_key(variable)} has shape {variable.shape} not compatible "
+                f"with provided weight shape {value.shape}."
+            )
+        variable.assign(value)
 
 
 def load_model(opened: ReadAhead, filepath: str, custom_objects=None, compile: bool = True, safe_mode: bool = True):

@@ -29,6 +29,7 @@ from keras.src.backend.common import global_state
 from keras.src.backend.common.stateless_scope import StatelessScope
 from keras.src.optimizers.base_optimizer import BaseOptimizer
 from keras.src.saving import saving_lib
+from keras.src.saving.keras_saveable import KerasSaveable
 from keras.src.saving.object_registration import CustomObjectScope
 from keras.src.saving.serialization_lib import (
     ObjectSharingScope,
@@ -82,6 +83,10 @@ class _WeightsRecorder(saving_lib.H5IOStore):
         self.sources: list = []  # what each dataset was read from
         # The object whose name each group's `name` attribute holds (None: not found), in order.
         self.named: list = []
+        # Whether every object saved its variables with stock's `save_own_variables`: one of its own
+        # may pick what it saves by Python state, which a replay of this walk would not see change.
+        self.replayable = True
+        self.reached: list = []  # every object the walk saved, in order
 
     def __bool__(self) -> bool:
         return True
@@ -90,12 +95,19 @@ class _WeightsRecorder(saving_lib.H5IOStore):
         if not isinstance(metadata, dict | None):
             raise ValueError(f"`metadata` should be a dict or `None`. Received: {metadata}")
         self._path, self._group_made, self._keys = path, bool(metadata), []
+        caller = sys._getframe(1)
+        if not _saves_as_stock(caller):
+            self.replayable = False
+        else:
+            self.reached.append(caller.f_locals.get("saveable"))
         if metadata:
             self.plan.add_group(_vars_group(path), metadata)
-            self.named.append(_saveable_of_caller(sys._getframe(1), metadata))
+            self.named.append(_saveable_of_caller(caller, metadata))
         return self
 
     def __setitem__(self, key, value):
+        if not isinstance(value, backend.Variable):  # stock's refusal of strings and bytes, a ValueError
+            backend.standardize_dtype(backend.convert_to_numpy(value).dtype)
         if not self._group_made:  # stock creates a group without metadata on its first tensor
             self.plan.add_group(_vars_group(self._path), None)
             self._group_made = True
@@ -114,6 +126,37 @@ class _WeightsRecorder(saving_lib.H5IOStore):
 
     def close(self):
         pass
+
+
+def _saves_as_stock(frame) -> bool:
+    """Whether the object stock's `_save_state` (the caller's frame) is saving uses a
+    `save_own_variables` of Keras' own, which saves the object's variables and nothing it chooses."""
+    if frame.f_code is not saving_lib._save_state.__code__:
+        return False
+    saveable = frame.f_locals.get("saveable")
+    own = vars(saveable).get("save_own_variables") if hasattr(saveable, "__dict__") else None
+    if own is not None and getattr(own, "func", None) is not _save_optimizer_variables:  # ours is stock's
+        return False
+    return getattr(getattr(type(saveable), "save_own_variables", None), "__module__", "").startswith("keras.")
+
+
+def _attribute_children(saveable) -> tuple:
+    """The objects stock's walk can reach through `saveable`'s own attributes, by identity (for a
+    list, tuple or dict: the Keras objects in it): an attribute reassigned to another layer, or two
+    swapped, moves layers to other paths in the file without changing the model's variables."""
+    children = []
+    for key, value in vars(saveable).items():
+        if not isinstance(value, _REACHABLE):
+            continue
+        if isinstance(value, KerasSaveable):
+            children.append((key, id(value)))
+        else:
+            values = value.values() if isinstance(value, dict) else value
+            children.append((key, id(value), tuple(id(v) for v in values if isinstance(v, KerasSaveable))))
+    return tuple(children)
+
+
+_REACHABLE = (KerasSaveable, list, tuple, dict)
 
 
 def _saveable_of_caller(frame, metadata: dict):
@@ -222,6 +265,7 @@ class _RememberedWalk:
     plan: WeightsPlan  # its datasets' arrays are stale: each save snapshots their sources again
     sources: list  # weak references to the variable each dataset was read from
     named: list  # (weak reference to an object, the name its group's attribute holds)
+    reached: list  # (weak reference to each object saved, its `_attribute_children`)
 
     def plan_again(self, variables: list) -> WeightsPlan | None:
         """The plan the walk would record now, or None if anything it depended on has changed."""
@@ -231,6 +275,10 @@ class _RememberedWalk:
             return None
         if any(getattr(r(), "name", None) != name for r, name in self.named):  # a layer renamed
             return None
+        for r, children in self.reached:  # a layer reached by another path now
+            saveable = r()
+            if saveable is None or _attribute_children(saveable) != children:
+                return None
         sources = [r() for r in self.sources]
         if any(s is None for s in sources):
             return None
@@ -296,7 +344,9 @@ def _remember_walk(
     model, include_optimizer: bool, assets_checked: bool, variables: list, recorder: _WeightsRecorder
 ) -> None:
     known = {id(v) for v in variables}
-    if not all(id(s) in known for s in recorder.sources) or any(s is None for s in recorder.named):
+    if not recorder.replayable or not all(id(s) in known for s in recorder.sources):
+        return
+    if any(s is None for s in recorder.named):
         return
     # The template keeps no snapshot: a view would keep the variable's old buffer alive after training.
     steps = [replace(s, array=_NO_ARRAY) if isinstance(s, PlannedDataset) else s for s in recorder.plan.steps]
@@ -308,6 +358,7 @@ def _remember_walk(
             WeightsPlan(steps),
             [weakref.ref(s) for s in recorder.sources],
             [(weakref.ref(s), s.name) for s in recorder.named],
+            [(weakref.ref(s), _attribute_children(s)) for s in recorder.reached],
         )
     except TypeError:  # something not weakly referenceable: walk every time
         return
