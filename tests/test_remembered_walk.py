@@ -199,11 +199,22 @@ class _TwoHeads(keras.Model):
         self.heads = [keras.layers.Dense(2, name="head_a"), keras.layers.Dense(2, name="head_b")]
         self.head = self.heads[0]
 
+        self.groups = [[keras.layers.Dense(3, name="inner_a")], [keras.layers.Dense(3, name="inner_b")]]
+        self.index = 0
+
+    @property
+    def chosen(self):  # stock's walk reaches properties too
+        return self.heads[self.index]
+
     def call(self, x):
-        return self.first(x) + self.second(x), self.head(x), self.heads[1](x)
+        return (
+            self.first(x) + self.second(x) + self.groups[0][0](x) + self.groups[1][0](x),
+            self.head(x),
+            self.heads[1](x),
+        )
 
 
-@pytest.mark.parametrize("change", ["swap", "reassign"])
+@pytest.mark.parametrize("change", ["swap", "reassign", "property", "nested"])
 @pytest.mark.parametrize("suffix", [".weights.h5", ".keras"])
 def test_an_attribute_pointed_at_another_layer_walks_again(tmp_path, change, suffix):
     """The model's variables stay the same objects, but stock's walk reaches layers by attribute
@@ -219,11 +230,23 @@ def test_an_attribute_pointed_at_another_layer_walks_again(tmp_path, change, suf
     assert model in state._WALKS
     if change == "swap":
         model.first, model.second = model.second, model.first
-    else:
+    elif change == "reassign":
         model.head = model.heads[1]
+    elif change == "property":
+        model.index = 1
+    else:  # item assignment in an inner list: Keras tracks nothing new
+        model.groups[0][0], model.groups[1][0] = model.groups[1][0], model.groups[0][0]
     save_ours(model, tmp_path / f"ours{suffix}")
     save_stock(model, tmp_path / f"stock{suffix}")
     if suffix == ".keras":
         assert member(tmp_path / f"ours{suffix}", WEIGHTS) == member(tmp_path / f"stock{suffix}", WEIGHTS)
     else:
         assert (tmp_path / f"ours{suffix}").read_bytes() == (tmp_path / f"stock{suffix}").read_bytes()
+
+
+def test_a_flag_keras_own_saving_reads_walks_again(tmp_path):
+    """`Conv1D.save_own_variables` leaves the bias out once `use_bias` is off (found by a reviewing subagent)."""
+    model = keras.Sequential([keras.Input((5, 2)), keras.layers.Conv1D(3, 2)])
+    assert_saves_like_stock(model, tmp_path, "with-bias")
+    model.layers[0].use_bias = False
+    assert_saves_like_stock(model, tmp_path, "without-bias")

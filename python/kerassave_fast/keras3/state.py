@@ -86,7 +86,6 @@ class _WeightsRecorder(saving_lib.H5IOStore):
         # Whether every object saved its variables with stock's `save_own_variables`: one of its own
         # may pick what it saves by Python state, which a replay of this walk would not see change.
         self.replayable = True
-        self.reached: list = []  # every object the walk saved, in order
 
     def __bool__(self) -> bool:
         return True
@@ -98,8 +97,6 @@ class _WeightsRecorder(saving_lib.H5IOStore):
         caller = sys._getframe(1)
         if not _saves_as_stock(caller):
             self.replayable = False
-        else:
-            self.reached.append(caller.f_locals.get("saveable"))
         if metadata:
             self.plan.add_group(_vars_group(path), metadata)
             self.named.append(_saveable_of_caller(caller, metadata))
@@ -140,23 +137,38 @@ def _saves_as_stock(frame) -> bool:
     return getattr(getattr(type(saveable), "save_own_variables", None), "__module__", "").startswith("keras.")
 
 
-def _attribute_children(saveable) -> tuple:
-    """The objects stock's walk can reach through `saveable`'s own attributes, by identity (for a
-    list, tuple or dict: the Keras objects in it): an attribute reassigned to another layer, or two
-    swapped, moves layers to other paths in the file without changing the model's variables."""
-    children = []
-    for key, value in vars(saveable).items():
-        if not isinstance(value, _REACHABLE):
-            continue
-        if isinstance(value, KerasSaveable):
-            children.append((key, id(value)))
+_PLAIN = (bool, int, float, complex, str, bytes, type(None))
+
+
+def _attribute_state(model) -> list:
+    """Everything stock's walk of `model` can depend on, as far as plain attributes show it: every
+    Keras object reachable from it through attributes (lists, tuples and dicts entered) by
+    identity, each plain attribute by value (a flag like `use_bias` or `lora_enabled`, an index a
+    property reads). Stock's walk follows every attribute (properties
+    too) and names paths after them: a reassigned, swapped or nested-moved layer, or a flag a
+    `save_own_variables` reads, changes this state."""
+    state: list = []
+    seen: set[int] = set()
+    stack: list = [model]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, _PLAIN):
+            state.append(obj)
+        elif isinstance(obj, KerasSaveable):
+            state.append(("object", id(obj)))
+            if id(obj) not in seen:
+                seen.add(id(obj))
+                items = list(vars(obj).items())
+                state.append(tuple(key for key, _ in items))
+                stack.extend(value for _, value in reversed(items))
+        elif isinstance(obj, list | tuple | dict):
+            values = list(obj.values()) if isinstance(obj, dict) else list(obj)
+            keys = tuple(k if isinstance(k, _PLAIN) else id(k) for k in obj) if isinstance(obj, dict) else ()
+            state.append(("container", id(obj), len(values), keys))  # holds no object: nothing kept alive
+            stack.extend(reversed(values))
         else:
-            values = value.values() if isinstance(value, dict) else value
-            children.append((key, id(value), tuple(id(v) for v in values if isinstance(v, KerasSaveable))))
-    return tuple(children)
-
-
-_REACHABLE = (KerasSaveable, list, tuple, dict)
+            state.append(None)  # stock's walk enters neither it nor anything in it (a History, a function)
+    return state
 
 
 def _saveable_of_caller(frame, metadata: dict):
@@ -265,9 +277,9 @@ class _RememberedWalk:
     plan: WeightsPlan  # its datasets' arrays are stale: each save snapshots their sources again
     sources: list  # weak references to the variable each dataset was read from
     named: list  # (weak reference to an object, the name its group's attribute holds)
-    reached: list  # (weak reference to each object saved, its `_attribute_children`)
+    attribute_state: list  # `_attribute_state` of the model when walked
 
-    def plan_again(self, variables: list) -> WeightsPlan | None:
+    def plan_again(self, model, variables: list) -> WeightsPlan | None:
         """The plan the walk would record now, or None if anything it depended on has changed."""
         if len(variables) != len(self.variables):
             return None
@@ -275,10 +287,8 @@ class _RememberedWalk:
             return None
         if any(getattr(r(), "name", None) != name for r, name in self.named):  # a layer renamed
             return None
-        for r, children in self.reached:  # a layer reached by another path now
-            saveable = r()
-            if saveable is None or _attribute_children(saveable) != children:
-                return None
+        if _attribute_state(model) != self.attribute_state:  # a layer reached by another path, a flag
+            return None
         sources = [r() for r in self.sources]
         if any(s is None for s in sources):
             return None
@@ -316,7 +326,7 @@ def plan_model_state(model, include_optimizer: bool = True, with_assets: bool = 
         and remembered.include_optimizer == include_optimizer
         and (remembered.assets_checked or not with_assets)
     ):
-        plan = remembered.plan_again(variables)
+        plan = remembered.plan_again(model, variables)
         if plan is not None:
             return plan, NoAssets() if with_assets else None
     recorder = _WeightsRecorder(WeightsPlan())
@@ -358,7 +368,7 @@ def _remember_walk(
             WeightsPlan(steps),
             [weakref.ref(s) for s in recorder.sources],
             [(weakref.ref(s), s.name) for s in recorder.named],
-            [(weakref.ref(s), _attribute_children(s)) for s in recorder.reached],
+            _attribute_state(model),
         )
     except TypeError:  # something not weakly referenceable: walk every time
         return
