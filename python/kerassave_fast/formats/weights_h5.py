@@ -32,6 +32,7 @@ from .._core import KerasSaveError, TensorFile, hdf5_encode_chunks, hdf5_stored_
 from ..files import Destination, FileRegion, FileWindow, SparseImage, atomic_replace, changed
 from ..mapped import Mapping, refuse_if_replaced
 from ..tensors import BFLOAT16, aligned_empty, as_bytes, snapshot
+from . import hdf5_layout
 
 
 @dataclass
@@ -478,22 +479,52 @@ def _gaps(placed: list[tuple[int, np.ndarray]], size: int) -> list[tuple[int, in
 def _lay_out_in_memory(
     plan: WeightsPlan, alignment: int, on_placed: OnPlaced
 ) -> tuple[int, list[tuple[int, np.ndarray]], list[bytes]]:
-    """h5py's file-object driver over an in-memory image; the bytes between the tensors are its
-    writes replayed in order (writes inside a tensor's stretch, the element that made HDF5 allocate
-    it, are dropped: the tensor's own bytes go there)."""
+    """h5py's file-object driver over an in-memory image, or its layout replayed without h5py
+    (`hdf5_layout`) when it covers the plan."""
+    steps = _replayable_steps(plan) if alignment == 1 else None
+    laid_out = hdf5_layout.lay_out(steps) if steps is not None else None
+    if laid_out is not None:
+        size, placed, pieces = laid_out
+        if on_placed is not None:
+            for offset, array in placed:
+                on_placed(offset, array)
+        return size, placed, _between_tensors(placed, size, pieces)
     image = SparseImage()
     placed = write_skeleton(image, plan, None, 0, alignment, on_placed)
-    gaps = _gaps(placed, image.size)
+    return image.size, placed, _between_tensors(placed, image.size, image.writes)
+
+
+def _replayable_steps(plan: WeightsPlan) -> list[tuple] | None:
+    """The plan as `hdf5_layout` takes it, or None if h5py must lay it out: this h5py's libhdf5
+    is not the one replayed, h5py tracks creation order, a Keras bfloat16 (its `dtype`
+    attribute), an attribute of a legacy file, a dataset h5py writes itself."""
+    if h5py.version.hdf5_version != hdf5_layout.HDF5_VERSION or h5py.get_config().track_order:
+        return None
+    steps: list[tuple] = []
+    for step in plan.steps:
+        if isinstance(step, PlannedGroup):
+            steps.append(("group", step.path, step.attrs))
+        elif isinstance(step, PlannedDataset) and step.reserved and not step.created and step.array.dtype != BFLOAT16:
+            steps.append(("dataset", step.group, step.name, step.array))
+        else:
+            return None
+    return steps
+
+
+def _between_tensors(placed: list[tuple[int, np.ndarray]], size: int, writes) -> list[bytes]:
+    """The bytes between the tensors: `writes` (offset, bytes) replayed in order (writes inside a
+    tensor's stretch, the element that made HDF5 allocate it, are dropped: the tensor's own bytes go there)."""
+    gaps = _gaps(placed, size)
     starts = [g for g, _ in gaps]
     contents = [bytearray(end - start) for start, end in gaps]
-    for offset, data in image.writes:
+    for offset, data in writes:
         i = max(0, bisect.bisect_right(starts, offset) - 1)
         while i < len(gaps) and gaps[i][0] < offset + len(data):
             lo, hi = max(gaps[i][0], offset), min(gaps[i][1], offset + len(data))
             if lo < hi:
                 contents[i][lo - gaps[i][0] : hi - gaps[i][0]] = data[lo - offset : hi - offset]
             i += 1
-    return image.size, placed, [bytes(c) for c in contents]
+    return [bytes(c) for c in contents]
 
 
 def _lay_out_on_scratch(

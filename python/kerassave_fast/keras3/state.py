@@ -103,8 +103,8 @@ class _WeightsRecorder(saving_lib.H5IOStore):
         return self
 
     def __setitem__(self, key, value):
-        if not isinstance(value, backend.Variable):  # stock's refusal of strings and bytes, a ValueError
-            backend.standardize_dtype(backend.convert_to_numpy(value).dtype)
+        if not isinstance(value, backend.Variable):
+            _refuse_as_stock(value)
         if not self._group_made:  # stock creates a group without metadata on its first tensor
             self.plan.add_group(_vars_group(self._path), None)
             self._group_made = True
@@ -123,6 +123,11 @@ class _WeightsRecorder(saving_lib.H5IOStore):
 
     def close(self):
         pass
+
+
+def _refuse_as_stock(value) -> None:
+    """Stock's store refuses what `standardize_dtype` refuses (strings and bytes): a ValueError."""
+    backend.standardize_dtype(backend.convert_to_numpy(value).dtype)
 
 
 def _saves_as_stock(frame) -> bool:

@@ -1,0 +1,132 @@
+"""The weights member's HDF5 layout replayed without h5py (formats/hdf5_layout.py) against h5py's
+own, byte for byte: every model of the zoo, wide models (B-tree root splits, heap growth, several
+global heap collections, headers grown in place), and random plans."""
+
+from __future__ import annotations
+
+import string
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import MODELS, _trained
+from kerassave_fast.files import SparseImage
+from kerassave_fast.formats import hdf5_layout, weights_h5
+from kerassave_fast.keras3 import state
+
+
+def h5py_layout(plan):
+    image = SparseImage()
+    placed = weights_h5.write_skeleton(image, plan)
+    return image.size, [o for o, _ in placed], weights_h5._between_tensors(placed, image.size, image.writes)
+
+
+def replayed_layout(plan):
+    steps = weights_h5._replayable_steps(plan)
+    assert steps is not None, "the plan should be covered"
+    laid_out = hdf5_layout.lay_out(steps)
+    assert laid_out is not None, "the plan should be covered"
+    size, placed, pieces = laid_out
+    return size, [o for o, _ in placed], weights_h5._between_tensors(placed, size, pieces)
+
+
+def assert_replayed_as_h5py(plan):
+    ours, theirs = replayed_layout(plan), h5py_layout(plan)
+    assert ours[0] == theirs[0], "file size"
+    assert ours[1] == theirs[1], "tensor offsets"
+    assert ours[2] == theirs[2], "metadata bytes"
+
+
+def plan_of(model):
+    plan, assets = state.plan_model_state(model, True)
+    assets.close()
+    return plan
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_zoo_models_are_laid_out_as_h5py_lays_them_out(model_zoo, name):
+    plan = plan_of(model_zoo(name))
+    if weights_h5._replayable_steps(plan) is None:  # bfloat16 (a dtype attribute) goes to h5py
+        assert any(d.array.dtype == weights_h5.BFLOAT16 for d in plan.datasets)
+        return
+    assert_replayed_as_h5py(plan)
+
+
+@pytest.mark.parametrize("width", [40, 300])
+def test_wide_models_are_laid_out_as_h5py_lays_them_out(width):
+    inputs = keras.Input((3,))
+    outputs = keras.layers.Concatenate()([keras.layers.Dense(2)(inputs) for _ in range(width)])
+    model = _trained(keras.Model(inputs, outputs), np.ones((2, 3), "float32"), np.ones((2, 2 * width), "float32"))
+    assert_replayed_as_h5py(plan_of(model))
+
+
+_DTYPES = ["float16", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64"]
+
+
+def random_plan(seed: int) -> weights_h5.WeightsPlan:
+    rng = np.random.default_rng(seed)
+    letters = string.ascii_letters + string.digits + "_.-"
+
+    def name():
+        while (made := "".join(rng.choice(list(letters), int(rng.integers(1, 40))))) in (".", ".."):
+            pass  # h5py reads those as paths
+        return made
+
+    plan = weights_h5.WeightsPlan()
+    groups = [""]
+    for _ in range(int(rng.integers(5, 120))):
+        if rng.random() < 0.3 or len(groups) == 1:
+            parent = groups[int(rng.integers(len(groups)))]
+            depth = int(rng.integers(1, 3))  # a missing parent is made as h5py's require_group makes it
+            path = "/".join(([parent] if parent else []) + [name() for _ in range(depth)])
+            if any(g == path or g.startswith(path + "/") for g in groups):
+                continue
+            attrs = {"name": name()} if rng.random() < 0.7 else None
+            plan.add_group(path, attrs)
+            groups.append(path)
+            parts = path.split("/")
+            groups += ["/".join(parts[:i]) for i in range(1, len(parts)) if "/".join(parts[:i]) not in groups]
+        else:
+            group = groups[int(rng.integers(1, len(groups)))]
+            taken = {d.name for d in plan.datasets if d.group == group}
+            taken |= {g.rsplit("/", 1)[-1] for g in groups if g.rpartition("/")[0] == group}
+            leaf = str(len(taken)) if rng.random() < 0.6 else name()
+            if leaf in taken:
+                continue
+            rank = int(rng.integers(0, 9))
+            shape = tuple(int(rng.integers(0 if rng.random() < 0.05 else 1, 4)) for _ in range(rank))
+            plan.add_dataset(group, leaf, np.zeros(shape, rng.choice(_DTYPES)))
+    return plan
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_plans_are_laid_out_as_h5py_lays_them_out(seed):
+    assert_replayed_as_h5py(random_plan(seed))
+
+
+def test_what_is_not_replayed_is_left_to_h5py():
+    plan = weights_h5.WeightsPlan()
+    plan.add_group("vars", {"name": "caf\u00e9"})  # a non-ASCII value
+    assert hdf5_layout.lay_out(weights_h5._replayable_steps(plan)) is None
+    plan = weights_h5.WeightsPlan()
+    plan.add_group("vars")
+    plan.add_dataset("vars", "0", np.zeros(3, bool))  # an HDF5 enum
+    assert weights_h5._replayable_steps(plan) is None
+
+
+def test_a_first_save_runs_no_h5py_and_writes_stocks_file(model_zoo, tmp_path, monkeypatch):
+    import kerassave_fast as ksf
+    from conftest import member
+
+    model = model_zoo("convnet")
+    weights_h5._LAYOUTS.clear()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("h5py laid out a covered plan")
+
+    monkeypatch.setattr(weights_h5, "write_skeleton", refuse)
+    ksf.save_model(model, tmp_path / "ours.keras")
+    monkeypatch.undo()
+    keras.saving.save_model(model, tmp_path / "stock.keras")
+    assert member(tmp_path / "ours.keras", "model.weights.h5") == member(tmp_path / "stock.keras", "model.weights.h5")
