@@ -103,6 +103,7 @@ class _LocalHeap:
         self.data_address = self.address + _HEAP_PREFIX
         self.data = bytearray(_HEAP_HINT)
         self.free = [[0, _HEAP_HINT]]  # [offset, size], the list's head first
+        self.names: dict[int, bytes] = {}  # offset -> name: the B-tree compares names at every step
 
     def insert(self, raw: bytes) -> int:
         need = _align8(len(raw))
@@ -122,6 +123,7 @@ class _LocalHeap:
         if offset is None:
             offset = self._grow(need, last)
         self.data[offset : offset + len(raw)] = raw
+        self.names[offset] = raw[:-1]
         return offset
 
     def _grow(self, need: int, last) -> int:
@@ -146,7 +148,7 @@ class _LocalHeap:
         return old
 
     def name(self, offset: int) -> bytes:
-        return bytes(self.data[offset : self.data.index(0, offset)])
+        return self.names[offset]
 
     def pieces(self) -> list[tuple[int, bytes]]:
         data = bytearray(self.data)
@@ -403,6 +405,9 @@ class _NotCovered(Exception):
     """The file needs something this module does not replay: h5py lays it out."""
 
 
+_HEADERS: dict[tuple, tuple[bytes, bytes]] = {}  # (dtype, shape) -> a dataset header's fixed bytes
+
+
 class _Dataset:
     def __init__(self, file: _File, array: np.ndarray):
         self.array = array
@@ -411,6 +416,16 @@ class _Dataset:
         file.objects.append(self)
 
     def pieces(self) -> list[tuple[int, bytes]]:
+        key = (self.array.dtype.str, self.array.shape)
+        if key not in _HEADERS:  # made once per kind of dataset: all but the data address
+            if len(_HEADERS) > 4096:
+                _HEADERS.clear()
+            _HEADERS[key] = self._header()
+        before, after = _HEADERS[key]
+        return [(self.address, before + struct.pack("<Q", self.data_address) + after)]
+
+    def _header(self) -> tuple[bytes, bytes]:
+        """The header's bytes before and after the data address in its layout message."""
         array = self.array
         if array.ndim:
             space = bytes([1, array.ndim, 1, 0, 0, 0, 0, 0]) + struct.pack(f"<{array.ndim}Q", *array.shape) * 2
@@ -425,11 +440,11 @@ class _Dataset:
         else:
             dtype = bytes([0x10, 0x08 if array.dtype.kind == "i" else 0, 0, 0]) + struct.pack("<IHH", size, 0, size * 8)
         messages = _message(1, space) + _message(3, dtype, 1) + _message(5, bytes([2, 2, 2, 1, 0, 0, 0, 0]), 1)
-        messages += _message(
-            8, bytes([3, 1]) + struct.pack("<QQ", self.data_address, array.nbytes if array.size else 0)
-        )
-        messages += struct.pack("<HHB3x", 0, _DATASET_HEADER - 16 - len(messages) - 8, 0)  # the rest: null
-        return [(self.address, struct.pack("<BBHII4x", 1, 0, 5, 1, _DATASET_HEADER - 16) + messages)]
+        before = struct.pack("<BBHII4x", 1, 0, 5, 1, _DATASET_HEADER - 16) + messages
+        before += struct.pack("<HHB3x", 8, 24, 0) + bytes([3, 1])  # contiguous layout, version 3
+        after = struct.pack("<Q", array.nbytes if array.size else 0) + bytes(6)
+        null = _DATASET_HEADER - (len(before) + 8 + len(after)) - 8
+        return before, after + struct.pack("<HHB3x", 0, null, 0)  # the rest of the header: a null message
 
 
 class _File:
