@@ -112,6 +112,10 @@ def test_what_is_not_replayed_is_left_to_h5py():
     plan = weights_h5.WeightsPlan()
     plan.add_group("vars")
     plan.add_dataset("vars", "0", np.zeros(3, bool))  # an HDF5 enum
+    assert hdf5_layout.lay_out(weights_h5._replayable_steps(plan)) is None
+    plan = weights_h5.WeightsPlan()
+    plan.add_group("vars")
+    plan.add_dataset("vars", "0", np.zeros(3, weights_h5.BFLOAT16))  # a `dtype` attribute beside it
     assert weights_h5._replayable_steps(plan) is None
 
 
