@@ -126,8 +126,10 @@ class _WeightsRecorder(saving_lib.H5IOStore):
 
 
 def _refuse_as_stock(value) -> None:
-    """Stock's store refuses what `standardize_dtype` refuses (strings and bytes): a ValueError."""
-    backend.standardize_dtype(backend.convert_to_numpy(value).dtype)
+    """Stock's store refuses what `standardize_dtype` refuses (strings and bytes): a ValueError.
+    A tensor's or array's own dtype is checked without converting it (the snapshot copies it once)."""
+    dtype = getattr(value, "dtype", None)
+    backend.standardize_dtype(dtype if dtype is not None else np.asarray(value).dtype)
 
 
 def _saves_as_stock(frame) -> bool:
@@ -149,9 +151,9 @@ def _attribute_state(model) -> list:
     """Everything stock's walk of `model` can depend on, as far as plain attributes show it: every
     Keras object reachable from it through attributes (lists, tuples and dicts entered) by
     identity, each plain attribute by value (a flag like `use_bias` or `lora_enabled`, an index a
-    property reads). Stock's walk follows every attribute (properties
-    too) and names paths after them: a reassigned, swapped or nested-moved layer, or a flag a
-    `save_own_variables` reads, changes this state."""
+    property reads). Stock's walk follows every attribute (properties too) and names paths after
+    them: a reassigned, swapped or nested-moved layer, or a flag a `save_own_variables` reads,
+    changes this state. Each object and container is entered once (a list holding itself ends)."""
     state: list = []
     seen: set[int] = set()
     stack: list = [model]
@@ -167,6 +169,10 @@ def _attribute_state(model) -> list:
                 state.append(tuple(key for key, _ in items))
                 stack.extend(value for _, value in reversed(items))
         elif isinstance(obj, list | tuple | dict):
+            if id(obj) in seen:
+                state.append(("container", id(obj)))
+                continue
+            seen.add(id(obj))
             values = list(obj.values()) if isinstance(obj, dict) else list(obj)
             keys = tuple(k if isinstance(k, _PLAIN) else id(k) for k in obj) if isinstance(obj, dict) else ()
             state.append(("container", id(obj), len(values), keys))  # holds no object: nothing kept alive
