@@ -6,6 +6,7 @@ loading reads file bytes into 64-byte-aligned arrays that TensorFlow then adopts
 
 from __future__ import annotations
 
+import functools
 import math
 
 import ml_dtypes
@@ -28,19 +29,26 @@ def as_bytes(array: np.ndarray) -> np.ndarray:
     return array.reshape(-1).view(np.uint8)
 
 
+@functools.cache
+def _tensorflow_reads():
+    """TensorFlow's eager context, its ReadVariableOp, and the variable types it reads directly:
+    plain resource variables, and those made inside a `tf.function` (Keras 3's optimizer slots).
+    Imported once (a model of 6,000 variables snapshots them all at each save)."""
+    from tensorflow.python.eager import context
+    from tensorflow.python.eager.polymorphic_function.polymorphic_function import UnliftedInitializerVariable
+    from tensorflow.python.ops.gen_resource_variable_ops import read_variable_op
+    from tensorflow.python.ops.resource_variable_ops import ResourceVariable
+
+    return context, read_variable_op, (ResourceVariable, UnliftedInitializerVariable)
+
+
 def snapshot(value) -> np.ndarray:
     """A C-contiguous array of `value`'s current bytes, sharing the variable's buffer when it can.
 
     For a TensorFlow variable the view stays valid and unchanged even if the variable is assigned
     afterwards: TensorFlow copies on write while a reader holds the buffer.
     """
-    from tensorflow.python.eager import context
-    from tensorflow.python.eager.polymorphic_function.polymorphic_function import UnliftedInitializerVariable
-    from tensorflow.python.ops.gen_resource_variable_ops import read_variable_op
-    from tensorflow.python.ops.resource_variable_ops import ResourceVariable
-
-    # Plain resource variables, and those made inside a `tf.function` (Keras 3's optimizer slots).
-    plain = (ResourceVariable, UnliftedInitializerVariable)
+    context, read_variable_op, plain = _tensorflow_reads()
     inner = getattr(value, "_value", None)  # a Keras 3 variable's backing tf.Variable
     if type(inner) in plain:
         value = inner

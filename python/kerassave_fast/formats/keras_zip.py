@@ -16,7 +16,6 @@ import time
 import warnings
 import weakref
 import zipfile
-from collections.abc import Callable
 from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -32,10 +31,11 @@ from ..keras3 import state as keras3_state
 from ..mapped import BACKGROUND, Mapping, refuse_if_replaced, verify_in_background
 from .weights_h5 import (
     Compression,
-    Layout,
     Listed,
+    PlannedDataset,
     ReadTensors,
     StreamedWrite,
+    WeightsPlan,
     list_before_opening,
     make_layout,
     read_weights,
@@ -97,92 +97,114 @@ def prepare_save(
     `blocking`: the second half runs at once, on this thread. The config is then serialized there,
     while the tensors are already being written where the weights member started at the model's
     last save (the members before it are the config and metadata: the same lengths put it there
-    again; if they changed, the tensors are written again where it starts now). When h5py must lay
-    the weights member out (the first save of an architecture), each tensor is written as soon as
-    HDF5 has placed it, while h5py places the rest.
+    again; if they changed, the tensors are written again where it starts now). A model whose
+    walk is remembered (`flavour.replay_walk`) has each snapshot written as soon as it is taken,
+    and the walk is checked to still hold only then, while they are written: if it does not, the
+    save walks the model and writes the file again. When h5py must lay the weights member out
+    (the first save of an architecture), each tensor is written as soon as HDF5 has placed it,
+    while h5py places the rest.
     `flavour` is the Keras flavour's glue (`keras3.state`, `tf_keras.keras_v3`): its config and state walk.
     `zip64_limit` is `zipfile`'s; tests lower it to exercise ZIP64 framing on small models.
     With `alignment` > 1, the weights member starts at a multiple of it in the file, and every tensor too.
     """
-    serialized = None if blocking else flavour.serialize_model_as_json(model)
-    plan, assets = flavour.plan_model_state(model, include_optimizer)
+    serialized = [] if blocking else [flavour.serialize_model_as_json(model)]
+    replay = flavour.replay_walk(model, include_optimizer) if blocking and compression is None else None
+    if replay is not None and not replay.speculative:
+        replay = None
+    planned = [] if replay is not None else [flavour.plan_model_state(model, include_optimizer)]
+
+    def encoded() -> tuple[bytes, bytes]:
+        """metadata.json and config.json's bytes, serialized once per save (a second attempt at
+        writing the zip reuses them: stock serializes once, and before walking the model)."""
+        if not serialized:
+            serialized.append(flavour.serialize_model_as_json(model))
+        config_json, metadata_json = serialized[0]
+        return metadata_json.encode(), config_json.encode()
+
+    def write_zip(file: TensorFile, plan: WeightsPlan | None, assets, replay) -> bool:
+        """Writes the zip into `file`, of `plan` and `assets` (None: no object saved assets), or
+        with no plan of `replay`'s snapshots: False, once nothing is being written, if its walk
+        no longer holds."""
+        with contextlib.ExitStack() as joins:
+            writer = ZipWriter(file, zip64_limit)
+            with _STARTS_LOCK:
+                last = _STARTS.get(model) if blocking else None
+            lengths = None  # of metadata.json and config.json, once written
+            early = None  # the weights member being written (a StreamedWrite) before its start is certain
+            if compression is None:
+                layout = remembered_layout(replay.template if plan is None else plan, alignment=alignment)
+                if layout is not None and last is not None and last[0] == (layout.size, alignment, zip64_limit):
+                    # Where it started last time, while the config is serialized (and a replayed walk checked)
+                    early = joins.enter_context(StreamedWrite(file, last[1], threads))
+                    offsets = iter(layout.tensor_offsets)
+
+                    def place(dataset: PlannedDataset) -> None:
+                        if dataset.reserved and dataset.array.nbytes:
+                            early.place(next(offsets), dataset.array)
+
+                    if plan is None:
+                        plan = replay.plan(place)
+                    else:
+                        for dataset in plan.datasets:
+                            place(dataset)
+                    early.flush()
+                elif plan is None:
+                    plan = replay.plan()
+                if plan is None:
+                    return False
+                tensors = reserved_tensors(plan)
+                if layout is None:  # h5py lays it out while the tensors it placed are written
+                    if last is None:  # where it starts now, for a model not saved before
+                        lengths = _add_members(writer, encoded())
+                        guess = writer.data_start(WEIGHTS, sum(a.nbytes for a in tensors), alignment)
+                    else:  # where it started last time, while the config is serialized after
+                        guess = last[1]
+                    early = joins.enter_context(StreamedWrite(file, guess, threads))
+                    layout, tensors = make_layout(plan, alignment=alignment, on_placed=early.place)
+            if lengths is None:
+                if early is not None and last[2] != tuple(map(len, encoded())):
+                    # The member moved: the early write may cover where the config goes now. It ends
+                    # before the members are written, and the tensors are written again below.
+                    early.wait()
+                    early = None
+            if replay is not None and not replay.holds():
+                return False
+            if lengths is None:
+                lengths = _add_members(writer, encoded())
+            if compression is None:
+                start = writer.begin_stored(WEIGHTS, time.localtime()[:6], _OWNER_RW, layout.size, alignment)
+                if early is not None and early.start == start:
+                    crc = early.finish(layout)
+                else:
+                    if early is not None:
+                        early.wait()  # it writes where the member does not start
+                    crc = write_layout(file, start, layout, tensors, threads)
+                writer.end_stored(layout.size, crc)
+                if blocking:
+                    with _STARTS_LOCK:
+                        _STARTS[model] = ((layout.size, alignment, zip64_limit), start, lengths)
+            else:  # the size comes out of the compression: hint an upper bound (ZIP64 when it may be needed)
+                bound = compression.size_bound(plan)
+                start = writer.begin_stored(WEIGHTS, time.localtime()[:6], _OWNER_RW, bound, alignment)
+                size = write_compressed(file, start, plan, compression, threads, alignment)
+                writer.end_stored(size, file.crc32(start, size, [], threads))
+            if assets is not None and assets.working_dir is not None:  # None: no object saved assets
+                saving_lib._write_to_zip_recursively(_AssetsInto(writer), assets.working_dir, ASSETS)
+            writer.finish()  # cuts the file where the zip ends: no misplaced early write is left past it
+            return True
 
     def write() -> None:
         try:
-            with atomic_replace(filepath) as destination, contextlib.ExitStack() as joins:
-                file = destination.file
-                writer = ZipWriter(file, zip64_limit)
-                with _STARTS_LOCK:
-                    last = _STARTS.get(model) if serialized is None else None
-                lengths = None  # of metadata.json and config.json, once written
-                early = None  # the weights member being written before its start is certain
-                if compression is None:
-                    layout = remembered_layout(plan, alignment=alignment)
-                    tensors = reserved_tensors(plan)
-                    if layout is None:  # h5py lays it out while the tensors it placed are written
-                        if last is None:  # where it starts now, for a model not saved before
-                            lengths = _add_members(
-                                writer, _encoded(serialized or flavour.serialize_model_as_json(model))
-                            )
-                            guess = writer.data_start(WEIGHTS, sum(a.nbytes for a in tensors), alignment)
-                        else:  # where it started last time, while the config is serialized after
-                            guess = last[1]
-                        streamed = joins.enter_context(StreamedWrite(file, guess, threads))
-                        layout, tensors = make_layout(plan, alignment=alignment, on_placed=streamed.place)
-                        early = _EarlyWeights(guess, streamed.finish, streamed.wait)
-                    elif last is not None and last[0] == (layout.size, alignment, zip64_limit):
-                        future = _in_background(write_layout, file, last[1], layout, tensors, threads)
-                        joins.callback(future.exception)  # never left writing into a file being closed
-                        early = _EarlyWeights(last[1], lambda _: future.result(), future.exception)
-                if lengths is None:
-                    encoded = _encoded(serialized or flavour.serialize_model_as_json(model))
-                    if early is not None and last[2] != tuple(map(len, encoded)):
-                        # The member moved: the early write may cover where the config goes now. It ends
-                        # before the members are written, and the tensors are written again below.
-                        early.wait()
-                        early = None
-                    lengths = _add_members(writer, encoded)
-                if compression is None:
-                    start = writer.begin_stored(WEIGHTS, time.localtime()[:6], _OWNER_RW, layout.size, alignment)
-                    if early is not None and early.start == start:
-                        crc = early.finish(layout)
-                    else:
-                        if early is not None:
-                            early.wait()  # it writes where the member does not start
-                        crc = write_layout(file, start, layout, tensors, threads)
-                    writer.end_stored(layout.size, crc)
-                    if serialized is None:
-                        with _STARTS_LOCK:
-                            _STARTS[model] = ((layout.size, alignment, zip64_limit), start, lengths)
-                else:  # the size comes out of the compression: hint an upper bound (ZIP64 when it may be needed)
-                    bound = compression.size_bound(plan)
-                    start = writer.begin_stored(WEIGHTS, time.localtime()[:6], _OWNER_RW, bound, alignment)
-                    size = write_compressed(file, start, plan, compression, threads, alignment)
-                    writer.end_stored(size, file.crc32(start, size, [], threads))
-                if assets.working_dir is not None:  # None: no object saved assets
-                    saving_lib._write_to_zip_recursively(_AssetsInto(writer), assets.working_dir, ASSETS)
-                writer.finish()  # cuts the file where the zip ends: no misplaced early write is left past it
-                del writer, file  # close before the rename
+            with atomic_replace(filepath) as destination:
+                if replay is None or not write_zip(destination.file, None, None, replay):
+                    if not planned:  # the replayed walk no longer holds: walk, and write again
+                        planned.append(flavour.plan_model_state(model, include_optimizer))
+                    write_zip(destination.file, *planned[0], None)
         finally:
-            assets.close()
+            for _, assets in planned:
+                assets.close()
 
     return write
-
-
-@dataclass
-class _EarlyWeights:
-    """The weights member written at `start` before the members ahead of it are: where it started
-    at the model's last save, or where it starts after members already written."""
-
-    start: int
-    finish: Callable[[Layout], int]  # completes it there; returns its CRC-32
-    wait: Callable[[], object]  # lets it end, when it went where the member does not start
-
-
-def _encoded(serialized: tuple[str, str]) -> tuple[bytes, bytes]:
-    """metadata.json and config.json's bytes, from the flavour's (config, metadata) JSON."""
-    config_json, metadata_json = serialized
-    return metadata_json.encode(), config_json.encode()
 
 
 def _add_members(writer: ZipWriter, encoded: tuple[bytes, bytes]) -> tuple[int, int]:
@@ -191,20 +213,6 @@ def _add_members(writer: ZipWriter, encoded: tuple[bytes, bytes]) -> tuple[int, 
     writer.add_stored(METADATA, metadata_bytes, _ZIPINFO_DEFAULT_DATE, _OWNER_RW)
     writer.add_stored(CONFIG, config_bytes, _ZIPINFO_DEFAULT_DATE, _OWNER_RW)
     return len(metadata_bytes), len(config_bytes)
-
-
-def _in_background(function, *args) -> Future:
-    """`function(*args)` run on a new thread (the Rust core releases the GIL while it writes)."""
-    future: Future = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(function(*args))
-        except BaseException as e:
-            future.set_exception(e)
-
-    threading.Thread(target=run, name="kerassave-early-write", daemon=True).start()
-    return future
 
 
 @dataclass

@@ -67,6 +67,10 @@ class PlannedDataset:
     # Keras 3 stores bfloat16 as 16-bit words plus a `dtype` attribute; tf_keras' stores leave it to h5py.
     bfloat16_attribute: bool = True
 
+    def with_array(self, array: np.ndarray) -> PlannedDataset:
+        """The same dataset over `array` (a fresh snapshot): `dataclasses.replace` costs 5x more."""
+        return PlannedDataset(self.group, self.name, array, self.created, self.bfloat16_attribute)
+
     @property
     def compressible(self) -> bool:
         """Whether a compressed save writes it chunked: numbers (bfloat16 included) with elements.
@@ -443,8 +447,8 @@ def _layout_key(plan: WeightsPlan, driver: str, alignment: int) -> tuple | None:
         elif isinstance(step, PlannedAttribute):
             key.append(("attribute", step.path, step.name, _attribute_key(step.value)))
         elif step.reserved:
-            array = step.array
-            key.append(("dataset", step.group, step.name, step.created, array.shape, array.dtype.str, array.dtype.name))
+            # A reserved dataset's dtype is a number or bfloat16: its `str` tells them all apart
+            key.append(("dataset", step.group, step.name, step.created, step.array.shape, step.array.dtype.str))
         else:
             return None
     return tuple(key)
@@ -643,9 +647,23 @@ class StreamedWrite:
             self._placed.put(self._batch)
             self._batch, self._batch_bytes = [], 0
 
+    def flush(self) -> None:
+        """Hands over the tensors placed so far now."""
+        if self._batch:
+            self._placed.put(self._batch)
+            self._batch, self._batch_bytes = [], 0
+
     def _write(self) -> None:
-        while (batch := self._placed.get()) is not None:
-            if self._error is not None:
+        ended = False
+        while not ended:
+            # Every batch queued meanwhile joins the first in one call: each call takes the GIL back
+            # from a thread serializing the config, which may hold it for a switch interval (5 ms).
+            batches = [self._placed.get()]
+            while not self._placed.empty():
+                batches.append(self._placed.get())
+            ended = batches[-1] is None
+            batch = [placed for b in batches if b is not None for placed in b]
+            if self._error is not None or not batch:
                 continue
             try:
                 buffers = [as_bytes(a) for _, a in batch]
@@ -660,8 +678,7 @@ class StreamedWrite:
         """Returns once every tensor placed so far is written (or failed to be)."""
         if not self._ended:
             self._ended = True
-            if self._batch:
-                self._placed.put(self._batch)
+            self.flush()
             self._placed.put(None)
             self._thread.join()
 

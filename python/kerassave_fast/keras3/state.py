@@ -145,6 +145,35 @@ def _saves_as_stock(frame) -> bool:
 
 
 _PLAIN = (bool, int, float, complex, str, bytes, type(None))
+# What `_attribute_state` does with a value, by its class (decided once per class: the state of a
+# model of 1,000 layers visits ~100,000 values, and three `isinstance` checks each cost a third of it).
+_VALUE, _OBJECT, _CONTAINER, _OPAQUE = range(4)
+_KINDS: dict[type, int] = {}
+
+
+def _kind(obj) -> int:
+    cls = type(obj)
+    # A proxy (TensorFlow's `_TupleWrapper` of a tuple attribute) passes the `isinstance` checks of
+    # the class it names, not of its own type: only a value whose class is its type is cached.
+    cached = cls is obj.__class__
+    try:
+        kind = _KINDS.get(cls) if cached else None
+    except TypeError:  # a metaclass that compares classes without hashing them
+        kind, cached = None, False
+    if kind is None:
+        if isinstance(obj, _PLAIN):
+            kind = _VALUE
+        elif isinstance(obj, KerasSaveable):
+            kind = _OBJECT
+        elif isinstance(obj, list | tuple | dict):
+            kind = _CONTAINER
+        else:
+            kind = _OPAQUE
+        if cached:
+            if len(_KINDS) > 10_000:  # classes made on the fly: keep none of them alive for good
+                _KINDS.clear()
+            _KINDS[cls] = kind
+    return kind
 
 
 def _attribute_state(model) -> list:
@@ -159,16 +188,17 @@ def _attribute_state(model) -> list:
     stack: list = [model]
     while stack:
         obj = stack.pop()
-        if isinstance(obj, _PLAIN):
+        kind = _kind(obj)
+        if kind == _VALUE:
             state.append(obj)
-        elif isinstance(obj, KerasSaveable):
+        elif kind == _OBJECT:
             state.append(("object", id(obj)))
             if id(obj) not in seen:
                 seen.add(id(obj))
                 items = list(vars(obj).items())
                 state.append(tuple(key for key, _ in items))
                 stack.extend(value for _, value in reversed(items))
-        elif isinstance(obj, list | tuple | dict):
+        elif kind == _CONTAINER:
             if id(obj) in seen:
                 state.append(("container", id(obj)))
                 continue
@@ -256,7 +286,9 @@ def _cache_attr_skipsets() -> None:
             global_state.set_global_attribute(f"saving_attr_skiplist_{obj_type}", skipset)
 
 
-_NO_ARRAY = np.empty(0, np.uint8)
+def _stand_in(array: np.ndarray) -> np.ndarray:
+    """An array of `array`'s shape and dtype that holds one element."""
+    return np.broadcast_to(np.zeros((), array.dtype), array.shape)
 
 
 class _AssetsRecorder(saving_lib.DiskIOStore):
@@ -289,24 +321,62 @@ class _RememberedWalk:
     sources: list  # weak references to the variable each dataset was read from
     named: list  # (weak reference to an object, the name its group's attribute holds)
     attribute_state: list  # `_attribute_state` of the model when walked
+    # Whether a save may write its snapshots before checking that it holds: not while the last
+    # replay's check failed (a model that changes between saves, whose tensors would be written twice).
+    speculative: bool = True
 
-    def plan_again(self, model, variables: list) -> WeightsPlan | None:
-        """The plan the walk would record now, or None if anything it depended on has changed."""
+    def holds(self, model, variables: list) -> bool:
+        """Whether the walk would record the same plan now: nothing it depended on has changed."""
         if len(variables) != len(self.variables):
-            return None
+            return False
         if any(r() is not v for r, v in zip(self.variables, variables, strict=True)):
-            return None
+            return False
         if any(getattr(r(), "name", None) != name for r, name in self.named):  # a layer renamed
-            return None
-        if _attribute_state(model) != self.attribute_state:  # a layer reached by another path, a flag
-            return None
-        sources = [r() for r in self.sources]
+            return False
+        return _attribute_state(model) == self.attribute_state  # a layer reached by another path, a flag
+
+
+@dataclass
+class Replay:
+    """A remembered walk about to be replayed for `model`. Its snapshots may be taken (`plan`), and
+    written, before `holds` confirms the walk still holds: a blocking save writes the tensors while
+    it checks, and discards them if it does not."""
+
+    walk: _RememberedWalk
+    model: object
+    variables: list  # the model's and its optimizers' variables when the save began
+
+    @property
+    def template(self) -> WeightsPlan:
+        """The walk's plan, each dataset's array a stand-in of the shape and dtype it recorded."""
+        return self.walk.plan
+
+    def plan(self, on_snapshot: Callable[[PlannedDataset], object] | None = None) -> WeightsPlan | None:
+        """The walk's plan over fresh snapshots, each dataset told to `on_snapshot` as it is taken;
+        None if a variable is gone or its shape or dtype is no longer the one recorded."""
+        sources = [r() for r in self.walk.sources]
         if any(s is None for s in sources):
             return None
         found = iter(sources)
-        return WeightsPlan(
-            [replace(s, array=snapshot(next(found))) if isinstance(s, PlannedDataset) else s for s in self.plan.steps]
-        )
+        steps = []
+        for step in self.walk.plan.steps:
+            if isinstance(step, PlannedDataset):
+                array = snapshot(next(found))
+                if array.shape != step.array.shape or array.dtype != step.array.dtype:
+                    return None
+                step = step.with_array(array)
+                if on_snapshot is not None:
+                    on_snapshot(step)
+            steps.append(step)
+        return WeightsPlan(steps)
+
+    @property
+    def speculative(self) -> bool:
+        """Whether its snapshots may be written before `holds` is known (see `_RememberedWalk`)."""
+        return self.walk.speculative
+
+    def holds(self) -> bool:
+        return self.walk.holds(self.model, self.variables)
 
 
 _WALKS_LOCK = threading.Lock()
@@ -315,6 +385,18 @@ _WALKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> _Rem
 
 def _all_variables(model, optimizers: list[BaseOptimizer]) -> list:
     return list(model.variables) + [v for o in optimizers for v in o.variables]
+
+
+def replay_walk(model, include_optimizer: bool = True, with_assets: bool = True) -> Replay | None:
+    """The walk remembered for `model` (with an assets store if `with_assets`), not yet checked
+    to still hold, or None."""
+    with _WALKS_LOCK:
+        remembered = _WALKS.get(model)
+    if remembered is None or remembered.include_optimizer != include_optimizer:
+        return None
+    if with_assets and not remembered.assets_checked:
+        return None
+    return Replay(remembered, model, _all_variables(model, _optimizers_of(model)))
 
 
 def plan_model_state(model, include_optimizer: bool = True, with_assets: bool = True):
@@ -327,19 +409,15 @@ def plan_model_state(model, include_optimizer: bool = True, with_assets: bool = 
     those variables and a walk with an assets store found that no object saves assets. Anything else
     (a layer storing computed values, assets, a new optimizer) walks every time.
     """
+    replay = replay_walk(model, include_optimizer, with_assets)
+    if replay is not None and replay.holds():
+        plan = replay.plan()
+        if plan is not None:
+            replay.walk.speculative = True
+            return plan, NoAssets() if with_assets else None
     _cache_attr_skipsets()
     optimizers = _optimizers_of(model)
     variables = _all_variables(model, optimizers)
-    with _WALKS_LOCK:
-        remembered = _WALKS.get(model)
-    if (
-        remembered is not None
-        and remembered.include_optimizer == include_optimizer
-        and (remembered.assets_checked or not with_assets)
-    ):
-        plan = remembered.plan_again(model, variables)
-        if plan is not None:
-            return plan, NoAssets() if with_assets else None
     recorder = _WeightsRecorder(WeightsPlan())
     assets = _AssetsRecorder(saving_lib._ASSETS_DIRNAME, mode="w") if with_assets else None
     skipped = set() if include_optimizer else {id(o) for o in optimizers}
@@ -357,20 +435,21 @@ def plan_model_state(model, include_optimizer: bool = True, with_assets: bool = 
             assets.close()
         raise
     if assets is None or not assets.used:
-        _remember_walk(model, include_optimizer, assets is not None, variables, recorder)
+        _remember_walk(model, include_optimizer, assets is not None, variables, recorder, replay is None)
     return recorder.plan, assets
 
 
 def _remember_walk(
-    model, include_optimizer: bool, assets_checked: bool, variables: list, recorder: _WeightsRecorder
+    model, include_optimizer: bool, assets_checked: bool, variables: list, recorder: _WeightsRecorder, speculative: bool
 ) -> None:
     known = {id(v) for v in variables}
     if not recorder.replayable or not all(id(s) in known for s in recorder.sources):
         return
     if any(s is None for s in recorder.named):
         return
-    # The template keeps no snapshot: a view would keep the variable's old buffer alive after training.
-    steps = [replace(s, array=_NO_ARRAY) if isinstance(s, PlannedDataset) else s for s in recorder.plan.steps]
+    # The template keeps no snapshot (a view would keep the variable's old buffer alive after
+    # training), only its shape and dtype: a stand-in of one element, broadcast.
+    steps = [replace(s, array=_stand_in(s.array)) if isinstance(s, PlannedDataset) else s for s in recorder.plan.steps]
     try:
         walk = _RememberedWalk(
             include_optimizer,
@@ -380,6 +459,7 @@ def _remember_walk(
             [weakref.ref(s) for s in recorder.sources],
             [(weakref.ref(s), s.name) for s in recorder.named],
             _attribute_state(model),
+            speculative,
         )
     except TypeError:  # something not weakly referenceable: walk every time
         return

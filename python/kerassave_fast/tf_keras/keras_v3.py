@@ -2,8 +2,8 @@
 serializes the config and walks the model; we record where each tensor goes (saving) and serve
 tensors the Rust core already read (loading). The zip itself is `formats/keras_zip`'s.
 
-The flavour interface `formats/keras_zip` calls: `serialize_model_as_json`, `plan_model_state`,
-`build_model`, `load_model_state`, `stock_load_model`.
+The flavour interface `formats/keras_zip` calls: `serialize_model_as_json`, `replay_walk`,
+`plan_model_state`, `build_model`, `load_model_state`, `stock_load_model`.
 """
 
 from __future__ import annotations
@@ -113,6 +113,11 @@ def _record_by_reference() -> None:
             Layer.save_own_variables = _recording_by_reference(Layer.save_own_variables, weights)
         if not hasattr(Optimizer.save_own_variables, "recording_original"):
             Optimizer.save_own_variables = _recording_by_reference(Optimizer.save_own_variables, lambda o: o.variables)
+
+
+def replay_walk(model, include_optimizer: bool = True) -> None:
+    """No walk of tf_keras is remembered (see `keras3.state.replay_walk`): each save walks."""
+    return None
 
 
 def plan_model_state(model, include_optimizer: bool = True):
