@@ -596,7 +596,7 @@ def _save_weights(model, filepath, overwrite, threads, args, kwargs, compression
 
     with _no_gc_pauses():
         if max_shard_size is None:
-            write(weights_file.prepare_save(model, path, threads, compression, alignment))
+            write(weights_file.prepare_save(model, path, threads, compression, alignment, blocking=write is write_now))
         else:
             write(weights_file.prepare_sharded_save(model, path, max_shard_size, threads, compression, alignment))
     return None

@@ -32,12 +32,12 @@ from ..mapped import BACKGROUND, Mapping, refuse_if_replaced, verify_in_backgrou
 from .weights_h5 import (
     Compression,
     Listed,
-    PlannedDataset,
     ReadTensors,
     StreamedWrite,
     WeightsPlan,
     list_before_opening,
     make_layout,
+    placing,
     read_weights,
     remembered_layout,
     reserved_tensors,
@@ -136,12 +136,7 @@ def prepare_save(
                 if layout is not None and last is not None and last[0] == (layout.size, alignment, zip64_limit):
                     # Where it started last time, while the config is serialized (and a replayed walk checked)
                     early = joins.enter_context(StreamedWrite(file, last[1], threads))
-                    offsets = iter(layout.tensor_offsets)
-
-                    def place(dataset: PlannedDataset) -> None:
-                        if dataset.reserved and dataset.array.nbytes:
-                            early.place(next(offsets), dataset.array)
-
+                    place = placing(early, layout)
                     if plan is None:
                         plan = replay.plan(place)
                     else:

@@ -9,10 +9,11 @@ import json
 import os
 
 from ..asynchronous import Write
+from ..files import atomic_replace
 from ..keras3 import state
 from . import sharded_weights
 from .keras_zip import KerasArchive
-from .weights_h5 import Compression, read_ahead, read_weights, write_plan
+from .weights_h5 import Compression, read_ahead, read_weights, write_plan, write_replayed, write_weights_file
 
 
 def _require_built(model, doing: str) -> None:
@@ -24,13 +25,31 @@ def _require_built(model, doing: str) -> None:
 
 
 def prepare_save(
-    model, filepath: str, threads: int = 0, compression: Compression | None = None, alignment: int = 1
+    model,
+    filepath: str,
+    threads: int = 0,
+    compression: Compression | None = None,
+    alignment: int = 1,
+    blocking: bool = False,
 ) -> Write:
     """`model.save_weights(filepath)` for a `.weights.h5` path, in two halves: this one snapshots the
-    variables now and returns the second, which writes the file, replacing any old one only when complete."""
+    variables now and returns the second, which writes the file, replacing any old one only when complete.
+    `blocking`: the second half runs at once, on this thread; a model whose walk is remembered then
+    has each snapshot written as soon as it is taken (see `keras_zip.prepare_save`)."""
     _require_built(model, "saving")
+    replay = state.replay_walk(model, with_assets=False) if blocking and compression is None else None
+    if replay is not None and replay.speculative:
+        return functools.partial(_write_replayed, model, replay, filepath, threads, alignment)
     plan, _ = state.plan_model_state(model, with_assets=False)
     return functools.partial(write_plan, plan, filepath, threads, compression, alignment)
+
+
+def _write_replayed(model, replay: state.Replay, filepath: str, threads: int, alignment: int) -> None:
+    with atomic_replace(filepath) as destination:
+        if not write_replayed(destination.file, replay, threads, alignment):  # walk, and write it all again
+            os.ftruncate(destination.file.fileno(), 0)
+            plan, _ = state.plan_model_state(model, with_assets=False)
+            write_weights_file(destination, plan, threads, None, alignment)
 
 
 def prepare_sharded_save(

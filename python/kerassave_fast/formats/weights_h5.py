@@ -696,6 +696,34 @@ class StreamedWrite:
         self.wait()
 
 
+def placing(streamed: StreamedWrite, layout: Layout) -> Callable[[PlannedDataset], None]:
+    """What hands each dataset of a plan, in its order, to `streamed` at its offset in `layout`."""
+    offsets = iter(layout.tensor_offsets)
+
+    def place(dataset: PlannedDataset) -> None:
+        if dataset.reserved and dataset.array.nbytes:
+            streamed.place(next(offsets), dataset.array)
+
+    return place
+
+
+def write_replayed(file: TensorFile, replay, threads: int = 0, alignment: int = 1) -> bool:
+    """Writes a `.weights.h5` of a remembered walk (`keras3.state.Replay`) into `file`, each snapshot
+    as soon as it is taken, where an earlier save of the same plan left its layout, and checks the
+    walk while they are written. False if it could not (no layout, the walk no longer holds):
+    `file` may then hold stray bytes."""
+    layout = remembered_layout(replay.template, POSIX, alignment)
+    if layout is None:
+        return False
+    with StreamedWrite(file, 0, threads) as streamed:
+        plan = replay.plan(placing(streamed, layout))
+        streamed.flush()
+        if plan is None or not replay.holds():
+            return False
+        streamed.finish(layout)
+    return True
+
+
 def write_weights_file(
     destination: Destination,
     plan: WeightsPlan,
