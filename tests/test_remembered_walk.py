@@ -304,3 +304,42 @@ def test_a_model_its_own_config_changes_is_serialized_once_per_save(tmp_path):
         assert layer.configs == before + 1  # as in stock's save
         keras.saving.save_model(model, tmp_path / f"{i}-stock.keras")
         assert members_but_date(tmp_path / f"{i}-ours.keras") == members_but_date(tmp_path / f"{i}-stock.keras")
+
+
+def test_a_walk_that_can_no_longer_be_remembered_is_forgotten(tmp_path, monkeypatch):
+    """LoRA makes a Dense layer save a kernel it computes: its walk is not remembered, and the one
+    remembered before must not be replayed, written and found wrong at every later save (found by a review)."""
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16)])
+    for _ in range(2):  # the walk and the layout remembered
+        ksf.save_weights(model, tmp_path / "before.weights.h5")
+    model.layers[0].enable_lora(2)
+    written_first = []
+    plan = state.Replay.plan
+    monkeypatch.setattr(
+        state.Replay, "plan", lambda replay, on=None: written_first.append(on is not None) or plan(replay, on)
+    )
+    for i in range(3):
+        ksf.save_weights(model, tmp_path / f"ours{i}.weights.h5")
+        model.save_weights(tmp_path / f"stock{i}.weights.h5")
+        assert (tmp_path / f"ours{i}.weights.h5").read_bytes() == (tmp_path / f"stock{i}.weights.h5").read_bytes()
+    assert model not in state._WALKS
+    assert written_first == []
+
+
+class _KernelOnly(keras.layers.Dense):
+    """The same layer, its class reassigned to one that saves the kernel alone."""
+
+    def save_own_variables(self, store):
+        store["0"] = self.kernel
+
+
+def test_a_reassigned_class_walks_again(tmp_path):
+    """A remembered walk records each object's class: `layer.__class__ = ...` changes what it saves
+    (found by a review)."""
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16)])
+    for _ in range(2):
+        ksf.save_weights(model, tmp_path / "before.weights.h5")
+    model.layers[0].__class__ = _KernelOnly
+    ksf.save_weights(model, tmp_path / "ours.weights.h5")
+    model.save_weights(tmp_path / "stock.weights.h5")
+    assert (tmp_path / "ours.weights.h5").read_bytes() == (tmp_path / "stock.weights.h5").read_bytes()

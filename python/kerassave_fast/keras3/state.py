@@ -192,7 +192,7 @@ def _attribute_state(model) -> list:
         if kind == _VALUE:
             state.append(obj)
         elif kind == _OBJECT:
-            state.append(("object", id(obj)))
+            state.append(("object", id(obj), type(obj)))  # its class too: a `__class__` reassigned
             if id(obj) not in seen:
                 seen.add(id(obj))
                 items = list(vars(obj).items())
@@ -325,11 +325,14 @@ class _RememberedWalk:
     # replay's check failed (a model that changes between saves, whose tensors would be written twice).
     speculative: bool = True
 
+    def same_variables(self, variables: list) -> bool:
+        return len(variables) == len(self.variables) and all(
+            r() is v for r, v in zip(self.variables, variables, strict=True)
+        )
+
     def holds(self, model, variables: list) -> bool:
         """Whether the walk would record the same plan now: nothing it depended on has changed."""
-        if len(variables) != len(self.variables):
-            return False
-        if any(r() is not v for r, v in zip(self.variables, variables, strict=True)):
+        if not self.same_variables(variables):
             return False
         if any(getattr(r(), "name", None) != name for r, name in self.named):  # a layer renamed
             return False
@@ -396,7 +399,10 @@ def replay_walk(model, include_optimizer: bool = True, with_assets: bool = True)
         return None
     if with_assets and not remembered.assets_checked:
         return None
-    return Replay(remembered, model, _all_variables(model, _optimizers_of(model)))
+    variables = _all_variables(model, _optimizers_of(model))
+    if not remembered.same_variables(variables):  # the cheap part of `holds`: no tensor written in vain
+        return None
+    return Replay(remembered, model, variables)
 
 
 def plan_model_state(model, include_optimizer: bool = True, with_assets: bool = True):
@@ -410,11 +416,12 @@ def plan_model_state(model, include_optimizer: bool = True, with_assets: bool = 
     (a layer storing computed values, assets, a new optimizer) walks every time.
     """
     replay = replay_walk(model, include_optimizer, with_assets)
-    if replay is not None and replay.holds():
-        plan = replay.plan()
+    if replay is not None:
+        plan = replay.plan() if replay.holds() else None
         if plan is not None:
             replay.walk.speculative = True
             return plan, NoAssets() if with_assets else None
+        replay.walk.speculative = False  # until a replay holds again, or a new walk replaces it
     _cache_attr_skipsets()
     optimizers = _optimizers_of(model)
     variables = _all_variables(model, optimizers)
@@ -434,19 +441,24 @@ def plan_model_state(model, include_optimizer: bool = True, with_assets: bool = 
         if assets is not None:
             assets.close()
         raise
-    if assets is None or not assets.used:
-        _remember_walk(model, include_optimizer, assets is not None, variables, recorder, replay is None)
+    remembered = assets is None or not assets.used
+    if remembered:
+        remembered = _remember_walk(model, include_optimizer, assets is not None, variables, recorder, replay is None)
+    if not remembered:  # a walk remembered before no longer describes the model
+        with _WALKS_LOCK:
+            _WALKS.pop(model, None)
     return recorder.plan, assets
 
 
 def _remember_walk(
     model, include_optimizer: bool, assets_checked: bool, variables: list, recorder: _WeightsRecorder, speculative: bool
-) -> None:
+) -> bool:
+    """Remembers the walk `recorder` made of `model`, if it can be replayed; returns whether it did."""
     known = {id(v) for v in variables}
     if not recorder.replayable or not all(id(s) in known for s in recorder.sources):
-        return
+        return False
     if any(s is None for s in recorder.named):
-        return
+        return False
     # The template keeps no snapshot (a view would keep the variable's old buffer alive after
     # training), only its shape and dtype: a stand-in of one element, broadcast.
     steps = [replace(s, array=_stand_in(s.array)) if isinstance(s, PlannedDataset) else s for s in recorder.plan.steps]
@@ -462,9 +474,10 @@ def _remember_walk(
             speculative,
         )
     except TypeError:  # something not weakly referenceable: walk every time
-        return
+        return False
     with _WALKS_LOCK:
         _WALKS[model] = walk
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
