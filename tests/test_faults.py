@@ -176,5 +176,6 @@ def test_full_disk_gives_enospc_and_keeps_the_previous_file(small_tmpfs, suffix)
     with pytest.raises(OSError) as e:
         save(big, path)
     assert e.value.errno == errno.ENOSPC
+    assert any(n.startswith(f"{path} was not saved") for n in getattr(e.value, "__notes__", [])), e.value
     assert path.read_bytes() == before
     assert os.listdir(small_tmpfs) == [path.name]

@@ -183,10 +183,15 @@ def atomic_replace(filepath: str) -> Iterator[Destination]:
             _release_later(held)
         if _FSYNC.get():
             _sync_directory(directory)  # then the name
-    except BaseException:
+    except BaseException as e:
         if fd >= 0:
             os.close(fd)
         if tmp_path is not None:
+            if isinstance(e, OSError) and e.filename is not None and os.fsencode(e.filename) == os.fsencode(tmp_path):
+                e.add_note(
+                    f"{filepath} was not saved; its previous content is unchanged (the error names the "
+                    "temporary file it was written to, now removed)"
+                )
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_path)
         raise
