@@ -46,11 +46,7 @@ def plan_of(model):
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_zoo_models_are_laid_out_as_h5py_lays_them_out(model_zoo, name):
-    plan = plan_of(model_zoo(name))
-    if weights_h5._replayable_steps(plan) is None:  # bfloat16 (a dtype attribute) goes to h5py
-        assert any(d.array.dtype == weights_h5.BFLOAT16 for d in plan.datasets)
-        return
-    assert_replayed_as_h5py(plan)
+    assert_replayed_as_h5py(plan_of(model_zoo(name)))
 
 
 @pytest.mark.parametrize("width", [40, 300])
@@ -61,7 +57,10 @@ def test_wide_models_are_laid_out_as_h5py_lays_them_out(width):
     assert_replayed_as_h5py(plan_of(model))
 
 
-_DTYPES = ["float16", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64"]
+_DTYPES = [
+    *("float16", "float32", "float64", "bfloat16"),
+    *("int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64"),
+]
 
 
 def random_plan(seed: int) -> weights_h5.WeightsPlan:
@@ -96,7 +95,10 @@ def random_plan(seed: int) -> weights_h5.WeightsPlan:
                 continue
             rank = int(rng.integers(0, 9))
             shape = tuple(int(rng.integers(0 if rng.random() < 0.05 else 1, 4)) for _ in range(rank))
-            plan.add_dataset(group, leaf, np.zeros(shape, rng.choice(_DTYPES)))
+            dtype = rng.choice(_DTYPES)
+            if dtype == "bfloat16":  # its `dtype` attribute fits the header of up to 6 dimensions
+                shape, dtype = shape[:6], weights_h5.BFLOAT16
+            plan.add_dataset(group, leaf, np.zeros(shape, dtype))
     return plan
 
 
@@ -115,15 +117,28 @@ def test_what_is_not_replayed_is_left_to_h5py():
     assert hdf5_layout.lay_out(weights_h5._replayable_steps(plan)) is None
     plan = weights_h5.WeightsPlan()
     plan.add_group("vars")
-    plan.add_dataset("vars", "0", np.zeros(3, weights_h5.BFLOAT16))  # a `dtype` attribute beside it
-    assert weights_h5._replayable_steps(plan) is None
+    plan.add_dataset("vars", "0", np.zeros((1,) * 8, weights_h5.BFLOAT16))  # its `dtype` attribute does not fit
+    assert hdf5_layout.lay_out(weights_h5._replayable_steps(plan)) is None
 
 
-def test_a_first_save_runs_no_h5py_and_writes_stocks_file(model_zoo, tmp_path, monkeypatch):
+@pytest.mark.parametrize("rank", range(7))
+def test_bfloat16_and_its_dtype_attribute_are_laid_out_as_h5py_lays_them_out(rank):
+    """Keras 3 stores a bfloat16 tensor as opaque 2-byte words and a `dtype` attribute: a string
+    in the global heap, its message in the dataset header's free space."""
+    plan = weights_h5.WeightsPlan()
+    plan.add_group("vars", {"name": "dense"})
+    for i in range(3):
+        plan.add_dataset("vars", str(i), np.zeros((2,) * rank, weights_h5.BFLOAT16))
+        plan.add_dataset("vars", str(i + 3), np.zeros((2,) * rank, "float32"))
+    assert_replayed_as_h5py(plan)
+
+
+@pytest.mark.parametrize("name", ["convnet", "low_precision"])  # low_precision: bfloat16 and float16
+def test_a_first_save_runs_no_h5py_and_writes_stocks_file(model_zoo, tmp_path, monkeypatch, name):
     import kerassave_fast as ksf
     from conftest import member
 
-    model = model_zoo("convnet")
+    model = model_zoo(name)
     weights_h5._LAYOUTS.clear()
 
     def refuse(*args, **kwargs):

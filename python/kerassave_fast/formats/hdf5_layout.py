@@ -3,7 +3,8 @@
 A `.keras` member is written by stock through h5py's file-object driver with libhdf5's defaults:
 superblock 0, old-style groups (a v1 B-tree of symbol-table nodes, names in a local heap), v1
 object headers, contiguous datasets whose storage is allocated at their first write, and each
-group's `name` attribute a variable-length string in a global heap collection. That driver
+group's `name` attribute (and a bfloat16 dataset's `dtype`) a variable-length string in a global
+heap collection. That driver
 aggregates nothing: every allocation takes the smallest free section that fits (metadata and raw
 data apart, as its free-list map does), else grows the file. Replaying libhdf5's allocations and
 its B-tree, heap and object header rules gives the file's bytes without running it: a first save
@@ -197,6 +198,27 @@ class _TreeNode:
         return [(self.address, data + bytes(_BTREE_SIZE - len(data)))]
 
 
+_VLEN_STRING = bytes([0x19, 1, 1, 0]) + struct.pack("<I", 16) + bytes([0x10, 0, 0, 0]) + struct.pack("<IHH", 1, 0, 8)
+
+
+def _string_attribute_size(name: str) -> int:
+    """The body size of `_string_attribute`'s message."""
+    return 8 + _align8(len(name) + 1) + _align8(len(_VLEN_STRING)) + 8 + 16
+
+
+def _string_attribute(file: _File, name: str, value: str) -> bytes:
+    """The attribute message of h5py's `attrs[name] = value` (a UTF-8 variable-length string, its
+    value put in the global heap now)."""
+    encoded = name.encode() + b"\0"
+    raw = value.encode()
+    collection, index = file.global_heap.insert(raw)
+    body = struct.pack("<BBHHH", 1, 0, len(encoded), len(_VLEN_STRING), 8)
+    body += encoded + bytes(_align8(len(encoded)) - len(encoded))
+    body += _VLEN_STRING + bytes(_align8(len(_VLEN_STRING)) - len(_VLEN_STRING))
+    body += bytes([1, 0, 0, 0, 0, 0, 0, 0]) + struct.pack("<IQI", len(raw), collection, index)
+    return _message(0x0C, body)
+
+
 class _Group:
     """An old-style group: header, B-tree, local heap; links inserted as H5B/H5G insert them."""
 
@@ -212,24 +234,14 @@ class _Group:
     def add_string_attribute(self, name: str, value: str) -> None:
         """`attrs[name] = value`: grows the header in place if free space follows it, else moves its
         symbol-table message into a new chunk beside the attribute; the value goes to the global heap."""
-        encoded = name.encode() + b"\0"
-        vlen_string = (
-            bytes([0x19, 1, 1, 0]) + struct.pack("<I", 16) + bytes([0x10, 0, 0, 0]) + struct.pack("<IHH", 1, 0, 8)
-        )
-        size = 8 + _align8(len(encoded)) + _align8(len(vlen_string)) + 8 + 16
+        size = _string_attribute_size(name)
         space = self.file.space
         chunk = (
             None
             if space.try_extend(_META, self.address, _GROUP_HEADER, 8 + size)
             else space.alloc(_META, 24 + 8 + size)
         )
-        raw = value.encode()
-        collection, index = self.file.global_heap.insert(raw)
-        body = struct.pack("<BBHHH", 1, 0, len(encoded), len(vlen_string), 8)
-        body += encoded + bytes(_align8(len(encoded)) - len(encoded))
-        body += vlen_string + bytes(_align8(len(vlen_string)) - len(vlen_string))
-        body += bytes([1, 0, 0, 0, 0, 0, 0, 0]) + struct.pack("<IQI", len(raw), collection, index)
-        self.attribute = (chunk, _message(0x0C, body))
+        self.attribute = (chunk, _string_attribute(self.file, name, value))
 
     def pieces(self) -> list[tuple[int, bytes]]:
         table = _message(0x11, struct.pack("<QQ", self.tree.address, self.heap.address))
@@ -412,17 +424,40 @@ class _Dataset:
     def __init__(self, file: _File, array: np.ndarray):
         self.array = array
         self.address = file.space.alloc(_META, _DATASET_HEADER)
-        self.data_address = file.space.alloc(_RAW, array.nbytes) if array.size else _UNDEFINED
+        self.data_address = _UNDEFINED
+        self.attribute: bytes | None = None
         file.objects.append(self)
 
-    def pieces(self) -> list[tuple[int, bytes]]:
+    def write_first_element(self, file: _File) -> None:
+        """The first write allocates the storage (contiguous, late allocation)."""
+        if self.array.size:
+            self.data_address = file.space.alloc(_RAW, self.array.nbytes)
+
+    def add_string_attribute(self, file: _File, name: str, value: str) -> None:
+        """`attrs[name] = value` (Keras' `dtype` of a bfloat16): the message takes the front of the
+        header's null message, which keeps the rest."""
+        before, after = self._fixed()
+        if 8 + _string_attribute_size(name) + 8 > _null_size(before, after) + 8:
+            raise _NotCovered("the attribute does not fit the dataset's header")
+        self.attribute = _string_attribute(file, name, value)
+
+    def _fixed(self) -> tuple[bytes, bytes]:
         key = (self.array.dtype.str, self.array.shape)
         if key not in _HEADERS:  # made once per kind of dataset: all but the data address
             if len(_HEADERS) > 4096:
                 _HEADERS.clear()
             _HEADERS[key] = self._header()
-        before, after = _HEADERS[key]
-        return [(self.address, before + struct.pack("<Q", self.data_address) + after)]
+        return _HEADERS[key]
+
+    def pieces(self) -> list[tuple[int, bytes]]:
+        before, after = self._fixed()
+        null = _null_size(before, after)
+        if self.attribute is not None:  # one message more, the null message shorter
+            before = before[:2] + struct.pack("<H", 6) + before[4:]
+            after += self.attribute
+            null -= len(self.attribute)
+        header = before + struct.pack("<Q", self.data_address) + after + struct.pack("<HHB3x", 0, null, 0)
+        return [(self.address, header + bytes(_DATASET_HEADER - len(header)))]
 
     def _header(self) -> tuple[bytes, bytes]:
         """The header's bytes before and after the data address in its layout message."""
@@ -432,7 +467,9 @@ class _Dataset:
         else:
             space = bytes([1, 0, 0, 0, 0, 0, 0, 0])
         size = array.dtype.itemsize
-        if array.dtype.kind == "f":
+        if array.dtype.kind == "V":  # bfloat16: h5py stores it as opaque bytes, with no tag
+            dtype = bytes([0x15, 0, 0, 0]) + struct.pack("<I", size)
+        elif array.dtype.kind == "f":
             sign, exponent_at, exponent_bits, mantissa_bits, bias = _FLOAT_BITS[size]
             dtype = bytes([0x11, 0x20, sign, 0]) + struct.pack(
                 "<IHHBBBBI", size, 0, size * 8, exponent_at, exponent_bits, 0, mantissa_bits, bias
@@ -443,8 +480,12 @@ class _Dataset:
         before = struct.pack("<BBHII4x", 1, 0, 5, 1, _DATASET_HEADER - 16) + messages
         before += struct.pack("<HHB3x", 8, 24, 0) + bytes([3, 1])  # contiguous layout, version 3
         after = struct.pack("<Q", array.nbytes if array.size else 0) + bytes(6)
-        null = _DATASET_HEADER - (len(before) + 8 + len(after)) - 8
-        return before, after + struct.pack("<HHB3x", 0, null, 0)  # the rest of the header: a null message
+        return before, after
+
+
+def _null_size(before: bytes, after: bytes) -> int:
+    """The size of the null message that fills the rest of a dataset's header."""
+    return _DATASET_HEADER - (len(before) + 8 + len(after)) - 8
 
 
 class _File:
@@ -467,9 +508,17 @@ class _File:
         for key, value in (attrs or {}).items():
             group.add_string_attribute(key, value)
 
-    def dataset(self, group: str, name: str, array: np.ndarray) -> _Dataset:
+    def dataset(self, group: str, name: str, array: np.ndarray, attrs: dict | None) -> _Dataset:
+        """`group[name] = array` (created, written, then linked), or with `attrs` Keras'
+        `create_dataset(name, data=array)` (created and linked, then written) and `attrs` set."""
         dataset = _Dataset(self, array)
+        if not attrs:
+            dataset.write_first_element(self)
         self.groups[group].link(name.encode(), dataset.address)
+        if attrs:
+            dataset.write_first_element(self)
+        for key, value in (attrs or {}).items():
+            dataset.add_string_attribute(self, key, value)
         return dataset
 
     def pieces(self) -> list[tuple[int, bytes]]:
@@ -484,6 +533,13 @@ def _ascii_name(name: str) -> bool:
     return name.isascii() and "/" not in name and name not in ("", ".")
 
 
+def _covered_attributes(attrs: dict | None) -> bool:
+    """At most one attribute, an ASCII string under an ASCII name (Keras' `name` and `dtype`)."""
+    return not attrs or (
+        len(attrs) == 1 and all(_ascii_name(k) and isinstance(v, str) and v.isascii() for k, v in attrs.items())
+    )
+
+
 def _covered_array(array: np.ndarray) -> bool:
     dtype = array.dtype
     return (
@@ -492,6 +548,7 @@ def _covered_array(array: np.ndarray) -> bool:
         and (
             (dtype.kind == "f" and dtype.itemsize in _FLOAT_BITS)
             or (dtype.kind in "iu" and dtype.itemsize in (1, 2, 4, 8))
+            or (dtype.name == "bfloat16" and dtype.itemsize == 2)
         )
         and array.ndim <= _MAX_RANK
     )
@@ -499,7 +556,7 @@ def _covered_array(array: np.ndarray) -> bool:
 
 def lay_out(steps: list[tuple]) -> tuple[int, list[tuple[int, np.ndarray]], list[tuple[int, bytes]]] | None:
     """The file h5py would write for `steps` -- ("group", path, attributes or None) and ("dataset",
-    group path, name, array), in order -- through its file-object driver: (its size, the (offset,
+    group path, name, array, attributes or None), in order -- through its file-object driver: (its size, the (offset,
     array) of each dataset with bytes, in order, and every other byte as (offset, bytes) pieces,
     the tensors' first elements left out); None for what this module does not replay."""
     file = _File()
@@ -510,19 +567,18 @@ def lay_out(steps: list[tuple]) -> tuple[int, list[tuple[int, np.ndarray]], list
                 _, path, attrs = step
                 if not all(_ascii_name(part) for part in path.split("/")):
                     return None
-                if attrs and not (
-                    len(attrs) == 1
-                    and all(_ascii_name(k) and isinstance(v, str) and v.isascii() for k, v in attrs.items())
-                ):
+                if not _covered_attributes(attrs):
                     return None
                 if path in file.groups:
                     return None
                 file.group(path, attrs)
             else:
-                _, group, name, array = step
+                _, group, name, array, attrs = step
                 if group not in file.groups or not _ascii_name(name) or not _covered_array(array):
                     return None
-                dataset = file.dataset(group, name, array)
+                if not _covered_attributes(attrs):
+                    return None
+                dataset = file.dataset(group, name, array, attrs)
                 if array.nbytes:
                     placed.append((dataset.data_address, array))
     except (_NotCovered, ValueError):  # ValueError: a name twice in a group, which h5py refuses

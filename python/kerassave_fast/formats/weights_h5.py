@@ -500,16 +500,17 @@ def _lay_out_in_memory(
 
 def _replayable_steps(plan: WeightsPlan) -> list[tuple] | None:
     """The plan as `hdf5_layout` takes it, or None if h5py must lay it out: this h5py's libhdf5
-    is not the one replayed, h5py tracks creation order, a Keras bfloat16 (its `dtype`
-    attribute), an attribute of a legacy file, a dataset h5py writes itself."""
+    is not the one replayed, h5py tracks creation order, an attribute of a legacy file, a dataset
+    h5py writes itself."""
     if h5py.version.hdf5_version != hdf5_layout.HDF5_VERSION or h5py.get_config().track_order:
         return None
     steps: list[tuple] = []
     for step in plan.steps:
         if isinstance(step, PlannedGroup):
             steps.append(("group", step.path, step.attrs))
-        elif isinstance(step, PlannedDataset) and step.reserved and not step.created and step.array.dtype != BFLOAT16:
-            steps.append(("dataset", step.group, step.name, step.array))
+        elif isinstance(step, PlannedDataset) and step.reserved and not step.created:
+            bfloat16 = step.array.dtype == BFLOAT16  # Keras 3 marks it with a `dtype` attribute
+            steps.append(("dataset", step.group, step.name, step.array, {"dtype": "bfloat16"} if bfloat16 else None))
         else:
             return None
     return steps
