@@ -223,6 +223,15 @@ class _TwoHeads(keras.Model):
         )
 
 
+def _written_before_checked(monkeypatch) -> list[bool]:
+    """Records, for each replay whose snapshots are taken, whether each was written as it was taken."""
+    written, plan = [], state.Replay.plan
+    monkeypatch.setattr(
+        state.Replay, "plan", lambda replay, on=None: written.append(on is not None) or plan(replay, on)
+    )
+    return written
+
+
 @pytest.mark.parametrize("change", ["swap", "reassign", "property", "nested", "tuple"])
 @pytest.mark.parametrize("suffix", [".weights.h5", ".keras"])
 def test_an_attribute_pointed_at_another_layer_walks_again(tmp_path, monkeypatch, change, suffix):
@@ -248,12 +257,9 @@ def test_an_attribute_pointed_at_another_layer_walks_again(tmp_path, monkeypatch
         model.groups[0][0], model.groups[1][0] = model.groups[1][0], model.groups[0][0]
     else:
         model.pair = (model.pair[1], model.pair[0])
-    checks, written_first = [], []
-    holds, plan = state.Replay.holds, state.Replay.plan
+    checks, holds = [], state.Replay.holds
     monkeypatch.setattr(state.Replay, "holds", lambda replay: checks.append(holds(replay)) or checks[-1])
-    monkeypatch.setattr(
-        state.Replay, "plan", lambda replay, on=None: written_first.append(on is not None) or plan(replay, on)
-    )
+    written_first = _written_before_checked(monkeypatch)
     save_ours(model, tmp_path / f"ours{suffix}")
     monkeypatch.undo()
     assert checks and not any(checks)
@@ -313,11 +319,7 @@ def test_a_walk_that_can_no_longer_be_remembered_is_forgotten(tmp_path, monkeypa
     for _ in range(2):  # the walk and the layout remembered
         ksf.save_weights(model, tmp_path / "before.weights.h5")
     model.layers[0].enable_lora(2)
-    written_first = []
-    plan = state.Replay.plan
-    monkeypatch.setattr(
-        state.Replay, "plan", lambda replay, on=None: written_first.append(on is not None) or plan(replay, on)
-    )
+    written_first = _written_before_checked(monkeypatch)
     for i in range(3):
         ksf.save_weights(model, tmp_path / f"ours{i}.weights.h5")
         model.save_weights(tmp_path / f"stock{i}.weights.h5")

@@ -645,8 +645,7 @@ class StreamedWrite:
         self._batch.append((offset, array))
         self._batch_bytes += array.nbytes
         if self._batch_bytes >= _STREAM_BATCH:
-            self._placed.put(self._batch)
-            self._batch, self._batch_bytes = [], 0
+            self.flush()
 
     def flush(self) -> None:
         """Hands over the tensors placed so far now."""

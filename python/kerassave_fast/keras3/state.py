@@ -19,7 +19,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import h5py
 import numpy as np
@@ -461,7 +461,7 @@ def _remember_walk(
         return False
     # The template keeps no snapshot (a view would keep the variable's old buffer alive after
     # training), only its shape and dtype: a stand-in of one element, broadcast.
-    steps = [replace(s, array=_stand_in(s.array)) if isinstance(s, PlannedDataset) else s for s in recorder.plan.steps]
+    steps = [s.with_array(_stand_in(s.array)) if isinstance(s, PlannedDataset) else s for s in recorder.plan.steps]
     try:
         walk = _RememberedWalk(
             include_optimizer,
