@@ -846,6 +846,47 @@ fn hdf5_stored_datasets(
     })
 }
 
+/// A step of `hdf5_lay_out`: a group (path, "", None, attribute) or a dataset (its group, name,
+/// (numpy dtype kind, item size, shape), attribute); an attribute is (name, string value).
+type LayoutStep = (String, String, Option<(char, u8, Vec<u64>)>, Option<(String, String)>);
+
+/// The HDF5 file h5py's file-object driver would write for `steps` (see `hdf5::layout`), laid out
+/// with the GIL released: (its size, the offset of each dataset with bytes in order, the bytes
+/// between those datasets as (start, bytes)); None when h5py must lay it out.
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+fn hdf5_lay_out<'py>(
+    py: Python<'py>,
+    steps: Vec<LayoutStep>,
+) -> PyResult<Option<(u64, Vec<u64>, Vec<(u64, Bound<'py, PyBytes>)>)>> {
+    use hdf5::layout::{Element, Step};
+    let mut planned = Vec::with_capacity(steps.len());
+    for (path, name, dataset, attribute) in steps {
+        planned.push(match dataset {
+            None => Step::Group { path, attribute },
+            Some((kind, size, shape)) => {
+                let Some(element) = Element::from_numpy(kind, size) else {
+                    return Ok(None);
+                };
+                Step::Dataset {
+                    group: path,
+                    name,
+                    element,
+                    shape,
+                    attribute,
+                }
+            }
+        });
+    }
+    let Ok(layout) = py.detach(|| hdf5::layout::lay_out(&planned)) else {
+        return Ok(None);
+    };
+    let between = (layout.between.iter())
+        .map(|(start, data)| (*start, PyBytes::new(py, data)))
+        .collect();
+    Ok(Some((layout.size, layout.tensor_offsets, between)))
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("KerasSaveError", m.py().get_type::<KerasSaveError>())?;
@@ -862,6 +903,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(bundle_write_sharded_index, m)?)?;
     m.add_function(wrap_pyfunction!(hdf5_stored_datasets, m)?)?;
     m.add_function(wrap_pyfunction!(hdf5_encode_chunks, m)?)?;
+    m.add_function(wrap_pyfunction!(hdf5_lay_out, m)?)?;
+    m.add("HDF5_LAID_OUT_VERSION", hdf5::layout::HDF5_VERSION)?;
     m.add_function(wrap_pyfunction!(tensor_bytes_moved, m)?)?;
     Ok(())
 }

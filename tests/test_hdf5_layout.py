@@ -1,4 +1,4 @@
-"""The weights member's HDF5 layout replayed without h5py (formats/hdf5_layout.py) against h5py's
+"""The weights member's HDF5 layout replayed without h5py (rust/hdf5/layout.rs) against h5py's
 own, byte for byte: every model of the zoo, wide models (B-tree root splits, heap growth, several
 global heap collections, headers grown in place), and random plans."""
 
@@ -12,7 +12,7 @@ import pytest
 
 from conftest import MODELS, _trained
 from kerassave_fast.files import SparseImage
-from kerassave_fast.formats import hdf5_layout, weights_h5
+from kerassave_fast.formats import weights_h5
 from kerassave_fast.keras3 import state
 
 
@@ -23,12 +23,10 @@ def h5py_layout(plan):
 
 
 def replayed_layout(plan):
-    steps = weights_h5._replayable_steps(plan)
-    assert steps is not None, "the plan should be covered"
-    laid_out = hdf5_layout.lay_out(steps)
+    laid_out = weights_h5._replayed_layout(plan)
     assert laid_out is not None, "the plan should be covered"
-    size, placed, pieces = laid_out
-    return size, [o for o, _ in placed], weights_h5._between_tensors(placed, size, pieces)
+    size, placed, contents = laid_out
+    return size, [o for o, _ in placed], contents
 
 
 def assert_replayed_as_h5py(plan):
@@ -110,15 +108,15 @@ def test_random_plans_are_laid_out_as_h5py_lays_them_out(seed):
 def test_what_is_not_replayed_is_left_to_h5py():
     plan = weights_h5.WeightsPlan()
     plan.add_group("vars", {"name": "caf\u00e9"})  # a non-ASCII value
-    assert hdf5_layout.lay_out(weights_h5._replayable_steps(plan)) is None
+    assert weights_h5._replayed_layout(plan) is None
     plan = weights_h5.WeightsPlan()
     plan.add_group("vars")
     plan.add_dataset("vars", "0", np.zeros(3, bool))  # an HDF5 enum
-    assert hdf5_layout.lay_out(weights_h5._replayable_steps(plan)) is None
+    assert weights_h5._replayed_layout(plan) is None
     plan = weights_h5.WeightsPlan()
     plan.add_group("vars")
     plan.add_dataset("vars", "0", np.zeros((1,) * 8, weights_h5.BFLOAT16))  # its `dtype` attribute does not fit
-    assert hdf5_layout.lay_out(weights_h5._replayable_steps(plan)) is None
+    assert weights_h5._replayed_layout(plan) is None
 
 
 @pytest.mark.parametrize("rank", range(7))

@@ -110,5 +110,15 @@ class StoredChunk:
     """One chunk as HDF5 stores it: read-only bytes (the buffer protocol), made by the core."""
     def __buffer__(self, flags: int, /) -> memoryview: ...
 
+HDF5_LAID_OUT_VERSION: str  # the libhdf5 whose layout `hdf5_lay_out` replays
+
+def hdf5_lay_out(
+    steps: Sequence[tuple[str, str, tuple[str, int, tuple[int, ...]] | None, tuple[str, str] | None]],
+) -> tuple[int, list[int], list[tuple[int, bytes]]] | None:
+    """The HDF5 file h5py's file-object driver writes for `steps`, laid out without h5py: each step
+    a group (path, "", None, attribute) or a dataset (group, name, (dtype kind, item size, shape),
+    attribute), an attribute (name, string). Returns (file size, offset of each dataset with bytes
+    in order, the bytes between those datasets as (start, bytes)); None when h5py must lay it out."""
+
 def tensor_bytes_moved() -> int:
     """Tensor bytes the core has written, read or compressed in this process so far (for progress bars)."""

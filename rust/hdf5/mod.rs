@@ -5,6 +5,7 @@
 
 pub mod chunks;
 pub mod filters;
+pub mod layout;
 pub mod reader;
 pub mod shuffle;
 

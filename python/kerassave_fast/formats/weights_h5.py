@@ -28,11 +28,17 @@ from h5py import h5d, h5o, h5p, h5s, h5t
 from h5py._hl import base
 from h5py._hl.dataset import make_new_dset
 
-from .._core import KerasSaveError, TensorFile, hdf5_encode_chunks, hdf5_stored_datasets
+from .._core import (
+    HDF5_LAID_OUT_VERSION,
+    KerasSaveError,
+    TensorFile,
+    hdf5_encode_chunks,
+    hdf5_lay_out,
+    hdf5_stored_datasets,
+)
 from ..files import Destination, FileRegion, FileWindow, SparseImage, atomic_replace, changed
 from ..mapped import Mapping, refuse_if_replaced
 from ..tensors import BFLOAT16, aligned_empty, as_bytes, snapshot
-from . import hdf5_layout
 
 
 @dataclass
@@ -483,37 +489,50 @@ def _gaps(placed: list[tuple[int, np.ndarray]], size: int) -> list[tuple[int, in
 def _lay_out_in_memory(
     plan: WeightsPlan, alignment: int, on_placed: OnPlaced
 ) -> tuple[int, list[tuple[int, np.ndarray]], list[bytes]]:
-    """h5py's file-object driver over an in-memory image, or its layout replayed without h5py
-    (`hdf5_layout`) when it covers the plan."""
-    steps = _replayable_steps(plan) if alignment == 1 else None
-    laid_out = hdf5_layout.lay_out(steps) if steps is not None else None
+    """h5py's file-object driver over an in-memory image, or its layout replayed by the Rust core
+    without h5py when the replay covers the plan."""
+    laid_out = _replayed_layout(plan) if alignment == 1 else None
     if laid_out is not None:
-        size, placed, pieces = laid_out
+        size, placed, contents = laid_out
         if on_placed is not None:
             for offset, array in placed:
                 on_placed(offset, array)
-        return size, placed, _between_tensors(placed, size, pieces)
+        return size, placed, contents
     image = SparseImage()
     placed = write_skeleton(image, plan, None, 0, alignment, on_placed)
     return image.size, placed, _between_tensors(placed, image.size, image.writes)
 
 
-def _replayable_steps(plan: WeightsPlan) -> list[tuple] | None:
-    """The plan as `hdf5_layout` takes it, or None if h5py must lay it out: this h5py's libhdf5
-    is not the one replayed, h5py tracks creation order, an attribute of a legacy file, a dataset
-    h5py writes itself."""
-    if h5py.version.hdf5_version != hdf5_layout.HDF5_VERSION or h5py.get_config().track_order:
+def _replayed_layout(plan: WeightsPlan) -> tuple[int, list[tuple[int, np.ndarray]], list[bytes]] | None:
+    """What h5py's file-object driver would write for the plan, laid out by the Rust core's replay
+    of libhdf5 (`rust/hdf5/layout.rs`): (size, (offset, array) of each tensor with bytes, the bytes
+    between them). None when h5py must lay it out: this h5py's libhdf5 is not the one replayed, h5py
+    tracks creation order, a step the replay does not cover (an attribute of a legacy file, a
+    dataset h5py writes itself, a name or string that is not ASCII, an HDF5 type other than numbers)."""
+    if h5py.version.hdf5_version != HDF5_LAID_OUT_VERSION or h5py.get_config().track_order:
         return None
     steps: list[tuple] = []
     for step in plan.steps:
         if isinstance(step, PlannedGroup):
-            steps.append(("group", step.path, step.attrs))
+            attrs = step.attrs or {}
+            if len(attrs) > 1 or not all(isinstance(v, str) for v in attrs.values()):
+                return None
+            steps.append((step.path, "", None, next(iter(attrs.items()), None)))
         elif isinstance(step, PlannedDataset) and step.reserved and not step.created:
-            bfloat16 = step.array.dtype == BFLOAT16  # Keras 3 marks it with a `dtype` attribute
-            steps.append(("dataset", step.group, step.name, step.array, {"dtype": "bfloat16"} if bfloat16 else None))
+            dtype = step.array.dtype
+            bfloat16 = dtype == BFLOAT16  # opaque words, and Keras 3 marks it with a `dtype` attribute
+            if not dtype.isnative or dtype.byteorder not in "=<|" or (dtype.kind == "V" and not bfloat16):
+                return None
+            element = (dtype.kind, dtype.itemsize, step.array.shape)
+            steps.append((step.group, step.name, element, ("dtype", "bfloat16") if bfloat16 else None))
         else:
             return None
-    return steps
+    laid_out = hdf5_lay_out(steps)
+    if laid_out is None:
+        return None
+    size, offsets, between = laid_out
+    tensors = [d.array for d in plan.datasets if d.array.nbytes]
+    return size, list(zip(offsets, tensors, strict=True)), [data for _, data in between]
 
 
 def _between_tensors(placed: list[tuple[int, np.ndarray]], size: int, writes) -> list[bytes]:

@@ -1,0 +1,1137 @@
+//! The HDF5 file h5py writes for a Keras 3 weights member, laid out without h5py or libhdf5.
+//!
+//! A `.keras` member is written by stock through h5py's file-object driver with libhdf5's
+//! defaults: superblock 0, old-style groups (a v1 B-tree of symbol-table nodes, names in a local
+//! heap), v1 object headers, contiguous datasets whose storage is allocated at their first write,
+//! and each group's `name` attribute (and a bfloat16 dataset's `dtype`) a variable-length string in
+//! a global heap collection. That driver aggregates nothing: every allocation takes the smallest
+//! free section that fits (metadata and raw data apart, as libhdf5's free-list map keeps them),
+//! else grows the file. Replaying libhdf5's allocations and its B-tree, heap and object header
+//! rules gives the file's bytes without running it, so a first save of an architecture does not
+//! wait for h5py. `lay_out` returns `NotCovered` for what it does not replay (h5py lays that out);
+//! the Python tests hold it to h5py's bytes.
+
+use std::collections::HashMap;
+
+/// The libhdf5 whose allocations this replays (the one h5py bundles).
+pub const HDF5_VERSION: &str = "1.14.6";
+
+const UNDEFINED: u64 = u64::MAX;
+const META: usize = 0; // the free-list map's two kinds of space
+const RAW: usize = 1;
+const LEAF_K: usize = 4; // symbol-table node and group B-tree widths (superblock 0 defaults)
+const NODE_K: usize = 16;
+const SNOD_SIZE: u64 = 8 + 2 * LEAF_K as u64 * 40;
+const BTREE_SIZE: u64 = 24 + 2 * NODE_K as u64 * 16 + 8;
+const HEAP_PREFIX: u64 = 32;
+const HEAP_HINT: u64 = 88;
+const HEAP_FREE_MIN: u64 = 16;
+const GROUP_HEADER: u64 = 40; // prefix + the symbol-table message
+const DATASET_HEADER: usize = 16 + 256; // prefix + H5D's minimum header size
+const GHEAP_MIN: u64 = 4096;
+const GHEAP_OBJECT: u64 = 16;
+const GHEAP_HEADER: u64 = 16;
+const GHEAP_MAX: u64 = 65536;
+const CWFS_MAX: usize = 16;
+const SPLIT_RATIOS: [f64; 3] = [0.1, 0.5, 0.9]; // left-most, middle, right-most B-tree node
+/// The dataspace message still fits the minimum header with the other messages.
+pub const MAX_RANK: usize = 8;
+
+/// Why a plan is left to h5py.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotCovered(pub String);
+
+type Covered<T> = Result<T, NotCovered>;
+
+fn not_covered<T>(why: impl Into<String>) -> Covered<T> {
+    Err(NotCovered(why.into()))
+}
+
+/// A dataset's element type, as numpy names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Element {
+    Float(u8),
+    Signed(u8),
+    Unsigned(u8),
+    /// Opaque words with no tag: how h5py stores bfloat16.
+    Opaque(u8),
+}
+
+impl Element {
+    /// From numpy's dtype `kind` and `itemsize`; None for what is not replayed.
+    pub fn from_numpy(kind: char, size: u8) -> Option<Self> {
+        match (kind, size) {
+            ('f', 2 | 4 | 8) => Some(Self::Float(size)),
+            ('i', 1 | 2 | 4 | 8) => Some(Self::Signed(size)),
+            ('u', 1 | 2 | 4 | 8) => Some(Self::Unsigned(size)),
+            ('V', 2) => Some(Self::Opaque(size)),
+            _ => None,
+        }
+    }
+
+    fn size(self) -> u64 {
+        match self {
+            Self::Float(s) | Self::Signed(s) | Self::Unsigned(s) | Self::Opaque(s) => s as u64,
+        }
+    }
+
+    /// The datatype message's body.
+    fn message(self) -> Vec<u8> {
+        let size = self.size() as u32;
+        let mut out = Vec::with_capacity(24);
+        match self {
+            Self::Opaque(_) => {
+                out.extend([0x15, 0, 0, 0]);
+                out.extend(size.to_le_bytes());
+            }
+            Self::Float(s) => {
+                // (sign bit, exponent location, exponent bits, mantissa bits, bias) per IEEE width
+                let (sign, exponent_at, exponent_bits, mantissa_bits, bias): (u8, u8, u8, u8, u32) = match s {
+                    2 => (15, 10, 5, 10, 15),
+                    4 => (31, 23, 8, 23, 127),
+                    _ => (63, 52, 11, 52, 1023),
+                };
+                out.extend([0x11, 0x20, sign, 0]);
+                out.extend(size.to_le_bytes());
+                out.extend(0u16.to_le_bytes());
+                out.extend((size as u16 * 8).to_le_bytes());
+                out.extend([exponent_at, exponent_bits, 0, mantissa_bits]);
+                out.extend(bias.to_le_bytes());
+            }
+            Self::Signed(_) | Self::Unsigned(_) => {
+                let signed = if matches!(self, Self::Signed(_)) { 0x08 } else { 0 };
+                out.extend([0x10, signed, 0, 0]);
+                out.extend(size.to_le_bytes());
+                out.extend(0u16.to_le_bytes());
+                out.extend((size as u16 * 8).to_le_bytes());
+            }
+        }
+        out
+    }
+}
+
+/// One call of the plan, in the order stock makes them.
+#[derive(Debug, Clone)]
+pub enum Step {
+    /// `require_group(path)` then `attrs[key] = value` for the attribute, if any.
+    Group {
+        path: String,
+        attribute: Option<(String, String)>,
+    },
+    /// `group[name] = array`, or with an attribute Keras' `create_dataset(name, data=array)` and
+    /// `attrs[key] = value`.
+    Dataset {
+        group: String,
+        name: String,
+        element: Element,
+        shape: Vec<u64>,
+        attribute: Option<(String, String)>,
+    },
+}
+
+/// A laid-out file: its size, where each dataset with bytes has them (in plan order), and every
+/// other byte: the contents of each stretch between the tensors, (start, bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    pub size: u64,
+    pub tensor_offsets: Vec<u64>,
+    pub between: Vec<(u64, Vec<u8>)>,
+}
+
+fn align8(n: u64) -> u64 {
+    (n + 7) & !7
+}
+
+fn pad8(out: &mut Vec<u8>) {
+    out.resize(align8(out.len() as u64) as usize, 0);
+}
+
+fn u16le(n: u64) -> [u8; 2] {
+    (n as u16).to_le_bytes()
+}
+
+fn u32le(n: u64) -> [u8; 4] {
+    (n as u32).to_le_bytes()
+}
+
+/// An object header message: type, size, flags, then the body padded to 8 bytes.
+fn message(kind: u16, body: &[u8], flags: u8) -> Vec<u8> {
+    let mut padded = body.to_vec();
+    pad8(&mut padded);
+    let mut out = Vec::with_capacity(8 + padded.len());
+    out.extend(kind.to_le_bytes());
+    out.extend(u16le(padded.len() as u64));
+    out.extend([flags, 0, 0, 0]);
+    out.extend(padded);
+    out
+}
+
+/// H5MF without aggregation: smallest-fit free sections per kind, merged and given back at the end.
+#[derive(Default)]
+struct Space {
+    end: u64,
+    free: [Vec<(u64, u64)>; 2], // (address, size) sections of each kind; their order does not matter
+}
+
+impl Space {
+    fn alloc(&mut self, kind: usize, size: u64) -> u64 {
+        // The smallest section that fits, the lowest of equal ones (H5FS's size-ordered bins).
+        let best = (self.free[kind].iter().enumerate())
+            .filter(|(_, s)| s.1 >= size)
+            .min_by_key(|(_, s)| (s.1, s.0))
+            .map(|(i, _)| i);
+        match best {
+            None => {
+                self.end += size;
+                self.end - size
+            }
+            Some(i) => {
+                let address = self.free[kind][i].0;
+                self.take(kind, i, size);
+                address
+            }
+        }
+    }
+
+    /// Takes `size` bytes off the front of free section `i`.
+    fn take(&mut self, kind: usize, i: usize, size: u64) {
+        let section = &mut self.free[kind][i];
+        if section.1 == size {
+            self.free[kind].swap_remove(i);
+        } else {
+            section.0 += size;
+            section.1 -= size;
+        }
+    }
+
+    fn release(&mut self, kind: usize, mut address: u64, mut size: u64) {
+        let sections = &mut self.free[kind];
+        let mut i = 0;
+        while i < sections.len() {
+            let (at, len) = sections[i];
+            if at + len == address {
+                sections.remove(i);
+                (address, size) = (at, len + size);
+            } else if address + size == at {
+                sections.remove(i);
+                size += len;
+            } else {
+                i += 1;
+            }
+        }
+        if address + size == self.end {
+            self.end = address;
+        } else {
+            sections.push((address, size));
+        }
+    }
+
+    fn try_extend(&mut self, kind: usize, address: u64, size: u64, extra: u64) -> bool {
+        if address + size == self.end {
+            self.end += extra;
+            return true;
+        }
+        let found = self.free[kind]
+            .iter()
+            .position(|s| s.0 == address + size && s.1 >= extra);
+        found.inspect(|&i| self.take(kind, i, extra)).is_some()
+    }
+}
+
+/// A group's names (H5HL): first-fit free list, doubled when full, moved when it cannot grow in place.
+struct LocalHeap {
+    address: u64,
+    data_address: u64,
+    data: Vec<u8>,
+    free: Vec<(u64, u64)>, // (offset, size), the list's head first
+}
+
+impl LocalHeap {
+    fn new(space: &mut Space) -> Self {
+        let address = space.alloc(META, HEAP_PREFIX + HEAP_HINT);
+        Self {
+            address,
+            data_address: address + HEAP_PREFIX,
+            data: vec![0; HEAP_HINT as usize],
+            free: vec![(0, HEAP_HINT)],
+        }
+    }
+
+    /// Stores `name` and its NUL; returns its offset.
+    fn insert(&mut self, space: &mut Space, name: &[u8]) -> u64 {
+        let need = align8(name.len() as u64 + 1);
+        let mut found = None;
+        let mut last: Option<usize> = None; // the block of the highest offset looked at
+        for i in 0..self.free.len() {
+            let (at, size) = self.free[i];
+            if size > need && size - need >= HEAP_FREE_MIN {
+                found = Some(at);
+                self.free[i] = (at + need, size - need);
+                break;
+            }
+            if size == need {
+                found = Some(at);
+                self.free.remove(i);
+                break;
+            }
+            if last.is_none_or(|l| self.free[l].0 < at) {
+                last = Some(i);
+            }
+        }
+        let offset = match found {
+            Some(offset) => offset,
+            None => self.grow(space, need, last),
+        };
+        let at = offset as usize;
+        self.data[at..at + name.len()].copy_from_slice(name);
+        self.data[at + name.len()] = 0;
+        offset
+    }
+
+    fn grow(&mut self, space: &mut Space, need: u64, last: Option<usize>) -> u64 {
+        let old = self.data.len() as u64;
+        let tail = last.filter(|&l| self.free[l].0 + self.free[l].1 == old);
+        let mut more = need.max(old);
+        if tail.is_none() && more < need + HEAP_FREE_MIN {
+            more = need;
+        }
+        if !space.try_extend(META, self.data_address, old, more) {
+            space.release(META, self.data_address, old);
+            self.data_address = space.alloc(META, old + more);
+        }
+        self.data.resize((old + more) as usize, 0);
+        if let Some(l) = tail {
+            let block = &mut self.free[l];
+            let offset = block.0;
+            block.0 += need;
+            block.1 += more - need;
+            if block.1 < HEAP_FREE_MIN {
+                self.free.remove(l);
+            }
+            return offset;
+        }
+        if more - need >= HEAP_FREE_MIN {
+            self.free.insert(0, (old + need, more - need));
+        }
+        old
+    }
+
+    fn name(&self, offset: u64) -> &[u8] {
+        let rest = &self.data[offset as usize..];
+        &rest[..rest.iter().position(|&b| b == 0).unwrap_or(rest.len())]
+    }
+
+    fn pieces(&self, out: &mut Vec<(u64, Vec<u8>)>) {
+        let mut data = self.data.clone();
+        for (i, &(offset, size)) in self.free.iter().enumerate() {
+            let following = self.free.get(i + 1).map_or(1, |next| next.0);
+            let at = offset as usize;
+            data[at..at + 8].copy_from_slice(&following.to_le_bytes());
+            data[at + 8..at + 16].copy_from_slice(&size.to_le_bytes());
+        }
+        let head = self.free.first().map_or(1, |f| f.0);
+        let mut prefix = b"HEAP\0\0\0\0".to_vec();
+        for n in [self.data.len() as u64, head, self.data_address] {
+            prefix.extend(n.to_le_bytes());
+        }
+        out.push((self.address, prefix));
+        out.push((self.data_address, data));
+    }
+}
+
+/// A symbol-table entry: (name offset in the heap, object header, the (B-tree, heap) of a group).
+type Entry = (u64, u64, Option<(u64, u64)>);
+
+struct SymbolNode {
+    address: u64,
+    entries: Vec<Entry>,
+}
+
+impl SymbolNode {
+    fn pieces(&self, out: &mut Vec<(u64, Vec<u8>)>) {
+        let mut data = b"SNOD\x01\x00".to_vec();
+        data.extend(u16le(self.entries.len() as u64));
+        for &(name, header, group) in &self.entries {
+            data.extend(name.to_le_bytes());
+            data.extend(header.to_le_bytes());
+            match group {
+                None => data.extend([0u8; 24]),
+                Some((tree, heap)) => {
+                    // a group's entry caches where its symbol table is
+                    data.extend(1u32.to_le_bytes());
+                    data.extend(0u32.to_le_bytes());
+                    data.extend(tree.to_le_bytes());
+                    data.extend(heap.to_le_bytes());
+                }
+            }
+        }
+        data.resize(SNOD_SIZE as usize, 0);
+        out.push((self.address, data));
+    }
+}
+
+/// A node of a group's B-tree; children index `File::trees` (level > 0) or `File::leaves`.
+struct TreeNode {
+    address: u64,
+    level: u8,
+    keys: Vec<u64>, // heap offsets of names: child i holds names in (keys[i], keys[i + 1]]
+    children: Vec<usize>,
+    left: u64,
+    right: u64,
+}
+
+impl TreeNode {
+    fn pieces(&self, out: &mut Vec<(u64, Vec<u8>)>, address_of: impl Fn(usize) -> u64) {
+        let mut data = b"TREE\x00".to_vec();
+        data.push(self.level);
+        data.extend(u16le(self.children.len() as u64));
+        data.extend(self.left.to_le_bytes());
+        data.extend(self.right.to_le_bytes());
+        for (key, &child) in self.keys.iter().zip(&self.children) {
+            data.extend(key.to_le_bytes());
+            data.extend(address_of(child).to_le_bytes());
+        }
+        if !self.children.is_empty() {
+            data.extend(self.keys[self.children.len()].to_le_bytes()); // keys: one more
+        }
+        data.resize(BTREE_SIZE as usize, 0);
+        out.push((self.address, data));
+    }
+}
+
+const VLEN_STRING: [u8; 20] = [
+    0x19, 1, 1, 0, 16, 0, 0, 0, // variable-length string of 16-byte references
+    0x10, 0, 0, 0, 1, 0, 0, 0, 0, 0, 8, 0, // its base: 1-byte unsigned characters
+];
+
+/// The body size of `string_attribute`'s message.
+fn string_attribute_size(name: &str) -> u64 {
+    8 + align8(name.len() as u64 + 1) + align8(VLEN_STRING.len() as u64) + 8 + 16
+}
+
+/// An old-style group: header, B-tree root, local heap, and its attribute message (in a new
+/// continuation chunk unless the header grew in place).
+struct Group {
+    address: u64,
+    tree: usize,
+    heap: LocalHeap,
+    attribute: Option<(Option<u64>, Vec<u8>)>,
+}
+
+struct Collection {
+    address: u64,
+    size: u64,
+    objects: Vec<Vec<u8>>,
+    free: u64,
+}
+
+impl Collection {
+    fn pieces(&self, out: &mut Vec<(u64, Vec<u8>)>) {
+        let mut data = b"GCOL\x01\0\0\0".to_vec();
+        data.extend(self.size.to_le_bytes());
+        for (index, raw) in self.objects.iter().enumerate() {
+            data.extend(u16le(index as u64 + 1));
+            data.extend([0u8; 6]);
+            data.extend((raw.len() as u64).to_le_bytes());
+            data.extend(raw);
+            pad8(&mut data);
+        }
+        if self.free >= GHEAP_OBJECT {
+            data.extend([0u8; 8]);
+            data.extend(self.free.to_le_bytes());
+        }
+        data.resize(self.size as usize, 0);
+        out.push((self.address, data));
+    }
+}
+
+struct Dataset {
+    address: u64,
+    element: Element,
+    shape: Vec<u64>,
+    data_address: u64,
+    attribute: Option<Vec<u8>>,
+}
+
+impl Dataset {
+    fn nbytes(&self) -> u64 {
+        self.shape.iter().product::<u64>() * self.element.size()
+    }
+
+    /// The header's bytes before and after the data address in its layout message.
+    fn fixed(&self) -> (Vec<u8>, Vec<u8>) {
+        let mut space = vec![
+            1,
+            self.shape.len() as u8,
+            if self.shape.is_empty() { 0 } else { 1 },
+            0,
+            0,
+            0,
+            0,
+            0,
+        ];
+        for _ in 0..2 {
+            if !self.shape.is_empty() {
+                space.extend(self.shape.iter().flat_map(|d| d.to_le_bytes())); // dimensions, then maxima
+            }
+        }
+        let mut before = vec![1, 0];
+        before.extend(5u16.to_le_bytes());
+        before.extend(1u32.to_le_bytes());
+        before.extend(u32le(DATASET_HEADER as u64 - 16));
+        before.extend([0u8; 4]);
+        before.extend(message(1, &space, 0));
+        before.extend(message(3, &self.element.message(), 1));
+        before.extend(message(5, &[2, 2, 2, 1, 0, 0, 0, 0], 1));
+        before.extend([8, 0, 24, 0, 0, 0, 0, 0, 3, 1]); // contiguous layout, version 3
+        let mut after = self.nbytes().to_le_bytes().to_vec();
+        after.extend([0u8; 6]);
+        (before, after)
+    }
+
+    fn pieces(&self, out: &mut Vec<(u64, Vec<u8>)>) {
+        let (mut before, mut after) = self.fixed();
+        let mut null = null_size(&before, &after);
+        if let Some(attribute) = &self.attribute {
+            // one message more, the null message shorter
+            before[2..4].copy_from_slice(&6u16.to_le_bytes());
+            after.extend(attribute);
+            null -= attribute.len();
+        }
+        let mut header = before;
+        header.extend(self.data_address.to_le_bytes());
+        header.extend(after);
+        header.extend([0, 0]);
+        header.extend(u16le(null as u64));
+        header.extend([0u8; 4]);
+        header.resize(DATASET_HEADER, 0);
+        out.push((self.address, header));
+    }
+}
+
+/// The size of the null message that fills the rest of a dataset's header.
+fn null_size(before: &[u8], after: &[u8]) -> usize {
+    DATASET_HEADER - (before.len() + 8 + after.len()) - 8
+}
+
+/// What the file holds, in the order it was made (the order its bytes are written).
+enum Object {
+    Tree(usize),
+    Leaf(usize),
+    Group(usize),
+    Collection(usize),
+    Dataset(usize),
+}
+
+struct File {
+    space: Space,
+    objects: Vec<Object>,
+    trees: Vec<TreeNode>,
+    tree_at: HashMap<u64, usize>,
+    leaves: Vec<SymbolNode>,
+    groups: Vec<Group>,
+    group_at: HashMap<String, usize>,
+    collections: Vec<Collection>,
+    with_space: Vec<usize>, // H5HG's collections with free space (CWFS), most used first
+    datasets: Vec<Dataset>,
+}
+
+impl File {
+    fn new() -> Self {
+        let mut file = File {
+            space: Space::default(),
+            objects: Vec::new(),
+            trees: Vec::new(),
+            tree_at: HashMap::new(),
+            leaves: Vec::new(),
+            groups: Vec::new(),
+            group_at: HashMap::new(),
+            collections: Vec::new(),
+            with_space: Vec::new(),
+            datasets: Vec::new(),
+        };
+        file.space.alloc(META, 96); // the superblock
+        let root = file.new_group();
+        file.group_at.insert(String::new(), root);
+        file
+    }
+
+    fn new_tree(&mut self, level: u8) -> usize {
+        let address = self.space.alloc(META, BTREE_SIZE);
+        let node = TreeNode {
+            address,
+            level,
+            keys: vec![0],
+            children: Vec::new(),
+            left: UNDEFINED,
+            right: UNDEFINED,
+        };
+        self.trees.push(node);
+        let index = self.trees.len() - 1;
+        self.objects.push(Object::Tree(index));
+        self.tree_at.insert(address, index);
+        index
+    }
+
+    fn new_leaf(&mut self) -> usize {
+        let address = self.space.alloc(META, SNOD_SIZE);
+        self.leaves.push(SymbolNode {
+            address,
+            entries: Vec::new(),
+        });
+        self.objects.push(Object::Leaf(self.leaves.len() - 1));
+        self.leaves.len() - 1
+    }
+
+    fn new_group(&mut self) -> usize {
+        let address = self.space.alloc(META, GROUP_HEADER);
+        let tree = self.new_tree(0);
+        let mut heap = LocalHeap::new(&mut self.space);
+        heap.insert(&mut self.space, b"");
+        self.groups.push(Group {
+            address,
+            tree,
+            heap,
+            attribute: None,
+        });
+        self.objects.push(Object::Group(self.groups.len() - 1));
+        self.groups.len() - 1
+    }
+
+    /// h5py's `attrs[name] = value`: a UTF-8 variable-length string, its value put in the global heap now.
+    fn string_attribute(&mut self, name: &str, value: &str) -> Covered<Vec<u8>> {
+        let (collection, index) = self.global_heap_insert(value.as_bytes())?;
+        let mut body = vec![1, 0];
+        body.extend(u16le(name.len() as u64 + 1));
+        body.extend(u16le(VLEN_STRING.len() as u64));
+        body.extend(8u16.to_le_bytes());
+        body.extend(name.as_bytes());
+        body.push(0);
+        pad8(&mut body);
+        body.extend(VLEN_STRING);
+        pad8(&mut body);
+        body.extend([1, 0, 0, 0, 0, 0, 0, 0]);
+        body.extend(u32le(value.len() as u64));
+        body.extend(collection.to_le_bytes());
+        body.extend(u32le(index));
+        Ok(message(0x0C, &body, 0))
+    }
+
+    /// H5HG with the file's list of collections with free space.
+    fn global_heap_insert(&mut self, raw: &[u8]) -> Covered<(u64, u64)> {
+        let need = GHEAP_OBJECT + align8(raw.len() as u64);
+        let found = self.with_space.iter().position(|&c| self.collections[c].free >= need);
+        let collection = match found {
+            Some(at) => {
+                if at > 0 {
+                    self.with_space.swap(at - 1, at); // one step closer to the front
+                }
+                self.with_space[at.saturating_sub(1)]
+            }
+            None => {
+                for &c in &self.with_space {
+                    let c = &self.collections[c];
+                    let extra = c.size.max(need - c.free);
+                    if c.size + extra <= GHEAP_MAX && self.space.try_extend(RAW, c.address, c.size, extra) {
+                        return not_covered("a global heap collection would grow in place");
+                    }
+                }
+                let size = align8(GHEAP_MIN.max(need + GHEAP_HEADER));
+                let address = self.space.alloc(RAW, size);
+                self.collections.push(Collection {
+                    address,
+                    size,
+                    objects: Vec::new(),
+                    free: size - GHEAP_HEADER,
+                });
+                let c = self.collections.len() - 1;
+                self.objects.push(Object::Collection(c));
+                if self.with_space.len() >= CWFS_MAX {
+                    return not_covered("more global heap collections than libhdf5 keeps track of");
+                }
+                self.with_space.insert(0, c);
+                c
+            }
+        };
+        let c = &mut self.collections[collection];
+        c.objects.push(raw.to_vec());
+        c.free -= need;
+        Ok((c.address, c.objects.len() as u64))
+    }
+
+    /// `attrs[name] = value` on a group: grows the header in place if free space follows it, else
+    /// moves its symbol-table message into a new chunk beside the attribute.
+    fn group_attribute(&mut self, group: usize, name: &str, value: &str) -> Covered<()> {
+        let size = string_attribute_size(name);
+        let address = self.groups[group].address;
+        let chunk = if self.space.try_extend(META, address, GROUP_HEADER, 8 + size) {
+            None
+        } else {
+            Some(self.space.alloc(META, 24 + 8 + size))
+        };
+        let message = self.string_attribute(name, value)?;
+        self.groups[group].attribute = Some((chunk, message));
+        Ok(())
+    }
+
+    fn group_pieces(&self, group: &Group, out: &mut Vec<(u64, Vec<u8>)>) {
+        let mut table_body = self.trees[group.tree].address.to_le_bytes().to_vec();
+        table_body.extend(group.heap.address.to_le_bytes());
+        let table = message(0x11, &table_body, 0);
+        let prefix = |messages: u64, size: u64| {
+            let mut p = vec![1, 0];
+            p.extend(u16le(messages));
+            p.extend(1u32.to_le_bytes());
+            p.extend(u32le(size));
+            p.extend([0u8; 4]);
+            p
+        };
+        match &group.attribute {
+            None => out.push((group.address, [prefix(1, 24), table].concat())),
+            Some((None, attribute)) => out.push((
+                group.address,
+                [prefix(2, 24 + attribute.len() as u64), table, attribute.clone()].concat(),
+            )),
+            Some((Some(chunk), attribute)) => {
+                let moved = [table, attribute.clone()].concat();
+                let mut at = chunk.to_le_bytes().to_vec();
+                at.extend((moved.len() as u64).to_le_bytes());
+                let continuation = message(0x10, &at, 0);
+                out.push((group.address, [prefix(3, 24), continuation].concat()));
+                out.push((*chunk, moved));
+            }
+        }
+        group.heap.pieces(out);
+    }
+
+    fn compare(&self, group: usize, name: &[u8], left: u64, right: u64) -> i32 {
+        let heap = &self.groups[group].heap;
+        if name <= heap.name(left) {
+            -1
+        } else if name > heap.name(right) {
+            1
+        } else {
+            0
+        }
+    }
+
+    /// H5G__stab_insert: H5B_insert of the name into `group`, splitting nodes as libhdf5 does.
+    fn link(&mut self, group: usize, name: &[u8], entry: (u64, Option<(u64, u64)>)) -> Covered<()> {
+        let root = self.groups[group].tree;
+        let Some((middle, right)) = self.insert(group, root, name, entry)? else {
+            return Ok(());
+        };
+        // The root split: its content moves, a new root takes its address.
+        let level = self.trees[root].level;
+        let moved = self.new_tree(level);
+        let r = &mut self.trees[root];
+        let (keys, children, left, right_sibling) = (
+            std::mem::take(&mut r.keys),
+            std::mem::take(&mut r.children),
+            r.left,
+            r.right,
+        );
+        let first = keys[0];
+        let m = &mut self.trees[moved];
+        (m.keys, m.children, m.left, m.right) = (keys, children, left, right_sibling);
+        let moved_address = m.address;
+        let right_node = &mut self.trees[right];
+        right_node.left = moved_address;
+        let last = right_node.keys[right_node.children.len()];
+        let r = &mut self.trees[root];
+        r.keys = vec![first, middle, last];
+        r.children = vec![moved, right];
+        r.level += 1;
+        (r.left, r.right) = (UNDEFINED, UNDEFINED);
+        Ok(())
+    }
+
+    /// H5B__insert_helper: returns (middle key, new right sibling) when `node` split.
+    fn insert(
+        &mut self,
+        group: usize,
+        node: usize,
+        name: &[u8],
+        entry: (u64, Option<(u64, u64)>),
+    ) -> Covered<Option<(u64, usize)>> {
+        let (mut low, mut high, mut cmp, mut i) = (0, self.trees[node].children.len(), -1, 0);
+        while low < high && cmp != 0 {
+            i = (low + high) / 2;
+            let keys = &self.trees[node].keys;
+            cmp = self.compare(group, name, keys[i], keys[i + 1]);
+            if cmp < 0 {
+                high = i;
+            } else {
+                low = i + 1;
+            }
+        }
+        if self.trees[node].children.is_empty() {
+            // the first name: the first leaf
+            let leaf = self.new_leaf();
+            let n = &mut self.trees[node];
+            (n.children, n.keys, i) = (vec![leaf], vec![0, 0], 0);
+        } else if cmp > 0 {
+            i = self.trees[node].children.len() - 1;
+        } else if cmp < 0 {
+            i = 0;
+        }
+        let child = self.trees[node].children[i];
+        let split = if self.trees[node].level > 0 {
+            let split = self.insert(group, child, name, entry)?;
+            let last = *self.trees[split.map_or(child, |s| s.1)]
+                .keys
+                .last()
+                .expect("a node has keys");
+            self.trees[node].keys[i + 1] = last;
+            split
+        } else {
+            self.insert_in_leaf(group, child, name, entry, node, i)?
+        };
+        let Some((middle, new)) = split else {
+            return Ok(None);
+        };
+        let (mut into, mut at, mut right) = (node, i, None);
+        if self.trees[node].children.len() == 2 * NODE_K {
+            let r = self.split(node, i);
+            right = Some(r);
+            let kept = self.trees[node].children.len();
+            if i >= kept {
+                (into, at) = (r, i - kept);
+            }
+        }
+        self.trees[into].keys.insert(at + 1, middle);
+        self.trees[into].children.insert(at + 1, new);
+        Ok(right.map(|r| (self.trees[r].keys[0], r)))
+    }
+
+    /// H5B__split: the new right node takes the children past `nleft`.
+    fn split(&mut self, node: usize, i: usize) -> usize {
+        let two_k = 2 * NODE_K;
+        let n = &self.trees[node];
+        let ratio = SPLIT_RATIOS[if n.right == UNDEFINED {
+            2
+        } else if n.left == UNDEFINED {
+            0
+        } else {
+            1
+        }];
+        let mut nleft = (two_k as f64 * ratio) as usize;
+        if i < nleft && nleft == two_k {
+            nleft -= 1;
+        } else if i >= nleft && nleft == 0 {
+            nleft += 1;
+        }
+        let right = self.new_tree(self.trees[node].level);
+        let n = &mut self.trees[node];
+        let keys = n.keys.split_off(nleft);
+        n.keys.push(keys[0]); // the left node keeps its last right key
+        let children = n.children.split_off(nleft);
+        let (address, old_right) = (n.address, n.right);
+        let right_address = self.trees[right].address;
+        self.trees[node].right = right_address;
+        let r = &mut self.trees[right];
+        (r.keys, r.children, r.left, r.right) = (keys, children, address, old_right);
+        if old_right != UNDEFINED {
+            let neighbour = self.tree_at[&old_right];
+            self.trees[neighbour].left = right_address;
+        }
+        right
+    }
+
+    /// H5G__node_insert: the name joins the heap, then the node, which splits in halves when full.
+    fn insert_in_leaf(
+        &mut self,
+        group: usize,
+        leaf: usize,
+        name: &[u8],
+        (header, table): (u64, Option<(u64, u64)>),
+        node: usize,
+        i: usize,
+    ) -> Covered<Option<(u64, usize)>> {
+        let entries = &self.leaves[leaf].entries;
+        let heap = &self.groups[group].heap;
+        let (mut low, mut high, mut at, mut cmp) = (0, entries.len(), 0, std::cmp::Ordering::Greater);
+        let mut looked = false;
+        while low < high {
+            at = (low + high) / 2;
+            looked = true;
+            cmp = name.cmp(heap.name(entries[at].0));
+            match cmp {
+                std::cmp::Ordering::Equal => return not_covered("a name twice in a group, which h5py refuses"),
+                std::cmp::Ordering::Less => high = at,
+                std::cmp::Ordering::Greater => low = at + 1,
+            }
+        }
+        if looked && cmp == std::cmp::Ordering::Greater {
+            at += 1;
+        }
+        let offset = self.groups[group].heap.insert(&mut self.space, name);
+        let entry = (offset, header, table);
+        if self.leaves[leaf].entries.len() < 2 * LEAF_K {
+            if at == self.leaves[leaf].entries.len() {
+                self.trees[node].keys[i + 1] = offset;
+            }
+            self.leaves[leaf].entries.insert(at, entry);
+            return Ok(None);
+        }
+        let right = self.new_leaf();
+        let moved = self.leaves[leaf].entries.split_off(LEAF_K);
+        self.leaves[right].entries = moved;
+        let mut middle = self.leaves[leaf].entries[LEAF_K - 1].0;
+        let into = if at <= LEAF_K {
+            if at == LEAF_K {
+                middle = offset;
+            }
+            leaf
+        } else {
+            at -= LEAF_K;
+            if at == LEAF_K {
+                self.trees[node].keys[i + 1] = offset;
+            }
+            right
+        };
+        self.leaves[into].entries.insert(at, entry);
+        Ok(Some((middle, right)))
+    }
+
+    /// `require_group(path)` (missing parents first, as HDF5 makes them), then its attribute.
+    fn group(&mut self, path: &str, attribute: Option<&(String, String)>) -> Covered<()> {
+        let (parent, leaf) = path.rsplit_once('/').unwrap_or(("", path));
+        if !self.group_at.contains_key(parent) {
+            self.group(parent, None)?;
+        }
+        let group = self.new_group();
+        let table = (
+            self.trees[self.groups[group].tree].address,
+            self.groups[group].heap.address,
+        );
+        let parent = self.group_at[parent];
+        self.link(parent, leaf.as_bytes(), (self.groups[group].address, Some(table)))?;
+        self.group_at.insert(path.to_owned(), group);
+        if let Some((name, value)) = attribute {
+            self.group_attribute(group, name, value)?;
+        }
+        Ok(())
+    }
+
+    /// `group[name] = array` (created, written, then linked), or with an attribute Keras'
+    /// `create_dataset(name, data=array)` (created and linked, then written) and the attribute set.
+    /// Returns the data's address if it has bytes.
+    fn dataset(
+        &mut self,
+        group: usize,
+        name: &str,
+        element: Element,
+        shape: &[u64],
+        attribute: Option<&(String, String)>,
+    ) -> Covered<Option<u64>> {
+        let address = self.space.alloc(META, DATASET_HEADER as u64);
+        self.datasets.push(Dataset {
+            address,
+            element,
+            shape: shape.to_vec(),
+            data_address: UNDEFINED,
+            attribute: None,
+        });
+        let d = self.datasets.len() - 1;
+        self.objects.push(Object::Dataset(d));
+        let nbytes = self.datasets[d].nbytes();
+        // The first write allocates the storage (contiguous, late allocation).
+        let first_write = |file: &mut Self| {
+            if nbytes > 0 {
+                file.datasets[d].data_address = file.space.alloc(RAW, nbytes);
+            }
+        };
+        if attribute.is_none() {
+            first_write(self);
+        }
+        self.link(group, name.as_bytes(), (address, None))?;
+        if let Some((key, value)) = attribute {
+            first_write(self);
+            // The message takes the front of the header's null message, which keeps the rest.
+            let (before, after) = self.datasets[d].fixed();
+            if 8 + string_attribute_size(key) + 8 > null_size(&before, &after) as u64 + 8 {
+                return not_covered("the attribute does not fit the dataset's header");
+            }
+            self.datasets[d].attribute = Some(self.string_attribute(key, value)?);
+        }
+        Ok((nbytes > 0).then_some(self.datasets[d].data_address))
+    }
+
+    fn pieces(&self) -> Vec<(u64, Vec<u8>)> {
+        let root = &self.groups[0];
+        let mut superblock = b"\x89HDF\r\n\x1a\n".to_vec();
+        superblock.extend([0, 0, 0, 0, 0, 8, 8, 0]);
+        superblock.extend(u16le(LEAF_K as u64));
+        superblock.extend(u16le(NODE_K as u64));
+        superblock.extend([0u8; 4]);
+        for n in [0, UNDEFINED, self.space.end, UNDEFINED, 0, root.address] {
+            superblock.extend(n.to_le_bytes());
+        }
+        superblock.extend(1u32.to_le_bytes());
+        superblock.extend(0u32.to_le_bytes());
+        superblock.extend(self.trees[root.tree].address.to_le_bytes());
+        superblock.extend(root.heap.address.to_le_bytes());
+        let mut out = vec![(0, superblock)];
+        for object in &self.objects {
+            match *object {
+                Object::Tree(t) => {
+                    let child_address = |c: usize| {
+                        if self.trees[t].level > 0 {
+                            self.trees[c].address
+                        } else {
+                            self.leaves[c].address
+                        }
+                    };
+                    self.trees[t].pieces(&mut out, child_address)
+                }
+                Object::Leaf(l) => self.leaves[l].pieces(&mut out),
+                Object::Group(g) => self.group_pieces(&self.groups[g], &mut out),
+                Object::Collection(c) => self.collections[c].pieces(&mut out),
+                Object::Dataset(d) => self.datasets[d].pieces(&mut out),
+            }
+        }
+        out
+    }
+}
+
+/// A link name h5py makes of a str without turning the group into a new-style one.
+fn plain_name(name: &str) -> bool {
+    name.is_ascii() && !name.contains('/') && !name.is_empty() && name != "."
+}
+
+fn plain_attribute(attribute: Option<&(String, String)>) -> bool {
+    attribute.is_none_or(|(key, value)| plain_name(key) && value.is_ascii())
+}
+
+/// The file h5py would write for `steps` through its file-object driver.
+pub fn lay_out(steps: &[Step]) -> Covered<Layout> {
+    let mut file = File::new();
+    let mut placed = Vec::new(); // (address, size) of each dataset with bytes
+    for step in steps {
+        match step {
+            Step::Group { path, attribute } => {
+                if !path.split('/').all(plain_name) || !plain_attribute(attribute.as_ref()) {
+                    return not_covered(format!("group '{path}': a name or attribute h5py encodes otherwise"));
+                }
+                if file.group_at.contains_key(path.as_str()) {
+                    return not_covered(format!("group '{path}' made twice"));
+                }
+                file.group(path, attribute.as_ref())?;
+            }
+            Step::Dataset {
+                group,
+                name,
+                element,
+                shape,
+                attribute,
+            } => {
+                let Some(&g) = file.group_at.get(group.as_str()) else {
+                    return not_covered(format!("dataset '{name}' in a group not made before"));
+                };
+                if !plain_name(name) || !plain_attribute(attribute.as_ref()) || shape.len() > MAX_RANK {
+                    return not_covered(format!("dataset '{name}': its name, attribute or rank"));
+                }
+                let elements = shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d));
+                let nbytes = elements.and_then(|n| n.checked_mul(element.size()));
+                let Some(nbytes) = nbytes.filter(|&n| n < 1 << 62) else {
+                    return not_covered(format!("dataset '{name}': a shape too large"));
+                };
+                if let Some(address) = file.dataset(g, name, *element, shape, attribute.as_ref())? {
+                    placed.push((address, nbytes));
+                }
+            }
+        }
+    }
+    let size = file.space.end;
+    let between = between_tensors(&placed, size, file.pieces())?;
+    Ok(Layout {
+        size,
+        tensor_offsets: placed.iter().map(|p| p.0).collect(),
+        between,
+    })
+}
+
+/// The bytes of each stretch of a `size`-byte file no tensor covers: (start, bytes) with the
+/// `pieces` written in order (each inside one stretch: the allocator keeps them apart).
+fn between_tensors(tensors: &[(u64, u64)], size: u64, pieces: Vec<(u64, Vec<u8>)>) -> Covered<Vec<(u64, Vec<u8>)>> {
+    let mut extents: Vec<(u64, u64)> = tensors.iter().map(|&(o, n)| (o, o + n)).collect();
+    extents.sort_unstable();
+    let mut gaps = Vec::new();
+    let mut cursor = 0;
+    for (start, end) in extents {
+        if start > cursor {
+            gaps.push((cursor, vec![0u8; (start - cursor) as usize]));
+        }
+        cursor = cursor.max(end);
+    }
+    if size > cursor {
+        gaps.push((cursor, vec![0u8; (size - cursor) as usize]));
+    }
+    for (offset, data) in pieces {
+        let i = gaps.partition_point(|g| g.0 <= offset).saturating_sub(1);
+        let at = gaps
+            .get(i)
+            .and_then(|(start, _)| offset.checked_sub(*start))
+            .map(|at| at as usize);
+        match (at, gaps.get_mut(i)) {
+            (Some(at), Some((_, gap))) if at + data.len() <= gap.len() => {
+                gap[at..at + data.len()].copy_from_slice(&data)
+            }
+            _ => return not_covered(format!("metadata at {offset} overlaps a tensor")), // a replay defect
+        }
+    }
+    Ok(gaps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dataset(group: &str, name: &str, shape: &[u64]) -> Step {
+        Step::Dataset {
+            group: group.into(),
+            name: name.into(),
+            element: Element::Float(4),
+            shape: shape.to_vec(),
+            attribute: None,
+        }
+    }
+
+    #[test]
+    fn an_empty_plan_is_a_superblock_root_group_btree_and_heap() {
+        let layout = lay_out(&[]).unwrap();
+        // superblock 96 + group header 40 + B-tree 544 + heap 120: libhdf5's 800-byte empty file.
+        assert_eq!(layout.size, 800);
+        assert_eq!(layout.between.len(), 1);
+        assert_eq!(&layout.between[0].1[..8], b"\x89HDF\r\n\x1a\n");
+    }
+
+    #[test]
+    fn tensors_are_left_out_and_every_piece_lands_between_them() {
+        let mut steps = vec![Step::Group {
+            path: "vars".into(),
+            attribute: Some(("name".into(), "dense".into())),
+        }];
+        steps.extend((0..40).map(|i| dataset("vars", &i.to_string(), &[3, 2])));
+        let layout = lay_out(&steps).unwrap();
+        assert_eq!(layout.tensor_offsets.len(), 40);
+        let covered: u64 = layout.between.iter().map(|g| g.1.len() as u64).sum();
+        assert_eq!(covered + 40 * 24, layout.size);
+    }
+
+    #[test]
+    fn what_h5py_lays_out_otherwise_is_not_covered() {
+        let twice = [dataset("", "a", &[1]), dataset("", "a", &[1])];
+        assert!(lay_out(&twice).is_err());
+        let missing = [dataset("nowhere", "a", &[1])];
+        assert!(lay_out(&missing).is_err());
+        let unicode = [Step::Group {
+            path: "caf\u{e9}".into(),
+            attribute: None,
+        }];
+        assert!(lay_out(&unicode).is_err());
+        let huge = [dataset("", "a", &[u64::MAX, 2])];
+        assert!(lay_out(&huge).is_err());
+    }
+}
