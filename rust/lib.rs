@@ -850,16 +850,19 @@ fn hdf5_stored_datasets(
 /// (numpy dtype kind, item size, shape), attribute); an attribute is (name, string value).
 type LayoutStep = (String, String, Option<(char, u8, Vec<u64>)>, Option<(String, String)>);
 
-/// The HDF5 file h5py's file-object driver would write for `steps` (see `hdf5::layout`), laid out
+/// The HDF5 file h5py would write for `steps` (see `hdf5::layout`) through its file-object driver
+/// (a `.keras` member) or with `posix` libhdf5's POSIX one (a `.weights.h5` file), laid out
 /// with the GIL released: (its size, the offset of each dataset with bytes in order, the bytes
 /// between those datasets as (start, bytes)); None when h5py must lay it out.
 #[pyfunction]
 #[allow(clippy::type_complexity)]
+#[pyo3(signature = (steps, posix = false))]
 fn hdf5_lay_out<'py>(
     py: Python<'py>,
     steps: Vec<LayoutStep>,
+    posix: bool,
 ) -> PyResult<Option<(u64, Vec<u64>, Vec<(u64, Bound<'py, PyBytes>)>)>> {
-    use hdf5::layout::{Element, Step};
+    use hdf5::layout::{Driver, Element, Step};
     let mut planned = Vec::with_capacity(steps.len());
     for (path, name, dataset, attribute) in steps {
         planned.push(match dataset {
@@ -878,7 +881,8 @@ fn hdf5_lay_out<'py>(
             }
         });
     }
-    let Ok(layout) = py.detach(|| hdf5::layout::lay_out(&planned)) else {
+    let driver = if posix { Driver::Posix } else { Driver::FileObject };
+    let Ok(layout) = py.detach(|| hdf5::layout::lay_out(&planned, driver)) else {
         return Ok(None);
     };
     let between = (layout.between.iter())

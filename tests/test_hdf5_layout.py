@@ -1,10 +1,13 @@
-"""The weights member's HDF5 layout replayed without h5py (rust/hdf5/layout.rs) against h5py's
-own, byte for byte: every model of the zoo, wide models (B-tree root splits, heap growth, several
-global heap collections, headers grown in place), and random plans."""
+"""The weights' HDF5 layout replayed without h5py (rust/hdf5/layout.rs) against h5py's own, byte
+for byte, through both drivers stock writes with (a `.keras` member's file-object driver, a
+`.weights.h5` file's POSIX one): every model of the zoo, wide models (B-tree root splits, heap
+growth, several global heap collections, headers grown in place, aggregator blocks), and random plans."""
 
 from __future__ import annotations
 
+import os
 import string
+import tempfile
 
 import keras
 import numpy as np
@@ -16,24 +19,36 @@ from kerassave_fast.formats import weights_h5
 from kerassave_fast.keras3 import state
 
 
-def h5py_layout(plan):
-    image = SparseImage()
-    placed = weights_h5.write_skeleton(image, plan)
-    return image.size, [o for o, _ in placed], weights_h5._between_tensors(placed, image.size, image.writes)
+def h5py_layout(plan, posix):
+    """h5py's own layout of the plan: over an in-memory image through its file-object driver (a
+    `.keras` member), or into a scratch file through libhdf5's POSIX driver (a `.weights.h5`)."""
+    if not posix:
+        image = SparseImage()
+        placed = weights_h5.write_skeleton(image, plan)
+        return image.size, [o for o, _ in placed], weights_h5._between_tensors(placed, image.size, image.writes)
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as scratch:
+        path = os.path.join(scratch, "h5py.weights.h5")
+        placed = weights_h5.write_skeleton(path, plan)
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            contents = [os.pread(f.fileno(), end - start, start) for start, end in weights_h5._gaps(placed, size)]
+    return size, [o for o, _ in placed], contents
 
 
-def replayed_layout(plan):
-    laid_out = weights_h5._replayed_layout(plan)
+def replayed_layout(plan, posix):
+    laid_out = weights_h5._replayed_layout(plan, posix)
     assert laid_out is not None, "the plan should be covered"
     size, placed, contents = laid_out
     return size, [o for o, _ in placed], contents
 
 
 def assert_replayed_as_h5py(plan):
-    ours, theirs = replayed_layout(plan), h5py_layout(plan)
-    assert ours[0] == theirs[0], "file size"
-    assert ours[1] == theirs[1], "tensor offsets"
-    assert ours[2] == theirs[2], "metadata bytes"
+    for posix in (False, True):
+        driver = "POSIX" if posix else "file-object"
+        ours, theirs = replayed_layout(plan, posix), h5py_layout(plan, posix)
+        assert ours[0] == theirs[0], f"file size ({driver} driver)"
+        assert ours[1] == theirs[1], f"tensor offsets ({driver} driver)"
+        assert ours[2] == theirs[2], f"metadata bytes ({driver} driver)"
 
 
 def plan_of(model):
@@ -108,15 +123,15 @@ def test_random_plans_are_laid_out_as_h5py_lays_them_out(seed):
 def test_what_is_not_replayed_is_left_to_h5py():
     plan = weights_h5.WeightsPlan()
     plan.add_group("vars", {"name": "caf\u00e9"})  # a non-ASCII value
-    assert weights_h5._replayed_layout(plan) is None
+    assert weights_h5._replayed_layout(plan, posix=False) is None
     plan = weights_h5.WeightsPlan()
     plan.add_group("vars")
     plan.add_dataset("vars", "0", np.zeros(3, bool))  # an HDF5 enum
-    assert weights_h5._replayed_layout(plan) is None
+    assert weights_h5._replayed_layout(plan, posix=False) is None
     plan = weights_h5.WeightsPlan()
     plan.add_group("vars")
     plan.add_dataset("vars", "0", np.zeros((1,) * 8, weights_h5.BFLOAT16))  # its `dtype` attribute does not fit
-    assert weights_h5._replayed_layout(plan) is None
+    assert weights_h5._replayed_layout(plan, posix=False) is None
 
 
 @pytest.mark.parametrize("rank", range(7))
@@ -144,6 +159,9 @@ def test_a_first_save_runs_no_h5py_and_writes_stocks_file(model_zoo, tmp_path, m
 
     monkeypatch.setattr(weights_h5, "write_skeleton", refuse)
     ksf.save_model(model, tmp_path / "ours.keras")
+    ksf.save_weights(model, tmp_path / "ours.weights.h5")
     monkeypatch.undo()
     keras.saving.save_model(model, tmp_path / "stock.keras")
+    model.save_weights(tmp_path / "stock.weights.h5")
     assert member(tmp_path / "ours.keras", "model.weights.h5") == member(tmp_path / "stock.keras", "model.weights.h5")
+    assert (tmp_path / "ours.weights.h5").read_bytes() == (tmp_path / "stock.weights.h5").read_bytes()

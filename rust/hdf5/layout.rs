@@ -166,75 +166,301 @@ fn message(kind: u16, body: &[u8], flags: u8) -> Vec<u8> {
     out
 }
 
-/// H5MF without aggregation: smallest-fit free sections per kind, merged and given back at the end.
+/// A block aggregator of the POSIX driver (H5MF's `meta_aggr`, `sdata_aggr`): small allocations of
+/// a kind are cut from the front of a 2 KiB block; address 0 when it has none.
+#[derive(Default, Clone, Copy)]
+struct Aggregator {
+    addr: u64,
+    size: u64,
+    total: u64,
+}
+
+const AGGREGATOR_BLOCK: u64 = 2048; // H5F_ACS_META_BLOCK_SIZE and H5F_ACS_SDATA_BLOCK_SIZE defaults
+
+/// How a free section leaves the free-space manager (H5MF_shrink_type_t).
+enum Shrink {
+    Eoa,
+    IntoAggregator,
+}
+
+/// H5MF: free sections per kind (smallest fit, lowest address first, as H5FS's size-ordered bins
+/// give them), merged when freed and given back when they end the file; with aggregation (the
+/// POSIX driver), also its two block aggregators, which absorb the sections beside them.
 #[derive(Default)]
 struct Space {
     end: u64,
     free: [Vec<(u64, u64)>; 2], // (address, size) sections of each kind; their order does not matter
+    managed: [bool; 2],         // whether the kind's free-space manager has started
+    aggregators: Option<[Aggregator; 2]>,
 }
 
 impl Space {
+    fn aggregating() -> Self {
+        Space {
+            aggregators: Some([Aggregator::default(); 2]),
+            ..Space::default()
+        }
+    }
+
+    /// H5MF_alloc: a free section, else the aggregator, else the end of the file.
     fn alloc(&mut self, kind: usize, size: u64) -> u64 {
-        // The smallest section that fits, the lowest of equal ones (H5FS's size-ordered bins).
         let best = (self.free[kind].iter().enumerate())
             .filter(|(_, s)| s.1 >= size)
             .min_by_key(|(_, s)| (s.1, s.0))
             .map(|(i, _)| i);
-        match best {
-            None => {
+        if let Some(i) = best {
+            let (address, len) = self.free[kind].swap_remove(i);
+            if len > size {
+                self.add_section(kind, address + size, len - size);
+            }
+            return address;
+        }
+        if self.aggregators.is_some() {
+            return self.alloc_aggregated(kind, size);
+        }
+        self.end += size;
+        self.end - size
+    }
+
+    /// H5MF__aggr_alloc (no alignment).
+    fn alloc_aggregated(&mut self, kind: usize, size: u64) -> u64 {
+        let eoa = self.end;
+        let mut a = self.aggregator(kind);
+        if size <= a.size {
+            let at = a.addr;
+            a.addr += size;
+            a.size -= size;
+            self.set_aggregator(kind, a);
+            return at;
+        }
+        let at_eoa = a.addr > 0 && a.addr + a.size == self.end;
+        if size >= AGGREGATOR_BLOCK {
+            if at_eoa {
+                // The file grows past the block; the block moves behind the new space.
                 self.end += size;
-                self.end - size
+                let at = a.addr;
+                a.addr += size;
+                a.total += size;
+                self.set_aggregator(kind, a);
+                return at;
             }
-            Some(i) => {
-                let address = self.free[kind][i].0;
-                self.take(kind, i, size);
-                address
-            }
+            self.release_other_aggregator(1 - kind, eoa);
+            self.end += size;
+            return self.end - size;
         }
-    }
-
-    /// Takes `size` bytes off the front of free section `i`.
-    fn take(&mut self, kind: usize, i: usize, size: u64) {
-        let section = &mut self.free[kind][i];
-        if section.1 == size {
-            self.free[kind].swap_remove(i);
+        if at_eoa {
+            self.end += AGGREGATOR_BLOCK;
+            a.size += AGGREGATOR_BLOCK;
+            a.total += AGGREGATOR_BLOCK;
         } else {
-            section.0 += size;
-            section.1 -= size;
+            self.release_other_aggregator(1 - kind, eoa);
+            let block = self.end;
+            self.end += AGGREGATOR_BLOCK;
+            if a.size > 0 {
+                self.free_space(kind, a.addr, a.size); // the old block's rest
+            }
+            a = Aggregator {
+                addr: block,
+                size: AGGREGATOR_BLOCK,
+                total: AGGREGATOR_BLOCK,
+            };
+        }
+        let at = a.addr;
+        a.addr += size;
+        a.size -= size;
+        self.set_aggregator(kind, a);
+        at
+    }
+
+    fn aggregator(&self, kind: usize) -> Aggregator {
+        self.aggregators.map_or_else(Aggregator::default, |a| a[kind])
+    }
+
+    fn set_aggregator(&mut self, kind: usize, value: Aggregator) {
+        if let Some(a) = &mut self.aggregators {
+            a[kind] = value;
         }
     }
 
-    fn release(&mut self, kind: usize, mut address: u64, mut size: u64) {
-        let sections = &mut self.free[kind];
-        let mut i = 0;
-        while i < sections.len() {
-            let (at, len) = sections[i];
-            if at + len == address {
-                sections.remove(i);
-                (address, size) = (at, len + size);
-            } else if address + size == at {
-                sections.remove(i);
-                size += len;
-            } else {
-                i += 1;
+    /// The other aggregator gives its rest back when it ends the file and has handed out more
+    /// than a block since it started.
+    fn release_other_aggregator(&mut self, other: usize, eoa: u64) {
+        let o = self.aggregator(other);
+        if o.size > 0 && o.addr + o.size == eoa && o.total > o.size && o.total - o.size >= AGGREGATOR_BLOCK {
+            self.end = o.addr;
+            self.set_aggregator(other, Aggregator::default());
+        }
+    }
+
+    /// H5MF_xfree: given back to the end of the file or an aggregator if it touches them before
+    /// the kind's free-space manager starts, else a section of it.
+    fn free_space(&mut self, kind: usize, address: u64, size: u64) {
+        if size == 0 {
+            return;
+        }
+        if !self.managed[kind] {
+            if let Some(how) = self.can_shrink(kind, address, size, false) {
+                self.shrink(kind, address, size, how, false);
+                return;
+            }
+            self.managed[kind] = true;
+        }
+        self.add_section(kind, address, size);
+    }
+
+    /// H5FS_sect_add of returned space: merged with its neighbours, then shrunk away while it
+    /// can be, each time trying the last section after it.
+    fn add_section(&mut self, kind: usize, mut address: u64, mut size: u64) {
+        loop {
+            let sections = &mut self.free[kind];
+            let mut merged = false;
+            if let Some(i) = sections.iter().position(|s| s.0 + s.1 == address) {
+                let (at, len) = sections.swap_remove(i);
+                (address, size, merged) = (at, size + len, true);
+            }
+            if let Some(i) = sections.iter().position(|s| address + size == s.0) {
+                size += sections.swap_remove(i).1;
+                merged = true;
+            }
+            if !merged {
+                break;
             }
         }
+        let mut section = Some((address, size));
+        let mut listed = false; // the section is the last one of the list, tried after a shrink
+        while let Some((at, len)) = section {
+            let Some(how) = self.can_shrink(kind, at, len, false) else {
+                break;
+            };
+            if listed {
+                self.free[kind].retain(|&s| s != (at, len));
+                listed = false;
+            }
+            section = self.shrink(kind, at, len, how, true);
+            if section.is_none() {
+                section = self.free[kind].iter().copied().max();
+                listed = section.is_some();
+            }
+        }
+        if let (Some(s), false) = (section, listed) {
+            self.free[kind].push(s);
+        }
+    }
+
+    /// H5MF__sect_simple_can_shrink: the section ends the file, or touches the kind's aggregator.
+    fn can_shrink(&self, kind: usize, address: u64, size: u64, eoa_only: bool) -> Option<Shrink> {
         if address + size == self.end {
+            return Some(Shrink::Eoa);
+        }
+        let a = self.aggregators?[kind];
+        let touches = address + size == a.addr || a.addr + a.size == address;
+        (!eoa_only && touches).then_some(Shrink::IntoAggregator)
+    }
+
+    /// H5MF__sect_simple_shrink: returns the section if it absorbed the aggregator instead.
+    fn shrink(&mut self, kind: usize, address: u64, size: u64, how: Shrink, allow_absorb: bool) -> Option<(u64, u64)> {
+        if let Shrink::Eoa = how {
             self.end = address;
-        } else {
-            sections.push((address, size));
+            return None;
         }
+        let mut a = self.aggregator(kind);
+        if a.size + size >= AGGREGATOR_BLOCK && allow_absorb {
+            let start = if address + size == a.addr {
+                address
+            } else {
+                address - a.size
+            };
+            self.set_aggregator(kind, Aggregator::default());
+            return Some((start, size + a.size));
+        }
+        if address + size == a.addr {
+            a.addr -= size;
+            a.size += size;
+            a.total -= a.total.min(size);
+        } else {
+            a.size += size;
+        }
+        self.set_aggregator(kind, a);
+        None
     }
 
+    /// H5MF_try_extend: at the end of the file, into the aggregator the block ends at, or into
+    /// the free section that follows it.
     fn try_extend(&mut self, kind: usize, address: u64, size: u64, extra: u64) -> bool {
-        if address + size == self.end {
+        let end = address + size;
+        if end == self.end {
             self.end += extra;
             return true;
         }
-        let found = self.free[kind]
-            .iter()
-            .position(|s| s.0 == address + size && s.1 >= extra);
-        found.inspect(|&i| self.take(kind, i, extra)).is_some()
+        let mut a = self.aggregator(kind);
+        if self.aggregators.is_some() && end == a.addr {
+            if self.end == a.addr + a.size {
+                if extra > (0.1f32 * a.size as f32) as u64 {
+                    let more = extra.max(AGGREGATOR_BLOCK); // the block grows at the end of the file
+                    self.end += more;
+                    a.total += more;
+                    a.size += more;
+                }
+                a.size -= extra;
+                a.addr += extra;
+                self.set_aggregator(kind, a);
+                return true;
+            }
+            if a.size >= extra {
+                a.size -= extra;
+                a.addr += extra;
+                self.set_aggregator(kind, a);
+                return true;
+            }
+        }
+        let found = self.free[kind].iter().position(|s| s.0 == end && s.1 >= extra);
+        found
+            .inspect(|&i| {
+                let section = &mut self.free[kind][i];
+                if section.1 == extra {
+                    self.free[kind].swap_remove(i);
+                } else {
+                    section.0 += extra;
+                    section.1 -= extra;
+                }
+            })
+            .is_some()
+    }
+
+    /// H5MF__close_aggrfs: the aggregators' rest given back (the later one first), then the
+    /// sections and aggregators that end the file, until none does.
+    fn close(&mut self) {
+        let Some([meta, raw]) = self.aggregators else {
+            return;
+        };
+        let order = if meta.addr < raw.addr { [1, 0] } else { [0, 1] };
+        for kind in order {
+            let a = self.aggregator(kind);
+            self.set_aggregator(kind, Aggregator::default());
+            self.free_space(kind, a.addr, a.size);
+        }
+        loop {
+            let mut shrank = false;
+            for kind in 0..2 {
+                let last = self.free[kind].iter().copied().max();
+                if let Some((at, len)) = last.filter(|&(at, len)| at + len == self.end) {
+                    self.free[kind].retain(|&s| s != (at, len));
+                    self.end = at;
+                    shrank = true;
+                }
+            }
+            for kind in 0..2 {
+                let a = self.aggregator(kind);
+                if a.size > 0 && a.addr + a.size == self.end {
+                    self.end = a.addr;
+                    self.set_aggregator(kind, Aggregator::default());
+                    shrank = true;
+                }
+            }
+            if !shrank {
+                return;
+            }
+        }
     }
 }
 
@@ -296,7 +522,7 @@ impl LocalHeap {
             more = need;
         }
         if !space.try_extend(META, self.data_address, old, more) {
-            space.release(META, self.data_address, old);
+            space.free_space(META, self.data_address, old);
             self.data_address = space.alloc(META, old + more);
         }
         self.data.resize((old + more) as usize, 0);
@@ -537,9 +763,12 @@ struct File {
 }
 
 impl File {
-    fn new() -> Self {
+    fn new(driver: Driver) -> Self {
         let mut file = File {
-            space: Space::default(),
+            space: match driver {
+                Driver::FileObject => Space::default(),
+                Driver::Posix => Space::aggregating(),
+            },
             objects: Vec::new(),
             trees: Vec::new(),
             tree_at: HashMap::new(),
@@ -1004,9 +1233,18 @@ fn plain_attribute(attribute: Option<&(String, String)>) -> bool {
     attribute.is_none_or(|(key, value)| plain_name(key) && value.is_ascii())
 }
 
-/// The file h5py would write for `steps` through its file-object driver.
-pub fn lay_out(steps: &[Step]) -> Covered<Layout> {
-    let mut file = File::new();
+/// The libhdf5 file driver h5py writes through: a `.keras` member goes through its file-object
+/// driver, which aggregates nothing; a `.weights.h5` file through the POSIX one (`sec2`), which
+/// cuts small allocations out of 2 KiB blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    FileObject,
+    Posix,
+}
+
+/// The file h5py would write for `steps` through `driver`.
+pub fn lay_out(steps: &[Step], driver: Driver) -> Covered<Layout> {
+    let mut file = File::new(driver);
     let mut placed = Vec::new(); // (address, size) of each dataset with bytes
     for step in steps {
         match step {
@@ -1043,6 +1281,7 @@ pub fn lay_out(steps: &[Step]) -> Covered<Layout> {
             }
         }
     }
+    file.space.close();
     let size = file.space.end;
     let between = between_tensors(&placed, size, file.pieces())?;
     Ok(Layout {
@@ -1100,7 +1339,7 @@ mod tests {
 
     #[test]
     fn an_empty_plan_is_a_superblock_root_group_btree_and_heap() {
-        let layout = lay_out(&[]).unwrap();
+        let layout = lay_out(&[], Driver::FileObject).unwrap();
         // superblock 96 + group header 40 + B-tree 544 + heap 120: libhdf5's 800-byte empty file.
         assert_eq!(layout.size, 800);
         assert_eq!(layout.between.len(), 1);
@@ -1114,25 +1353,43 @@ mod tests {
             attribute: Some(("name".into(), "dense".into())),
         }];
         steps.extend((0..40).map(|i| dataset("vars", &i.to_string(), &[3, 2])));
-        let layout = lay_out(&steps).unwrap();
+        let layout = lay_out(&steps, Driver::FileObject).unwrap();
         assert_eq!(layout.tensor_offsets.len(), 40);
         let covered: u64 = layout.between.iter().map(|g| g.1.len() as u64).sum();
         assert_eq!(covered + 40 * 24, layout.size);
     }
 
     #[test]
+    fn posix_small_data_comes_from_a_block_that_moves_behind_large_tensors() {
+        // h5py's own `.weights.h5` of this plan: metadata in 2 KiB blocks up to 8192, then the
+        // small-data block, which a 12,000-byte tensor pushes back; its rest given back at close.
+        let steps = [
+            Step::Group {
+                path: "vars".into(),
+                attribute: Some(("name".into(), "dense".into())),
+            },
+            dataset("vars", "0", &[4, 3]),
+            dataset("vars", "1", &[3000]),
+            dataset("vars", "2", &[3]),
+        ];
+        let layout = lay_out(&steps, Driver::Posix).unwrap();
+        assert_eq!(layout.tensor_offsets, [8192, 8240, 20240]);
+        assert_eq!(layout.size, 20252);
+    }
+
+    #[test]
     fn what_h5py_lays_out_otherwise_is_not_covered() {
         let twice = [dataset("", "a", &[1]), dataset("", "a", &[1])];
-        assert!(lay_out(&twice).is_err());
+        assert!(lay_out(&twice, Driver::FileObject).is_err());
         let missing = [dataset("nowhere", "a", &[1])];
-        assert!(lay_out(&missing).is_err());
+        assert!(lay_out(&missing, Driver::FileObject).is_err());
         let unicode = [Step::Group {
             path: "caf\u{e9}".into(),
             attribute: None,
         }];
-        assert!(lay_out(&unicode).is_err());
+        assert!(lay_out(&unicode, Driver::FileObject).is_err());
         let huge = [dataset("", "a", &[u64::MAX, 2])];
-        assert!(lay_out(&huge).is_err());
+        assert!(lay_out(&huge, Driver::FileObject).is_err());
     }
 
     fn any_step() -> impl proptest::strategy::Strategy<Value = (bool, usize, String, u8, Vec<u64>, bool)> {
@@ -1158,7 +1415,10 @@ mod tests {
         /// Any plan, however odd its names, ranks and repeats: laid out or refused, never a panic;
         /// laid out, its tensors and the stretches between them tile the file exactly once.
         #[test]
-        fn any_plan_is_laid_out_whole_or_refused(picks in proptest::collection::vec(any_step(), 0..120)) {
+        fn any_plan_is_laid_out_whole_or_refused(
+            picks in proptest::collection::vec(any_step(), 0..120),
+            posix in proptest::prelude::any::<bool>(),
+        ) {
             let mut groups = vec![String::new()];
             let mut steps = Vec::new();
             for (is_group, parent, name, kind, shape, attribute) in picks {
@@ -1176,7 +1436,8 @@ mod tests {
                     steps.push(Step::Dataset { group: parent, name, element, shape, attribute });
                 }
             }
-            let Ok(layout) = lay_out(&steps) else { return Ok(()) };
+            let driver = if posix { Driver::Posix } else { Driver::FileObject };
+            let Ok(layout) = lay_out(&steps, driver) else { return Ok(()) };
             let mut extents: Vec<(u64, u64)> = layout.between.iter().map(|(s, d)| (*s, d.len() as u64)).collect();
             let sizes = steps.iter().filter_map(|s| match s {
                 Step::Dataset { element, shape, .. } => Some(shape.iter().product::<u64>() * element.size()),

@@ -491,24 +491,31 @@ def _lay_out_in_memory(
 ) -> tuple[int, list[tuple[int, np.ndarray]], list[bytes]]:
     """h5py's file-object driver over an in-memory image, or its layout replayed by the Rust core
     without h5py when the replay covers the plan."""
-    laid_out = _replayed_layout(plan) if alignment == 1 else None
+    laid_out = _replayed_layout(plan, posix=False) if alignment == 1 else None
     if laid_out is not None:
-        size, placed, contents = laid_out
-        if on_placed is not None:
-            for offset, array in placed:
-                on_placed(offset, array)
-        return size, placed, contents
+        return _placed(laid_out, on_placed)
     image = SparseImage()
     placed = write_skeleton(image, plan, None, 0, alignment, on_placed)
     return image.size, placed, _between_tensors(placed, image.size, image.writes)
 
 
-def _replayed_layout(plan: WeightsPlan) -> tuple[int, list[tuple[int, np.ndarray]], list[bytes]] | None:
-    """What h5py's file-object driver would write for the plan, laid out by the Rust core's replay
-    of libhdf5 (`rust/hdf5/layout.rs`): (size, (offset, array) of each tensor with bytes, the bytes
-    between them). None when h5py must lay it out: this h5py's libhdf5 is not the one replayed, h5py
-    tracks creation order, a step the replay does not cover (an attribute of a legacy file, a
-    dataset h5py writes itself, a name or string that is not ASCII, an HDF5 type other than numbers)."""
+def _placed(
+    laid_out: tuple[int, list[tuple[int, np.ndarray]], list[bytes]], on_placed: OnPlaced
+) -> tuple[int, list[tuple[int, np.ndarray]], list[bytes]]:
+    """A replayed layout, each of its tensors handed to `on_placed`."""
+    if on_placed is not None:
+        for offset, array in laid_out[1]:
+            on_placed(offset, array)
+    return laid_out
+
+
+def _replayed_layout(plan: WeightsPlan, posix: bool) -> tuple[int, list[tuple[int, np.ndarray]], list[bytes]] | None:
+    """What h5py would write for the plan through its file-object driver (or libhdf5's POSIX one),
+    laid out by the Rust core's replay of libhdf5 (`rust/hdf5/layout.rs`): (size, (offset, array)
+    of each tensor with bytes, the bytes between them). None when h5py must lay it out: this h5py's
+    libhdf5 is not the one replayed, h5py tracks creation order, a step the replay does not cover
+    (an attribute of a legacy file, a dataset h5py writes itself, a name or string that is not
+    ASCII, an HDF5 type other than numbers)."""
     if h5py.version.hdf5_version != HDF5_LAID_OUT_VERSION or h5py.get_config().track_order:
         return None
     steps: list[tuple] = []
@@ -527,7 +534,7 @@ def _replayed_layout(plan: WeightsPlan) -> tuple[int, list[tuple[int, np.ndarray
             steps.append((step.group, step.name, element, ("dtype", "bfloat16") if bfloat16 else None))
         else:
             return None
-    laid_out = hdf5_lay_out(steps)
+    laid_out = hdf5_lay_out(steps, posix)
     if laid_out is None:
         return None
     size, offsets, between = laid_out
@@ -556,7 +563,11 @@ def _lay_out_on_scratch(
 ) -> tuple[int, list[tuple[int, np.ndarray]], list[bytes]]:
     """HDF5's POSIX driver writing a scratch file in memory-backed /dev/shm (sparse: the tensors'
     stretches are never written); the bytes between the tensors are read back from it. h5py never
-    writes where the user's file goes, so a full disk there is a clean `OSError` from the Rust core."""
+    writes where the user's file goes, so a full disk there is a clean `OSError` from the Rust core.
+    When the Rust core's replay of that driver covers the plan, h5py does not run."""
+    laid_out = _replayed_layout(plan, posix=True) if alignment == 1 else None
+    if laid_out is not None:
+        return _placed(laid_out, on_placed)
     directory = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
     limit, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
     if limit != resource.RLIM_INFINITY and limit < sum(d.array.nbytes for d in plan.datasets):
