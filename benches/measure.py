@@ -195,26 +195,30 @@ H5 = Format(
 )
 
 
-def sharded(model, max_shard_size: float) -> Format:
-    """Keras 3 weights only, sharded (`save_weights(..., max_shard_size=...)`, a `.weights.json`
-    and its shards); loads go into a copy of the model built beforehand (the floor's build is 0)."""
+def weights_only(model, max_shard_size: float | None = None) -> Format:
+    """Keras 3 weights only: a `.weights.h5` (`save_weights(...)`), or with `max_shard_size` (GB)
+    a `.weights.json` and its shards; loads go into a copy of the model built beforehand (the
+    floor's build is 0)."""
     target = keras.models.clone_model(model)
     target.compile(optimizer=type(model.optimizer).from_config(model.optimizer.get_config()), loss="mse")
     target.optimizer.build(target.trainable_variables)
+    options = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
 
     def files(path: str) -> list[str]:
+        if max_shard_size is None:
+            return [path]
         directory, base = os.path.dirname(path), sharded_weights.base_name(path)
         shards = sorted(n for n in os.listdir(directory) if n.startswith(f"{base}_") and n.endswith(".weights.h5"))
         return [path] + [os.path.join(directory, n) for n in shards]
 
     return Format(
-        f"sharded {max_shard_size:g} GB",
-        ".weights.json",
-        lambda m, p: keras.saving.save_weights(m, p, max_shard_size=max_shard_size),
+        "weights" if max_shard_size is None else f"sharded {max_shard_size:g} GB",
+        ".weights.h5" if max_shard_size is None else ".weights.json",
+        lambda m, p: keras.saving.save_weights(m, p, **options),
         lambda p: keras.saving.load_weights(target, p),
         lambda p: ksf.load_weights(target, p),
         lambda _m, _p: None,
-        lambda m, p, **kw: ksf.save_weights(m, p, max_shard_size=max_shard_size, **kw),
+        lambda m, p, **kw: ksf.save_weights(m, p, **options, **kw),
         files,
     )
 

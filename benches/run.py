@@ -17,7 +17,7 @@ import keras
 import numpy as np
 
 import report
-from measure import H5, KERAS, Result, run, save_json, sharded, tf_keras_h5, tf_keras_keras
+from measure import H5, KERAS, Result, run, save_json, tf_keras_h5, tf_keras_keras, weights_only
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -87,11 +87,12 @@ MODELS = {
     "dense-h5": (dense_h5_model, "dense{} .h5", lambda _: H5, True),
     "tf_keras-dense-h5": (tf_keras_dense_model, "tf_keras dense{} .h5", lambda _: tf_keras_h5(), True),
     "tf_keras-dense-keras": (tf_keras_dense_model, "tf_keras dense{} .keras", lambda _: tf_keras_keras(), True),
-    # Not in the default run (stock takes ~20 s per load): --models many,many-h5 --repeats 3
+    # Not in the default run (stock takes ~20 s per load): --models many,many-h5,many-weights --repeats 3
     "many": (many_arrays_model, "1000xDense(64)", lambda _: KERAS, True),
     "many-h5": (many_arrays_h5_model, "1000xDense(64) .h5", lambda _: H5, True),
+    "many-weights": (many_arrays_model, "1000xDense(64) .weights.h5", weights_only, True),
     # Weights only, in shards of 0.1 GB (8 for the default model): --models dense-sharded
-    "dense-sharded": (dense_model, "dense{} .weights.json", lambda model: sharded(model, 0.1), True),
+    "dense-sharded": (dense_model, "dense{} .weights.json", lambda model: weights_only(model, 0.1), True),
 }
 DEFAULT_MODELS = ("dense", "resnet50", "dense-h5", "tf_keras-dense-h5")
 

@@ -440,3 +440,12 @@ def test_a_string_entry_is_refused_as_stock_refuses_it(tmp_path, text, suffix):
         save_ours(model, tmp_path / f"ours{suffix}")
     assert str(ours.value) == str(stock.value)
     assert not (tmp_path / f"ours{suffix}").exists()
+
+
+@pytest.mark.parametrize("call", ["save_model", "save_weights", "load_weights"])
+def test_a_non_model_raises_what_stock_raises_and_says_so(tmp_path, call):
+    path = str(tmp_path / ("m.keras" if call == "save_model" else "m.weights.h5"))
+    with pytest.raises(Exception) as stock:
+        getattr(keras.saving, call)("notamodel", path)
+    with pytest.raises(type(stock.value), match="must be a Keras model"):
+        getattr(ksf, call)("notamodel", path)

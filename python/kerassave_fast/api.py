@@ -31,6 +31,11 @@ def legacy_keras_requested() -> bool:
     return os.environ.get("TF_USE_LEGACY_KERAS", None) in _LEGACY_KERAS_VALUES
 
 
+class NotAKerasModelError(TypeError, AttributeError):
+    """`model` is not a Keras model. Also an AttributeError: stock's saving functions raise that
+    for it (they reach for an attribute of the model first), and code written for stock catches it."""
+
+
 def _flavour(model) -> str:
     """'keras3' or 'tf_keras', from the model's class."""
     import keras
@@ -40,7 +45,7 @@ def _flavour(model) -> str:
     tf_keras = sys.modules.get("tf_keras")
     if tf_keras is not None and isinstance(model, tf_keras.Model):
         return "tf_keras"
-    raise TypeError(
+    raise NotAKerasModelError(
         "`model` must be a Keras model (a `keras.Model` or a `tf_keras.Model`). "
         f"Received: model={model!r} of type {type(model)}"
     )
