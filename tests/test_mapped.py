@@ -220,8 +220,11 @@ def test_background_verification_finds_a_flipped_tensor_byte(model_zoo, tmp_path
         ksf.load_model(path)  # a copying load checks as it reads
 
 
+@pytest.mark.parametrize("stock_defaults", [{}, {"objects_to_skip": None}])
 @pytest.mark.parametrize("check_ends", ["before", "after"])
-def test_a_later_load_into_the_model_ends_what_the_last_check_speaks_for(model_zoo, tmp_path, monkeypatch, check_ends):
+def test_a_later_load_into_the_model_ends_what_the_last_check_speaks_for(
+    model_zoo, tmp_path, monkeypatch, check_ends, stock_defaults
+):
     """`load_weights` of a sound file into a model mapped from a damaged one: the damaged file's
     check, ending before or after that load, no longer poisons the model nor stands for its weights."""
     damaged, sound = tmp_path / "damaged.keras", tmp_path / "sound.keras"
@@ -244,7 +247,7 @@ def test_a_later_load_into_the_model_ends_what_the_last_check_speaks_for(model_z
         ksf.load_weights(mapped, tmp_path / "missing.keras")  # a failed load changes nothing
     ksf.load_weights(mapped, sound, skip_mismatch=True)  # nor does one that may keep some weights
     assert ksf.verification(mapped) is check
-    ksf.load_weights(mapped, sound)
+    ksf.load_weights(mapped, sound, **stock_defaults)  # stock's keywords at their defaults load every weight
     gate.set()
     with pytest.raises(zipfile.BadZipFile, match="Bad CRC-32"):
         check.result(60)  # the damaged file's check still reports it

@@ -621,7 +621,8 @@ def load_weights(model, filepath, skip_mismatch=False, **kwargs):
     reading = _Reading(threads, kwargs)
     flavour = _flavour(model)
     asynchronous.wait_for_previous()
-    partial = skip_mismatch or bool(kwargs)  # `by_name`, `objects_to_skip`: some variables may keep their bytes
+    # Skipping mismatches, loading by name or skipping objects: some variables may keep their bytes.
+    partial = skip_mismatch or any(bool(value) for value in kwargs.values())
     earlier_check = mapped.verification(model)
     with progress.bar(progress.path_bytes(filepath) if show else 0, _labelled("loading", filepath), show):
         loaded = _load_weights(model, flavour, filepath, skip_mismatch, reading, kwargs)
