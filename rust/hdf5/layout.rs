@@ -34,11 +34,12 @@ const GHEAP_HEADER: u64 = 16;
 const GHEAP_MAX: u64 = 65536;
 const CWFS_MAX: usize = 16;
 const SPLIT_RATIOS: [f64; 3] = [0.1, 0.5, 0.9]; // left-most, middle, right-most B-tree node
-/// Metadata bytes made since a heap or global heap collection was last used, past which libhdf5's
-/// metadata cache (1 MiB at least) may have evicted it: written to the file early, or dropped from
-/// the list of collections with free space. Past it, relocating or reusing the object could give
-/// other bytes than the replay's, so the replay leaves that file to h5py.
-const MAYBE_EVICTED: u64 = 256 << 10;
+/// The most metadata a replayed file may hold. libhdf5's metadata cache is never smaller than
+/// 1 MiB (H5AC's default `min_size`); below that nothing is evicted, so nothing is written early:
+/// an evicted local heap keeps its written bytes where it later moves, or its free-block headers in
+/// a name's padding, and an evicted global heap collection leaves the list of those with free
+/// space. The replay does not model the cache; a file with more metadata goes to h5py.
+const CACHE_MIN: u64 = 1 << 20;
 /// The dataspace message still fits the minimum header with the other messages.
 pub const MAX_RANK: usize = 8;
 
@@ -197,7 +198,7 @@ struct Space {
     free: [Vec<(u64, u64)>; 2], // (address, size) sections of each kind; their order does not matter
     managed: [bool; 2],         // whether the kind's free-space manager has started
     aggregators: Option<[Aggregator; 2]>,
-    made: u64, // metadata bytes allocated so far: the clock of `MAYBE_EVICTED`
+    made: u64, // metadata bytes allocated so far, held to `CACHE_MIN`
 }
 
 impl Space {
@@ -396,6 +397,14 @@ impl Space {
     /// H5MF_try_extend: at the end of the file, into the aggregator the block ends at, or into
     /// the free section that follows it.
     fn try_extend(&mut self, kind: usize, address: u64, size: u64, extra: u64) -> bool {
+        let extended = self.extend(kind, address, size, extra);
+        if extended && kind == META {
+            self.made += extra;
+        }
+        extended
+    }
+
+    fn extend(&mut self, kind: usize, address: u64, size: u64, extra: u64) -> bool {
         let end = address + size;
         if end == self.end {
             self.end += extra;
@@ -479,8 +488,6 @@ struct LocalHeap {
     data_address: u64,
     data: Vec<u8>,
     free: Vec<(u64, u64)>, // (offset, size), the list's head first
-    used: u64,             // `Space::made` when a name last went in
-    maybe_written: bool,   // the data block may have been evicted, so written, since it was allocated
 }
 
 impl LocalHeap {
@@ -491,15 +498,12 @@ impl LocalHeap {
             data_address: address + HEAP_PREFIX,
             data: vec![0; HEAP_HINT as usize],
             free: vec![(0, HEAP_HINT)],
-            used: space.made,
-            maybe_written: false,
         }
     }
 
     /// Stores `name` and its NUL; returns its offset.
-    fn insert(&mut self, space: &mut Space, name: &[u8]) -> Covered<u64> {
+    fn insert(&mut self, space: &mut Space, name: &[u8]) -> u64 {
         let need = align8(name.len() as u64 + 1);
-        self.maybe_written |= space.made - self.used > MAYBE_EVICTED;
         let mut found = None;
         let mut last: Option<usize> = None; // the block of the highest offset looked at
         for i in 0..self.free.len() {
@@ -520,16 +524,15 @@ impl LocalHeap {
         }
         let offset = match found {
             Some(offset) => offset,
-            None => self.grow(space, need, last)?,
+            None => self.grow(space, need, last),
         };
         let at = offset as usize;
         self.data[at..at + name.len()].copy_from_slice(name);
         self.data[at + name.len()] = 0;
-        self.used = space.made;
-        Ok(offset)
+        offset
     }
 
-    fn grow(&mut self, space: &mut Space, need: u64, last: Option<usize>) -> Covered<u64> {
+    fn grow(&mut self, space: &mut Space, need: u64, last: Option<usize>) -> u64 {
         let old = self.data.len() as u64;
         let tail = last.filter(|&l| self.free[l].0 + self.free[l].1 == old);
         let mut more = need.max(old);
@@ -537,13 +540,8 @@ impl LocalHeap {
             more = need;
         }
         if !space.try_extend(META, self.data_address, old, more) {
-            if self.maybe_written {
-                // libhdf5 may have written the old block already: its bytes would stay in the file
-                return not_covered("a local heap the metadata cache may have evicted moves");
-            }
             space.free_space(META, self.data_address, old);
             self.data_address = space.alloc(META, old + more);
-            self.maybe_written = false;
         }
         self.data.resize((old + more) as usize, 0);
         if let Some(l) = tail {
@@ -554,12 +552,12 @@ impl LocalHeap {
             if block.1 < HEAP_FREE_MIN {
                 self.free.remove(l);
             }
-            return Ok(offset);
+            return offset;
         }
         if more - need >= HEAP_FREE_MIN {
             self.free.insert(0, (old + need, more - need));
         }
-        Ok(old)
+        old
     }
 
     fn name(&self, offset: u64) -> &[u8] {
@@ -669,7 +667,6 @@ struct Collection {
     size: u64,
     objects: Vec<Vec<u8>>,
     free: u64,
-    used: u64, // `Space::made` when an object last went in
 }
 
 impl Collection {
@@ -837,8 +834,7 @@ impl File {
         let address = self.space.alloc(META, GROUP_HEADER);
         let tree = self.new_tree(0);
         let mut heap = LocalHeap::new(&mut self.space);
-        heap.insert(&mut self.space, b"")
-            .expect("a new heap has room for the empty name");
+        heap.insert(&mut self.space, b"");
         self.groups.push(Group {
             address,
             tree,
@@ -872,14 +868,8 @@ impl File {
     fn global_heap_insert(&mut self, raw: &[u8]) -> Covered<(u64, u64)> {
         let need = GHEAP_OBJECT + align8(raw.len() as u64);
         let found = self.with_space.iter().position(|&c| self.collections[c].free >= need);
-        let made = self.space.made;
         let collection = match found {
             Some(at) => {
-                // An evicted collection leaves libhdf5's list: the one found, and the order of those
-                // before it, would differ.
-                if (self.with_space[..=at].iter()).any(|&c| made - self.collections[c].used > MAYBE_EVICTED) {
-                    return not_covered("a global heap collection the metadata cache may have evicted");
-                }
                 if at > 0 {
                     self.with_space.swap(at - 1, at); // one step closer to the front
                 }
@@ -901,7 +891,6 @@ impl File {
                     size,
                     objects: Vec::new(),
                     free: size - GHEAP_HEADER,
-                    used: 0,
                 });
                 let c = self.collections.len() - 1;
                 self.objects.push(Object::Collection(c));
@@ -915,7 +904,6 @@ impl File {
         let c = &mut self.collections[collection];
         c.objects.push(raw.to_vec());
         c.free -= need;
-        c.used = self.space.made;
         Ok((c.address, c.objects.len() as u64))
     }
 
@@ -1125,7 +1113,7 @@ impl File {
         if looked && cmp == std::cmp::Ordering::Greater {
             at += 1;
         }
-        let offset = self.groups[group].heap.insert(&mut self.space, name)?;
+        let offset = self.groups[group].heap.insert(&mut self.space, name);
         let entry = (offset, header, table);
         if self.leaves[leaf].entries.len() < 2 * LEAF_K {
             if at == self.leaves[leaf].entries.len() {
@@ -1261,6 +1249,10 @@ fn plain_name(name: &str) -> bool {
 }
 
 fn plain_attribute(attribute: Option<&(String, String)>) -> bool {
+    // an object header message's size is 16 bits: h5py refuses a longer one
+    if attribute.is_some_and(|(key, _)| string_attribute_size(key) + 8 > u16::MAX as u64) {
+        return false;
+    }
     // h5py refuses a NUL inside a variable-length string
     attribute.is_none_or(|(key, value)| plain_name(key) && value.is_ascii() && !value.contains('\0'))
 }
@@ -1312,6 +1304,9 @@ pub fn lay_out(steps: &[Step], driver: Driver) -> Covered<Layout> {
                 }
             }
         }
+    }
+    if file.space.made > CACHE_MIN {
+        return not_covered("more metadata than libhdf5's metadata cache surely holds");
     }
     file.space.close();
     let size = file.space.end;

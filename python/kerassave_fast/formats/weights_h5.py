@@ -522,7 +522,7 @@ def _replayed_layout(plan: WeightsPlan, posix: bool) -> tuple[int, list[tuple[in
     for step in plan.steps:
         if isinstance(step, PlannedGroup):
             attrs = step.attrs or {}
-            if len(attrs) > 1 or not all(isinstance(v, str) for v in attrs.values()):
+            if len(attrs) > 1 or not all(type(v) is str for v in attrs.values()):  # not numpy's str_
                 return None
             steps.append((step.path, "", None, next(iter(attrs.items()), None)))
         elif isinstance(step, PlannedDataset) and step.reserved and not step.created:
