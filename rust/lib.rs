@@ -11,7 +11,7 @@ use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBytes, PyDict, PyTuple, PyType};
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple, PyType};
 
 pub mod bundle;
 pub mod error;
@@ -891,6 +891,123 @@ fn hdf5_lay_out<'py>(
     Ok(Some((layout.size, layout.tensor_offsets, between)))
 }
 
+/// Hashes an object's address (`id`): distinct, and 8-byte aligned, so a multiply mixes it enough.
+#[derive(Clone, Copy, Default)]
+struct AddressHash;
+
+impl std::hash::BuildHasher for AddressHash {
+    type Hasher = AddressHasher;
+    fn build_hasher(&self) -> AddressHasher {
+        AddressHasher(0)
+    }
+}
+
+#[derive(Default)]
+struct AddressHasher(u64);
+
+impl std::hash::Hasher for AddressHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn write_usize(&mut self, address: usize) {
+        self.0 = (address as u64 >> 3).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+/// `keras3.state._attribute_state` (its docstring says what and why): everything a Keras 3 model's
+/// saving walk can depend on, as plain attributes show it, in the order a depth-first walk of
+/// `vars()` finds it. Here because a model of 1,000 layers visits ~110,000 values at every save:
+/// a fifth of the Python walk's time. `kinds` caches `kind_of(value)` (0 a plain value, 1 a Keras
+/// object, 2 a list, tuple or dict, 3 anything else) by class, for values whose class is their
+/// type; `plain` are the plain types (a dict key of another type is recorded by identity).
+#[pyfunction]
+fn attribute_state<'py>(
+    model: Bound<'py, PyAny>,
+    kinds: Bound<'py, PyDict>,
+    kind_of: Bound<'py, PyAny>,
+    plain: Bound<'py, PyTuple>,
+) -> PyResult<Bound<'py, PyList>> {
+    use pyo3::intern;
+    let py = model.py();
+    let dict_type = py.get_type::<PyDict>();
+    let (object_tag, container_tag) = (intern!(py, "object"), intern!(py, "container"));
+    let state = PyList::empty(py);
+    let mut seen = std::collections::HashSet::with_hasher(AddressHash);
+    let mut stack = vec![model];
+    while let Some(obj) = stack.pop() {
+        let cls = obj.get_type();
+        // A proxy (TensorFlow's `_TupleWrapper`) names a class that is not its type: never cached.
+        let cached = match obj.getattr(intern!(py, "__class__"))?.is(&cls) {
+            true => kinds.get_item(&cls).ok().flatten(), // a metaclass without hashing: asked each time
+            false => None,
+        };
+        let kind: u8 = match cached {
+            Some(kind) => kind.extract()?,
+            None => kind_of.call1((&obj,))?.extract()?,
+        };
+        let id = obj.as_ptr() as usize;
+        match kind {
+            0 => state.append(&obj)?,
+            1 => {
+                state.append((object_tag, id, &cls))?; // its class too: a `__class__` reassigned
+                if seen.insert(id) {
+                    let attributes = obj.getattr(intern!(py, "__dict__")).map_err(|_| {
+                        pyo3::exceptions::PyTypeError::new_err("vars() argument must have __dict__ attribute")
+                    })?;
+                    let mut names = Vec::new();
+                    let mut values = Vec::new();
+                    if let Ok(dict) = attributes.cast_exact::<PyDict>() {
+                        for (name, value) in dict.iter() {
+                            names.push(name);
+                            values.push(value);
+                        }
+                    } else {
+                        for item in attributes.call_method0(intern!(py, "items"))?.try_iter()? {
+                            let (name, value): (Bound<'py, PyAny>, Bound<'py, PyAny>) = item?.extract()?;
+                            names.push(name);
+                            values.push(value);
+                        }
+                    }
+                    state.append(PyTuple::new(py, names)?)?;
+                    stack.extend(values.into_iter().rev());
+                }
+            }
+            2 => {
+                if !seen.insert(id) {
+                    state.append((container_tag, id))?;
+                    continue;
+                }
+                let is_dict = obj.is_instance(&dict_type)?;
+                let values = match is_dict {
+                    true => obj.call_method0(intern!(py, "values"))?,
+                    false => obj.clone(),
+                };
+                let values: Vec<Bound<'py, PyAny>> = values.try_iter()?.collect::<PyResult<_>>()?;
+                let mut keys = Vec::new();
+                if is_dict {
+                    for key in obj.try_iter()? {
+                        let key = key?;
+                        keys.push(match key.is_instance(&plain)? {
+                            true => key,
+                            false => (key.as_ptr() as usize).into_pyobject(py)?.into_any(),
+                        });
+                    }
+                }
+                // Holds no object: nothing kept alive.
+                state.append((container_tag, id, values.len(), PyTuple::new(py, keys)?))?;
+                stack.extend(values.into_iter().rev());
+            }
+            _ => state.append(py.None())?, // stock's walk enters neither it nor anything in it
+        }
+    }
+    Ok(state)
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("KerasSaveError", m.py().get_type::<KerasSaveError>())?;
@@ -910,5 +1027,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(hdf5_lay_out, m)?)?;
     m.add("HDF5_LAID_OUT_VERSION", hdf5::layout::HDF5_VERSION)?;
     m.add_function(wrap_pyfunction!(tensor_bytes_moved, m)?)?;
+    m.add_function(wrap_pyfunction!(attribute_state, m)?)?;
     Ok(())
 }

@@ -345,3 +345,62 @@ def test_a_reassigned_class_walks_again(tmp_path):
     ksf.save_weights(model, tmp_path / "ours.weights.h5")
     model.save_weights(tmp_path / "stock.weights.h5")
     assert (tmp_path / "ours.weights.h5").read_bytes() == (tmp_path / "stock.weights.h5").read_bytes()
+
+
+def _attribute_state_in_python(model) -> list:
+    """The attribute state as first written in Python (keras3/state.py's docstring says what it is),
+    kept here as the oracle of the Rust core's walk."""
+    found: list = []
+    seen: set[int] = set()
+    stack: list = [model]
+    while stack:
+        obj = stack.pop()
+        kind = state._kind(obj)
+        if kind == state._VALUE:
+            found.append(obj)
+        elif kind == state._OBJECT:
+            found.append(("object", id(obj), type(obj)))
+            if id(obj) not in seen:
+                seen.add(id(obj))
+                items = list(vars(obj).items())
+                found.append(tuple(key for key, _ in items))
+                stack.extend(value for _, value in reversed(items))
+        elif kind == state._CONTAINER:
+            if id(obj) in seen:
+                found.append(("container", id(obj)))
+                continue
+            seen.add(id(obj))
+            values = list(obj.values()) if isinstance(obj, dict) else list(obj)
+            keys = tuple(k if isinstance(k, state._PLAIN) else id(k) for k in obj) if isinstance(obj, dict) else ()
+            found.append(("container", id(obj), len(values), keys))
+            stack.extend(reversed(values))
+        else:
+            found.append(None)
+    return found
+
+
+class _Odd(keras.layers.Layer):
+    """Attributes of every kind the walk tells apart."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.pair = (inner, 3)  # kept by TensorFlow as a `_TupleWrapper` proxy
+        loop = [1, "a"]
+        loop.append(loop)  # a list holding itself (set past Keras' tracking, which cannot wrap it)
+        object.__setattr__(self, "loop", loop)
+        self.keyed = {inner: 1.5, 2: None, b"k": [4], (1, 2): inner}  # keys of other types by identity
+        self.callback = print  # entered by neither walk
+        self.numbers = np.arange(3)
+
+
+@pytest.mark.parametrize("name", [*MODELS, "odd"])
+def test_the_attribute_state_is_the_python_walks(name):
+    if name == "odd":
+        inner = keras.layers.Dense(2)
+        model = keras.Sequential([keras.Input((2,)), inner, _Odd(inner)])
+    else:
+        model = MODELS[name]()
+    state._KINDS.clear()  # each class decided again, as on a first save
+    assert state._attribute_state(model) == _attribute_state_in_python(model)
+    assert state._attribute_state(model) == _attribute_state_in_python(model)  # kinds cached

@@ -1,6 +1,6 @@
 """Typed stubs of the Rust core (rust/lib.rs)."""
 
-from collections.abc import Buffer, Sequence
+from collections.abc import Buffer, Callable, Sequence
 
 ZIP64_LIMIT: int
 MAX_THREADS: int
@@ -122,3 +122,9 @@ def hdf5_lay_out(
 
 def tensor_bytes_moved() -> int:
     """Tensor bytes the core has written, read or compressed in this process so far (for progress bars)."""
+
+def attribute_state(
+    model: object, kinds: dict[type, int], kind_of: Callable[[object], int], plain: tuple[type, ...]
+) -> list:
+    """`keras3.state._attribute_state`'s walk of `model`: `kinds` caches `kind_of(value)` (0 plain
+    value, 1 Keras object, 2 list/tuple/dict, 3 other) by class; `plain` are the plain types."""

@@ -7,7 +7,9 @@ loading reads file bytes into 64-byte-aligned arrays that TensorFlow then adopts
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+from collections.abc import Iterator
 
 import ml_dtypes
 import numpy as np
@@ -31,15 +33,36 @@ def as_bytes(array: np.ndarray) -> np.ndarray:
 
 @functools.cache
 def _tensorflow_reads():
-    """TensorFlow's eager context, its ReadVariableOp, and the variable types it reads directly:
-    plain resource variables, and those made inside a `tf.function` (Keras 3's optimizer slots).
-    Imported once (a model of 6,000 variables snapshots them all at each save)."""
-    from tensorflow.python.eager import context
+    """TensorFlow's eager context, its op executor, ReadVariableOp, and the variable types it reads
+    directly: plain resource variables, and those made inside a `tf.function` (Keras 3's optimizer
+    slots). Imported once (a model of 6,000 variables snapshots them all at each save)."""
+    from tensorflow.python.eager import context, execute
     from tensorflow.python.eager.polymorphic_function.polymorphic_function import UnliftedInitializerVariable
     from tensorflow.python.ops.gen_resource_variable_ops import read_variable_op
     from tensorflow.python.ops.resource_variable_ops import ResourceVariable
 
-    return context, read_variable_op, (ResourceVariable, UnliftedInitializerVariable)
+    return context, execute, read_variable_op, (ResourceVariable, UnliftedInitializerVariable)
+
+
+def _plain_variable(value, plain: tuple):
+    """The TensorFlow resource variable ReadVariableOp reads for `value` (itself, or a Keras 3
+    variable's backing one), or None."""
+    inner = getattr(value, "_value", None)
+    if type(inner) in plain:
+        return inner
+    return value if type(value) in plain else None
+
+
+def _read_only(tensor) -> np.ndarray:
+    """A read tensor's own buffer as a read-only array."""
+    array = tensor._numpy()
+    if not isinstance(array, np.ndarray):  # a 0-d tensor's comes as a numpy scalar: a copy
+        try:
+            array = np.asarray(tensor)  # the tensor's own buffer
+        except ValueError:  # TensorFlow refuses a bfloat16 scalar this way: the copy it is
+            array = np.asarray(array)
+    array.flags.writeable = False
+    return array
 
 
 def snapshot(value) -> np.ndarray:
@@ -48,25 +71,71 @@ def snapshot(value) -> np.ndarray:
     For a TensorFlow variable the view stays valid and unchanged even if the variable is assigned
     afterwards: TensorFlow copies on write while a reader holds the buffer.
     """
-    context, read_variable_op, plain = _tensorflow_reads()
-    inner = getattr(value, "_value", None)  # a Keras 3 variable's backing tf.Variable
-    if type(inner) in plain:
-        value = inner
-    if type(value) in plain and context.executing_eagerly():
+    context, _, read_variable_op, plain = _tensorflow_reads()
+    variable = _plain_variable(value, plain)
+    if variable is not None and context.executing_eagerly():
         # One ReadVariableOp and the tensor's own buffer: a fifth of `np.asarray(v.value())`'s
         # cost, which decides saves of models with thousands of small variables.
-        tensor = read_variable_op(value.handle, value.dtype)
-        array = tensor._numpy()
-        if not isinstance(array, np.ndarray):  # a 0-d tensor's comes as a numpy scalar: a copy
-            try:
-                array = np.asarray(tensor)  # the tensor's own buffer
-            except ValueError:  # TensorFlow refuses a bfloat16 scalar this way: the copy it is
-                array = np.asarray(array)
-        array.flags.writeable = False
-        return array
+        return _read_only(read_variable_op(variable.handle, variable.dtype))
+    return _converted(value)
+
+
+# Variables read by one op: each batch is handed on (to a writing thread) while the next is read.
+_READ_BATCH = 512
+
+
+def snapshots(values: list) -> Iterator[np.ndarray]:
+    """`snapshot` of each of `values`, in order, taken batch by batch as the iterator advances.
+
+    Runs of plain variables of one dtype on one device are read by one `_ReadVariablesOp` each:
+    TensorFlow's batched ReadVariableOp (the same shared lock and buffer per variable, copy on
+    read included), a third of the cost of reading them one by one. If a batched read fails (an
+    uninitialized variable, a device it cannot run on), its variables are read one by one, which
+    raises the error a single read does.
+    """
+    context, execute, _, plain = _tensorflow_reads()
+    eager = context.executing_eagerly()
+    for start in range(0, len(values), _READ_BATCH):
+        batch = values[start : start + _READ_BATCH]
+        variables = [_plain_variable(v, plain) if eager else None for v in batch]
+        read: dict[int, np.ndarray] = {}
+        for kind, run in itertools.groupby(enumerate(variables), key=_run_kind):
+            run = list(run)
+            if kind is not None and len(run) > 1:  # a single one is read by `snapshot`, as it always was
+                tensors = _read_together([v for _, v in run], kind[0], context, execute)
+                if tensors is not None:
+                    read.update(zip((i for i, _ in run), map(_read_only, tensors), strict=True))
+        for i, value in enumerate(batch):
+            array = read.get(i)
+            yield array if array is not None else snapshot(value)
+
+
+def _run_kind(indexed: tuple[int, object]):
+    """What variables read by one op share (dtype, device); None for a value that is not one."""
+    _, variable = indexed
+    return None if variable is None else (variable.dtype, variable.device)
+
+
+def _read_together(variables: list, dtype, context, execute):
+    """The tensors of one `_ReadVariablesOp` of `variables` (all of `dtype`), or None if it failed."""
+    try:
+        return execute.execute(
+            "_ReadVariablesOp",
+            num_outputs=len(variables),
+            inputs=[v.handle for v in variables],
+            attrs=("N", len(variables), "dtypes", [dtype.as_datatype_enum] * len(variables)),
+            ctx=context.context(),
+        )
+    except Exception:  # read one by one by the caller, raising what a single read raises
+        return None
+
+
+def _converted(value) -> np.ndarray:
+    """`snapshot` of anything other than a plain variable read eagerly (copies where it must)."""
     import tensorflow as tf
     from keras.src import backend
 
+    inner = getattr(value, "_value", None)  # a Keras 3 variable's backing variable
     if isinstance(inner, tf.Variable):
         value = inner
     if isinstance(value, tf.Variable):

@@ -109,7 +109,13 @@ class WeightsPlan:
     def add_dataset(
         self, group: str, name: str, value, created: bool = False, bfloat16_attribute: bool = True
     ) -> PlannedDataset:
-        dataset = PlannedDataset(group, name, snapshot(value), created, bfloat16_attribute)
+        return self.add_snapshot(group, name, snapshot(value), created, bfloat16_attribute)
+
+    def add_snapshot(
+        self, group: str, name: str, array: np.ndarray, created: bool = False, bfloat16_attribute: bool = True
+    ) -> PlannedDataset:
+        """`add_dataset` of a snapshot already taken."""
+        dataset = PlannedDataset(group, name, array, created, bfloat16_attribute)
         self.steps.append(dataset)
         return dataset
 

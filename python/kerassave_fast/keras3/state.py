@@ -38,9 +38,9 @@ from keras.src.saving.serialization_lib import (
 )
 from keras.src.utils import dtype_utils
 
-from .._core import KerasSaveError
+from .._core import KerasSaveError, attribute_state
 from ..formats.weights_h5 import PlannedDataset, WeightsPlan, consistent
-from ..tensors import adoptable, adoptable_tensor, snapshot
+from ..tensors import adoptable, adoptable_tensor, snapshots
 
 
 def serialize_model_as_json(model) -> tuple[str, str]:
@@ -147,7 +147,7 @@ def _saves_as_stock(frame) -> bool:
 _PLAIN = (bool, int, float, complex, str, bytes, type(None))
 # What `_attribute_state` does with a value, by its class (decided once per class: the state of a
 # model of 1,000 layers visits ~100,000 values, and three `isinstance` checks each cost a third of it).
-_VALUE, _OBJECT, _CONTAINER, _OPAQUE = range(4)
+_VALUE, _OBJECT, _CONTAINER, _OPAQUE = range(4)  # as the Rust core's `attribute_state` numbers them
 _KINDS: dict[type, int] = {}
 
 
@@ -183,33 +183,7 @@ def _attribute_state(model) -> list:
     property reads). Stock's walk follows every attribute (properties too) and names paths after
     them: a reassigned, swapped or nested-moved layer, or a flag a `save_own_variables` reads,
     changes this state. Each object and container is entered once (a list holding itself ends)."""
-    state: list = []
-    seen: set[int] = set()
-    stack: list = [model]
-    while stack:
-        obj = stack.pop()
-        kind = _kind(obj)
-        if kind == _VALUE:
-            state.append(obj)
-        elif kind == _OBJECT:
-            state.append(("object", id(obj), type(obj)))  # its class too: a `__class__` reassigned
-            if id(obj) not in seen:
-                seen.add(id(obj))
-                items = list(vars(obj).items())
-                state.append(tuple(key for key, _ in items))
-                stack.extend(value for _, value in reversed(items))
-        elif kind == _CONTAINER:
-            if id(obj) in seen:
-                state.append(("container", id(obj)))
-                continue
-            seen.add(id(obj))
-            values = list(obj.values()) if isinstance(obj, dict) else list(obj)
-            keys = tuple(k if isinstance(k, _PLAIN) else id(k) for k in obj) if isinstance(obj, dict) else ()
-            state.append(("container", id(obj), len(values), keys))  # holds no object: nothing kept alive
-            stack.extend(reversed(values))
-        else:
-            state.append(None)  # stock's walk enters neither it nor anything in it (a History, a function)
-    return state
+    return attribute_state(model, _KINDS, _kind, _PLAIN)  # the walk, in the Rust core
 
 
 def _saveable_of_caller(frame, metadata: dict):
@@ -360,11 +334,11 @@ class Replay:
         sources = [r() for r in self.walk.sources]
         if any(s is None for s in sources):
             return None
-        found = iter(sources)
+        arrays = snapshots(sources)
         steps = []
         for step in self.walk.plan.steps:
             if isinstance(step, PlannedDataset):
-                array = snapshot(next(found))
+                array = next(arrays)
                 if array.shape != step.array.shape or array.dtype != step.array.dtype:
                     return None
                 step = step.with_array(array)
