@@ -8,6 +8,7 @@ import warnings
 import weakref
 import zipfile
 
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -404,3 +405,33 @@ def test_the_attribute_state_is_the_python_walks(name):
     state._KINDS.clear()  # each class decided again, as on a first save
     assert state._attribute_state(model) == _attribute_state_in_python(model)
     assert state._attribute_state(model) == _attribute_state_in_python(model)  # kinds cached
+
+
+class _ReusedBuffer(keras.layers.Layer):
+    """Saves two tensors from one buffer, changed in between: stock's store wrote the first already."""
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=(3,), initializer="ones")
+
+    def call(self, x):
+        return x * self.w[0]
+
+    def save_own_variables(self, store):
+        buffer = np.array(self.w.numpy())
+        store["0"] = buffer
+        buffer += 1
+        store["1"] = buffer
+
+    def load_own_variables(self, store):
+        self.w.assign(store["0"])
+
+
+def test_a_value_that_is_not_a_variable_is_taken_when_stored(tmp_path):
+    """Variables are snapshot together after the walk; anything else a `save_own_variables` stores
+    is taken at once, as stock's store writes it at once."""
+    model = keras.Sequential([keras.Input((3,)), _ReusedBuffer()])
+    assert_saves_like_stock(model, tmp_path, "reused")
+    with zipfile.ZipFile(tmp_path / "reused-ours.keras") as z, z.open(WEIGHTS) as f:
+        with h5py.File(f) as h5:
+            [group] = [g for g in h5["layers"].values()]
+            assert list(group["vars"]["0"][()]) == [1, 1, 1] and list(group["vars"]["1"][()]) == [2, 2, 2]

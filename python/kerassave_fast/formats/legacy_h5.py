@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..asynchronous import Write
-from ..tensors import snapshots
 from .weights_h5 import Compression, WeightsPlan, write_plan
 
 NamedVariables = list[tuple[bytes, object]]  # (weight name as stock encodes it, variable)
@@ -79,12 +78,11 @@ class _AttributesOf:
         self._plan.add_attribute(self._path, name, value)
 
 
-def _add_weights(plan: WeightsPlan, contents: LegacyH5Contents, group: str, weights: NamedVariables, arrays) -> None:
-    """`save_subset_weights_to_hdf5_group` / `save_optimizer_weights_to_hdf5_group`: the names, then
-    each tensor (the next of `arrays`, the snapshots of every weight of the plan in its order)."""
+def _add_weights(plan: WeightsPlan, contents: LegacyH5Contents, group: str, weights: NamedVariables) -> None:
+    """`save_subset_weights_to_hdf5_group` / `save_optimizer_weights_to_hdf5_group`: the names, then each tensor."""
     contents.save_attributes(_AttributesOf(plan, group), "weight_names", [name for name, _ in weights])
-    for name, _ in weights:
-        plan.add_snapshot(group, name.decode("utf-8", "surrogateescape"), next(arrays), created=True)
+    for name, variable in weights:
+        plan.add_variable(group, name.decode("utf-8", "surrogateescape"), variable, created=True)
 
 
 def text_attribute(h5, name: str) -> str | None:
@@ -109,14 +107,15 @@ def plan_legacy_h5(contents: LegacyH5Contents) -> WeightsPlan:
     contents.save_attributes(_AttributesOf(plan, weights_group), "layer_names", contents.layer_names)
     plan.add_attribute(weights_group, "backend", contents.backend)
     plan.add_attribute(weights_group, "keras_version", contents.keras_version)
-    weight_groups = [(under(layer_name), weights) for layer_name, weights in contents.layers]
-    weight_groups.append((under("top_level_model_weights"), contents.top_level))
+    for layer_name, weights in contents.layers:
+        plan.add_group(under(layer_name))
+        _add_weights(plan, contents, under(layer_name), weights)
+    plan.add_group(under("top_level_model_weights"))
+    _add_weights(plan, contents, under("top_level_model_weights"), contents.top_level)
     if contents.optimizer:
-        weight_groups.append(("optimizer_weights", contents.optimizer))
-    arrays = snapshots([variable for _, weights in weight_groups for _, variable in weights])
-    for group, weights in weight_groups:
-        plan.add_group(group)
-        _add_weights(plan, contents, group, weights, arrays)
+        plan.add_group("optimizer_weights")
+        _add_weights(plan, contents, "optimizer_weights", contents.optimizer)
+    plan.take_snapshots()
     return plan
 
 

@@ -38,7 +38,7 @@ from .._core import (
 )
 from ..files import Destination, FileRegion, FileWindow, SparseImage, atomic_replace, changed
 from ..mapped import Mapping, refuse_if_replaced
-from ..tensors import BFLOAT16, aligned_empty, as_bytes, snapshot
+from ..tensors import BFLOAT16, aligned_empty, as_bytes, snapshot, snapshots
 
 
 @dataclass
@@ -99,6 +99,8 @@ class WeightsPlan:
     """What stock Keras would write into the weights file, in its order, holding no copies."""
 
     steps: list[PlannedGroup | PlannedAttribute | PlannedDataset] = field(default_factory=list)
+    # (index in `steps`, variable) of each dataset `add_variable` added, until `take_snapshots`.
+    _untaken: list[tuple[int, object]] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def add_group(self, path: str, attrs: dict | None = None) -> None:
         self.steps.append(PlannedGroup(path, attrs))
@@ -118,6 +120,20 @@ class WeightsPlan:
         dataset = PlannedDataset(group, name, array, created, bfloat16_attribute)
         self.steps.append(dataset)
         return dataset
+
+    def add_variable(
+        self, group: str, name: str, variable, created: bool = False, bfloat16_attribute: bool = True
+    ) -> None:
+        """`add_dataset` of a variable, its snapshot taken by `take_snapshots` with the others added
+        so (runs of them read by one op: a third of the cost). Its `array` is None until then."""
+        self._untaken.append((len(self.steps), variable))
+        self.steps.append(PlannedDataset(group, name, None, created, bfloat16_attribute))  # type: ignore[arg-type]
+
+    def take_snapshots(self) -> None:
+        """Snapshots every variable `add_variable` added (see there), now."""
+        untaken, self._untaken = self._untaken, []
+        for (index, _), array in zip(untaken, snapshots([v for _, v in untaken]), strict=True):
+            self.steps[index] = self.steps[index].with_array(array)
 
     @property
     def datasets(self) -> list[PlannedDataset]:
