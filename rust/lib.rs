@@ -227,31 +227,7 @@ impl TensorFile {
         datasets: Vec<ChunkedReadTuple<'_>>,
         threads: usize,
     ) -> PyResult<Vec<(u64, u64, u32)>> {
-        let objects: Vec<Bound<'_, PyAny>> = datasets.iter().map(|d| d.4.clone()).collect();
-        let (buffers, spans) = tensor_spans(vec![0; objects.len()], &objects, true)?;
-        let plans: Vec<(String, hdf5::Chunked, Vec<u64>, usize)> = datasets
-            .into_iter()
-            .map(|(name, c, shape, itemsize, _)| (name, chunked_from(c), shape, itemsize))
-            .collect();
-        let read = py.detach(|| {
-            let requests = plans
-                .iter()
-                .zip(&spans)
-                .map(
-                    |((name, chunked, shape, itemsize), &(_, p, n))| hdf5::chunks::ChunkedRead {
-                        name,
-                        chunked,
-                        shape,
-                        itemsize: *itemsize,
-                        // SAFETY: as in `read_tensors`: writable, exported while `buffers` lives, no two overlapping.
-                        out: unsafe { bytes_mut(p, n) },
-                    },
-                )
-                .collect();
-            hdf5::chunks::read_chunked(&self.file, &self.path, start, requests, threads)
-        })?;
-        drop(buffers);
-        Ok(read)
+        read_chunked_from(py, self.file.as_ref(), &self.path, start, datasets, threads)
     }
 
     /// CRC-32 of `length` bytes from `start`; `known` lists (offset, length, crc) stretches not to re-read.
@@ -846,6 +822,57 @@ fn hdf5_stored_datasets(
     })
 }
 
+/// `TensorFile.read_chunked` of an HDF5 file in memory (`data`, a compressed zip member inflated),
+/// naming `path` in its errors.
+#[pyfunction]
+#[pyo3(signature = (data, start, datasets, path, threads = 0))]
+fn hdf5_read_chunked(
+    py: Python<'_>,
+    data: &[u8],
+    start: u64,
+    datasets: Vec<ChunkedReadTuple<'_>>,
+    path: PathBuf,
+    threads: usize,
+) -> PyResult<Vec<(u64, u64, u32)>> {
+    read_chunked_from(py, data, &path, start, datasets, threads)
+}
+
+/// The chunked reads of `TensorFile.read_chunked`, from any source, with the GIL released.
+fn read_chunked_from<S: hdf5::chunks::StoredBytes + ?Sized>(
+    py: Python<'_>,
+    source: &S,
+    path: &std::path::Path,
+    start: u64,
+    datasets: Vec<ChunkedReadTuple<'_>>,
+    threads: usize,
+) -> PyResult<Vec<(u64, u64, u32)>> {
+    let objects: Vec<Bound<'_, PyAny>> = datasets.iter().map(|d| d.4.clone()).collect();
+    let (buffers, spans) = tensor_spans(vec![0; objects.len()], &objects, true)?;
+    let plans: Vec<(String, hdf5::Chunked, Vec<u64>, usize)> = datasets
+        .into_iter()
+        .map(|(name, c, shape, itemsize, _)| (name, chunked_from(c), shape, itemsize))
+        .collect();
+    let read = py.detach(|| {
+        let requests = plans
+            .iter()
+            .zip(&spans)
+            .map(
+                |((name, chunked, shape, itemsize), &(_, p, n))| hdf5::chunks::ChunkedRead {
+                    name,
+                    chunked,
+                    shape,
+                    itemsize: *itemsize,
+                    // SAFETY: as in `read_tensors`: writable, exported while `buffers` lives, no two overlapping.
+                    out: unsafe { bytes_mut(p, n) },
+                },
+            )
+            .collect();
+        hdf5::chunks::read_chunked(source, path, start, requests, threads)
+    })?;
+    drop(buffers);
+    Ok(read)
+}
+
 /// A step of `hdf5_lay_out`: a group (path, "", None, attribute) or a dataset (its group, name,
 /// (numpy dtype kind, item size, shape), attribute); an attribute is (name, string value).
 type LayoutStep = (String, String, Option<(char, u8, Vec<u64>)>, Option<(String, String)>);
@@ -1024,6 +1051,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(bundle_write_sharded_index, m)?)?;
     m.add_function(wrap_pyfunction!(hdf5_stored_datasets, m)?)?;
     m.add_function(wrap_pyfunction!(hdf5_encode_chunks, m)?)?;
+    m.add_function(wrap_pyfunction!(hdf5_read_chunked, m)?)?;
     m.add_function(wrap_pyfunction!(hdf5_lay_out, m)?)?;
     m.add("HDF5_LAID_OUT_VERSION", hdf5::layout::HDF5_VERSION)?;
     m.add_function(wrap_pyfunction!(tensor_bytes_moved, m)?)?;

@@ -8,6 +8,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import h5py
@@ -123,6 +124,61 @@ def test_zstd_files_load_here_without_hdf5plugin(model_zoo, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     expected = [hashlib.sha256(data.tobytes()).hexdigest() for _, data in state_of(model)]
     assert json.loads(run.stdout.splitlines()[-1]) == [expected] * 3
+
+
+_REZIPPED_WITHOUT_PLUGIN = """
+import hashlib, json, sys
+import h5py, numpy as np
+import kerassave_fast as ksf
+from kerassave_fast import cli
+assert not h5py.h5z.filter_avail(32015), "zstd readable by h5py: the test would prove nothing"
+good, damaged = sys.argv[1:3]
+model = ksf.load_model(good)
+variables = list(model.weights) + list(model.optimizer.variables)
+digests = [hashlib.sha256(np.asarray(v.numpy()).tobytes()).hexdigest() for v in variables]
+try:
+    ksf.load_model(damaged)
+    refused = None
+except ksf.KerasSaveError as e:
+    refused = str(e)
+print(json.dumps([digests, cli.main(["verify", good]), cli.main(["verify", damaged]), refused]))
+"""
+
+
+def _deflated_copy(path, to, damage: bool = False) -> None:
+    """`path` zipped again with every member DEFLATED (as a zip tool may), its weights member's
+    largest chunk damaged if `damage` (the zip's CRC then matches the damaged bytes)."""
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(to, "w", zipfile.ZIP_DEFLATED) as target:
+        for info in source.infolist():
+            data = source.read(info.filename)
+            if damage and info.filename == "model.weights.h5":
+                listed = hdf5_stored_datasets(data)
+                offset, size, _, _ = max((k for *_, c in listed if c is not None for k in c[2]), key=lambda k: k[1])
+                data = bytearray(data)
+                data[offset + size // 2] ^= 0x10
+            target.writestr(info.filename, bytes(data))
+
+
+def test_a_rezipped_keras_with_zstd_chunks_loads_and_verifies_without_hdf5plugin(model_zoo, tmp_path):
+    """A `.keras` whose members another zip tool compressed: the Rust core decodes its zstd chunks
+    from the inflated member (h5py got them before, and without hdf5plugin the load failed and
+    `verify` reported problems that were not there); a damaged chunk is refused naming the file."""
+    model = model_zoo("convnet")
+    ksf.save_model(model, tmp_path / "m.keras", compression="zstd", chunk_bytes=2048)
+    good, damaged = tmp_path / "good.keras", tmp_path / "damaged.keras"
+    _deflated_copy(tmp_path / "m.keras", good)
+    _deflated_copy(tmp_path / "m.keras", damaged, damage=True)
+    run = subprocess.run(
+        [sys.executable, "-c", _REZIPPED_WITHOUT_PLUGIN, str(good), str(damaged)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    digests, good_verified, damaged_verified, refused = json.loads(run.stdout.splitlines()[-1])
+    assert digests == [hashlib.sha256(data.tobytes()).hexdigest() for _, data in state_of(model)]
+    assert (good_verified, damaged_verified) == (0, 1)
+    assert refused is not None and str(damaged) in refused
 
 
 @pytest.mark.parametrize("settings", SETTINGS[:3], ids=_ids)

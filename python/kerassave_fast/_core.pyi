@@ -128,3 +128,12 @@ def attribute_state(
 ) -> list:
     """`keras3.state._attribute_state`'s walk of `model`: `kinds` caches `kind_of(value)` (0 plain
     value, 1 Keras object, 2 list/tuple/dict, 3 other) by class; `plain` are the plain types."""
+
+def hdf5_read_chunked(
+    data: Buffer,
+    start: int,
+    datasets: Sequence[tuple[str, Chunking, Sequence[int], int, Buffer]],
+    path: str,
+    threads: int = 0,
+) -> list[tuple[int, int, int]]:
+    """`TensorFile.read_chunked` of an HDF5 file in memory (`data` from `start`), naming `path` in errors."""

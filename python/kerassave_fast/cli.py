@@ -29,7 +29,7 @@ import numpy as np
 from ._core import KerasSaveError, TensorBundleReader, TensorFile, ZipArchive, hdf5_stored_datasets
 from .files import FileRegion
 from .formats import sharded_weights
-from .formats.weights_h5 import listed_by_rust
+from .formats.weights_h5 import listed_by_rust, read_chunked
 from .formats.zip_members import member_name
 
 KERAS_ZIP, LEGACY_H5, WEIGHTS_H5, SHARDED_WEIGHTS, SAVED_MODEL, TF_CHECKPOINT = (
@@ -172,7 +172,8 @@ def _keras_weights(opened: _OpenKeras, path: str, walked: bool = False) -> h5py.
             hdf5_stored_datasets(opened.file, start, member.size)
         return h5py.File(FileRegion(opened.file.fileno(), start, member.size, path), "r")
     data = opened.archive.read(index)
-    hdf5_stored_datasets(data, 0, len(data))
+    if not walked:
+        hdf5_stored_datasets(data, 0, len(data))
     return h5py.File(io.BytesIO(data), "r")
 
 
@@ -288,10 +289,10 @@ def _verify_keras(path: str, threads: int) -> list[str]:
         try:
             if member.method == zipfile.ZIP_STORED:
                 source, start = opened.file, opened.archive.data_offset(index)
-                chunked = _chunked_datasets(source, start, member.size)
-            else:  # inflated in memory: h5py decodes its chunks
-                source, start, chunked = None, 0, {}
-            with _keras_weights(opened, path, walked=source is not None) as h5:
+            else:  # inflated in memory (its CRC checked above)
+                source, start = opened.archive.read(index), 0
+            chunked = _chunked_datasets(source, start, member.size)
+            with _keras_weights(opened, path, walked=True) as h5:
                 problems += _verify_hdf5(h5, member.size, where, source, start, chunked, threads)
         except KerasSaveError as e:
             problems.append(f"{where}: {e}")
@@ -300,7 +301,7 @@ def _verify_keras(path: str, threads: int) -> list[str]:
     return problems
 
 
-def _chunked_datasets(source: TensorFile, start: int, size: int) -> dict[str, tuple]:
+def _chunked_datasets(source: TensorFile | bytes, start: int, size: int) -> dict[str, tuple]:
     """The chunked datasets the Rust core decodes (without libhdf5's filters: zstd needs no plugin),
     by their name in `visititems`: (chunking, shape, dtype). Its walk refuses, with `KerasSaveError`, a file damaged
     in ways libhdf5 loops forever on."""
@@ -323,7 +324,7 @@ def _verify_hdf5(
     h5: h5py.File,
     size: int,
     where: str,
-    source: TensorFile | None = None,
+    source: TensorFile | bytes | None = None,
     start: int = 0,
     chunked: dict | None = None,
     threads: int = 0,
@@ -340,7 +341,7 @@ def _verify_hdf5(
             if name in chunked:
                 chunking, shape, dtype = chunked[name]
                 buffer = np.empty(math.prod(shape) * dtype.itemsize, np.uint8)
-                source.read_chunked(start, [(name, chunking, shape, dtype.itemsize, buffer)], threads)
+                read_chunked(source, start, [(name, chunking, shape, dtype.itemsize, buffer)], where, threads)
             elif obj.chunks is None:
                 offset = obj.id.get_offset()
                 nbytes = obj.id.get_storage_size()

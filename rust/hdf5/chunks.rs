@@ -27,11 +27,35 @@ pub struct ChunkedRead<'a> {
 /// zip member's CRC can count them without reading them again.
 pub type ReadChunk = (u64, u64, u32);
 
-/// Reads the datasets' chunks from `file` (the HDF5 file starting at `start`), in parallel;
+/// Where stored chunks are read from: a file, by offset, or an HDF5 file already in memory (a
+/// zip member that was compressed, inflated).
+pub trait StoredBytes: Sync {
+    /// Fills `buf` from `offset`; an `UnexpectedEof` error when the source ends before.
+    fn read_stored(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+}
+
+impl StoredBytes for File {
+    fn read_stored(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.read_exact_at(buf, offset)
+    }
+}
+
+impl StoredBytes for [u8] {
+    fn read_stored(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let stored = usize::try_from(offset)
+            .ok()
+            .and_then(|at| self.get(at..at.checked_add(buf.len())?))
+            .ok_or(std::io::ErrorKind::UnexpectedEof)?;
+        buf.copy_from_slice(stored);
+        Ok(())
+    }
+}
+
+/// Reads the datasets' chunks from `source` (the HDF5 file starting at `start`), in parallel;
 /// returns each chunk's stored extent and CRC-32, in no particular order.
 /// Refuses, naming `path` and the dataset, chunks that do not tile the shape or do not decode.
-pub fn read_chunked(
-    file: &File,
+pub fn read_chunked<S: StoredBytes + ?Sized>(
+    source: &S,
     path: &Path,
     start: u64,
     datasets: Vec<ChunkedRead<'_>>,
@@ -70,7 +94,7 @@ pub fn read_chunked(
                 let at = start
                     .checked_add(chunk.offset)
                     .ok_or_else(|| fail("offset overflows".into()))?;
-                file.read_exact_at(&mut stored, at).map_err(|e| {
+                source.read_stored(&mut stored, at).map_err(|e| {
                     if e.kind() == std::io::ErrorKind::UnexpectedEof {
                         fail("the file ends before the chunk (truncated?)".into())
                     } else {
@@ -201,6 +225,18 @@ fn place(raw: &[u8], coords: &[u64], chunk_shape: &[u64], shape: &[u64], itemsiz
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bytes_in_memory_are_read_within_their_bounds() {
+        let data: &[u8] = &[1, 2, 3, 4, 5];
+        let mut buf = [0u8; 2];
+        data.read_stored(&mut buf, 3).unwrap();
+        assert_eq!(buf, [4, 5]);
+        for offset in [4, 5, u64::MAX, u64::MAX - 1] {
+            let e = data.read_stored(&mut buf, offset).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+        }
+    }
 
     #[test]
     fn place_copies_edge_chunks_of_a_3d_array() {

@@ -34,6 +34,7 @@ from .._core import (
     TensorFile,
     hdf5_encode_chunks,
     hdf5_lay_out,
+    hdf5_read_chunked,
     hdf5_stored_datasets,
 )
 from ..files import Destination, FileRegion, FileWindow, SparseImage, atomic_replace, changed
@@ -877,6 +878,14 @@ def _listed_by_h5py(h5: h5py.File) -> list[StoredTensor]:
     return [t for t in (_as_stored_tensor(h5, n) for n in names) if t is not None and t.nbytes]
 
 
+def read_chunked(source: TensorFile | bytes, start: int, items: list, where: str, threads: int = 0) -> list:
+    """`TensorFile.read_chunked` of the HDF5 file at `start` of `source`, a file or its bytes
+    (a compressed zip member, inflated), errors naming `where`."""
+    if isinstance(source, TensorFile):
+        return source.read_chunked(start, items, threads)
+    return hdf5_read_chunked(source, start, items, where, threads)
+
+
 def listed_by_rust(
     source: TensorFile | bytes, start: int, size: int, pages: dict[int, bytes] | None = None
 ) -> list[StoredTensor] | None:
@@ -930,7 +939,7 @@ def stored_tensors(
         found = listed_by_rust(source, start, size) if source is not None else None
     if found is None:
         found = _listed_by_h5py(h5)
-    if not isinstance(source, TensorFile):  # chunks are read from a file; h5py reads them from memory
+    if source is None:  # listed by h5py: it reads the chunks
         found = [t for t in found if t.chunking is None]
     chunked = [t for t in found if t.chunking is not None]  # the Rust core checked their chunks
     found = sorted((t for t in found if t.chunking is None), key=lambda t: t.offset)
@@ -1067,6 +1076,7 @@ def read_weights(
     def read() -> None:
         try:
             stretches, chunks_read = [], []
+            items = [(t.name, t.chunking, t.shape, t.dtype.itemsize, b) for t, b in chunked]
             if isinstance(source, TensorFile):
                 crcs = source.read_tensors([start + t.offset for t in tensors], buffers, threads)
                 crc_of = {t.name: c for t, c in zip(tensors, crcs, strict=True)}  # a mapped tensor's is not known
@@ -1075,12 +1085,11 @@ def read_weights(
                     for t in by_offset
                     if t.name not in paged
                 ]
-                if chunked:
-                    items = [(t.name, t.chunking, t.shape, t.dtype.itemsize, b) for t, b in chunked]
-                    chunks_read = sorted(source.read_chunked(start, items, threads))
-            else:  # an inflated (DEFLATED) member already in memory
+                chunks_read = sorted(read_chunked(source, start, items, where, threads))
+            else:  # an inflated (DEFLATED) member already in memory, its CRC checked as inflated
                 for t, buffer in zip(tensors, buffers, strict=True):
                     buffer[:] = np.frombuffer(source, np.uint8, t.nbytes, start + t.offset)
+                read_chunked(source, start, items, where, threads)
             future.set_result(ReadTensors(arrays, stretches, chunks_read))
         except BaseException as e:
             future.set_exception(e)
