@@ -946,6 +946,18 @@ impl std::hash::Hasher for AddressHasher {
     }
 }
 
+/// `key, value = item`: any iterable of exactly two.
+fn pair<'py>(item: &Bound<'py, PyAny>) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    let mut values = item.try_iter()?;
+    let mut next = || values.next().transpose();
+    match (next()?, next()?, next()?) {
+        (Some(key), Some(value), None) => Ok((key, value)),
+        _ => Err(PyValueError::new_err(
+            "an item of `__dict__.items()` is not a (key, value) pair",
+        )),
+    }
+}
+
 /// `keras3.state._attribute_state` (its docstring says what and why): everything a Keras 3 model's
 /// saving walk can depend on, as plain attributes show it, in the order a depth-first walk of
 /// `vars()` finds it. Here because a model of 1,000 layers visits ~110,000 values at every save:
@@ -983,8 +995,13 @@ fn attribute_state<'py>(
             1 => {
                 state.append((object_tag, id, &cls))?; // its class too: a `__class__` reassigned
                 if seen.insert(id) {
-                    let attributes = obj.getattr(intern!(py, "__dict__")).map_err(|_| {
-                        pyo3::exceptions::PyTypeError::new_err("vars() argument must have __dict__ attribute")
+                    let attributes = obj.getattr(intern!(py, "__dict__")).map_err(|e| {
+                        match e.is_instance_of::<pyo3::exceptions::PyAttributeError>(py) {
+                            true => {
+                                pyo3::exceptions::PyTypeError::new_err("vars() argument must have __dict__ attribute")
+                            }
+                            false => e, // as `vars()`: only a missing `__dict__` is its TypeError
+                        }
                     })?;
                     let mut names = Vec::new();
                     let mut values = Vec::new();
@@ -995,7 +1012,7 @@ fn attribute_state<'py>(
                         }
                     } else {
                         for item in attributes.call_method0(intern!(py, "items"))?.try_iter()? {
-                            let (name, value): (Bound<'py, PyAny>, Bound<'py, PyAny>) = item?.extract()?;
+                            let (name, value) = pair(&item?)?;
                             names.push(name);
                             values.push(value);
                         }

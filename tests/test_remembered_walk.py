@@ -435,3 +435,135 @@ def test_a_value_that_is_not_a_variable_is_taken_when_stored(tmp_path):
         with h5py.File(f) as h5:
             [group] = [g for g in h5["layers"].values()]
             assert list(group["vars"]["0"][()]) == [1, 1, 1] and list(group["vars"]["1"][()]) == [2, 2, 2]
+
+
+class _Bare(keras.layers.Layer):
+    pass
+
+
+class _ListItems(dict):
+    def items(self):  # pairs as lists
+        return [[k, v] for k, v in dict.items(self)]
+
+
+class _Reordered(dict):
+    def items(self):
+        return list(reversed(list(dict.items(self))))
+
+
+class _RaisingDict(keras.layers.Layer):
+    @property
+    def __dict__(self):
+        raise RuntimeError("no attributes today")
+
+
+class _Unhashable(type(keras.layers.Layer)):
+    __hash__ = None
+
+    def __eq__(cls, other):
+        return cls is other
+
+
+class _HashRaising(type(keras.layers.Layer)):
+    def __hash__(cls):
+        raise ValueError("no hash")
+
+
+class _Proxy:
+    """Names its target's class (as wrapt's proxies do)."""
+
+    def __init__(self, target):
+        object.__setattr__(self, "_target", target)
+
+    @property
+    def __class__(self):
+        return type(object.__getattribute__(self, "_target"))
+
+    def __getattr__(self, name):
+        return getattr(object.__getattribute__(self, "_target"), name)
+
+
+class _NoDict:
+    __slots__ = ()
+
+    @property
+    def __class__(self):
+        return _Bare
+
+
+def _odd(case: str):
+    model = _Bare()
+    if case == "dict subclass items as lists":
+        model.x = 1
+        object.__setattr__(model, "__dict__", _ListItems(vars(model)))
+    elif case == "dict subclass items reordered":
+        model.x, model.y = 1, "a"
+        object.__setattr__(model, "__dict__", _Reordered(vars(model)))
+    elif case == "__dict__ raising":
+        object.__setattr__(model, "bad", _RaisingDict())
+    elif case == "unhashable metaclass":
+        model.u, model.v = _Unhashable("U", (keras.layers.Layer,), {})(), _Unhashable("V", (keras.layers.Layer,), {})()
+    elif case == "metaclass hash raising":
+        model.u = _HashRaising("B", (keras.layers.Layer,), {})()
+    elif case == "proxy of a layer":
+        inner = _Bare()
+        inner.q = 3
+        object.__setattr__(model, "p", _Proxy(inner))
+    elif case == "no __dict__, naming a layer class":
+        object.__setattr__(model, "nd", _NoDict())
+    return model
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "dict subclass items as lists",
+        "dict subclass items reordered",
+        "__dict__ raising",
+        "unhashable metaclass",
+        "metaclass hash raising",
+        "proxy of a layer",
+        "no __dict__, naming a layer class",
+    ],
+)
+def test_the_attribute_state_is_the_python_walks_on_odd_objects(case):
+    """Same state, or the same error, as the Python walk (found by a review of the Rust port)."""
+    model = _odd(case)
+    outcomes = []
+    for walk in (state._attribute_state, _attribute_state_in_python):
+        state._KINDS.clear()
+        try:
+            outcomes.append(walk(model))
+        except Exception as e:
+            outcomes.append(type(e))
+    assert outcomes[0] == outcomes[1]
+
+
+class _SwappedIn(keras.layers.Layer):
+    """Stores its averaged weights swapped in, then puts the live ones back (an EMA's way)."""
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=(3,), initializer="ones")
+        self.ema = self.add_weight(shape=(3,), initializer="zeros", trainable=False)
+
+    def call(self, x):
+        return x * self.w
+
+    def save_own_variables(self, store):
+        live = self.w.numpy()
+        self.w.assign(self.ema)
+        store["0"] = self.w
+        self.w.assign(live)
+        store["1"] = self.ema
+
+
+def test_a_variable_changed_once_stored_is_saved_as_stored(tmp_path):
+    """Stock's store writes a variable when it is stored: ours snapshots it then, not after the walk."""
+    model = keras.Sequential([keras.Input((3,)), _SwappedIn()])
+    assert_saves_like_stock(model, tmp_path, "swapped")
+    ksf.save_weights(model, tmp_path / "ours.weights.h5")
+    model.save_weights(tmp_path / "stock.weights.h5")
+    with h5py.File(tmp_path / "ours.weights.h5") as ours, h5py.File(tmp_path / "stock.weights.h5") as stock:
+        [layer] = list(stock["layers"])
+        assert list(stock["layers"][layer]["vars"]["0"][()]) == [0, 0, 0]
+        assert list(ours["layers"][layer]["vars"]["0"][()]) == [0, 0, 0]

@@ -144,3 +144,25 @@ def test_an_aligned_tf_keras_file_loads_in_stock_and_mapped(saved, tmp_path):
     mapped.train_on_batch(x, y)
     tf_keras_models.assert_same_state(copied, mapped)
     assert path.read_bytes() == before
+
+
+@tf_keras.utils.register_keras_serializable("kerassave_fast_tests")
+class _SwappedIn(tf_keras.layers.Dense):
+    """Stores a kernel swapped in through its base class' `save_own_variables`, then restores it."""
+
+    def save_own_variables(self, store):
+        live = self.kernel.numpy()
+        self.kernel.assign(np.zeros_like(live))
+        super().save_own_variables(store)
+        self.kernel.assign(live)
+
+
+def test_a_variable_changed_once_stored_is_saved_as_stored(tmp_path):
+    """The base class' `save_own_variables` hands us the variable itself: it is snapshot when
+    stored, as stock's store copies it then, not after the walk (when it is restored)."""
+    model = tf_keras.Sequential([_SwappedIn(2, kernel_initializer="ones", input_shape=(3,))])
+    ksf.save_model(model, tmp_path / "ours.keras")
+    model.save(tmp_path / "stock.keras")
+    with zipfile.ZipFile(tmp_path / "ours.keras") as o, zipfile.ZipFile(tmp_path / "stock.keras") as s:
+        assert o.read("model.weights.h5") == s.read("model.weights.h5")
+    assert np.all(model.layers[0].kernel.numpy() == 1)

@@ -102,9 +102,9 @@ def snapshots(values: list) -> Iterator[np.ndarray]:
         for kind, run in itertools.groupby(enumerate(variables), key=_run_kind):
             run = list(run)
             if kind is not None and len(run) > 1:  # a single one is read by `snapshot`, as it always was
-                tensors = _read_together([v for _, v in run], kind[0], context, execute)
-                if tensors is not None:
-                    read.update(zip((i for i, _ in run), map(_read_only, tensors), strict=True))
+                arrays = _read_together([v for _, v in run], kind[0], context, execute)
+                if arrays is not None:
+                    read.update(zip((i for i, _ in run), arrays, strict=True))
         for i, value in enumerate(batch):
             array = read.get(i)
             yield array if array is not None else snapshot(value)
@@ -116,16 +116,17 @@ def _run_kind(indexed: tuple[int, object]):
     return None if variable is None else (variable.dtype, variable.device)
 
 
-def _read_together(variables: list, dtype, context, execute):
-    """The tensors of one `_ReadVariablesOp` of `variables` (all of `dtype`), or None if it failed."""
+def _read_together(variables: list, dtype, context, execute) -> list[np.ndarray] | None:
+    """`variables` (all of `dtype`) read by one `_ReadVariablesOp`, or None if it failed."""
     try:
-        return execute.execute(
+        tensors = execute.execute(
             "_ReadVariablesOp",
             num_outputs=len(variables),
             inputs=[v.handle for v in variables],
             attrs=("N", len(variables), "dtypes", [dtype.as_datatype_enum] * len(variables)),
             ctx=context.context(),
         )
+        return [_read_only(t) for t in tensors]  # inside: an async executor reports errors here
     except Exception:  # read one by one by the caller, raising what a single read raises
         return None
 

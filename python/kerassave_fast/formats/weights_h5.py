@@ -126,7 +126,9 @@ class WeightsPlan:
         self, group: str, name: str, variable, created: bool = False, bfloat16_attribute: bool = True
     ) -> None:
         """`add_dataset` of a variable, its snapshot taken by `take_snapshots` with the others added
-        so (runs of them read by one op: a third of the cost). Its `array` is None until then."""
+        so (runs of them read by one op: a third of the cost). Its `array` is None until then. Only
+        for plans no user code runs within (a legacy `.h5`'s): a `save_own_variables` may change a
+        variable once it stored it, so a walk's are taken as stored."""
         self._untaken.append((len(self.steps), variable))
         self.steps.append(PlannedDataset(group, name, None, created, bfloat16_attribute))  # type: ignore[arg-type]
 

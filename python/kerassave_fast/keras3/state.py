@@ -108,10 +108,9 @@ class _WeightsRecorder(saving_lib.H5IOStore):
         if not self._group_made:  # stock creates a group without metadata on its first tensor
             self.plan.add_group(_vars_group(self._path), None)
             self._group_made = True
-        if isinstance(value, backend.Variable):
-            self.plan.add_variable(_vars_group(self._path), key, value)  # its snapshot taken after the walk
-        else:  # a value a `save_own_variables` made, which it may reuse: taken now
-            self.plan.add_dataset(_vars_group(self._path), key, value)
+        # Taken now, as stock's store writes it now: a `save_own_variables` may change the variable
+        # (or reuse the array) once stored, as one that stores averaged weights swapped in does.
+        self.plan.add_dataset(_vars_group(self._path), key, value)
         self.sources.append(value)
         self._keys.append(key)
 
@@ -414,7 +413,6 @@ def plan_model_state(model, include_optimizer: bool = True, with_assets: bool = 
                 inner_path="",
                 visited_saveables=skipped,
             )
-        recorder.plan.take_snapshots()
     except BaseException:
         if assets is not None:
             assets.close()

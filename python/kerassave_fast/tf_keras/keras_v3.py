@@ -57,11 +57,6 @@ class _VarsRecorder:
         self._plan.add_dataset(self._group, key, value, bfloat16_attribute=False)  # as `group[key] = value`
         self._keys.append(key)
 
-    def add_variable(self, key: str, variable) -> None:
-        """`self[key] = variable`, its snapshot taken after the walk (`WeightsPlan.take_snapshots`)."""
-        self._plan.add_variable(self._group, key, variable, bfloat16_attribute=False)
-        self._keys.append(key)
-
     def keys(self):
         return list(self._keys)
 
@@ -96,7 +91,7 @@ def _recording_by_reference(original: Callable, variables_of: Callable) -> Calla
         if not isinstance(store, _VarsRecorder):
             return original(self, store)
         for i, variable in enumerate(variables_of(self)):
-            store.add_variable(str(i), variable)
+            store[str(i)] = variable
         return None
 
     save_own_variables.recording_original = original
@@ -146,7 +141,6 @@ def plan_model_state(model, include_optimizer: bool = True):
                 inner_path="",
                 visited_trackables=set(),
             )
-        plan.take_snapshots()
     except BaseException:
         assets.close()
         raise
