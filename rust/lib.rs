@@ -773,15 +773,17 @@ fn tensor_bytes_moved() -> u64 {
 /// still read it); `KerasSaveError` when it is corrupted beyond what libhdf5 survives. `source` is
 /// a `TensorFile` holding the HDF5 file at `start..start+length`, or the file's bytes. `pages`, a
 /// dict, receives the file's pages the walk read ({index of the 4 KiB page from `start`: bytes}),
-/// so h5py can be served the same metadata without reading it again.
+/// so h5py can be served the same metadata without reading it again. `path` names the file of
+/// bytes in errors (a file's own path is named otherwise).
 #[pyfunction]
-#[pyo3(signature = (source, start = 0, length = None, pages = None))]
+#[pyo3(signature = (source, start = 0, length = None, pages = None, path = None))]
 fn hdf5_stored_datasets(
     py: Python<'_>,
     source: &Bound<'_, PyAny>,
     start: u64,
     length: Option<u64>,
     pages: Option<&Bound<'_, PyDict>>,
+    path: Option<PathBuf>,
 ) -> PyResult<Option<Vec<StoredDatasetTuple>>> {
     let (source, path) = if let Ok(file) = source.cast::<TensorFile>() {
         let file = file.get();
@@ -803,7 +805,8 @@ fn hdf5_stored_datasets(
             .zip(usize::try_from(end).ok())
             .and_then(|(s, e)| bytes.get(s..e))
             .ok_or_else(|| PyValueError::new_err("start/length outside the bytes"))?;
-        (hdf5::Source::Bytes(Arc::from(stretch)), PathBuf::from("<memory>"))
+        let path = path.unwrap_or_else(|| PathBuf::from("<memory>"));
+        (hdf5::Source::Bytes(Arc::from(stretch)), path)
     };
     let (listing, read) = py.detach(|| hdf5::list_keeping_pages(source, &path))?;
     if let Some(pages) = pages {
@@ -948,13 +951,13 @@ impl std::hash::Hasher for AddressHasher {
 
 /// `key, value = item`: any iterable of exactly two.
 fn pair<'py>(item: &Bound<'py, PyAny>) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    let not_a_pair = || PyValueError::new_err("an item of `__dict__.items()` is not a (key, value) pair");
     let mut values = item.try_iter()?;
-    let mut next = || values.next().transpose();
-    match (next()?, next()?, next()?) {
-        (Some(key), Some(value), None) => Ok((key, value)),
-        _ => Err(PyValueError::new_err(
-            "an item of `__dict__.items()` is not a (key, value) pair",
-        )),
+    let key = values.next().transpose()?.ok_or_else(not_a_pair)?; // stops where unpacking stops
+    let value = values.next().transpose()?.ok_or_else(not_a_pair)?;
+    match values.next().transpose()? {
+        None => Ok((key, value)),
+        Some(_) => Err(not_a_pair()),
     }
 }
 

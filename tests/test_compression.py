@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 import subprocess
 import sys
 import zipfile
@@ -145,17 +146,24 @@ print(json.dumps([digests, cli.main(["verify", good]), cli.main(["verify", damag
 """
 
 
-def _deflated_copy(path, to, damage: bool = False) -> None:
+def _deflated_copy(path, to, damage: str | None = None) -> None:
     """`path` zipped again with every member DEFLATED (as a zip tool may), its weights member's
-    largest chunk damaged if `damage` (the zip's CRC then matches the damaged bytes)."""
+    largest chunk damaged if `damage` is "chunk", or its size in the chunk index made the member's
+    if "index" (the zip's CRC then matches the damaged bytes)."""
     with zipfile.ZipFile(path) as source, zipfile.ZipFile(to, "w", zipfile.ZIP_DEFLATED) as target:
         for info in source.infolist():
             data = source.read(info.filename)
             if damage and info.filename == "model.weights.h5":
                 listed = hdf5_stored_datasets(data)
-                offset, size, _, _ = max((k for *_, c in listed if c is not None for k in c[2]), key=lambda k: k[1])
+                chunks = (k for *_, c in listed if c is not None for k in c[2])
+                offset, size, _, coords = max(chunks, key=lambda k: k[1])
                 data = bytearray(data)
-                data[offset + size // 2] ^= 0x10
+                if damage == "chunk":
+                    data[offset + size // 2] ^= 0x10
+                else:  # its B-tree key: size, filter mask, coordinates, 0, then the address
+                    key = struct.pack(f"<II{len(coords) + 1}QQ", size, 0, *coords, 0, offset)
+                    assert data.count(key) == 1
+                    struct.pack_into("<I", data, data.index(key), len(data))
             target.writestr(info.filename, bytes(data))
 
 
@@ -167,7 +175,7 @@ def test_a_rezipped_keras_with_zstd_chunks_loads_and_verifies_without_hdf5plugin
     ksf.save_model(model, tmp_path / "m.keras", compression="zstd", chunk_bytes=2048)
     good, damaged = tmp_path / "good.keras", tmp_path / "damaged.keras"
     _deflated_copy(tmp_path / "m.keras", good)
-    _deflated_copy(tmp_path / "m.keras", damaged, damage=True)
+    _deflated_copy(tmp_path / "m.keras", damaged, damage="chunk")
     run = subprocess.run(
         [sys.executable, "-c", _REZIPPED_WITHOUT_PLUGIN, str(good), str(damaged)],
         capture_output=True,
@@ -179,6 +187,16 @@ def test_a_rezipped_keras_with_zstd_chunks_loads_and_verifies_without_hdf5plugin
     assert digests == [hashlib.sha256(data.tobytes()).hexdigest() for _, data in state_of(model)]
     assert (good_verified, damaged_verified) == (0, 1)
     assert refused is not None and str(damaged) in refused
+
+
+def test_a_rezipped_keras_with_a_lying_chunk_index_is_refused_naming_the_file(model_zoo, tmp_path):
+    """The Rust core's walk of an inflated member refuses a chunk index pointing past it, naming
+    the file (it named "<memory>" once)."""
+    model = model_zoo("convnet")
+    ksf.save_model(model, tmp_path / "m.keras", compression="zstd", chunk_bytes=2048)
+    _deflated_copy(tmp_path / "m.keras", tmp_path / "lying.keras", damage="index")
+    with pytest.raises(KerasSaveError, match=r"lying\.keras.*does not fit"):
+        ksf.load_model(tmp_path / "lying.keras")
 
 
 @pytest.mark.parametrize("settings", SETTINGS[:3], ids=_ids)

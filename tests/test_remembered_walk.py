@@ -567,3 +567,19 @@ def test_a_variable_changed_once_stored_is_saved_as_stored(tmp_path):
         [layer] = list(stock["layers"])
         assert list(stock["layers"][layer]["vars"]["0"][()]) == [0, 0, 0]
         assert list(ours["layers"][layer]["vars"]["0"][()]) == [0, 0, 0]
+
+
+class _NotPairs(dict):
+    def items(self):
+        return [(k, v, 0) for k, v in dict.items(self)]
+
+
+def test_a_model_the_attribute_walk_cannot_read_saves_as_stock(tmp_path):
+    """An object whose `__dict__.items()` is not pairs: stock's walk (by `dir`) saves it; ours
+    walks as stock every time instead of failing (found by a review)."""
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    inner = _Bare()
+    object.__setattr__(inner, "__dict__", _NotPairs(vars(inner)))
+    object.__setattr__(model, "odd", inner)
+    for name in ("first", "second"):
+        assert_saves_like_stock(model, tmp_path, name)

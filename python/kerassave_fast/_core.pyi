@@ -94,8 +94,12 @@ class TensorBundleReader:
 Chunking = tuple[list[int], list[int], list[tuple[int, int, int, list[int]]]]
 
 def hdf5_stored_datasets(
-    source: TensorFile | bytes, start: int = 0, length: int | None = None
-) -> list[tuple[str, int, list[int], str, Chunking | None]]:
+    source: TensorFile | bytes,
+    start: int = 0,
+    length: int | None = None,
+    pages: dict[int, bytes] | None = None,
+    path: str | None = None,
+) -> list[tuple[str, int, list[int], str, Chunking | None]] | None:
     """(h5py path, offset in the HDF5 file, shape, numpy dtype name, chunking) of each dataset
     readable here: plain little-endian numbers or Keras' bfloat16, allocated, and either contiguous
     and unfiltered (read by offset; chunking None) or chunked in a version 1 B-tree with shuffle,
@@ -130,7 +134,7 @@ def attribute_state(
     value, 1 Keras object, 2 list/tuple/dict, 3 other) by class; `plain` are the plain types."""
 
 def hdf5_read_chunked(
-    data: Buffer,
+    data: bytes,
     start: int,
     datasets: Sequence[tuple[str, Chunking, Sequence[int], int, Buffer]],
     path: str,

@@ -161,9 +161,9 @@ def _open_keras(path: str) -> _OpenKeras:
     return _OpenKeras(archive, {member_name(m): m.index for m in archive.members()}, file)
 
 
-def _keras_weights(opened: _OpenKeras, path: str, walked: bool = False) -> h5py.File:
+def _keras_weights(opened: _OpenKeras, path: str, walked: bool = False, inflated: bytes | None = None) -> h5py.File:
     """h5py's view of the weights member; `walked`: the Rust core's walk of it (which refuses what
-    libhdf5 would hang on) already ran."""
+    libhdf5 would hang on) already ran; `inflated`: a compressed member's bytes, already inflated."""
     index = opened.names["model.weights.h5"]
     member = opened.archive.members()[index]
     if member.method == zipfile.ZIP_STORED:
@@ -171,9 +171,9 @@ def _keras_weights(opened: _OpenKeras, path: str, walked: bool = False) -> h5py.
         if not walked:
             hdf5_stored_datasets(opened.file, start, member.size)
         return h5py.File(FileRegion(opened.file.fileno(), start, member.size, path), "r")
-    data = opened.archive.read(index)
+    data = inflated if inflated is not None else opened.archive.read(index)
     if not walked:
-        hdf5_stored_datasets(data, 0, len(data))
+        hdf5_stored_datasets(data, 0, len(data), None, f"{path}: 'model.weights.h5'")
     return h5py.File(io.BytesIO(data), "r")
 
 
@@ -251,7 +251,7 @@ def verify_file(path: str, threads: int = 0) -> list[str]:
             return _verify_keras(path, threads)
         if kind in (LEGACY_H5, WEIGHTS_H5):
             source = TensorFile(path)
-            chunked = _chunked_datasets(source, 0, source.size())  # before h5py, which may hang on damage
+            chunked = _chunked_datasets(source, 0, source.size(), path)  # before h5py, which may hang on damage
             with h5py.File(path, "r") as h5:
                 problems = _verify_json_attributes(h5)
                 return problems + _verify_hdf5(h5, source.size(), path, source, 0, chunked, threads)
@@ -291,21 +291,22 @@ def _verify_keras(path: str, threads: int) -> list[str]:
                 source, start = opened.file, opened.archive.data_offset(index)
             else:  # inflated in memory (its CRC checked above)
                 source, start = opened.archive.read(index), 0
-            chunked = _chunked_datasets(source, start, member.size)
-            with _keras_weights(opened, path, walked=True) as h5:
+            chunked = _chunked_datasets(source, start, member.size, where)
+            inflated = source if isinstance(source, bytes) else None
+            with _keras_weights(opened, path, walked=True, inflated=inflated) as h5:
                 problems += _verify_hdf5(h5, member.size, where, source, start, chunked, threads)
-        except KerasSaveError as e:
-            problems.append(f"{where}: {e}")
+        except KerasSaveError as e:  # named once: the Rust core's errors name the file already
+            problems.append(str(e) if str(e).startswith(path) else f"{where}: {e}")
         except OSError as e:
             problems.append(f"{where} is not a readable HDF5 file: {e}")
     return problems
 
 
-def _chunked_datasets(source: TensorFile | bytes, start: int, size: int) -> dict[str, tuple]:
+def _chunked_datasets(source: TensorFile | bytes, start: int, size: int, where: str) -> dict[str, tuple]:
     """The chunked datasets the Rust core decodes (without libhdf5's filters: zstd needs no plugin),
     by their name in `visititems`: (chunking, shape, dtype). Its walk refuses, with `KerasSaveError`, a file damaged
     in ways libhdf5 loops forever on."""
-    listed = listed_by_rust(source, start, size) or []
+    listed = listed_by_rust(source, start, size, path=where) or []
     return {t.name.lstrip("/"): (t.chunking, t.shape, t.dtype) for t in listed if t.chunking is not None}
 
 
@@ -354,7 +355,8 @@ def _verify_hdf5(
                 for block in obj.iter_chunks():  # decoded, Fletcher-32 checked: one chunk in memory at a time
                     obj[block]
         except (OSError, ValueError, KeyError) as e:
-            problems.append(f"{where}: dataset {name!r}: {e}")
+            # The Rust core's chunk errors name the file and the dataset already
+            problems.append(str(e) if isinstance(e, KerasSaveError) else f"{where}: dataset {name!r}: {e}")
 
     try:
         h5.visititems(visit)

@@ -281,7 +281,7 @@ class KerasArchive:
             source = self.zip.read(member.index)
             start, size, fileobj = 0, len(source), io.BytesIO(source)
         try:
-            listed = list_before_opening(source, start, size, region)
+            listed = list_before_opening(source, start, size, region, f"{self.path}: '{WEIGHTS}'")
             try:
                 h5 = h5py.File(fileobj, "r")
             except OSError as e:

@@ -889,13 +889,13 @@ def read_chunked(source: TensorFile | bytes, start: int, items: list, where: str
 
 
 def listed_by_rust(
-    source: TensorFile | bytes, start: int, size: int, pages: dict[int, bytes] | None = None
+    source: TensorFile | bytes, start: int, size: int, pages: dict[int, bytes] | None = None, path: str | None = None
 ) -> list[StoredTensor] | None:
     """The Rust core's listing (no libhdf5, a fraction of the cost per dataset), or None for a
     file it cannot walk (h5py lists that one, and stock's errors follow). A file corrupted in a way
     libhdf5 does not survive (it hangs) is refused with `KerasSaveError` before h5py reads it.
-    `pages` receives the 4 KiB pages of the file the walk read."""
-    found = hdf5_stored_datasets(source, start, size, pages)
+    `pages` receives the 4 KiB pages of the file the walk read; `path` names `source`'s bytes in errors."""
+    found = hdf5_stored_datasets(source, start, size, pages, path)
     if found is None:
         return None
     return [
@@ -914,11 +914,14 @@ class Listed:
     region: FileRegion | None = None
 
 
-def list_before_opening(source: TensorFile | bytes, start: int, size: int, region: FileRegion | None) -> Listed:
+def list_before_opening(
+    source: TensorFile | bytes, start: int, size: int, region: FileRegion | None, path: str | None = None
+) -> Listed:
     """Lists the HDF5 file at `start` of `source` and seeds `region` (the same file as h5py will
-    read it) with the pages read meanwhile: each page of metadata is read once per load."""
+    read it) with the pages read meanwhile: each page of metadata is read once per load. `path`
+    names `source`'s bytes in errors."""
     pages: dict[int, bytes] | None = {} if region is not None else None
-    tensors = listed_by_rust(source, start, size, pages)
+    tensors = listed_by_rust(source, start, size, pages, path)
     if region is not None:
         region.seed(pages)
     return Listed(tensors, region)
@@ -938,7 +941,7 @@ def stored_tensors(
     if listed is not None:
         found = listed.tensors
     else:
-        found = listed_by_rust(source, start, size) if source is not None else None
+        found = listed_by_rust(source, start, size, path=where) if source is not None else None
     if found is None:
         found = _listed_by_h5py(h5)
     if source is None:  # listed by h5py: it reads the chunks

@@ -312,7 +312,10 @@ class _RememberedWalk:
             return False
         if any(getattr(r(), "name", None) != name for r, name in self.named):  # a layer renamed
             return False
-        return _attribute_state(model) == self.attribute_state  # a layer reached by another path, a flag
+        try:
+            return _attribute_state(model) == self.attribute_state  # a layer reached by another path, a flag
+        except Exception:  # an object the walk cannot read (stock's walk may still): walk as stock
+            return False
 
 
 @dataclass
@@ -449,7 +452,7 @@ def _remember_walk(
             _attribute_state(model),
             speculative,
         )
-    except TypeError:  # something not weakly referenceable: walk every time
+    except Exception:  # not weakly referenceable, or not walkable (`_attribute_state`): walk every time
         return False
     with _WALKS_LOCK:
         _WALKS[model] = walk
