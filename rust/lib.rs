@@ -921,34 +921,6 @@ fn hdf5_lay_out<'py>(
     Ok(Some((layout.size, layout.tensor_offsets, between)))
 }
 
-/// Hashes an object's address (`id`): distinct, and 8-byte aligned, so a multiply mixes it enough.
-#[derive(Clone, Copy, Default)]
-struct AddressHash;
-
-impl std::hash::BuildHasher for AddressHash {
-    type Hasher = AddressHasher;
-    fn build_hasher(&self) -> AddressHasher {
-        AddressHasher(0)
-    }
-}
-
-#[derive(Default)]
-struct AddressHasher(u64);
-
-impl std::hash::Hasher for AddressHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ b as u64).wrapping_mul(0x100_0000_01b3);
-        }
-    }
-    fn write_usize(&mut self, address: usize) {
-        self.0 = (address as u64 >> 3).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-}
-
 /// `key, value = item`: any iterable of exactly two.
 fn pair<'py>(item: &Bound<'py, PyAny>) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
     let not_a_pair = || PyValueError::new_err("an item of `__dict__.items()` is not a (key, value) pair");
@@ -979,7 +951,7 @@ fn attribute_state<'py>(
     let dict_type = py.get_type::<PyDict>();
     let (object_tag, container_tag) = (intern!(py, "object"), intern!(py, "container"));
     let state = PyList::empty(py);
-    let mut seen = std::collections::HashSet::with_hasher(AddressHash);
+    let mut seen = std::collections::HashSet::new();
     let mut stack = vec![model];
     while let Some(obj) = stack.pop() {
         let cls = obj.get_type();

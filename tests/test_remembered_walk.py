@@ -427,8 +427,8 @@ class _ReusedBuffer(keras.layers.Layer):
 
 
 def test_a_value_that_is_not_a_variable_is_taken_when_stored(tmp_path):
-    """Variables are snapshot together after the walk; anything else a `save_own_variables` stores
-    is taken at once, as stock's store writes it at once."""
+    """An array a `save_own_variables` stores, then changes and stores again, is taken at once, as
+    stock's store writes it at once."""
     model = keras.Sequential([keras.Input((3,)), _ReusedBuffer()])
     assert_saves_like_stock(model, tmp_path, "reused")
     with zipfile.ZipFile(tmp_path / "reused-ours.keras") as z, z.open(WEIGHTS) as f:

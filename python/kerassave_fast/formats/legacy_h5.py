@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..asynchronous import Write
+from ..tensors import snapshots
 from .weights_h5 import Compression, WeightsPlan, write_plan
 
 NamedVariables = list[tuple[bytes, object]]  # (weight name as stock encodes it, variable)
@@ -78,11 +79,12 @@ class _AttributesOf:
         self._plan.add_attribute(self._path, name, value)
 
 
-def _add_weights(plan: WeightsPlan, contents: LegacyH5Contents, group: str, weights: NamedVariables) -> None:
-    """`save_subset_weights_to_hdf5_group` / `save_optimizer_weights_to_hdf5_group`: the names, then each tensor."""
+def _add_weights(plan: WeightsPlan, contents: LegacyH5Contents, group: str, weights: NamedVariables, arrays) -> None:
+    """`save_subset_weights_to_hdf5_group` / `save_optimizer_weights_to_hdf5_group`: the names, then
+    each tensor (the next of `arrays`, the snapshots of the plan's weights in its order)."""
     contents.save_attributes(_AttributesOf(plan, group), "weight_names", [name for name, _ in weights])
-    for name, variable in weights:
-        plan.add_variable(group, name.decode("utf-8", "surrogateescape"), variable, created=True)
+    for name, _ in weights:
+        plan.add_snapshot(group, name.decode("utf-8", "surrogateescape"), next(arrays), created=True)
 
 
 def text_attribute(h5, name: str) -> str | None:
@@ -107,15 +109,15 @@ def plan_legacy_h5(contents: LegacyH5Contents) -> WeightsPlan:
     contents.save_attributes(_AttributesOf(plan, weights_group), "layer_names", contents.layer_names)
     plan.add_attribute(weights_group, "backend", contents.backend)
     plan.add_attribute(weights_group, "keras_version", contents.keras_version)
-    for layer_name, weights in contents.layers:
-        plan.add_group(under(layer_name))
-        _add_weights(plan, contents, under(layer_name), weights)
-    plan.add_group(under("top_level_model_weights"))
-    _add_weights(plan, contents, under("top_level_model_weights"), contents.top_level)
+    groups = [(under(layer_name), weights) for layer_name, weights in contents.layers]
+    groups.append((under("top_level_model_weights"), contents.top_level))
     if contents.optimizer:
-        plan.add_group("optimizer_weights")
-        _add_weights(plan, contents, "optimizer_weights", contents.optimizer)
-    plan.take_snapshots()
+        groups.append(("optimizer_weights", contents.optimizer))
+    # Taken together (runs read by one op): only stock's attribute writer runs between, no user code
+    arrays = snapshots([variable for _, weights in groups for _, variable in weights])
+    for group, weights in groups:
+        plan.add_group(group)
+        _add_weights(plan, contents, group, weights, arrays)
     return plan
 
 

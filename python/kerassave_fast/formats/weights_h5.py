@@ -39,7 +39,7 @@ from .._core import (
 )
 from ..files import Destination, FileRegion, FileWindow, SparseImage, atomic_replace, changed
 from ..mapped import Mapping, refuse_if_replaced
-from ..tensors import BFLOAT16, aligned_empty, as_bytes, snapshot, snapshots
+from ..tensors import BFLOAT16, aligned_empty, as_bytes, snapshot
 
 
 @dataclass
@@ -100,8 +100,6 @@ class WeightsPlan:
     """What stock Keras would write into the weights file, in its order, holding no copies."""
 
     steps: list[PlannedGroup | PlannedAttribute | PlannedDataset] = field(default_factory=list)
-    # (index in `steps`, variable) of each dataset `add_variable` added, until `take_snapshots`.
-    _untaken: list[tuple[int, object]] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def add_group(self, path: str, attrs: dict | None = None) -> None:
         self.steps.append(PlannedGroup(path, attrs))
@@ -121,22 +119,6 @@ class WeightsPlan:
         dataset = PlannedDataset(group, name, array, created, bfloat16_attribute)
         self.steps.append(dataset)
         return dataset
-
-    def add_variable(
-        self, group: str, name: str, variable, created: bool = False, bfloat16_attribute: bool = True
-    ) -> None:
-        """`add_dataset` of a variable, its snapshot taken by `take_snapshots` with the others added
-        so (runs of them read by one op: a third of the cost). Its `array` is None until then. Only
-        for plans no user code runs within (a legacy `.h5`'s): a `save_own_variables` may change a
-        variable once it stored it, so a walk's are taken as stored."""
-        self._untaken.append((len(self.steps), variable))
-        self.steps.append(PlannedDataset(group, name, None, created, bfloat16_attribute))  # type: ignore[arg-type]
-
-    def take_snapshots(self) -> None:
-        """Snapshots every variable `add_variable` added (see there), now."""
-        untaken, self._untaken = self._untaken, []
-        for (index, _), array in zip(untaken, snapshots([v for _, v in untaken]), strict=True):
-            self.steps[index] = self.steps[index].with_array(array)
 
     @property
     def datasets(self) -> list[PlannedDataset]:
@@ -883,6 +865,8 @@ def _listed_by_h5py(h5: h5py.File) -> list[StoredTensor]:
 def read_chunked(source: TensorFile | bytes, start: int, items: list, where: str, threads: int = 0) -> list:
     """`TensorFile.read_chunked` of the HDF5 file at `start` of `source`, a file or its bytes
     (a compressed zip member, inflated), errors naming `where`."""
+    if not items:
+        return []
     if isinstance(source, TensorFile):
         return source.read_chunked(start, items, threads)
     return hdf5_read_chunked(source, start, items, where, threads)
