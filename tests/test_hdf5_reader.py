@@ -376,3 +376,21 @@ def test_chunks_out_of_proportion_to_their_dataset_are_left_to_h5py(tmp_path):
         )
         f.create_dataset("resizable", data=np.ones(10, "float32"), maxshape=(None,), chunks=(1024,), compression="gzip")
     assert [d[0] for d in hdf5_stored_datasets(TensorFile(str(path)))] == ["/resizable"]
+
+
+def test_a_shuffle_parameter_other_than_the_element_size_reads_as_h5py_reads_it(tmp_path):
+    """libhdf5 unshuffles by the shuffle filter's own parameter (h5py writes the element size
+    there): a float32 dataset whose parameter says 2 reads other values than unshuffling by 4."""
+    path = tmp_path / "f.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=np.arange(4096, dtype="float32"), chunks=(1024,), compression="gzip", shuffle=True)
+    assert _chunked_as_h5py_reads_them(path) == {"x"}
+    data = bytearray(path.read_bytes())
+    description = b"\x02\x00\x08\x00\x01\x00\x01\x00shuffle\x00"  # id, name length, flags, 1 parameter
+    at = data.index(description) + len(description)
+    assert data[at : at + 4] == (4).to_bytes(4, "little")
+    data[at : at + 4] = (2).to_bytes(4, "little")
+    path.write_bytes(data)
+    with h5py.File(path, "r") as h5:
+        assert not np.array_equal(h5["x"][()], np.arange(4096, dtype="float32"))
+    assert _chunked_as_h5py_reads_them(path) == set()

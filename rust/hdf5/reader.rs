@@ -24,7 +24,7 @@ use hdf5_reader::messages::HdfMessage;
 use hdf5_reader::symbol_table::SymbolTableNode;
 use hdf5_reader::{Datatype, Hdf5File, OpenOptions, Storage, StorageBuffer};
 
-use super::filters::Pipeline;
+use super::filters::{self, Pipeline};
 use crate::error::{Error, Result};
 
 /// Where the HDF5 file's bytes are: a stretch of an open file (a whole `.h5`, a STORED zip
@@ -480,11 +480,13 @@ fn stored_dataset(
 ) -> std::result::Result<Option<StoredDataset>, Failure> {
     let header = file.get_or_parse_header(dataset.address()).map_err(|e| e.to_string())?;
     let mut layout = None;
-    let mut filters = Vec::new();
+    let mut filters: Vec<(u16, &[u32])> = Vec::new();
     for message in &header.messages {
         match message {
             HdfMessage::DataLayout(l) => layout = Some(&l.layout),
-            HdfMessage::FilterPipeline(p) => filters = p.filters.iter().map(|f| f.id).collect(),
+            HdfMessage::FilterPipeline(p) => {
+                filters = p.filters.iter().map(|f| (f.id, f.client_data.as_slice())).collect()
+            }
             HdfMessage::ExternalFiles(_) => return Ok(None),
             _ => {}
         }
@@ -497,8 +499,8 @@ fn stored_dataset(
             dims,
             chunk_indexing: None, // a version 1 B-tree, what h5py writes by default
             ..
-        }) if Pipeline::supported(&filters) && !Cursor::is_undefined_offset(*address, superblock.offset_size) => {
-            return chunked_dataset(file, dataset, path, *address, dims, filters);
+        }) if Pipeline::supported(&ids(&filters)) && !Cursor::is_undefined_offset(*address, superblock.offset_size) => {
+            return chunked_dataset(file, dataset, path, *address, dims, &filters);
         }
         _ => return Ok(None),
     };
@@ -544,6 +546,10 @@ fn element_type(
     Ok(numpy_dtype(dataset)?)
 }
 
+fn ids(filters: &[(u16, &[u32])]) -> Vec<u16> {
+    filters.iter().map(|&(id, _)| id).collect()
+}
+
 /// A chunked dataset's chunks from its version 1 B-tree, when every chunk of its shape is there
 /// exactly once, inside the file (a partly written dataset reads fill values: h5py does that).
 fn chunked_dataset(
@@ -552,11 +558,19 @@ fn chunked_dataset(
     path: String,
     btree: u64,
     dims: &[u32],
-    filters: Vec<u16>,
+    filters: &[(u16, &[u32])],
 ) -> std::result::Result<Option<StoredDataset>, Failure> {
     let Some((dtype, itemsize)) = element_type(dataset, &path)? else {
         return Ok(None);
     };
+    // libhdf5 unshuffles by the filter's own parameter, which h5py sets to the element size; a
+    // file saying otherwise is read (or refused) by libhdf5 as stock reads it.
+    if filters
+        .iter()
+        .any(|&(id, params)| id == filters::SHUFFLE && params != [itemsize as u32])
+    {
+        return Ok(None);
+    }
     let shape = dataset.shape().to_vec();
     let chunk_shape: Vec<u64> = dims.iter().map(|&d| u64::from(d)).collect();
     if chunk_shape.len() != shape.len() || chunk_shape.contains(&0) || shape.is_empty() {
@@ -633,7 +647,7 @@ fn chunked_dataset(
         nbytes,
         chunked: Some(Chunked {
             chunk_shape,
-            filters,
+            filters: ids(filters),
             chunks,
         }),
     }))
