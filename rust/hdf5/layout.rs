@@ -10,6 +10,15 @@
 //! rules gives the file's bytes without running it, so a first save of an architecture does not
 //! wait for h5py. `lay_out` returns `NotCovered` for what it does not replay (h5py lays that out);
 //! the Python tests hold it to h5py's bytes.
+//!
+//! The replay is libhdf5 with a metadata cache that evicts nothing. libhdf5's default cache evicts
+//! (writes early) what it used least recently when full (1 MiB at least), and what went unused for
+//! three epochs of 50,000 accesses. Decided by its access history, which the replay does not
+//! model, an eviction can leave traces: the old bytes of a local heap that is written early and
+//! then moves (in space nothing references), free-block headers in the padding of a later name, a
+//! new global heap collection where the evicted one still had room. The replay's file has none:
+//! it is the one libhdf5 writes with evictions off (the tests' oracle), with stock's groups,
+//! datasets, attributes and values; on the models Keras makes, stock's bytes.
 
 use std::collections::HashMap;
 
@@ -34,12 +43,6 @@ const GHEAP_HEADER: u64 = 16;
 const GHEAP_MAX: u64 = 65536;
 const CWFS_MAX: usize = 16;
 const SPLIT_RATIOS: [f64; 3] = [0.1, 0.5, 0.9]; // left-most, middle, right-most B-tree node
-/// The most metadata a replayed file may hold. libhdf5's metadata cache is never smaller than
-/// 1 MiB (H5AC's default `min_size`); below that nothing is evicted, so nothing is written early:
-/// an evicted local heap keeps its written bytes where it later moves, or its free-block headers in
-/// a name's padding, and an evicted global heap collection leaves the list of those with free
-/// space. The replay does not model the cache; a file with more metadata goes to h5py.
-const CACHE_MIN: u64 = 1 << 20;
 /// The dataspace message still fits the minimum header with the other messages.
 pub const MAX_RANK: usize = 8;
 
@@ -198,7 +201,6 @@ struct Space {
     free: [Vec<(u64, u64)>; 2], // (address, size) sections of each kind; their order does not matter
     managed: [bool; 2],         // whether the kind's free-space manager has started
     aggregators: Option<[Aggregator; 2]>,
-    made: u64, // metadata bytes allocated so far, held to `CACHE_MIN`
 }
 
 impl Space {
@@ -211,9 +213,6 @@ impl Space {
 
     /// H5MF_alloc: a free section, else the aggregator, else the end of the file.
     fn alloc(&mut self, kind: usize, size: u64) -> u64 {
-        if kind == META {
-            self.made += size;
-        }
         let best = (self.free[kind].iter().enumerate())
             .filter(|(_, s)| s.1 >= size)
             .min_by_key(|(_, s)| (s.1, s.0))
@@ -397,14 +396,6 @@ impl Space {
     /// H5MF_try_extend: at the end of the file, into the aggregator the block ends at, or into
     /// the free section that follows it.
     fn try_extend(&mut self, kind: usize, address: u64, size: u64, extra: u64) -> bool {
-        let extended = self.extend(kind, address, size, extra);
-        if extended && kind == META {
-            self.made += extra;
-        }
-        extended
-    }
-
-    fn extend(&mut self, kind: usize, address: u64, size: u64, extra: u64) -> bool {
         let end = address + size;
         if end == self.end {
             self.end += extra;
@@ -885,7 +876,6 @@ impl File {
                 }
                 let size = align8(GHEAP_MIN.max(need + GHEAP_HEADER));
                 let address = self.space.alloc(RAW, size);
-                self.space.made += size; // metadata to the cache, though raw data to the allocator
                 self.collections.push(Collection {
                     address,
                     size,
@@ -1304,9 +1294,6 @@ pub fn lay_out(steps: &[Step], driver: Driver) -> Covered<Layout> {
                 }
             }
         }
-    }
-    if file.space.made > CACHE_MIN {
-        return not_covered("more metadata than libhdf5's metadata cache surely holds");
     }
     file.space.close();
     let size = file.space.end;

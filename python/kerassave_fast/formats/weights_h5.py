@@ -518,7 +518,8 @@ def _placed(
 
 def _replayed_layout(plan: WeightsPlan, posix: bool) -> tuple[int, list[tuple[int, np.ndarray]], list[bytes]] | None:
     """What h5py would write for the plan through its file-object driver (or libhdf5's POSIX one),
-    laid out by the Rust core's replay of libhdf5 (`rust/hdf5/layout.rs`): (size, (offset, array)
+    its metadata cache evicting nothing (stock's bytes on the plans Keras makes), laid out by the
+    Rust core's replay of libhdf5 (`rust/hdf5/layout.rs`): (size, (offset, array)
     of each tensor with bytes, the bytes between them). None when h5py must lay it out: this h5py's
     libhdf5 is not the one replayed, h5py tracks creation order, a step the replay does not cover
     (an attribute of a legacy file, a dataset h5py writes itself, a name or string that is not
