@@ -394,3 +394,20 @@ def test_a_shuffle_parameter_other_than_the_element_size_reads_as_h5py_reads_it(
     with h5py.File(path, "r") as h5:
         assert not np.array_equal(h5["x"][()], np.arange(4096, dtype="float32"))
     assert _chunked_as_h5py_reads_them(path) == set()
+
+
+def test_a_deflate_level_libhdf5_refuses_is_refused_as_stock_refuses_it(tmp_path):
+    """libhdf5's deflate filter refuses a level past 9 on read: h5py fails there, and so must we
+    (the dataset is left to h5py, which raises), not decode what stock cannot read."""
+    path = tmp_path / "f.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=np.arange(4096, dtype="float32"), chunks=(1024,), compression="gzip")
+    assert [d[0] for d in hdf5_stored_datasets(TensorFile(str(path)))] == ["/x"]
+    data = bytearray(path.read_bytes())
+    description = b"\x01\x00\x08\x00\x01\x00\x01\x00deflate\x00"  # id, name length, flags, 1 parameter
+    at = data.index(description) + len(description)
+    data[at : at + 4] = (10).to_bytes(4, "little")
+    path.write_bytes(data)
+    with h5py.File(path, "r") as h5, pytest.raises(OSError):
+        h5["x"][()]
+    assert hdf5_stored_datasets(TensorFile(str(path))) == []

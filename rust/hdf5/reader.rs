@@ -558,17 +558,20 @@ fn chunked_dataset(
     path: String,
     btree: u64,
     dims: &[u32],
-    filters: &[(u16, &[u32])],
+    pipeline: &[(u16, &[u32])],
 ) -> std::result::Result<Option<StoredDataset>, Failure> {
     let Some((dtype, itemsize)) = element_type(dataset, &path)? else {
         return Ok(None);
     };
-    // libhdf5 unshuffles by the filter's own parameter, which h5py sets to the element size; a
-    // file saying otherwise is read (or refused) by libhdf5 as stock reads it.
-    if filters
-        .iter()
-        .any(|&(id, params)| id == filters::SHUFFLE && params != [itemsize as u32])
-    {
+    // Parameters as libhdf5 checks them (a file saying otherwise is read or refused by libhdf5, as
+    // stock reads it): it unshuffles by the shuffle filter's own parameter, which h5py sets to the
+    // element size, and refuses a deflate level past 9.
+    let as_h5py_writes = |&(id, params): &(u16, &[u32])| match id {
+        filters::SHUFFLE => params == [itemsize as u32],
+        filters::DEFLATE => matches!(params, [level] if *level <= 9),
+        _ => true,
+    };
+    if !pipeline.iter().all(as_h5py_writes) {
         return Ok(None);
     }
     let shape = dataset.shape().to_vec();
@@ -647,7 +650,7 @@ fn chunked_dataset(
         nbytes,
         chunked: Some(Chunked {
             chunk_shape,
-            filters: ids(filters),
+            filters: ids(pipeline),
             chunks,
         }),
     }))

@@ -518,12 +518,12 @@ def _placed(
 
 def _replayed_layout(plan: WeightsPlan, posix: bool) -> tuple[int, list[tuple[int, np.ndarray]], list[bytes]] | None:
     """What h5py would write for the plan through its file-object driver (or libhdf5's POSIX one),
-    its metadata cache evicting nothing (stock's bytes on the plans Keras makes), laid out by the
-    Rust core's replay of libhdf5 (`rust/hdf5/layout.rs`): (size, (offset, array)
+    laid out by the Rust core's replay of libhdf5 (`rust/hdf5/layout.rs`): (size, (offset, array)
     of each tensor with bytes, the bytes between them). None when h5py must lay it out: this h5py's
     libhdf5 is not the one replayed, h5py tracks creation order, a step the replay does not cover
     (an attribute of a legacy file, a dataset h5py writes itself, a name or string that is not
-    ASCII, an HDF5 type other than numbers)."""
+    ASCII, an HDF5 type other than numbers, an object libhdf5's metadata cache may have written early
+    that later moves or takes a name)."""
     if h5py.version.hdf5_version != HDF5_LAID_OUT_VERSION or h5py.get_config().track_order:
         return None
     steps: list[tuple] = []
