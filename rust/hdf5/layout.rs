@@ -49,10 +49,13 @@ const SPLIT_RATIOS: [f64; 3] = [0.1, 0.5, 0.9]; // left-most, middle, right-most
 /// Bytes of metadata touched since an object's last use (each object counted once, plus the
 /// object itself) past which libhdf5's metadata cache may have evicted it, so written it early.
 /// The cache evicts what it used least recently when full (1 MiB at least), and what went unused
-/// for three epochs of 50,000 accesses (thousands of datasets made) while its hit rate is high. A touch of a group counts all
+/// for three epochs of 50,000 accesses (thousands of datasets made) while its hit rate is high;
+/// it writes dirty objects, least recently used first, once they fill most of it (~0.7 MiB). A touch of a group counts all
 /// of it (header, heap, every B-tree and symbol-table node) and every group above it; a quarter
 /// of the smallest cache leaves room for what libhdf5 touches that is not counted.
 const MAYBE_EVICTED: u64 = 256 << 10;
+/// The most touches `Recency` is made for (128 MiB of sums).
+const MAX_TOUCHES: usize = 1 << 24;
 /// The dataspace message still fits the minimum header with the other messages.
 pub const MAX_RANK: usize = 8;
 
@@ -547,9 +550,10 @@ struct LocalHeap {
     data: Vec<u8>,
     free: Vec<(u64, u64)>, // (offset, size), the list's head first
     used: usize,           // the `Recency` time of the last name put in
-    /// The block as libhdf5 has it if it was evicted whenever it may have been: free-block
-    /// headers written into the free space, which later names' padding keeps.
-    as_evicted: Option<Vec<u8>>,
+    /// The bytes an early write may have left nonzero where the replay has zeros: free-block
+    /// headers written into the free space, kept by later names' padding. One eviction's headers
+    /// can hide another's, so each possible eviction adds its own (empty until the first).
+    tainted: Vec<bool>,
     maybe_written: bool, // the block may have been written where it is now
 }
 
@@ -562,7 +566,7 @@ impl LocalHeap {
             data: vec![0; HEAP_HINT as usize],
             free: vec![(0, HEAP_HINT)],
             used: now,
-            as_evicted: None,
+            tainted: Vec::new(),
             maybe_written: false,
         }
     }
@@ -575,9 +579,12 @@ impl LocalHeap {
     /// with free-block headers in its free space.
     fn maybe_evicted(&mut self) {
         self.maybe_written = true;
-        let mut image = self.as_evicted.take().unwrap_or_else(|| self.data.clone());
-        self.write_free_headers(&mut image);
-        self.as_evicted = Some(image);
+        let mut headers = vec![0u8; self.data.len()];
+        self.write_free_headers(&mut headers);
+        self.tainted.resize(self.data.len(), false);
+        for (tainted, &byte) in self.tainted.iter_mut().zip(&headers) {
+            *tainted |= byte != 0;
+        }
     }
 
     /// Stores `name` and its NUL at time `now`; returns its offset. Not covered when the block may
@@ -608,9 +615,10 @@ impl LocalHeap {
             None => self.grow(space, need, last)?,
         };
         let at = offset as usize;
-        for image in std::iter::once(&mut self.data).chain(self.as_evicted.as_mut()) {
-            image[at..at + name.len()].copy_from_slice(name);
-            image[at + name.len()] = 0;
+        self.data[at..at + name.len()].copy_from_slice(name);
+        self.data[at + name.len()] = 0;
+        if let Some(written) = self.tainted.get_mut(at..at + name.len() + 1) {
+            written.fill(false); // the name and its NUL, not its padding
         }
         Ok(offset)
     }
@@ -630,8 +638,8 @@ impl LocalHeap {
             self.data_address = space.alloc(META, old + more);
         }
         self.data.resize((old + more) as usize, 0);
-        if let Some(image) = &mut self.as_evicted {
-            image.resize((old + more) as usize, 0);
+        if !self.tainted.is_empty() {
+            self.tainted.resize((old + more) as usize, false);
         }
         if let Some(l) = tail {
             let block = &mut self.free[l];
@@ -660,18 +668,16 @@ impl LocalHeap {
         }
     }
 
-    /// The block as written when the file closes: free-block headers in the free space.
-    fn closed(&self, data: &[u8]) -> Vec<u8> {
-        let mut data = data.to_vec();
-        self.write_free_headers(&mut data);
-        data
-    }
-
-    /// Whether an early write could have left bytes in a name's padding that the replay lacks.
+    /// Whether no early write can have left a byte the replay lacks: every tainted byte is a
+    /// name's or is rewritten by the free-block headers written when the file closes.
     fn evictions_leave_no_trace(&self) -> bool {
-        self.as_evicted
-            .as_ref()
-            .is_none_or(|image| self.closed(image) == self.closed(&self.data))
+        let mut tainted = self.tainted.clone();
+        for &(offset, _) in &self.free {
+            if let Some(header) = tainted.get_mut(offset as usize..offset as usize + 16) {
+                header.fill(false);
+            }
+        }
+        !tainted.contains(&true)
     }
 
     fn name(&self, offset: u64) -> &[u8] {
@@ -680,7 +686,8 @@ impl LocalHeap {
     }
 
     fn pieces(&self, out: &mut Vec<(u64, Vec<u8>)>) {
-        let data = self.closed(&self.data);
+        let mut data = self.data.clone();
+        self.write_free_headers(&mut data);
         let head = self.free.first().map_or(1, |f| f.0);
         let mut prefix = b"HEAP\0\0\0\0".to_vec();
         for n in [self.data.len() as u64, head, self.data_address] {
@@ -1436,14 +1443,21 @@ pub enum Driver {
 
 /// The file h5py would write for `steps` through `driver`.
 pub fn lay_out(steps: &[Step], driver: Driver) -> Covered<Layout> {
-    // Touches per step: the groups on its path (each parent it makes, with theirs), a dataset, a collection.
+    // Touches per step: the groups on its path (each parent it makes, with theirs), a dataset, a
+    // collection. `Recency` takes 8 bytes a touch: a plan needing more than 128 MiB goes to h5py.
     let touches = (steps.iter())
         .map(|step| match step {
-            Step::Group { path, .. } => (path.split('/').count() + 1) * (path.split('/').count() + 3),
+            Step::Group { path, .. } => {
+                let c = path.split('/').count();
+                c.saturating_mul(c + 3) / 2 + 2
+            }
             Step::Dataset { group, .. } => group.split('/').count() + 4,
         })
-        .sum::<usize>();
-    let mut file = File::new(driver, touches + 8)?;
+        .fold(8usize, usize::saturating_add);
+    if touches > MAX_TOUCHES {
+        return not_covered("more metadata touches than the replay keeps track of");
+    }
+    let mut file = File::new(driver, touches)?;
     let mut placed = Vec::new(); // (address, size) of each dataset with bytes
     for step in steps {
         match step {
@@ -1528,6 +1542,49 @@ fn between_tensors(tensors: &[(u64, u64)], size: u64, pieces: Vec<(u64, Vec<u8>)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recency_counts_each_object_once_at_its_latest_touch() {
+        // Brute force: the sizes of the objects whose latest touch is after a time.
+        let (mut recency, mut stamps) = (Recency::new(64), [(0usize, 0u64); 5]);
+        let mut touched: Vec<(usize, u64)> = Vec::new(); // (object, size) per touch
+        for (i, (object, size)) in [(0, 10), (1, 20), (0, 30), (2, 5), (3, 7), (1, 1), (4, 100), (0, 2)]
+            .into_iter()
+            .enumerate()
+        {
+            recency.touch(&mut stamps[object], size).unwrap();
+            touched.push((object, size));
+            for time in 0..=i + 1 {
+                let latest =
+                    (0..5).filter_map(|o| touched.iter().rposition(|t| t.0 == o).map(|at| (at + 1, touched[at].1)));
+                let expected: u64 = latest.filter(|&(at, _)| at > time).map(|(_, size)| size).sum();
+                assert_eq!(recency.since(time), expected, "after touch {i}, since {time}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_later_evictions_headers_do_not_hide_an_earlier_ones() {
+        // A 128 KiB free block: its size's third byte is 2. Evicted, a 7-letter name takes the
+        // block's first 8 bytes; evicted again, the next block's header zeroes byte 10; a 1-letter
+        // name's padding keeps byte 10, which an eviction at the first point alone leaves at 2.
+        let size = 1u64 << 17;
+        let mut space = Space::default();
+        let mut heap = LocalHeap::new(&mut space, 0);
+        heap.data = vec![0; size as usize];
+        heap.free = vec![(0, size)];
+        heap.maybe_evicted();
+        heap.insert(&mut space, b"abcdefg", 1).unwrap();
+        heap.maybe_evicted();
+        heap.insert(&mut space, b"a", 2).unwrap();
+        assert!(!heap.evictions_leave_no_trace());
+        let mut untouched = LocalHeap::new(&mut space, 0);
+        untouched.data = vec![0; size as usize];
+        untouched.free = vec![(0, size)];
+        untouched.maybe_evicted();
+        untouched.insert(&mut space, b"abcdefghijklmno", 1).unwrap(); // no padding
+        assert!(untouched.evictions_leave_no_trace());
+    }
 
     fn dataset(group: &str, name: &str, shape: &[u64]) -> Step {
         Step::Dataset {
