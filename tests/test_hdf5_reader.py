@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import random
+import struct
 import zipfile
 
 import h5py
@@ -378,6 +379,18 @@ def test_chunks_out_of_proportion_to_their_dataset_are_left_to_h5py(tmp_path):
     assert [d[0] for d in hdf5_stored_datasets(TensorFile(str(path)))] == ["/resizable"]
 
 
+def _set_filter_parameter(path, filter_id: int, name: bytes, value: int) -> int:
+    """Sets the one parameter of the filter `filter_id` in the file's pipeline message (as h5py
+    writes it: id, name length 8, flags 1, one parameter, the name); returns the old one."""
+    data = bytearray(path.read_bytes())
+    description = struct.pack("<4H", filter_id, 8, 1, 1) + name.ljust(8, b"\0")
+    at = data.index(description) + len(description)
+    (old,) = struct.unpack_from("<I", data, at)
+    struct.pack_into("<I", data, at, value)
+    path.write_bytes(data)
+    return old
+
+
 def test_a_shuffle_parameter_other_than_the_element_size_reads_as_h5py_reads_it(tmp_path):
     """libhdf5 unshuffles by the shuffle filter's own parameter (h5py writes the element size
     there): a float32 dataset whose parameter says 2 reads other values than unshuffling by 4."""
@@ -385,12 +398,7 @@ def test_a_shuffle_parameter_other_than_the_element_size_reads_as_h5py_reads_it(
     with h5py.File(path, "w") as f:
         f.create_dataset("x", data=np.arange(4096, dtype="float32"), chunks=(1024,), compression="gzip", shuffle=True)
     assert _chunked_as_h5py_reads_them(path) == {"x"}
-    data = bytearray(path.read_bytes())
-    description = b"\x02\x00\x08\x00\x01\x00\x01\x00shuffle\x00"  # id, name length, flags, 1 parameter
-    at = data.index(description) + len(description)
-    assert data[at : at + 4] == (4).to_bytes(4, "little")
-    data[at : at + 4] = (2).to_bytes(4, "little")
-    path.write_bytes(data)
+    assert _set_filter_parameter(path, 2, b"shuffle", 2) == 4
     with h5py.File(path, "r") as h5:
         assert not np.array_equal(h5["x"][()], np.arange(4096, dtype="float32"))
     assert _chunked_as_h5py_reads_them(path) == set()
@@ -403,11 +411,7 @@ def test_a_deflate_level_libhdf5_refuses_is_refused_as_stock_refuses_it(tmp_path
     with h5py.File(path, "w") as f:
         f.create_dataset("x", data=np.arange(4096, dtype="float32"), chunks=(1024,), compression="gzip")
     assert [d[0] for d in hdf5_stored_datasets(TensorFile(str(path)))] == ["/x"]
-    data = bytearray(path.read_bytes())
-    description = b"\x01\x00\x08\x00\x01\x00\x01\x00deflate\x00"  # id, name length, flags, 1 parameter
-    at = data.index(description) + len(description)
-    data[at : at + 4] = (10).to_bytes(4, "little")
-    path.write_bytes(data)
+    assert _set_filter_parameter(path, 1, b"deflate", 10) == 4
     with h5py.File(path, "r") as h5, pytest.raises(OSError):
         h5["x"][()]
     assert hdf5_stored_datasets(TensorFile(str(path))) == []

@@ -13,9 +13,9 @@
 //!
 //! libhdf5's metadata cache evicts (writes early) what it used least recently when full (1 MiB
 //! at least) and, while its hit rate stays high, what went unused for three epochs of 50,000
-//! accesses. The replay keeps no cache;
-//! it lays out what libhdf5 writes when nothing is evicted, and tracks (`Recency`) how much
-//! metadata was touched since each heap and global heap collection was last used. Where an
+//! accesses. The replay keeps no cache: it lays out what libhdf5 writes when nothing is evicted,
+//! and tracks (`Recency`) how much metadata was touched since each heap and global heap
+//! collection was last used. Where an
 //! eviction could show in the file -- a local heap that moves after it may have been written (its
 //! old bytes stay), a name whose padding would keep the free-block headers an evicted heap wrote,
 //! a collection an eviction would have dropped from libhdf5's list of those with room -- it
@@ -50,9 +50,9 @@ const SPLIT_RATIOS: [f64; 3] = [0.1, 0.5, 0.9]; // left-most, middle, right-most
 /// object itself) past which libhdf5's metadata cache may have evicted it, so written it early.
 /// The cache evicts what it used least recently when full (1 MiB at least), and what went unused
 /// for three epochs of 50,000 accesses (thousands of datasets made) while its hit rate is high;
-/// it writes dirty objects, least recently used first, once they fill most of it (~0.7 MiB). A touch of a group counts all
-/// of it (header, heap, every B-tree and symbol-table node) and every group above it; a quarter
-/// of the smallest cache leaves room for what libhdf5 touches that is not counted.
+/// it writes dirty objects, least recently used first, once they fill most of it (~0.7 MiB). A
+/// touch of a group counts all of it (header, heap, every B-tree and symbol-table node) and every
+/// group above it; a quarter of the smallest cache leaves room for what is not counted.
 const MAYBE_EVICTED: u64 = 256 << 10;
 /// The most touches `Recency` is made for (128 MiB of sums).
 const MAX_TOUCHES: usize = 1 << 24;
@@ -543,6 +543,18 @@ impl Recency {
     }
 }
 
+/// What libhdf5 writes into each free block of a local heap when it writes the heap, and where:
+/// the next block's offset (1 for none) and the block's size.
+fn free_headers(free: &[(u64, u64)]) -> impl Iterator<Item = (usize, [u8; 16])> + '_ {
+    free.iter().enumerate().map(|(i, &(offset, size))| {
+        let following = free.get(i + 1).map_or(1, |next| next.0);
+        let mut header = [0u8; 16];
+        header[..8].copy_from_slice(&following.to_le_bytes());
+        header[8..].copy_from_slice(&size.to_le_bytes());
+        (offset as usize, header)
+    })
+}
+
 /// A group's names (H5HL): first-fit free list, doubled when full, moved when it cannot grow in place.
 struct LocalHeap {
     address: u64,
@@ -579,11 +591,11 @@ impl LocalHeap {
     /// with free-block headers in its free space.
     fn maybe_evicted(&mut self) {
         self.maybe_written = true;
-        let mut headers = vec![0u8; self.data.len()];
-        self.write_free_headers(&mut headers);
         self.tainted.resize(self.data.len(), false);
-        for (tainted, &byte) in self.tainted.iter_mut().zip(&headers) {
-            *tainted |= byte != 0;
+        for (at, header) in free_headers(&self.free) {
+            for (tainted, byte) in self.tainted[at..at + 16].iter_mut().zip(header) {
+                *tainted |= byte != 0;
+            }
         }
     }
 
@@ -657,17 +669,6 @@ impl LocalHeap {
         Ok(old)
     }
 
-    /// What libhdf5 writes into each free block when it writes the heap: the next block's offset
-    /// (1 for none) and the block's size.
-    fn write_free_headers(&self, data: &mut [u8]) {
-        for (i, &(offset, size)) in self.free.iter().enumerate() {
-            let following = self.free.get(i + 1).map_or(1, |next| next.0);
-            let at = offset as usize;
-            data[at..at + 8].copy_from_slice(&following.to_le_bytes());
-            data[at + 8..at + 16].copy_from_slice(&size.to_le_bytes());
-        }
-    }
-
     /// Whether no early write can have left a byte the replay lacks: every tainted byte is a
     /// name's or is rewritten by the free-block headers written when the file closes.
     fn evictions_leave_no_trace(&self) -> bool {
@@ -687,7 +688,9 @@ impl LocalHeap {
 
     fn pieces(&self, out: &mut Vec<(u64, Vec<u8>)>) {
         let mut data = self.data.clone();
-        self.write_free_headers(&mut data);
+        for (at, header) in free_headers(&self.free) {
+            data[at..at + 16].copy_from_slice(&header);
+        }
         let head = self.free.first().map_or(1, |f| f.0);
         let mut prefix = b"HEAP\0\0\0\0".to_vec();
         for n in [self.data.len() as u64, head, self.data_address] {
