@@ -876,9 +876,21 @@ fn read_chunked_from<S: hdf5::chunks::StoredBytes + ?Sized>(
     Ok(read)
 }
 
-/// A step of `hdf5_lay_out`: a group (path, "", None, attribute) or a dataset (its group, name,
-/// (numpy dtype kind, item size, shape), attribute); an attribute is (name, string value).
-type LayoutStep = (String, String, Option<(char, u8, Vec<u64>)>, Option<(String, String)>);
+/// A step of `hdf5_lay_out`: a group (path, "", None, attribute, False), a dataset (its group,
+/// name, (numpy dtype kind, item size, shape), attribute, created), where an attribute is (name,
+/// string value); or a group's attribute (path, name, (kind, items, width)), kind one of "str",
+/// "bytes" (one item), "list" (of bytes), "fixed" (numpy `S{width}`), "empty".
+#[derive(FromPyObject)]
+enum LayoutStep<'py> {
+    Node(
+        String,
+        String,
+        Option<(char, u8, Vec<u64>)>,
+        Option<(String, String)>,
+        bool,
+    ),
+    Attribute(String, String, (String, Vec<Bound<'py, PyBytes>>, u64)),
+}
 
 /// The HDF5 file h5py would write for `steps` (see `hdf5::layout`) through its file-object driver
 /// (a `.keras` member) or with `posix` libhdf5's POSIX one (a `.weights.h5` file), laid out
@@ -889,25 +901,45 @@ type LayoutStep = (String, String, Option<(char, u8, Vec<u64>)>, Option<(String,
 #[pyo3(signature = (steps, posix = false))]
 fn hdf5_lay_out<'py>(
     py: Python<'py>,
-    steps: Vec<LayoutStep>,
+    steps: Vec<LayoutStep<'py>>,
     posix: bool,
 ) -> PyResult<Option<(u64, Vec<u64>, Vec<(u64, Bound<'py, PyBytes>)>)>> {
-    use hdf5::layout::{Driver, Element, Step};
+    use hdf5::layout::{Driver, Element, Step, Value};
     let mut planned = Vec::with_capacity(steps.len());
-    for (path, name, dataset, attribute) in steps {
-        planned.push(match dataset {
-            None => Step::Group { path, attribute },
-            Some((kind, size, shape)) => {
+    for step in steps {
+        planned.push(match step {
+            LayoutStep::Node(path, _, None, attribute, _) => Step::Group { path, attribute },
+            LayoutStep::Node(group, name, Some((kind, size, shape)), attribute, created) => {
                 let Some(element) = Element::from_numpy(kind, size) else {
                     return Ok(None);
                 };
                 Step::Dataset {
-                    group: path,
+                    group,
                     name,
                     element,
                     shape,
                     attribute,
+                    created,
                 }
+            }
+            LayoutStep::Attribute(path, name, (kind, items, width)) => {
+                let items: Vec<Vec<u8>> = items.iter().map(|b| b.as_bytes().to_vec()).collect();
+                let value = match kind.as_str() {
+                    "str" | "bytes" => Value::Strings {
+                        utf8: kind == "str",
+                        scalar: true,
+                        items,
+                    },
+                    "list" => Value::Strings {
+                        utf8: false,
+                        scalar: false,
+                        items,
+                    },
+                    "fixed" => Value::Fixed { width, items },
+                    "empty" => Value::Empty,
+                    _ => return Err(PyValueError::new_err(format!("unknown attribute kind {kind:?}"))),
+                };
+                Step::Attribute { path, name, value }
             }
         });
     }

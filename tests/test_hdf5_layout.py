@@ -121,6 +121,52 @@ def test_random_plans_are_laid_out_as_h5py_lays_them_out(seed):
     assert_replayed_as_h5py(random_plan(seed))
 
 
+def random_legacy_plan(seed: int) -> weights_h5.WeightsPlan:
+    """Groups, attributes of every kind the legacy `.h5` writers set (str, bytes, lists of bytes,
+    empty lists, numpy `S` arrays; small to ~3 KB, several per group: headers grow in place and
+    into continuation chunks) and tensors made by `create_dataset`, some named through new groups."""
+    rng = np.random.default_rng(seed)
+    letters = list(string.ascii_letters + string.digits + "_")
+
+    def name(length=None):
+        return "".join(rng.choice(letters, length or int(rng.integers(1, 30))))
+
+    values = [
+        lambda: name(int(rng.integers(1, 3000))),
+        lambda: name(int(rng.integers(1, 3000))).encode(),
+        lambda: [name().encode() for _ in range(int(rng.integers(1, 60)))],
+        lambda: [],
+        lambda: np.asarray([name().encode() for _ in range(int(rng.integers(1, 60)))]),
+    ]
+    plan = weights_h5.WeightsPlan()
+    attributes: dict[str, set[str]] = {"": set()}  # of each group
+    for _ in range(int(rng.integers(5, 80))):
+        groups = list(attributes)
+        pick = rng.random()
+        if pick < 0.25:
+            parent = groups[int(rng.integers(len(groups)))]
+            path = f"{parent}/{name()}" if parent else name()
+            if path not in attributes:
+                plan.add_group(path)
+                attributes[path] = set()
+        elif pick < 0.6:
+            group, key = groups[int(rng.integers(len(groups)))], name()
+            if key not in attributes[group]:
+                attributes[group].add(key)
+                plan.add_attribute(group, key, values[int(rng.integers(len(values)))]())
+        else:
+            group = groups[int(rng.integers(len(groups)))]
+            leaf = f"{name()}/{name()}" if rng.random() < 0.4 else name()
+            shape = tuple(int(rng.integers(1, 5)) for _ in range(int(rng.integers(0, 3))))
+            plan.add_dataset(group, leaf, np.zeros(shape, "float32"), created=True)
+    return plan
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_legacy_plans_are_laid_out_as_h5py_lays_them_out(seed):
+    assert_replayed_as_h5py(random_legacy_plan(seed))
+
+
 def test_what_is_not_replayed_is_left_to_h5py():
     plan = weights_h5.WeightsPlan()
     plan.add_group("vars", {"name": "caf\u00e9"})  # a non-ASCII value

@@ -419,3 +419,45 @@ def test_a_functional_h5_whose_deferred_build_gives_up_loads_as_in_stock(tmp_pat
         assert [v.path for v in ours.weights] == [v.path for v in stock.weights]
         for a, b, c in zip(model.weights, ours.weights, stock.weights, strict=True):
             assert np.asarray(a).tobytes() == np.asarray(b).tobytes() == np.asarray(c).tobytes()
+
+
+# --- first saves without h5py -------------------------------------------------------------------
+
+
+def _laid_out_by_h5py(save, path, monkeypatch) -> bool:
+    """Whether a first save `save(path)` ran h5py's layout code (else the Rust core replayed it)."""
+    calls = []
+    write_skeleton = weights_h5.write_skeleton
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return write_skeleton(*args, **kwargs)
+
+    weights_h5._LAYOUTS.clear()
+    with monkeypatch.context() as patched:
+        patched.setattr(weights_h5, "write_skeleton", spy)
+        save(path)
+    return bool(calls)
+
+
+# bfloat16 tensors of a legacy file are made by `create_dataset` as h5py types them (no Keras 3
+# `dtype` attribute): h5py lays those files out; every other model is replayed.
+_H5PY_LAYS_OUT = {"low_precision"}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_keras3_h5_first_save_runs_no_h5py_and_is_stocks(saved, name, tmp_path, monkeypatch):
+    """The root attributes (`model_config` ...), `layer_names` and `weight_names` (arrays of
+    variable-length strings), headers grown into continuation chunks: replayed, not laid out by h5py."""
+    model, _, stock = saved(name)
+    by_h5py = _laid_out_by_h5py(lambda p: ksf.save_model(model, p), str(tmp_path / "ours.h5"), monkeypatch)
+    assert by_h5py == (name in _H5PY_LAYS_OUT)
+    assert _read(tmp_path / "ours.h5") == _read(stock)
+
+
+def test_tf_keras_h5_first_save_runs_no_h5py_and_is_stocks(tf_keras_saved, tmp_path, monkeypatch):
+    model, paths = tf_keras_saved
+    expected = any(w.dtype == "bfloat16" for w in model.weights)  # as `_H5PY_LAYS_OUT`
+    for save, ours, stock in [(ksf.save_model, "ours.h5", "stock"), (ksf.save_weights, "ours_w.h5", "stock_w")]:
+        assert _laid_out_by_h5py(lambda p, save=save: save(model, p), str(tmp_path / ours), monkeypatch) == expected
+        assert _read(tmp_path / ours) == _read(paths[stock])

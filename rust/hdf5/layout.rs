@@ -1,10 +1,12 @@
-//! The HDF5 file h5py writes for a Keras 3 weights member, laid out without h5py or libhdf5.
+//! The HDF5 file h5py writes for Keras weights (a `.keras` member, a `.weights.h5`, a legacy `.h5`),
+//! laid out without h5py or libhdf5.
 //!
 //! A `.keras` member is written by stock through h5py's file-object driver with libhdf5's
 //! defaults: superblock 0, old-style groups (a v1 B-tree of symbol-table nodes, names in a local
-//! heap), v1 object headers, contiguous datasets whose storage is allocated at their first write,
-//! and each group's `name` attribute (and a bfloat16 dataset's `dtype`) a variable-length string in
-//! a global heap collection. That driver aggregates nothing: every allocation takes the smallest
+//! heap), v1 object headers (grown as `object_header` replays), contiguous datasets whose storage
+//! is allocated at their first write, and each group's `name` attribute (and a bfloat16 dataset's
+//! `dtype`) a variable-length string in a global heap collection. A legacy `.h5` adds the
+//! attributes of `Value` (`model_config`, `layer_names`, `weight_names`, ...) to its groups. That driver aggregates nothing: every allocation takes the smallest
 //! free section that fits (metadata and raw data apart, as libhdf5's free-list map keeps them),
 //! else grows the file. Replaying libhdf5's allocations and its B-tree, heap and object header
 //! rules gives the file's bytes without running it, so a first save of an architecture does not
@@ -23,7 +25,9 @@
 //! (whole groups, every group on a path, a quarter of the smallest cache), not derived from
 //! libhdf5's code line by line: the tests hold it to h5py on plans built to make the cache evict.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+
+use super::object_header::{Body, Grow, ObjectHeader};
 
 /// The libhdf5 whose allocations this replays (the one h5py bundles).
 pub const HDF5_VERSION: &str = "1.14.6";
@@ -39,6 +43,8 @@ const HEAP_PREFIX: u64 = 32;
 const HEAP_HINT: u64 = 88;
 const HEAP_FREE_MIN: u64 = 16;
 const GROUP_HEADER: u64 = 40; // prefix + the symbol-table message
+const SYMBOL_TABLE: u16 = 0x11;
+const ATTRIBUTE: u16 = 0x0C;
 const DATASET_HEADER: usize = 16 + 256; // prefix + H5D's minimum header size
 const GHEAP_MIN: u64 = 4096;
 const GHEAP_OBJECT: u64 = 16;
@@ -132,6 +138,33 @@ impl Element {
     }
 }
 
+/// An attribute's value, as h5py stores the Python value Keras gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value {
+    /// Variable-length strings in the global heap: a `str` (UTF-8) or `bytes` (ASCII) when
+    /// `scalar`, else a list of `bytes` (a 1-D array).
+    Strings {
+        utf8: bool,
+        scalar: bool,
+        items: Vec<Vec<u8>>,
+    },
+    /// A 1-D numpy array of `S{width}`: NUL-padded fixed-length strings, `width` bytes each.
+    Fixed { width: u64, items: Vec<Vec<u8>> },
+    /// An empty list, which numpy makes an empty float64 array.
+    Empty,
+}
+
+impl Value {
+    /// h5py's `str`: one UTF-8 variable-length string.
+    fn text(value: &str) -> Self {
+        Value::Strings {
+            utf8: true,
+            scalar: true,
+            items: vec![value.as_bytes().to_vec()],
+        }
+    }
+}
+
 /// One call of the plan, in the order stock makes them.
 #[derive(Debug, Clone)]
 pub enum Step {
@@ -140,15 +173,18 @@ pub enum Step {
         path: String,
         attribute: Option<(String, String)>,
     },
-    /// `group[name] = array`, or with an attribute Keras' `create_dataset(name, data=array)` and
-    /// `attrs[key] = value`.
+    /// `group[name] = array`, or when `created` or with an attribute `create_dataset(name, ...)`
+    /// then written (a `name` with '/' makes the groups above it first), and `attrs[key] = value`.
     Dataset {
         group: String,
         name: String,
         element: Element,
         shape: Vec<u64>,
         attribute: Option<(String, String)>,
+        created: bool,
     },
+    /// `h5[path].attrs[name] = value` on a group made before.
+    Attribute { path: String, name: String, value: Value },
 }
 
 /// A laid-out file: its size, where each dataset with bytes has them (in plan order), and every
@@ -771,13 +807,90 @@ fn string_attribute_size(name: &str) -> u64 {
     8 + align8(name.len() as u64 + 1) + align8(VLEN_STRING.len() as u64) + 8 + 16
 }
 
-/// An old-style group: header, B-tree root, local heap, and its attribute message (in a new
-/// continuation chunk unless the header grew in place).
+/// An attribute message's body (version 1) for `attrs[name] = value`: each variable-length
+/// string's global heap (collection, index) from `references` (zero when not yet written).
+fn attribute_body(name: &str, value: &Value, references: &[(u64, u64)]) -> Vec<u8> {
+    let (datatype, shape, data) = match value {
+        Value::Strings { utf8, scalar, items } => {
+            let mut datatype = VLEN_STRING.to_vec();
+            datatype[2] = *utf8 as u8;
+            let mut data = Vec::with_capacity(16 * items.len());
+            for (i, item) in items.iter().enumerate() {
+                let (collection, index) = references.get(i).copied().unwrap_or((0, 0));
+                data.extend(u32le(item.len() as u64));
+                data.extend(collection.to_le_bytes());
+                data.extend(u32le(index));
+            }
+            (datatype, (!scalar).then_some(items.len() as u64), data)
+        }
+        Value::Fixed { width, items } => {
+            let mut datatype = vec![0x13, 1, 0, 0]; // a string, NUL-padded, ASCII
+            datatype.extend(u32le(*width));
+            let mut data = Vec::with_capacity((*width as usize) * items.len());
+            for item in items {
+                data.extend(item);
+                data.resize(data.len() + (*width as usize).saturating_sub(item.len()), 0);
+            }
+            (datatype, Some(items.len() as u64), data)
+        }
+        Value::Empty => (Element::Float(8).message(), Some(0), Vec::new()),
+    };
+    let rank = shape.is_some() as u8;
+    let mut space = vec![1, rank, rank, 0, 0, 0, 0, 0]; // a 1-D one has its maximum too
+    if let Some(n) = shape {
+        space.extend(n.to_le_bytes());
+        space.extend(n.to_le_bytes());
+    }
+    let mut body = vec![1, 0];
+    body.extend(u16le(name.len() as u64 + 1));
+    body.extend(u16le(datatype.len() as u64));
+    body.extend(u16le(space.len() as u64));
+    body.extend(name.as_bytes());
+    body.push(0);
+    for part in [&datatype, &space, &data] {
+        pad8(&mut body);
+        body.extend(part);
+    }
+    body
+}
+
+/// The order in which libhdf5 writes `n` variable-length strings (H5T__conv_vlen): in place,
+/// each growing from an 8-byte pointer to a 16-byte reference, so it converts the last elements
+/// that overlap no unconverted one (forwards), and the last few backwards.
+fn conversion_order(n: usize) -> Vec<usize> {
+    let mut order = Vec::with_capacity(n);
+    let mut left = n;
+    while left > 0 {
+        let safe = left - (left * 8).div_ceil(16);
+        if safe < 2 {
+            order.extend((0..left).rev());
+            break;
+        }
+        order.extend(left - safe..left);
+        left -= safe;
+    }
+    order
+}
+
+/// File space for object headers (libhdf5's object-header allocations are metadata).
+struct HeaderSpace<'a>(&'a mut Space);
+
+impl Grow for HeaderSpace<'_> {
+    fn try_extend(&mut self, address: u64, size: u64, extra: u64) -> bool {
+        self.0.try_extend(META, address, size, extra)
+    }
+
+    fn alloc(&mut self, size: u64) -> u64 {
+        self.0.alloc(META, size)
+    }
+}
+
+/// An old-style group: header (its symbol-table message, then its attributes), B-tree root, local heap.
 struct Group {
     address: u64,
+    header: ObjectHeader,
     tree: usize,
     heap: LocalHeap,
-    attribute: Option<(Option<u64>, Vec<u8>)>,
     parent: Option<usize>,
     nodes: u64, // B-tree and symbol-table nodes made for it
     leaves: u64,
@@ -787,8 +900,7 @@ struct Group {
 impl Group {
     /// All of it, as `Recency` counts a touch.
     fn size(&self) -> u64 {
-        let attribute = self.attribute.as_ref().map_or(0, |(_, a)| 24 + a.len() as u64);
-        GROUP_HEADER + attribute + self.heap.size() + self.nodes * BTREE_SIZE + self.leaves * SNOD_SIZE
+        self.header.size() + self.heap.size() + self.nodes * BTREE_SIZE + self.leaves * SNOD_SIZE
     }
 }
 
@@ -979,11 +1091,13 @@ impl File {
         let tree = self.new_tree(0);
         let mut heap = LocalHeap::new(&mut self.space, self.recency.now);
         heap.insert(&mut self.space, b"", self.recency.now)?;
+        let mut table = self.trees[tree].address.to_le_bytes().to_vec();
+        table.extend(heap.address.to_le_bytes());
         self.groups.push(Group {
             address,
+            header: ObjectHeader::new(address, Body::Raw(SYMBOL_TABLE, table)),
             tree,
             heap,
-            attribute: None,
             parent,
             nodes: 1,
             leaves: 0,
@@ -996,29 +1110,24 @@ impl File {
         Ok(g)
     }
 
-    /// h5py's `attrs[name] = value`: a UTF-8 variable-length string, its value put in the global heap now.
-    fn string_attribute(&mut self, name: &str, value: &str) -> Covered<Vec<u8>> {
-        let (collection, index) = self.global_heap_insert(value.as_bytes())?;
-        let mut body = vec![1, 0];
-        body.extend(u16le(name.len() as u64 + 1));
-        body.extend(u16le(VLEN_STRING.len() as u64));
-        body.extend(8u16.to_le_bytes());
-        body.extend(name.as_bytes());
-        body.push(0);
-        pad8(&mut body);
-        body.extend(VLEN_STRING);
-        pad8(&mut body);
-        body.extend([1, 0, 0, 0, 0, 0, 0, 0]);
-        body.extend(u32le(value.len() as u64));
-        body.extend(collection.to_le_bytes());
-        body.extend(u32le(index));
-        Ok(message(0x0C, &body, 0))
-    }
-
     /// H5HG with the file's list of collections with free space.
     fn global_heap_insert(&mut self, raw: &[u8]) -> Covered<(u64, u64)> {
         let need = GHEAP_OBJECT + align8(raw.len() as u64);
-        let found = self.with_space.iter().position(|&c| self.collections[c].free >= need);
+        let mut found = self.with_space.iter().position(|&c| self.collections[c].free >= need);
+        if found.is_none() {
+            // H5F_cwfs_find_free_heap: the first collection on the list that can grow in place
+            // (at least doubling, to at most 64 KiB) grows.
+            for (at, &c) in self.with_space.iter().enumerate() {
+                let c = &mut self.collections[c];
+                let extra = c.size.max(need - c.free);
+                if c.size + extra <= GHEAP_MAX && self.space.try_extend(RAW, c.address, c.size, extra) {
+                    c.size += extra;
+                    c.free += extra;
+                    found = Some(at);
+                    break;
+                }
+            }
+        }
         let collection = match found {
             Some(at) => {
                 // An evicted collection leaves libhdf5's list: the object would go elsewhere, or
@@ -1036,13 +1145,6 @@ impl File {
                 self.with_space[at.saturating_sub(1)]
             }
             None => {
-                for &c in &self.with_space {
-                    let c = &self.collections[c];
-                    let extra = c.size.max(need - c.free);
-                    if c.size + extra <= GHEAP_MAX && self.space.try_extend(RAW, c.address, c.size, extra) {
-                        return not_covered("a global heap collection would grow in place");
-                    }
-                }
                 let size = align8(GHEAP_MIN.max(need + GHEAP_HEADER));
                 let address = self.space.alloc(RAW, size);
                 self.collections.push(Collection {
@@ -1068,48 +1170,34 @@ impl File {
         Ok((c.address, c.objects.len() as u64))
     }
 
-    /// `attrs[name] = value` on a group: grows the header in place if free space follows it, else
-    /// moves its symbol-table message into a new chunk beside the attribute.
-    fn group_attribute(&mut self, group: usize, name: &str, value: &str) -> Covered<()> {
-        let size = string_attribute_size(name);
-        let address = self.groups[group].address;
-        let chunk = if self.space.try_extend(META, address, GROUP_HEADER, 8 + size) {
-            None
-        } else {
-            Some(self.space.alloc(META, 24 + 8 + size))
-        };
-        let message = self.string_attribute(name, value)?;
-        self.groups[group].attribute = Some((chunk, message));
+    /// `attrs[name] = value` on a group: libhdf5 makes the message (where its object header puts
+    /// it), then writes the value, variable-length strings into the global heap in order.
+    fn group_attribute(&mut self, group: usize, name: &str, value: &Value) -> Covered<()> {
+        let unwritten = attribute_body(name, value, &[]);
+        if unwritten.len() >= 1 << 16 {
+            return not_covered(format!("attribute '{name}': larger than an object header message"));
+        }
+        let header = &mut self.groups[group].header;
+        if header
+            .append(ATTRIBUTE, unwritten.clone(), &mut HeaderSpace(&mut self.space))
+            .is_err()
+        {
+            return not_covered(format!("attribute '{name}': libhdf5 would move a whole chunk"));
+        }
+        let mut references = Vec::new();
+        if let Value::Strings { items, .. } = value {
+            references = vec![(0, 0); items.len()];
+            for i in conversion_order(items.len()) {
+                references[i] = self.global_heap_insert(&items[i])?;
+            }
+        }
+        let body = attribute_body(name, value, &references);
+        self.groups[group].header.rewrite(ATTRIBUTE, &unwritten, body);
         Ok(())
     }
 
     fn group_pieces(&self, group: &Group, out: &mut Vec<(u64, Vec<u8>)>) {
-        let mut table_body = self.trees[group.tree].address.to_le_bytes().to_vec();
-        table_body.extend(group.heap.address.to_le_bytes());
-        let table = message(0x11, &table_body, 0);
-        let prefix = |messages: u64, size: u64| {
-            let mut p = vec![1, 0];
-            p.extend(u16le(messages));
-            p.extend(1u32.to_le_bytes());
-            p.extend(u32le(size));
-            p.extend([0u8; 4]);
-            p
-        };
-        match &group.attribute {
-            None => out.push((group.address, [prefix(1, 24), table].concat())),
-            Some((None, attribute)) => out.push((
-                group.address,
-                [prefix(2, 24 + attribute.len() as u64), table, attribute.clone()].concat(),
-            )),
-            Some((Some(chunk), attribute)) => {
-                let moved = [table, attribute.clone()].concat();
-                let mut at = chunk.to_le_bytes().to_vec();
-                at.extend((moved.len() as u64).to_le_bytes());
-                let continuation = message(0x10, &at, 0);
-                out.push((group.address, [prefix(3, 24), continuation].concat()));
-                out.push((*chunk, moved));
-            }
-        }
+        group.header.pieces(out);
         group.heap.pieces(out);
     }
 
@@ -1334,14 +1422,14 @@ impl File {
         self.link(parent, leaf.as_bytes(), (self.groups[group].address, Some(table)))?;
         self.group_at.insert(path.to_owned(), group);
         if let Some((name, value)) = attribute {
-            self.group_attribute(group, name, value)?;
+            self.group_attribute(group, name, &Value::text(value))?;
         }
         Ok(())
     }
 
-    /// `group[name] = array` (created, written, then linked), or with an attribute Keras'
-    /// `create_dataset(name, data=array)` (created and linked, then written) and the attribute set.
-    /// Returns the data's address if it has bytes.
+    /// `group[name] = array` (created, written, then linked), or when `created` or with an
+    /// attribute `create_dataset(name, ...)` (created and linked, then written) and the attribute
+    /// set. Returns the data's address if it has bytes.
     fn dataset(
         &mut self,
         group: usize,
@@ -1349,6 +1437,7 @@ impl File {
         element: Element,
         shape: &[u64],
         attribute: Option<&(String, String)>,
+        created: bool,
     ) -> Covered<Option<u64>> {
         let address = self.space.alloc(META, DATASET_HEADER as u64);
         self.recency.touch(&mut (0, 0), DATASET_HEADER as u64)?; // made now, touched again only by h5py's close
@@ -1368,18 +1457,23 @@ impl File {
                 file.datasets[d].data_address = file.space.alloc(RAW, nbytes);
             }
         };
-        if attribute.is_none() {
+        let linked_first = created || attribute.is_some();
+        if !linked_first {
             first_write(self);
         }
         self.link(group, name.as_bytes(), (address, None))?;
-        if let Some((key, value)) = attribute {
+        if linked_first {
             first_write(self);
+        }
+        if let Some((key, value)) = attribute {
             // The message takes the front of the header's null message, which keeps the rest.
             let (before, after) = self.datasets[d].fixed();
             if 8 + string_attribute_size(key) + 8 > null_size(&before, &after) as u64 + 8 {
                 return not_covered("the attribute does not fit the dataset's header");
             }
-            self.datasets[d].attribute = Some(self.string_attribute(key, value)?);
+            let references = [self.global_heap_insert(value.as_bytes())?];
+            let value = Value::text(value);
+            self.datasets[d].attribute = Some(message(ATTRIBUTE, &attribute_body(key, &value, &references), 0));
         }
         Ok((nbytes > 0).then_some(self.datasets[d].data_address))
     }
@@ -1426,6 +1520,19 @@ fn plain_name(name: &str) -> bool {
     name.is_ascii() && !name.contains(['/', '\0']) && !name.is_empty() && name != "."
 }
 
+/// A value h5py stores as `Value` says: strings of ASCII (no NUL in a variable-length one, none empty).
+fn plain_value(value: &Value) -> bool {
+    match value {
+        Value::Strings { items, scalar, .. } => {
+            (!scalar || items.len() == 1) && items.iter().all(|s| !s.is_empty() && s.is_ascii() && !s.contains(&0))
+        }
+        Value::Fixed { width, items } => {
+            *width > 0 && !items.is_empty() && items.iter().all(|s| s.len() as u64 <= *width)
+        }
+        Value::Empty => true,
+    }
+}
+
 fn plain_attribute(attribute: Option<&(String, String)>) -> bool {
     // an object header message's size is 16 bits: h5py refuses a longer one
     if attribute.is_some_and(|(key, _)| string_attribute_size(key) + 8 > u16::MAX as u64) {
@@ -1454,7 +1561,18 @@ pub fn lay_out(steps: &[Step], driver: Driver) -> Covered<Layout> {
                 let c = path.split('/').count();
                 c.saturating_mul(c + 3) / 2 + 2
             }
-            Step::Dataset { group, .. } => group.split('/').count() + 4,
+            Step::Dataset { group, name, .. } => {
+                let c = group.split('/').count() + name.split('/').count();
+                c.saturating_mul(c + 3) / 2 + 4
+            }
+            Step::Attribute { path, value, .. } => {
+                let strings = if let Value::Strings { items, .. } = value {
+                    items.len()
+                } else {
+                    0
+                };
+                path.split('/').count().saturating_add(strings) + 2
+            }
         })
         .fold(8usize, usize::saturating_add);
     if touches > MAX_TOUCHES {
@@ -1462,6 +1580,7 @@ pub fn lay_out(steps: &[Step], driver: Driver) -> Covered<Layout> {
     }
     let mut file = File::new(driver, touches)?;
     let mut placed = Vec::new(); // (address, size) of each dataset with bytes
+    let mut attributes = HashSet::new(); // (group, name): h5py replaces an existing one otherwise
     for step in steps {
         match step {
             Step::Group { path, attribute } => {
@@ -1472,6 +1591,9 @@ pub fn lay_out(steps: &[Step], driver: Driver) -> Covered<Layout> {
                     return not_covered(format!("group '{path}' made twice"));
                 }
                 file.group(path, attribute.as_ref())?;
+                if let Some((name, _)) = attribute {
+                    attributes.insert((file.group_at[path.as_str()], name.clone()));
+                }
             }
             Step::Dataset {
                 group,
@@ -1479,10 +1601,30 @@ pub fn lay_out(steps: &[Step], driver: Driver) -> Covered<Layout> {
                 element,
                 shape,
                 attribute,
+                created,
             } => {
-                let Some(&g) = file.group_at.get(group.as_str()) else {
+                if !file.group_at.contains_key(group.as_str()) {
                     return not_covered(format!("dataset '{name}' in a group not made before"));
+                }
+                // h5py's `create_dataset("a/b")` is `require_group("a")` then `create_dataset("b")`
+                let (group, name) = match name.rsplit_once('/') {
+                    Some((above, leaf)) if *created => {
+                        let path = if group.is_empty() {
+                            above.to_owned()
+                        } else {
+                            format!("{group}/{above}")
+                        };
+                        if !path.split('/').all(plain_name) {
+                            return not_covered(format!("dataset '{name}': a name h5py encodes otherwise"));
+                        }
+                        if !file.group_at.contains_key(path.as_str()) {
+                            file.group(&path, None)?;
+                        }
+                        (path, leaf)
+                    }
+                    _ => (group.clone(), name.as_str()),
                 };
+                let g = file.group_at[group.as_str()];
                 if !plain_name(name) || !plain_attribute(attribute.as_ref()) || shape.len() > MAX_RANK {
                     return not_covered(format!("dataset '{name}': its name, attribute or rank"));
                 }
@@ -1491,9 +1633,19 @@ pub fn lay_out(steps: &[Step], driver: Driver) -> Covered<Layout> {
                 let Some(nbytes) = nbytes.filter(|&n| n < 1 << 62) else {
                     return not_covered(format!("dataset '{name}': a shape too large"));
                 };
-                if let Some(address) = file.dataset(g, name, *element, shape, attribute.as_ref())? {
+                if let Some(address) = file.dataset(g, name, *element, shape, attribute.as_ref(), *created)? {
                     placed.push((address, nbytes));
                 }
+            }
+            Step::Attribute { path, name, value } => {
+                let Some(&g) = file.group_at.get(path.as_str()) else {
+                    return not_covered(format!("attribute '{name}' of a group not made before"));
+                };
+                if !plain_name(name) || !plain_value(value) || !attributes.insert((g, name.clone())) {
+                    return not_covered(format!("attribute '{name}': a name or value h5py encodes otherwise"));
+                }
+                file.group_attribute(g, name, value)?;
+                file.touch_path(g)?;
             }
         }
     }
@@ -1596,7 +1748,18 @@ mod tests {
             element: Element::Float(4),
             shape: shape.to_vec(),
             attribute: None,
+            created: false,
         }
+    }
+
+    #[test]
+    fn an_array_of_strings_goes_to_the_heap_in_libhdf5s_conversion_order() {
+        // stock's `layer_names` of five layers: elements 3 and 4, then 2, 1, 0
+        assert_eq!(conversion_order(5), [3, 4, 2, 1, 0]);
+        assert_eq!(conversion_order(1), [0]);
+        let mut order = conversion_order(1000);
+        order.sort_unstable();
+        assert_eq!(order, (0..1000).collect::<Vec<_>>());
     }
 
     #[test]
@@ -1687,15 +1850,27 @@ mod tests {
                 let parent = groups[parent % groups.len()].clone();
                 if is_group {
                     let attribute = attribute.then(|| ("name".to_string(), name.clone()));
-                    let path = if parent.is_empty() { name } else { format!("{parent}/{name}") };
+                    let path = if parent.is_empty() { name.clone() } else { format!("{parent}/{name}") };
                     groups.push(path.clone());
-                    steps.push(Step::Group { path, attribute });
+                    steps.push(Step::Group { path: path.clone(), attribute });
+                    // now and then attributes of each kind, enough to grow the header in every way
+                    let items: Vec<Vec<u8>> = shape.iter().map(|&n| name.repeat(n as usize * 40).into_bytes()).collect();
+                    let value = match kind {
+                        0 => Value::Strings { utf8: true, scalar: true, items: vec![name.clone().into_bytes()] },
+                        1 => Value::Strings { utf8: false, scalar: false, items },
+                        2 => Value::Fixed { width: items.iter().map(|i| i.len() as u64).max().unwrap_or(1), items },
+                        3 => Value::Empty,
+                        _ => continue,
+                    };
+                    for n in 0..shape.len() {
+                        steps.push(Step::Attribute { path: path.clone(), name: format!("{name}{n}"), value: value.clone() });
+                    }
                 } else {
                     let element = [Element::Float(4), Element::Float(2), Element::Signed(8),
                         Element::Unsigned(1), Element::Opaque(2), Element::Float(8)][kind as usize];
                     // Keras marks bfloat16 (opaque words) with a `dtype` attribute
                     let attribute = (element == Element::Opaque(2)).then(|| ("dtype".into(), "bfloat16".into()));
-                    steps.push(Step::Dataset { group: parent, name, element, shape, attribute });
+                    steps.push(Step::Dataset { group: parent, name, element, shape, attribute, created: false });
                 }
             }
             let driver = if posix { Driver::Posix } else { Driver::FileObject };
@@ -1703,7 +1878,7 @@ mod tests {
             let mut extents: Vec<(u64, u64)> = layout.between.iter().map(|(s, d)| (*s, d.len() as u64)).collect();
             let sizes = steps.iter().filter_map(|s| match s {
                 Step::Dataset { element, shape, .. } => Some(shape.iter().product::<u64>() * element.size()),
-                Step::Group { .. } => None,
+                Step::Group { .. } | Step::Attribute { .. } => None,
             });
             let tensors: Vec<u64> = sizes.filter(|&n| n > 0).collect();
             proptest::prop_assert_eq!(tensors.len(), layout.tensor_offsets.len());

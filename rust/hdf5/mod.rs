@@ -6,6 +6,7 @@
 pub mod chunks;
 pub mod filters;
 pub mod layout;
+pub mod object_header;
 pub mod reader;
 pub mod shuffle;
 

@@ -521,9 +521,9 @@ def _replayed_layout(plan: WeightsPlan, posix: bool) -> tuple[int, list[tuple[in
     laid out by the Rust core's replay of libhdf5 (`rust/hdf5/layout.rs`): (size, (offset, array)
     of each tensor with bytes, the bytes between them). None when h5py must lay it out: this h5py's
     libhdf5 is not the one replayed, h5py tracks creation order, a step the replay does not cover
-    (an attribute of a legacy file, a dataset h5py writes itself, a name or string that is not
-    ASCII, an HDF5 type other than numbers, an object libhdf5's metadata cache may have written early
-    that later moves or takes a name)."""
+    (an attribute value `_attribute_value` does not take, a dataset h5py writes itself, a name or
+    string that is not ASCII, an HDF5 type other than numbers, an object libhdf5's metadata cache
+    may have written early that later moves or takes a name)."""
     if h5py.version.hdf5_version != HDF5_LAID_OUT_VERSION or h5py.get_config().track_order:
         return None
     steps: list[tuple] = []
@@ -532,14 +532,20 @@ def _replayed_layout(plan: WeightsPlan, posix: bool) -> tuple[int, list[tuple[in
             attrs = step.attrs or {}
             if len(attrs) > 1 or not all(type(v) is str for v in attrs.values()):  # not numpy's str_
                 return None
-            steps.append((step.path, "", None, next(iter(attrs.items()), None)))
-        elif isinstance(step, PlannedDataset) and step.reserved and not step.created:
+            steps.append((step.path, "", None, next(iter(attrs.items()), None), False))
+        elif isinstance(step, PlannedAttribute):
+            value = _attribute_value(step.value)
+            if value is None:
+                return None
+            steps.append((step.path, step.name, value))
+        elif isinstance(step, PlannedDataset) and step.reserved:
             dtype = step.array.dtype
             bfloat16 = dtype == BFLOAT16  # opaque words, and Keras 3 marks it with a `dtype` attribute
             if not dtype.isnative or dtype.byteorder not in "=<|" or (dtype.kind == "V" and not bfloat16):
                 return None
             element = (dtype.kind, dtype.itemsize, step.array.shape)
-            steps.append((step.group, step.name, element, ("dtype", "bfloat16") if bfloat16 else None))
+            attribute = ("dtype", "bfloat16") if bfloat16 else None
+            steps.append((step.group, step.name, element, attribute, step.created))
         else:
             return None
     laid_out = hdf5_lay_out(steps, posix)
@@ -548,6 +554,27 @@ def _replayed_layout(plan: WeightsPlan, posix: bool) -> tuple[int, list[tuple[in
     size, offsets, between = laid_out
     tensors = [d.array for d in plan.datasets if d.array.nbytes]
     return size, list(zip(offsets, tensors, strict=True)), [data for _, data in between]
+
+
+def _attribute_value(value) -> tuple[str, list[bytes], int] | None:
+    """An attribute value as `hdf5_lay_out` takes it, for the types h5py stores as the legacy
+    writers use them: `str` and `bytes` (a variable-length string), a list of `bytes` (an array of
+    them), an empty list (numpy's empty float64 array), a 1-D numpy array of `S{n}`; else None."""
+    if type(value) is str:
+        return ("str", [value.encode("utf-8", "surrogatepass")], 0)
+    if type(value) is bytes:
+        return ("bytes", [value], 0)
+    if type(value) is list:
+        if not value:
+            return ("empty", [], 0)
+        if all(type(v) is bytes for v in value):
+            return ("list", value, 0)
+        return None
+    if type(value) is np.ndarray and value.dtype.kind == "S" and value.ndim == 1 and value.size:
+        width = value.dtype.itemsize
+        data = value.tobytes()
+        return ("fixed", [data[i : i + width] for i in range(0, len(data), width)], width)
+    return None
 
 
 def _between_tensors(placed: list[tuple[int, np.ndarray]], size: int, writes) -> list[bytes]:
