@@ -31,10 +31,10 @@ def dense_model(units: int) -> keras.Model:
     return model
 
 
-def resnet_model() -> keras.Model:
+def resnet_model(loss="sparse_categorical_crossentropy") -> keras.Model:
     """ResNet50(weights=None) + Adam after one step: many small tensors."""
     model = keras.applications.ResNet50(weights=None)
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    model.compile(optimizer="adam", loss=loss)
     rng = np.random.default_rng(0)
     model.train_on_batch(rng.normal(size=(2, 224, 224, 3)).astype("float32"), np.array([1, 2]))
     return model
@@ -85,6 +85,13 @@ MODELS = {
     "dense": (dense_model, "dense{}", lambda _: KERAS, False),
     "resnet50": (lambda _: resnet_model(), "resnet50", lambda _: KERAS, False),
     "dense-h5": (dense_h5_model, "dense{} .h5", lambda _: H5, True),
+    # Keras 3's legacy `.h5` of ResNet50, its loss an object (see dense_h5_model): --models resnet50-h5
+    "resnet50-h5": (
+        lambda _: resnet_model(keras.losses.SparseCategoricalCrossentropy()),
+        "resnet50 .h5",
+        lambda _: H5,
+        True,
+    ),
     "tf_keras-dense-h5": (tf_keras_dense_model, "tf_keras dense{} .h5", lambda _: tf_keras_h5(), True),
     "tf_keras-dense-keras": (tf_keras_dense_model, "tf_keras dense{} .keras", lambda _: tf_keras_keras(), True),
     # Not in the default run (stock takes ~20 s per load): --models many,many-h5,many-weights --repeats 3

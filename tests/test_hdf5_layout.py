@@ -178,6 +178,11 @@ def test_what_is_not_replayed_is_left_to_h5py():
         plan = weights_h5.WeightsPlan()
         plan.add_group("vars", attrs)
         assert weights_h5._replayed_layout(plan, posix=True) is None
+    utf8_strings = np.array([b"abc"], dtype=h5py.string_dtype("utf-8", 3))  # h5py marks these UTF-8
+    for path, name, value in [("", "names", utf8_strings), ("", b"names", "x"), (b"", "names", "x")]:
+        plan = weights_h5.WeightsPlan()
+        plan.add_attribute(path, name, value)
+        assert weights_h5._replayed_layout(plan, posix=True) is None
     plan = weights_h5.WeightsPlan()
     plan.add_group("vars")
     plan.add_dataset("vars", "0", np.zeros(3, bool))  # an HDF5 enum

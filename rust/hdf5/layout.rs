@@ -1192,7 +1192,9 @@ impl File {
             }
         }
         let body = attribute_body(name, value, &references);
-        self.groups[group].header.rewrite(ATTRIBUTE, &unwritten, body);
+        if !self.groups[group].header.rewrite(ATTRIBUTE, &unwritten, body) {
+            return not_covered(format!("attribute '{name}': its message was not found again"));
+        }
         Ok(())
     }
 
@@ -1524,7 +1526,8 @@ fn plain_name(name: &str) -> bool {
 fn plain_value(value: &Value) -> bool {
     match value {
         Value::Strings { items, scalar, .. } => {
-            (!scalar || items.len() == 1) && items.iter().all(|s| !s.is_empty() && s.is_ascii() && !s.contains(&0))
+            (if *scalar { items.len() == 1 } else { !items.is_empty() })
+                && items.iter().all(|s| !s.is_empty() && s.is_ascii() && !s.contains(&0))
         }
         Value::Fixed { width, items } => {
             *width > 0 && !items.is_empty() && items.iter().all(|s| s.len() as u64 <= *width)

@@ -104,17 +104,19 @@ impl ObjectHeader {
         Ok(())
     }
 
-    /// Replaces the body of the message holding `old` (same size: a value written after its message was made).
-    pub fn rewrite(&mut self, kind: u16, old: &[u8], new: Vec<u8>) {
+    /// Replaces the body of the message holding `old` (same size: a value written after its
+    /// message was made); false when no message holds it.
+    #[must_use]
+    pub fn rewrite(&mut self, kind: u16, old: &[u8], new: Vec<u8>) -> bool {
         for m in &mut self.messages {
             if let Body::Raw(k, body) = &mut m.body {
-                if *k == kind && body.as_slice() == old {
-                    debug_assert_eq!(align8(new.len() as u64), m.size);
+                if *k == kind && body.as_slice() == old && align8(new.len() as u64) == m.size {
                     *body = new;
-                    return;
+                    return true;
                 }
             }
         }
+        false
     }
 
     /// H5O__alloc_find_best_null: the smallest null message of at least `size` bytes, exact fits

@@ -470,7 +470,7 @@ def _layout_key(plan: WeightsPlan, driver: str, alignment: int) -> tuple | None:
 def _attribute_key(value) -> tuple:
     """An attribute value, exactly (numpy's repr of a long array elides its middle)."""
     if isinstance(value, np.ndarray):
-        return ("ndarray", value.dtype.str, value.shape, value.tobytes())
+        return ("ndarray", value.dtype.str, repr(value.dtype.metadata), value.shape, value.tobytes())
     return (type(value).__name__, repr(value))
 
 
@@ -528,6 +528,9 @@ def _replayed_layout(plan: WeightsPlan, posix: bool) -> tuple[int, list[tuple[in
         return None
     steps: list[tuple] = []
     for step in plan.steps:
+        names = (step.group, step.name) if isinstance(step, PlannedDataset) else (step.path, getattr(step, "name", ""))
+        if not all(type(n) is str for n in names):  # h5py takes bytes too, and encodes them otherwise
+            return None
         if isinstance(step, PlannedGroup):
             attrs = step.attrs or {}
             if len(attrs) > 1 or not all(type(v) is str for v in attrs.values()):  # not numpy's str_
@@ -570,7 +573,8 @@ def _attribute_value(value) -> tuple[str, list[bytes], int] | None:
         if all(type(v) is bytes for v in value):
             return ("list", value, 0)
         return None
-    if type(value) is np.ndarray and value.dtype.kind == "S" and value.ndim == 1 and value.size:
+    # (not h5py's `string_dtype`: its metadata may make the strings UTF-8)
+    if type(value) is np.ndarray and value.dtype.kind == "S" and value.dtype.metadata is None and value.ndim == 1:
         width = value.dtype.itemsize
         data = value.tobytes()
         return ("fixed", [data[i : i + width] for i in range(0, len(data), width)], width)
