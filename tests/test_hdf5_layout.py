@@ -167,6 +167,26 @@ def test_random_legacy_plans_are_laid_out_as_h5py_lays_them_out(seed):
     assert_replayed_as_h5py(random_legacy_plan(seed))
 
 
+def test_a_large_attribute_early_in_the_file_is_replayed_while_the_cache_is_fresh():
+    """600 KB of `model_config`, then strings that go to the collection made before it: past the
+    bound on what was touched since (256 KiB), but the file's metadata stays under the metadata
+    cache's initial 2 MiB in its first epoch, so nothing can have been evicted yet
+    (`FRESH_METADATA` in rust/hdf5/layout.rs). h5py's bytes are the oracle."""
+    plan = weights_h5.WeightsPlan()
+    plan.add_attribute("", "keras_version", "3.15.1")
+    plan.add_attribute("", "model_config", b"x" * 600_000)
+    plan.add_attribute("", "training_config", b"y" * 500)
+    plan.add_group("model_weights")
+    plan.add_attribute("model_weights", "layer_names", [b"dense_%d" % i for i in range(50)])
+    for i in range(50):
+        group = f"model_weights/dense_{i}"
+        plan.add_group(group)
+        plan.add_attribute(group, "weight_names", [f"dense_{i}/kernel".encode(), f"dense_{i}/bias".encode()])
+        plan.add_dataset(group, f"dense_{i}/kernel", np.zeros((4, 4), "float32"), created=True)
+        plan.add_dataset(group, f"dense_{i}/bias", np.zeros(4, "float32"), created=True)
+    assert_replayed_as_h5py(plan)
+
+
 def test_what_is_not_replayed_is_left_to_h5py():
     plan = weights_h5.WeightsPlan()
     plan.add_group("vars", {"name": "caf\u00e9"})  # a non-ASCII value

@@ -461,3 +461,17 @@ def test_tf_keras_h5_first_save_runs_no_h5py_and_is_stocks(tf_keras_saved, tmp_p
     for save, ours, stock in [(ksf.save_model, "ours.h5", "stock"), (ksf.save_weights, "ours_w.h5", "stock_w")]:
         assert _laid_out_by_h5py(lambda p, save=save: save(model, p), str(tmp_path / ours), monkeypatch) == expected
         assert _read(tmp_path / ours) == _read(paths[stock])
+
+
+def test_keras3_h5_of_500_layers_first_save_runs_no_h5py_and_is_stocks(tmp_path, monkeypatch):
+    """A `model_config` of ~0.6 MB, past the replay's bound on metadata touched since a global
+    heap collection was last used, written while libhdf5's metadata cache cannot have evicted
+    anything yet: replayed, and stock's file byte for byte."""
+    inputs = keras.Input((8,))
+    outputs = keras.layers.Concatenate()([keras.layers.Dense(4)(inputs) for _ in range(500)])
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer="adam", loss=keras.losses.MeanSquaredError())
+    model.optimizer.build(model.trainable_variables)
+    stock_save(model, str(tmp_path / "stock.h5"))
+    assert not _laid_out_by_h5py(lambda p: ksf.save_model(model, p), str(tmp_path / "ours.h5"), monkeypatch)
+    assert _read(tmp_path / "ours.h5") == _read(tmp_path / "stock.h5")

@@ -60,6 +60,18 @@ const SPLIT_RATIOS: [f64; 3] = [0.1, 0.5, 0.9]; // left-most, middle, right-most
 /// touch of a group counts all of it (header, heap, every B-tree and symbol-table node) and every
 /// group above it; a quarter of the smallest cache leaves room for what is not counted.
 const MAYBE_EVICTED: u64 = 256 << 10;
+/// Before then nothing can have been evicted or written early: the cache starts at 2 MiB and
+/// only grows during its first epoch of 50,000 accesses (H5C's `initial_size`, `epoch_length`),
+/// evicting only past its size and writing back only once less than 1 % of it is clean or
+/// empty. So while the file's metadata (all it allocated but tensors, an upper bound of what the
+/// cache holds) stays under 1.5 MiB and fewer than 50,000 accesses can have been made, counting
+/// `ACCESSES_PER_STEP` for each group on a step's path (libhdf5 protects tens of entries to look
+/// up or make a group, dataset or attribute) and `ACCESSES_PER_STRING` (one collection per
+/// string), `Recency` is not asked.
+const FRESH_METADATA: u64 = 3 << 19;
+const FRESH_ACCESSES: u64 = 50_000;
+const ACCESSES_PER_STEP: u64 = 1_000;
+const ACCESSES_PER_STRING: u64 = 10;
 /// The most touches `Recency` is made for (128 MiB of sums).
 const MAX_TOUCHES: usize = 1 << 24;
 /// The dataspace message still fits the minimum header with the other messages.
@@ -1022,6 +1034,8 @@ struct File {
     with_space: Vec<usize>, // H5HG's collections with free space (CWFS), most used first
     datasets: Vec<Dataset>,
     recency: Recency,
+    tensor_bytes: u64,
+    accesses: u64, // at most this many cache accesses made so far (see FRESH_METADATA)
 }
 
 impl File {
@@ -1041,11 +1055,20 @@ impl File {
             with_space: Vec::new(),
             datasets: Vec::new(),
             recency: Recency::new(touches),
+            tensor_bytes: 0,
+            accesses: 0,
         };
         file.space.alloc(META, 96); // the superblock
         let root = file.new_group(None)?;
         file.group_at.insert(String::new(), root);
         Ok(file)
+    }
+
+    /// Whether the metadata cache can have evicted an object last touched at `time` (see FRESH_METADATA).
+    fn maybe_evicted(&self, time: usize, size: u64) -> bool {
+        let metadata = self.space.end.saturating_sub(self.tensor_bytes);
+        let fresh = metadata <= FRESH_METADATA && self.accesses < FRESH_ACCESSES;
+        !fresh && self.recency.maybe_evicted(time, size)
     }
 
     /// Touches `group` and every group above it (h5py may look a path up from the root), each all of it.
@@ -1134,7 +1157,7 @@ impl File {
                 // the swap below would pass a different neighbour.
                 let stale = |c: usize| {
                     let c = &self.collections[c];
-                    self.recency.maybe_evicted(c.stamp.0, c.size)
+                    self.maybe_evicted(c.stamp.0, c.size)
                 };
                 if stale(self.with_space[at]) || (at > 0 && stale(self.with_space[at - 1])) {
                     return not_covered("a global heap collection the metadata cache may have evicted");
@@ -1217,7 +1240,7 @@ impl File {
     /// H5G__stab_insert: H5B_insert of the name into `group`, splitting nodes as libhdf5 does.
     fn link(&mut self, group: usize, name: &[u8], entry: (u64, Option<(u64, u64)>)) -> Covered<()> {
         let heap = &self.groups[group].heap;
-        if self.recency.maybe_evicted(heap.used, heap.size()) {
+        if self.maybe_evicted(heap.used, heap.size()) {
             self.groups[group].heap.maybe_evicted();
         }
         self.touch_path(group)?;
@@ -1457,6 +1480,7 @@ impl File {
         let first_write = |file: &mut Self| {
             if nbytes > 0 {
                 file.datasets[d].data_address = file.space.alloc(RAW, nbytes);
+                file.tensor_bytes += nbytes;
             }
         };
         let linked_first = created || attribute.is_some();
@@ -1585,6 +1609,17 @@ pub fn lay_out(steps: &[Step], driver: Driver) -> Covered<Layout> {
     let mut placed = Vec::new(); // (address, size) of each dataset with bytes
     let mut attributes = HashSet::new(); // (group, name): h5py replaces an existing one otherwise
     for step in steps {
+        // per group on its path (each may be made, or looked up) and per string stored
+        let (path, strings) = match step {
+            Step::Group { path, .. } => (path.split('/').count(), 0),
+            Step::Dataset { group, name, .. } => (group.split('/').count() + name.split('/').count(), 0),
+            Step::Attribute { path, value, .. } => match value {
+                Value::Strings { items, .. } => (path.split('/').count(), items.len()),
+                _ => (path.split('/').count(), 0),
+            },
+        };
+        let accesses = (path as u64 * ACCESSES_PER_STEP).saturating_add(strings as u64 * ACCESSES_PER_STRING);
+        file.accesses = file.accesses.saturating_add(accesses);
         match step {
             Step::Group { path, attribute } => {
                 if !path.split('/').all(plain_name) || !plain_attribute(attribute.as_ref()) {
