@@ -58,7 +58,10 @@ const SPLIT_RATIOS: [f64; 3] = [0.1, 0.5, 0.9]; // left-most, middle, right-most
 /// for three epochs of 50,000 accesses (thousands of datasets made) while its hit rate is high;
 /// it writes dirty objects, least recently used first, once they fill most of it (~0.7 MiB). A
 /// touch of a group counts all of it (header, heap, every B-tree and symbol-table node) and every
-/// group above it; a quarter of the smallest cache leaves room for what is not counted.
+/// group above it; a quarter of the smallest cache leaves room for what is not counted. It bounds
+/// bytes, not accesses: a plan that makes the cache age entries out with very many accesses over
+/// few bytes (a review built one of 360 datasets in two groups 120 levels deep) is not seen; Keras
+/// plans touch far more bytes per access, and `MAX_ATTRIBUTES` closes the attribute-made case.
 const MAYBE_EVICTED: u64 = 256 << 10;
 /// Before then nothing can have been evicted or written early: the cache starts at 2 MiB and
 /// only grows during its first epoch of 50,000 accesses (H5C's `initial_size`, `epoch_length`),
@@ -69,6 +72,11 @@ const MAYBE_EVICTED: u64 = 256 << 10;
 /// up or make a group, dataset or attribute) and `ACCESSES_PER_STRING` (one collection per
 /// string), `Recency` is not asked.
 const FRESH_METADATA: u64 = 3 << 19;
+/// Attributes a group may hold. Each new one costs libhdf5 about one cache access per earlier
+/// one (its header's chunks) for few bytes touched, and `Recency` bounds bytes, not accesses:
+/// hundreds on a group reach the cache's age-out (entries unused for three epochs of 50,000
+/// accesses are evicted however little was touched). Keras sets at most a handful per group.
+const MAX_ATTRIBUTES: usize = 32;
 const FRESH_ACCESSES: u64 = 50_000;
 const ACCESSES_PER_STEP: u64 = 1_000;
 const ACCESSES_PER_STRING: u64 = 10;
@@ -904,6 +912,7 @@ struct Group {
     tree: usize,
     heap: LocalHeap,
     parent: Option<usize>,
+    attributes: usize,
     nodes: u64, // B-tree and symbol-table nodes made for it
     leaves: u64,
     stamp: Stamp,
@@ -1122,6 +1131,7 @@ impl File {
             tree,
             heap,
             parent,
+            attributes: 0,
             nodes: 1,
             leaves: 0,
             stamp: (0, 0),
@@ -1681,6 +1691,10 @@ pub fn lay_out(steps: &[Step], driver: Driver) -> Covered<Layout> {
                 };
                 if !plain_name(name) || !plain_value(value) || !attributes.insert((g, name.clone())) {
                     return not_covered(format!("attribute '{name}': a name or value h5py encodes otherwise"));
+                }
+                file.groups[g].attributes += 1;
+                if file.groups[g].attributes > MAX_ATTRIBUTES {
+                    return not_covered(format!("attribute '{name}': more attributes on a group than replayed"));
                 }
                 file.group_attribute(g, name, value)?;
                 file.touch_path(g)?;
