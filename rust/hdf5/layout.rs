@@ -6,9 +6,9 @@
 //! heap), v1 object headers (grown as `object_header` replays), contiguous datasets whose storage
 //! is allocated at their first write, and each group's `name` attribute (and a bfloat16 dataset's
 //! `dtype`) a variable-length string in a global heap collection. A legacy `.h5` adds the
-//! attributes of `Value` (`model_config`, `layer_names`, `weight_names`, ...) to its groups. That driver aggregates nothing: every allocation takes the smallest
-//! free section that fits (metadata and raw data apart, as libhdf5's free-list map keeps them),
-//! else grows the file. Replaying libhdf5's allocations and its B-tree, heap and object header
+//! attributes of `Value` (`model_config`, `layer_names`, `weight_names`, ...) to its groups.
+//! That driver aggregates nothing: every allocation takes the smallest free section that fits
+//! (metadata and raw data apart, as libhdf5's free-list map keeps them), else grows the file. Replaying libhdf5's allocations and its B-tree, heap and object header
 //! rules gives the file's bytes without running it, so a first save of an architecture does not
 //! wait for h5py. `lay_out` returns `NotCovered` for what it does not replay (h5py lays that out);
 //! the Python tests hold it to h5py's bytes.
@@ -72,14 +72,14 @@ const MAYBE_EVICTED: u64 = 256 << 10;
 /// up or make a group, dataset or attribute) and `ACCESSES_PER_STRING` (one collection per
 /// string), `Recency` is not asked.
 const FRESH_METADATA: u64 = 3 << 19;
+const FRESH_ACCESSES: u64 = 50_000;
+const ACCESSES_PER_STEP: u64 = 1_000;
+const ACCESSES_PER_STRING: u64 = 10;
 /// Attributes a group may hold. Each new one costs libhdf5 about one cache access per earlier
 /// one (its header's chunks) for few bytes touched, and `Recency` bounds bytes, not accesses:
 /// hundreds on a group reach the cache's age-out (entries unused for three epochs of 50,000
 /// accesses are evicted however little was touched). Keras sets at most a handful per group.
 const MAX_ATTRIBUTES: usize = 32;
-const FRESH_ACCESSES: u64 = 50_000;
-const ACCESSES_PER_STEP: u64 = 1_000;
-const ACCESSES_PER_STRING: u64 = 10;
 /// The most touches `Recency` is made for (128 MiB of sums).
 const MAX_TOUCHES: usize = 1 << 24;
 /// The dataspace message still fits the minimum header with the other messages.
