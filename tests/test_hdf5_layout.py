@@ -355,10 +355,27 @@ def _aged_out_by_attributes():
     return plan
 
 
+def _aged_out_on_a_deep_path():
+    """Found by a review: 16 empty attributes on each group of an 80-level path cost libhdf5 about
+    280,000 cache accesses over little metadata; the cache's age-out writes `c`'s heap early, then
+    it moves. Bounded by counting accesses, not bytes."""
+    plan = weights_h5.WeightsPlan()
+    plan.add_group("c")
+    plan.add_dataset("c", "x" * 30, np.zeros(1, "float32"), created=True)
+    path = "a/" + "/".join(["l"] * 79)
+    plan.add_group(path)
+    for i in range(16):
+        for depth in range(80, 0, -1):
+            plan.add_attribute(path.rsplit("/", 80 - depth)[0], f"n{i}", [])
+    plan.add_dataset("c", "y" * 100, np.zeros(1, "float32"), created=True)
+    return plan
+
+
 @pytest.mark.parametrize(
     "make_plan",
     [
         _aged_out_by_attributes,
+        _aged_out_on_a_deep_path,
         _evicted_heap_moves,
         _evicted_collection_reused,
         _evicted_heap_takes_a_name,
@@ -377,6 +394,18 @@ def test_what_the_metadata_cache_may_have_evicted_is_left_to_h5py(make_plan, mon
             without_evictions = h5py_layout(plan, posix)
         assert h5py_layout(plan, posix) != without_evictions, "the plan no longer makes the cache evict"
         assert weights_h5._replayed_layout(plan, posix) is None
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_full_list_of_collections_drops_one_as_libhdf5_does(seed):
+    """Strings of 200-2,600 bytes in ~40 global heap collections: past 16, libhdf5's list of
+    collections with free space drops one for each new collection (H5F_cwfs_add)."""
+    rng = np.random.default_rng(seed)
+    plan = weights_h5.WeightsPlan()
+    for i in range(60):
+        plan.add_group(f"g{i}")
+        plan.add_attribute(f"g{i}", "names", [b"x" * int(rng.integers(200, 2600)) for _ in range(rng.integers(1, 4))])
+    assert_replayed_as_h5py(plan)
 
 
 @pytest.mark.parametrize("name", ["ab", "abcdefg", "abcdefghijklmno"])

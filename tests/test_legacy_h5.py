@@ -463,12 +463,14 @@ def test_tf_keras_h5_first_save_runs_no_h5py_and_is_stocks(tf_keras_saved, tmp_p
         assert _read(tmp_path / ours) == _read(paths[stock])
 
 
-def test_keras3_h5_of_500_layers_first_save_runs_no_h5py_and_is_stocks(tmp_path, monkeypatch):
-    """A `model_config` of ~0.6 MB, past the replay's bound on metadata touched since a global
-    heap collection was last used, written while libhdf5's metadata cache cannot have evicted
-    anything yet: replayed, and stock's file byte for byte."""
+@pytest.mark.parametrize("layers", [500, 1000])
+def test_keras3_h5_of_many_layers_first_save_runs_no_h5py_and_is_stocks(tmp_path, monkeypatch, layers):
+    """500 layers: a `model_config` of ~0.6 MB, past the replay's bound on metadata touched since
+    a global heap collection was last used, written while libhdf5's metadata cache cannot have
+    evicted anything yet. 1,000 layers (the bench's many-array model): more than the 16 collections
+    libhdf5 lists with free space, old ones it may have evicted. Replayed, stock's file byte for byte."""
     inputs = keras.Input((8,))
-    outputs = keras.layers.Concatenate()([keras.layers.Dense(4)(inputs) for _ in range(500)])
+    outputs = keras.layers.Concatenate()([keras.layers.Dense(4)(inputs) for _ in range(layers)])
     model = keras.Model(inputs, outputs)
     model.compile(optimizer="adam", loss=keras.losses.MeanSquaredError())
     model.optimizer.build(model.trainable_variables)

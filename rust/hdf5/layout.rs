@@ -16,18 +16,19 @@
 //! libhdf5's metadata cache evicts (writes early) what it used least recently when full (1 MiB
 //! at least) and, while its hit rate stays high, what went unused for three epochs of 50,000
 //! accesses. The replay keeps no cache: it lays out what libhdf5 writes when nothing is evicted,
-//! and tracks (`Recency`) how much metadata was touched since each heap and global heap
-//! collection was last used. Where an
-//! eviction could show in the file -- a local heap that moves after it may have been written (its
-//! old bytes stay), a name whose padding would keep the free-block headers an evicted heap wrote,
-//! a collection an eviction would have dropped from libhdf5's list of those with room -- it
-//! returns `NotCovered` and h5py lays the file out. The touch count is conservative by design
-//! (whole groups, every group on a path, a quarter of the smallest cache), not derived from
-//! libhdf5's code line by line: the tests hold it to h5py on plans built to make the cache evict.
+//! and tracks (`Recency`) how much metadata was touched, and how many cache accesses were made at
+//! most, since each heap and global heap collection was last used. Where an eviction could show
+//! in the file -- a local heap that moves after it may have been written (its old bytes stay), a
+//! name whose padding would keep the free-block headers an evicted heap wrote, a collection an
+//! eviction would have dropped from libhdf5's list of those with room -- it returns `NotCovered`
+//! and h5py lays the file out. Both counts are conservative by design (whole groups, every group
+//! on a path, a quarter of the smallest cache, a thousand accesses per group on a step's path),
+//! not derived from libhdf5's code line by line: the tests hold them to h5py on plans built to
+//! make the cache evict.
 
 use std::collections::{HashMap, HashSet};
 
-use super::object_header::{Body, Grow, ObjectHeader};
+use super::object_header::{Grow, ObjectHeader};
 
 /// The libhdf5 whose allocations this replays (the one h5py bundles).
 pub const HDF5_VERSION: &str = "1.14.6";
@@ -51,18 +52,22 @@ const GHEAP_OBJECT: u64 = 16;
 const GHEAP_HEADER: u64 = 16;
 const GHEAP_MAX: u64 = 65536;
 const CWFS_MAX: usize = 16;
+const CWFS_LISTED: usize = 256; // collections the replay's list holds, those libhdf5 may not list included
 const SPLIT_RATIOS: [f64; 3] = [0.1, 0.5, 0.9]; // left-most, middle, right-most B-tree node
 /// Bytes of metadata touched since an object's last use (each object counted once, plus the
 /// object itself) past which libhdf5's metadata cache may have evicted it, so written it early.
-/// The cache evicts what it used least recently when full (1 MiB at least), and what went unused
-/// for three epochs of 50,000 accesses (thousands of datasets made) while its hit rate is high;
-/// it writes dirty objects, least recently used first, once they fill most of it (~0.7 MiB). A
-/// touch of a group counts all of it (header, heap, every B-tree and symbol-table node) and every
-/// group above it; a quarter of the smallest cache leaves room for what is not counted. It bounds
-/// bytes, not accesses: a plan that makes the cache age entries out with very many accesses over
-/// few bytes (a review built one of 360 datasets in two groups 120 levels deep) is not seen; Keras
-/// plans touch far more bytes per access, and `MAX_ATTRIBUTES` closes the attribute-made case.
+/// The cache evicts what it used least recently when full (1 MiB at least); it writes dirty
+/// objects, least recently used first, once they fill most of it (~0.7 MiB). A touch of a group
+/// counts all of it (header, heap, every B-tree and symbol-table node) and every group above it;
+/// a quarter of the smallest cache leaves room for what is not counted.
 const MAYBE_EVICTED: u64 = 256 << 10;
+/// Cache accesses since an object's last use from which the cache's age-out may have evicted it,
+/// however few bytes were touched: at the end of each epoch of 50,000 accesses, while its hit
+/// rate is high, H5C evicts what lies below the epoch marker it set three epochs before
+/// (`H5C__autoadjust__ageout`), what went unused for 150,000 accesses. Two epochs leave a margin.
+/// The accesses are counted as `FRESH_METADATA` counts them (a review built plans of deep paths
+/// and many small attributes that age entries out over ~100 KB of metadata).
+const MAYBE_AGED_OUT: u64 = 100_000;
 /// Before then nothing can have been evicted or written early: the cache starts at 2 MiB and
 /// only grows during its first epoch of 50,000 accesses (H5C's `initial_size`, `epoch_length`),
 /// evicting only past its size and writing back only once less than 1 % of it is clean or
@@ -73,15 +78,15 @@ const MAYBE_EVICTED: u64 = 256 << 10;
 /// string), `Recency` is not asked.
 const FRESH_METADATA: u64 = 3 << 19;
 const FRESH_ACCESSES: u64 = 50_000;
-const ACCESSES_PER_STEP: u64 = 1_000;
-const ACCESSES_PER_STRING: u64 = 10;
+const ACCESSES_PER_STEP: u64 = 100;
+const ACCESSES_PER_GROUP: u64 = 50;
+const ACCESSES_PER_STRING: u64 = 2;
 /// Attributes a group may hold. Each new one costs libhdf5 about one cache access per earlier
-/// one (its header's chunks) for few bytes touched, and `Recency` bounds bytes, not accesses:
-/// hundreds on a group reach the cache's age-out (entries unused for three epochs of 50,000
-/// accesses are evicted however little was touched). Keras sets at most a handful per group.
+/// one (its header's chunks), which `ACCESSES_PER_STEP` does not count past a few tens. Keras
+/// sets at most a handful per group.
 const MAX_ATTRIBUTES: usize = 32;
-/// The most touches `Recency` is made for (128 MiB of sums).
-const MAX_TOUCHES: usize = 1 << 24;
+/// The most touches `Recency` is made for (2 x 64 MiB of sums and access counts).
+const MAX_TOUCHES: usize = 1 << 23;
 /// The dataspace message still fits the minimum header with the other messages.
 pub const MAX_RANK: usize = 8;
 
@@ -549,6 +554,8 @@ struct Recency {
     sums: Vec<u64>, // wrapping: a moved object's size is taken back from its old time
     total: u64,
     now: usize,
+    accesses: u64,         // at most this many cache accesses made so far (`count`)
+    accesses_at: Vec<u64>, // `accesses` at each touch time
 }
 
 /// An object's (last touch time, size then); time 0 is never.
@@ -560,7 +567,14 @@ impl Recency {
             sums: vec![0; touches + 1],
             total: 0,
             now: 0,
+            accesses: 0,
+            accesses_at: vec![0; touches + 1],
         }
+    }
+
+    /// Counts a step's cache accesses (an upper bound), before its touches.
+    fn count(&mut self, accesses: u64) {
+        self.accesses = self.accesses.saturating_add(accesses);
     }
 
     fn add(&mut self, mut at: usize, size: u64) {
@@ -580,6 +594,7 @@ impl Recency {
         }
         self.now += 1;
         self.add(self.now, size);
+        self.accesses_at[self.now] = self.accesses;
         *stamp = (self.now, size);
         Ok(())
     }
@@ -595,7 +610,7 @@ impl Recency {
     }
 
     fn maybe_evicted(&self, time: usize, size: u64) -> bool {
-        self.since(time) + size > MAYBE_EVICTED
+        self.since(time) + size > MAYBE_EVICTED || self.accesses - self.accesses_at[time] >= MAYBE_AGED_OUT
     }
 }
 
@@ -822,9 +837,9 @@ const VLEN_STRING: [u8; 20] = [
     0x10, 0, 0, 0, 1, 0, 0, 0, 0, 0, 8, 0, // its base: 1-byte unsigned characters
 ];
 
-/// The body size of `string_attribute`'s message.
+/// The body size of the message of `attrs[name] = "..."`.
 fn string_attribute_size(name: &str) -> u64 {
-    8 + align8(name.len() as u64 + 1) + align8(VLEN_STRING.len() as u64) + 8 + 16
+    attribute_body(name, &Value::text(""), &[]).len() as u64
 }
 
 /// An attribute message's body (version 1) for `attrs[name] = value`: each variable-length
@@ -931,6 +946,8 @@ struct Collection {
     objects: Vec<Vec<u8>>,
     free: u64,
     stamp: Stamp,
+    /// libhdf5 may have dropped it from its list of collections with free space (`list_with_space`).
+    maybe_dropped: bool,
 }
 
 impl Collection {
@@ -1040,11 +1057,12 @@ struct File {
     groups: Vec<Group>,
     group_at: HashMap<String, usize>,
     collections: Vec<Collection>,
-    with_space: Vec<usize>, // H5HG's collections with free space (CWFS), most used first
+    /// H5HG's collections with free space (CWFS), most used first, as libhdf5 lists them when its
+    /// metadata cache evicts none; the ones it may not list (`maybe_listed`) stay in place.
+    with_space: Vec<usize>,
     datasets: Vec<Dataset>,
     recency: Recency,
     tensor_bytes: u64,
-    accesses: u64, // at most this many cache accesses made so far (see FRESH_METADATA)
 }
 
 impl File {
@@ -1065,7 +1083,6 @@ impl File {
             datasets: Vec::new(),
             recency: Recency::new(touches),
             tensor_bytes: 0,
-            accesses: 0,
         };
         file.space.alloc(META, 96); // the superblock
         let root = file.new_group(None)?;
@@ -1076,7 +1093,7 @@ impl File {
     /// Whether the metadata cache can have evicted an object last touched at `time` (see FRESH_METADATA).
     fn maybe_evicted(&self, time: usize, size: u64) -> bool {
         let metadata = self.space.end.saturating_sub(self.tensor_bytes);
-        let fresh = metadata <= FRESH_METADATA && self.accesses < FRESH_ACCESSES;
+        let fresh = metadata <= FRESH_METADATA && self.recency.accesses < FRESH_ACCESSES;
         !fresh && self.recency.maybe_evicted(time, size)
     }
 
@@ -1127,7 +1144,7 @@ impl File {
         table.extend(heap.address.to_le_bytes());
         self.groups.push(Group {
             address,
-            header: ObjectHeader::new(address, Body::Raw(SYMBOL_TABLE, table)),
+            header: ObjectHeader::new(address, SYMBOL_TABLE, table),
             tree,
             heap,
             parent,
@@ -1163,13 +1180,9 @@ impl File {
         }
         let collection = match found {
             Some(at) => {
-                // An evicted collection leaves libhdf5's list: the object would go elsewhere, or
-                // the swap below would pass a different neighbour.
-                let stale = |c: usize| {
-                    let c = &self.collections[c];
-                    self.maybe_evicted(c.stamp.0, c.size)
-                };
-                if stale(self.with_space[at]) || (at > 0 && stale(self.with_space[at - 1])) {
+                // A collection libhdf5 may not list: the object would go elsewhere, or the swap
+                // below would pass a different neighbour. (Those before did not fit either way.)
+                if self.maybe_listed(self.with_space[at]) || (at > 0 && self.maybe_listed(self.with_space[at - 1])) {
                     return not_covered("a global heap collection the metadata cache may have evicted");
                 }
                 if at > 0 {
@@ -1186,13 +1199,11 @@ impl File {
                     objects: Vec::new(),
                     free: size - GHEAP_HEADER,
                     stamp: (0, 0),
+                    maybe_dropped: false,
                 });
                 let c = self.collections.len() - 1;
                 self.objects.push(Object::Collection(c));
-                if self.with_space.len() >= CWFS_MAX {
-                    return not_covered("more global heap collections than libhdf5 keeps track of");
-                }
-                self.with_space.insert(0, c);
+                self.list_with_space(c)?;
                 c
             }
         };
@@ -1201,6 +1212,51 @@ impl File {
         c.objects.push(raw.to_vec());
         c.free -= need;
         Ok((c.address, c.objects.len() as u64))
+    }
+
+    /// Whether libhdf5 may not list `c` among the collections with free space: an evicted
+    /// collection leaves its list, and a full list drops one for a new collection.
+    fn maybe_listed(&self, c: usize) -> bool {
+        let c = &self.collections[c];
+        c.maybe_dropped || self.maybe_evicted(c.stamp.0, c.size)
+    }
+
+    /// H5F_cwfs_add: a new collection goes first on the list; a full list (16) drops for it its
+    /// last collection with less free space than the new one has (none: the new one is not listed).
+    /// Where evictions may have shortened libhdf5's list, whether it is full and which one it drops
+    /// are not known: a collection it may have dropped stays in place, marked `maybe_dropped`
+    /// (then never chosen, nor passed by a swap, without `NotCovered`).
+    fn list_with_space(&mut self, c: usize) -> Covered<()> {
+        if self.with_space.len() > CWFS_LISTED {
+            return not_covered("more global heap collections than the replay keeps track of");
+        }
+        if self.with_space.len() >= CWFS_MAX {
+            let free = self.collections[c].free;
+            let maybe: Vec<bool> = self.with_space.iter().map(|&o| self.maybe_listed(o)).collect();
+            let smaller = |at: usize| self.collections[self.with_space[at]].free < free;
+            // From the right, the first collection with less free space that libhdf5 surely lists;
+            // after it, those it may list, any of which it drops instead if it lists them.
+            let surely_dropped = (0..maybe.len()).rev().find(|&at| smaller(at) && !maybe[at]);
+            let after = surely_dropped.map_or(0, |at| at + 1);
+            let instead = |at: usize| at >= after && smaller(at) && maybe[at];
+            let listed = maybe.iter().filter(|m| !**m).count();
+            // Full for sure: those it may list, it does not. Else, whether it can be full with none
+            // of those it would drop instead listed: only then is that one dropped (or the new one
+            // not listed).
+            let full = listed >= CWFS_MAX;
+            let may_fill = listed + (0..maybe.len()).filter(|&at| maybe[at] && !instead(at)).count() >= CWFS_MAX;
+            match surely_dropped {
+                Some(at) if full => {
+                    self.with_space.remove(at);
+                }
+                None if full => return Ok(()), // not listed
+                _ if !may_fill => {}
+                Some(at) => self.collections[self.with_space[at]].maybe_dropped = true,
+                None => self.collections[c].maybe_dropped = true, // listed where the list was not full
+            }
+        }
+        self.with_space.insert(0, c);
+        Ok(())
     }
 
     /// `attrs[name] = value` on a group: libhdf5 makes the message (where its object header puts
@@ -1588,28 +1644,29 @@ pub enum Driver {
     Posix,
 }
 
+impl Step {
+    /// The groups on the step's path (each may be made, or looked up) and the strings it stores.
+    fn reach(&self) -> (usize, usize) {
+        match self {
+            Step::Group { path, .. } => (path.split('/').count(), 0),
+            Step::Dataset { group, name, .. } => (group.split('/').count() + name.split('/').count(), 0),
+            Step::Attribute { path, value, .. } => match value {
+                Value::Strings { items, .. } => (path.split('/').count(), items.len()),
+                _ => (path.split('/').count(), 0),
+            },
+        }
+    }
+}
+
 /// The file h5py would write for `steps` through `driver`.
 pub fn lay_out(steps: &[Step], driver: Driver) -> Covered<Layout> {
     // Touches per step: the groups on its path (each parent it makes, with theirs), a dataset, a
-    // collection. `Recency` takes 8 bytes a touch: a plan needing more than 128 MiB goes to h5py.
+    // collection. `Recency` takes 16 bytes a touch: a plan needing more than 128 MiB goes to h5py.
     let touches = (steps.iter())
-        .map(|step| match step {
-            Step::Group { path, .. } => {
-                let c = path.split('/').count();
-                c.saturating_mul(c + 3) / 2 + 2
-            }
-            Step::Dataset { group, name, .. } => {
-                let c = group.split('/').count() + name.split('/').count();
-                c.saturating_mul(c + 3) / 2 + 4
-            }
-            Step::Attribute { path, value, .. } => {
-                let strings = if let Value::Strings { items, .. } = value {
-                    items.len()
-                } else {
-                    0
-                };
-                path.split('/').count().saturating_add(strings) + 2
-            }
+        .map(|step| match (step, step.reach()) {
+            (Step::Group { .. }, (groups, _)) => groups.saturating_mul(groups + 3) / 2 + 2,
+            (Step::Dataset { .. }, (groups, _)) => groups.saturating_mul(groups + 3) / 2 + 4,
+            (Step::Attribute { .. }, (groups, strings)) => groups.saturating_add(strings) + 2,
         })
         .fold(8usize, usize::saturating_add);
     if touches > MAX_TOUCHES {
@@ -1619,17 +1676,11 @@ pub fn lay_out(steps: &[Step], driver: Driver) -> Covered<Layout> {
     let mut placed = Vec::new(); // (address, size) of each dataset with bytes
     let mut attributes = HashSet::new(); // (group, name): h5py replaces an existing one otherwise
     for step in steps {
-        // per group on its path (each may be made, or looked up) and per string stored
-        let (path, strings) = match step {
-            Step::Group { path, .. } => (path.split('/').count(), 0),
-            Step::Dataset { group, name, .. } => (group.split('/').count() + name.split('/').count(), 0),
-            Step::Attribute { path, value, .. } => match value {
-                Value::Strings { items, .. } => (path.split('/').count(), items.len()),
-                _ => (path.split('/').count(), 0),
-            },
-        };
-        let accesses = (path as u64 * ACCESSES_PER_STEP).saturating_add(strings as u64 * ACCESSES_PER_STRING);
-        file.accesses = file.accesses.saturating_add(accesses);
+        let (groups, strings) = step.reach();
+        let accesses = ACCESSES_PER_STEP
+            .saturating_add(groups as u64 * ACCESSES_PER_GROUP)
+            .saturating_add(strings as u64 * ACCESSES_PER_STRING);
+        file.recency.count(accesses);
         match step {
             Step::Group { path, attribute } => {
                 if !path.split('/').all(plain_name) || !plain_attribute(attribute.as_ref()) {
@@ -1768,6 +1819,22 @@ mod tests {
                 assert_eq!(recency.since(time), expected, "after touch {i}, since {time}");
             }
         }
+    }
+
+    #[test]
+    fn recency_counts_accesses_since_each_touch_however_few_bytes() {
+        let (mut recency, mut a, mut b) = (Recency::new(8), (0, 0), (0, 0));
+        recency.count(ACCESSES_PER_STEP);
+        recency.touch(&mut a, 16).unwrap();
+        recency.count(MAYBE_AGED_OUT - 1);
+        recency.touch(&mut b, 16).unwrap();
+        assert!(
+            !recency.maybe_evicted(a.0, a.1),
+            "one access short of the age-out bound"
+        );
+        recency.count(1);
+        assert!(recency.maybe_evicted(a.0, a.1) && !recency.maybe_evicted(b.0, b.1));
+        assert!(recency.maybe_evicted(0, 0), "never touched: every access counts");
     }
 
     #[test]

@@ -68,13 +68,10 @@ pub struct ObjectHeader {
 
 impl ObjectHeader {
     /// A header at `address` holding exactly `first` (libhdf5 sizes a new group's header to its messages).
-    pub fn new(address: u64, first: Body) -> Self {
-        let size = match &first {
-            Body::Raw(_, body) => align8(body.len() as u64),
-            _ => CONTINUATION_SIZE,
-        };
+    pub fn new(address: u64, kind: u16, first: Vec<u8>) -> Self {
+        let size = align8(first.len() as u64);
         let message = Message {
-            body: first,
+            body: Body::Raw(kind, first),
             chunk: 0,
             at: PREFIX,
             size,

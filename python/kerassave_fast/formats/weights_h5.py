@@ -471,6 +471,8 @@ def _attribute_key(value) -> tuple:
     """An attribute value, exactly (numpy's repr of a long array elides its middle)."""
     if isinstance(value, np.ndarray):
         return ("ndarray", value.dtype.str, repr(value.dtype.metadata), value.shape, value.tobytes())
+    if type(value) in (str, bytes):  # as it is: `model_config` is ~1 MB on large models
+        return (type(value).__name__, value)
     return (type(value).__name__, repr(value))
 
 
