@@ -22,7 +22,7 @@
 //! name whose padding would keep the free-block headers an evicted heap wrote, a collection an
 //! eviction would have dropped from libhdf5's list of those with room -- it returns `NotCovered`
 //! and h5py lays the file out. Both counts are conservative by design (whole groups, every group
-//! on a path, a quarter of the smallest cache, a thousand accesses per group on a step's path),
+//! on a path, a quarter of the smallest cache, twice the accesses libhdf5's own log showed),
 //! not derived from libhdf5's code line by line: the tests hold them to h5py on plans built to
 //! make the cache evict.
 
@@ -73,9 +73,9 @@ const MAYBE_AGED_OUT: u64 = 100_000;
 /// evicting only past its size and writing back only once less than 1 % of it is clean or
 /// empty. So while the file's metadata (all it allocated but tensors, an upper bound of what the
 /// cache holds) stays under 1.5 MiB and fewer than 50,000 accesses can have been made, counting
-/// `ACCESSES_PER_STEP` for each group on a step's path (libhdf5 protects tens of entries to look
-/// up or make a group, dataset or attribute) and `ACCESSES_PER_STRING` (one collection per
-/// string), `Recency` is not asked.
+/// `ACCESSES_PER_STEP`, `ACCESSES_PER_GROUP` for each group on its path and `ACCESSES_PER_STRING`
+/// (libhdf5's cache log showed at most half of that on any step: an array of 3,000 strings),
+/// `Recency` is not asked.
 const FRESH_METADATA: u64 = 3 << 19;
 const FRESH_ACCESSES: u64 = 50_000;
 const ACCESSES_PER_STEP: u64 = 100;
@@ -1058,7 +1058,7 @@ struct File {
     group_at: HashMap<String, usize>,
     collections: Vec<Collection>,
     /// H5HG's collections with free space (CWFS), most used first, as libhdf5 lists them when its
-    /// metadata cache evicts none; the ones it may not list (`maybe_listed`) stay in place.
+    /// metadata cache evicts none; the ones it may not list (`maybe_unlisted`) stay in place.
     with_space: Vec<usize>,
     datasets: Vec<Dataset>,
     recency: Recency,
@@ -1182,7 +1182,8 @@ impl File {
             Some(at) => {
                 // A collection libhdf5 may not list: the object would go elsewhere, or the swap
                 // below would pass a different neighbour. (Those before did not fit either way.)
-                if self.maybe_listed(self.with_space[at]) || (at > 0 && self.maybe_listed(self.with_space[at - 1])) {
+                if self.maybe_unlisted(self.with_space[at]) || (at > 0 && self.maybe_unlisted(self.with_space[at - 1]))
+                {
                     return not_covered("a global heap collection the metadata cache may have evicted");
                 }
                 if at > 0 {
@@ -1216,43 +1217,36 @@ impl File {
 
     /// Whether libhdf5 may not list `c` among the collections with free space: an evicted
     /// collection leaves its list, and a full list drops one for a new collection.
-    fn maybe_listed(&self, c: usize) -> bool {
+    fn maybe_unlisted(&self, c: usize) -> bool {
         let c = &self.collections[c];
         c.maybe_dropped || self.maybe_evicted(c.stamp.0, c.size)
     }
 
     /// H5F_cwfs_add: a new collection goes first on the list; a full list (16) drops for it its
-    /// last collection with less free space than the new one has (none: the new one is not listed).
-    /// Where evictions may have shortened libhdf5's list, whether it is full and which one it drops
-    /// are not known: a collection it may have dropped stays in place, marked `maybe_dropped`
-    /// (then never chosen, nor passed by a swap, without `NotCovered`).
+    /// last collection with less free space than the new one has. A new collection is made only
+    /// when no listed one fits, so it has more free space than each: the last one is dropped.
+    /// Where evictions may have shortened libhdf5's list, whether it is full and which one it
+    /// drops are not known: a collection it may have dropped stays in place, marked
+    /// `maybe_dropped` (then never chosen, nor passed by a swap, without `NotCovered`).
     fn list_with_space(&mut self, c: usize) -> Covered<()> {
         if self.with_space.len() > CWFS_LISTED {
             return not_covered("more global heap collections than the replay keeps track of");
         }
+        let free = self.collections[c].free;
+        debug_assert!(self.with_space.iter().all(|&o| self.collections[o].free < free));
         if self.with_space.len() >= CWFS_MAX {
-            let free = self.collections[c].free;
-            let maybe: Vec<bool> = self.with_space.iter().map(|&o| self.maybe_listed(o)).collect();
-            let smaller = |at: usize| self.collections[self.with_space[at]].free < free;
-            // From the right, the first collection with less free space that libhdf5 surely lists;
-            // after it, those it may list, any of which it drops instead if it lists them.
-            let surely_dropped = (0..maybe.len()).rev().find(|&at| smaller(at) && !maybe[at]);
-            let after = surely_dropped.map_or(0, |at| at + 1);
-            let instead = |at: usize| at >= after && smaller(at) && maybe[at];
-            let listed = maybe.iter().filter(|m| !**m).count();
-            // Full for sure: those it may list, it does not. Else, whether it can be full with none
-            // of those it would drop instead listed: only then is that one dropped (or the new one
-            // not listed).
-            let full = listed >= CWFS_MAX;
-            let may_fill = listed + (0..maybe.len()).filter(|&at| maybe[at] && !instead(at)).count() >= CWFS_MAX;
-            match surely_dropped {
-                Some(at) if full => {
-                    self.with_space.remove(at);
+            let unsure: Vec<bool> = self.with_space.iter().map(|&o| self.maybe_unlisted(o)).collect();
+            // The last collection libhdf5 surely lists: dropped when its list is surely full (then
+            // it lists none of the others), maybe dropped when it can be full with none listed
+            // after that one. With none sure, nothing sure changes.
+            if let Some(last) = unsure.iter().rposition(|u| !u) {
+                let sure = unsure.iter().filter(|u| !**u).count();
+                let before = unsure[..last].iter().filter(|u| **u).count();
+                if sure >= CWFS_MAX {
+                    self.with_space.remove(last);
+                } else if sure + before >= CWFS_MAX {
+                    self.collections[self.with_space[last]].maybe_dropped = true;
                 }
-                None if full => return Ok(()), // not listed
-                _ if !may_fill => {}
-                Some(at) => self.collections[self.with_space[at]].maybe_dropped = true,
-                None => self.collections[c].maybe_dropped = true, // listed where the list was not full
             }
         }
         self.with_space.insert(0, c);
