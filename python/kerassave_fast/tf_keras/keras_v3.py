@@ -23,6 +23,7 @@ from tf_keras.src.saving import saving_lib
 
 from ..formats.weights_h5 import WeightsPlan, consistent
 from ..tensors import adoptable, adoptable_tensor, bfloat16_bits, unmarked_bfloat16
+from . import uninitialized
 
 
 @contextlib.contextmanager
@@ -150,15 +151,18 @@ def plan_model_state(model, include_optimizer: bool = True):
 @dataclass
 class BuiltModel:
     model: object
+    uninitialized: uninitialized.Uninitialized
 
 
 def build_model(config_json: bytes | str, custom_objects, compile: bool, safe_mode: bool) -> BuiltModel:
-    """The model from `config.json`, as tf_keras' `saving_lib.load_model` builds it."""
+    """The model from `config.json`, as tf_keras' `saving_lib.load_model` builds it, the weights the
+    file replaces left uninitialized."""
     config = json.loads(config_json)
     if not compile:
         config["compile_config"] = None
-    with _v3_saving(), saving_lib.ObjectSharingScope():
-        return BuiltModel(saving_lib.deserialize_keras_object(config, custom_objects, safe_mode=safe_mode))
+    with _v3_saving(), saving_lib.ObjectSharingScope(), uninitialized.building() as built_uninitialized:
+        model = saving_lib.deserialize_keras_object(config, custom_objects, safe_mode=safe_mode)
+    return BuiltModel(model, built_uninitialized)
 
 
 class _PreloadedVars:
@@ -211,13 +215,16 @@ class _PreloadedWeights:
 def load_model_state(built: BuiltModel, h5_file, arrays: dict, assets_store) -> None:
     """tf_keras' own `_load_state` walk; each variable is assigned its tensor as read."""
     with _v3_saving():
-        saving_lib._load_state(
-            built.model,
-            weights_store=_PreloadedWeights(h5_file, arrays),
-            assets_store=assets_store,
-            inner_path="",
-            visited_trackables=set(),
-        )
+        try:
+            saving_lib._load_state(
+                built.model,
+                weights_store=_PreloadedWeights(h5_file, arrays),
+                assets_store=assets_store,
+                inner_path="",
+                visited_trackables=set(),
+            )
+        finally:
+            built.uninitialized.initialize_leftovers()
 
 
 def stock_load_model(filepath: str, custom_objects, compile: bool, safe_mode: bool):

@@ -281,6 +281,8 @@ def _load_model_from_hdf5(opened: ReadAhead, custom_objects: dict, compile: bool
     from tf_keras.src.saving.legacy import saving_utils
     from tf_keras.src.saving.legacy.saved_model import json_utils
 
+    from . import uninitialized
+
     f = opened.h5
     custom_objects = {
         **(custom_objects or {}),
@@ -290,9 +292,13 @@ def _load_model_from_hdf5(opened: ReadAhead, custom_objects: dict, compile: bool
     model_config = legacy_h5.text_attribute(f, "model_config")
     if model_config is None:
         raise ValueError(f"No model config found in the file at {f}.")
-    model = model_config_lib.model_from_config(json_utils.decode(model_config), custom_objects=custom_objects)
+    with uninitialized.building() as built_uninitialized:
+        model = model_config_lib.model_from_config(json_utils.decode(model_config), custom_objects=custom_objects)
     arrays = opened.tensors  # each popped as it is served: no two variables share a buffer
-    _load_weights(f["model_weights"], model, arrays)
+    try:
+        _load_weights(f["model_weights"], model, arrays)
+    finally:
+        built_uninitialized.initialize_leftovers()
     if compile:
         training_config = legacy_h5.text_attribute(f, "training_config")
         if training_config is None:
