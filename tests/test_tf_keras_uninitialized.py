@@ -1,12 +1,11 @@
 """tf_keras models built for a load (legacy `.h5` and tf_keras `.keras`): the weights of stock layers
 the file replaces start uninitialized (tf_keras/uninitialized.py), and no one can see the difference:
-code reading weights while the model is built sees stock's initial values, a weight the file does
-not provide gets its initializer's value, and models built elsewhere meanwhile are stock's."""
+code reading weights while the model is built sees stock's initial values, a weight no one assigned
+gets its initializer's value, and models built elsewhere meanwhile are stock's."""
 
 from __future__ import annotations
 
 import threading
-import types
 
 import numpy as np
 import pytest
@@ -26,19 +25,20 @@ class ReadingDense(tf_keras.layers.Dense):
         self.kernel_at_build = self.kernel.numpy()
 
 
-class HidesADense(tf_keras.layers.Layer):
-    """A custom layer holding a Dense where tf_keras does not track it: no file holds its weights."""
+class ReadsItsDense(tf_keras.layers.Layer):
+    """A custom layer that reads the kernel of a stock Dense it holds while it is built."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.hidden = types.SimpleNamespace(dense=tf_keras.layers.Dense(3, kernel_initializer="ones"))
+        self.dense = tf_keras.layers.Dense(3, kernel_initializer="ones")
 
     def build(self, input_shape):
-        self.hidden.dense.build(input_shape)
+        self.dense.build(input_shape)
+        self.kernel_at_build = self.dense.kernel.numpy()
         super().build(input_shape)
 
     def call(self, x):
-        return self.hidden.dense(x)
+        return self.dense(x)
 
 
 def _spy_on_uninitialized(monkeypatch) -> list:
@@ -88,41 +88,51 @@ def test_stock_layers_start_uninitialized_and_take_the_files_weights(tmp_path, m
 
 
 @pytest.mark.parametrize("suffix", SUFFIXES)
-def test_a_layer_reading_its_weights_while_built_sees_stocks_values(tmp_path, monkeypatch, suffix):
-    """A subclass of a listed layer may read a weight in `build`: its weights are initialized as stock's."""
+def test_a_model_naming_a_custom_object_is_initialized_as_stocks(tmp_path, monkeypatch, suffix):
+    """The user's code may read a stock layer's weight while the model is built."""
     inputs = tf_keras.Input((4,))
-    outputs = ReadingDense(3, kernel_initializer="ones")(tf_keras.layers.Dense(4)(inputs))
-    model = _trained(tf_keras.Model(inputs, outputs))
+    model = _trained(tf_keras.Model(inputs, ReadsItsDense()(tf_keras.layers.Dense(4)(inputs))))
     path = tmp_path / f"m{suffix}"
     ksf.save_model(model, path)
     names = _spy_on_uninitialized(monkeypatch)
-    loaded = ksf.load_model_as("tf_keras", path, custom_objects={"ReadingDense": ReadingDense})
-    reading = loaded.layers[-1]
-    assert names == [v.name for v in loaded.layers[1].weights]  # the stock Dense only
-    assert np.array_equal(reading.kernel_at_build, np.ones((4, 3), np.float32))
+    loaded = ksf.load_model_as("tf_keras", path, custom_objects={"ReadsItsDense": ReadsItsDense})
+    assert names == []
+    assert np.array_equal(loaded.layers[-1].kernel_at_build, np.ones((4, 3), np.float32))
     for a, b in zip(model.weights, loaded.weights, strict=True):
         assert np.array_equal(a.numpy(), b.numpy()), a.name
 
 
-def test_weights_the_file_does_not_assign_get_their_initializers_values(tmp_path):
-    inputs = tf_keras.Input((4,))
-    model = tf_keras.Model(inputs, HidesADense()(inputs))
-    model.layers[-1].hidden.dense.kernel.assign(np.full((4, 3), 7.0, np.float32))  # saved by no one
-    path = tmp_path / "m.keras"
-    ksf.save_model(model, path)
-    loaded = ksf.load_model_as("tf_keras", path, custom_objects={"HidesADense": HidesADense})
-    kernel = loaded.layers[-1].hidden.dense.kernel
-    assert np.array_equal(kernel.numpy(), np.ones((4, 3), np.float32))
-    assert "assign" not in vars(kernel)
+def _build_uninitialized(layers):
+    """A model of `layers` built as a load builds it (its config names no custom object)."""
+    with uninitialized.building({}, None) as built:
+        model = tf_keras.Sequential([tf_keras.Input((4,)), *layers])
+    return model, built
 
 
-def test_a_model_built_on_another_thread_meanwhile_is_initialized(tmp_path):
+def test_a_subclass_reading_its_weights_while_built_sees_stocks_values():
+    model, built = _build_uninitialized([tf_keras.layers.Dense(4), ReadingDense(3, kernel_initializer="ones")])
+    assert set(built._pending) == {id(v) for v in model.layers[0].weights}  # the stock Dense only
+    assert np.array_equal(model.layers[1].kernel_at_build, np.ones((4, 3), np.float32))
+    built.initialize_leftovers()
+
+
+def test_weights_no_one_assigned_get_their_initializers_values():
+    model, built = _build_uninitialized([tf_keras.layers.Dense(3, kernel_initializer="ones"), tf_keras.layers.Dense(2)])
+    model.layers[1].kernel.assign(np.full((3, 2), 7.0, np.float32))
+    built.initialize_leftovers()
+    assert np.array_equal(model.layers[0].kernel.numpy(), np.ones((4, 3), np.float32))
+    assert np.array_equal(model.layers[0].bias.numpy(), np.zeros(3, np.float32))
+    assert np.array_equal(model.layers[1].kernel.numpy(), np.full((3, 2), 7.0, np.float32))
+    assert not any("assign" in vars(v) for v in model.weights)
+
+
+def test_a_model_built_on_another_thread_meanwhile_is_initialized():
     built = {}
 
     def build():
         built["model"] = tf_keras.Sequential([tf_keras.layers.Dense(3, kernel_initializer="ones", input_shape=(4,))])
 
-    with uninitialized.building() as pending:
+    with uninitialized.building({}, None) as pending:
         thread = threading.Thread(target=build)
         thread.start()
         thread.join()

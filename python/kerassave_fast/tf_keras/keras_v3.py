@@ -160,7 +160,11 @@ def build_model(config_json: bytes | str, custom_objects, compile: bool, safe_mo
     config = json.loads(config_json)
     if not compile:
         config["compile_config"] = None
-    with _v3_saving(), saving_lib.ObjectSharingScope(), uninitialized.building() as built_uninitialized:
+    with (
+        _v3_saving(),
+        saving_lib.ObjectSharingScope(),
+        uninitialized.building(config, custom_objects) as built_uninitialized,
+    ):
         model = saving_lib.deserialize_keras_object(config, custom_objects, safe_mode=safe_mode)
     return BuiltModel(model, built_uninitialized)
 

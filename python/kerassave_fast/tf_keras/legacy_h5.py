@@ -292,8 +292,9 @@ def _load_model_from_hdf5(opened: ReadAhead, custom_objects: dict, compile: bool
     model_config = legacy_h5.text_attribute(f, "model_config")
     if model_config is None:
         raise ValueError(f"No model config found in the file at {f}.")
-    with uninitialized.building() as built_uninitialized:
-        model = model_config_lib.model_from_config(json_utils.decode(model_config), custom_objects=custom_objects)
+    config = json_utils.decode(model_config)
+    with uninitialized.building(config, custom_objects) as built_uninitialized:
+        model = model_config_lib.model_from_config(config, custom_objects=custom_objects)
     arrays = opened.tensors  # each popped as it is served: no two variables share a buffer
     try:
         _load_weights(f["model_weights"], model, arrays)

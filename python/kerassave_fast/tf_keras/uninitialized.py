@@ -4,8 +4,9 @@ initial values: a Dense(4096)'s random kernel costs about as much as reading it 
 Keras 3 has deferred initialization of its own (keras3/state.py); tf_keras has none. Here a weight
 of one of the stock layers listed below starts over uninitialized memory (TensorFlow's `Empty`: its
 pages are never touched) and adopts the buffer of its first assignment; any weight the file did not
-assign gets its initializer's value before the load returns. Weights of other layers (custom ones,
-or stock ones whose `build` or `finalize_state` reads a weight) are initialized as stock does.
+assign gets its initializer's value before the load returns. Weights of other layers (subclasses,
+or stock layers whose `build` or `finalize_state` reads a weight), and all weights of a model
+whose config names a custom object, are initialized as stock does.
 """
 
 from __future__ import annotations
@@ -68,10 +69,26 @@ def _adding_layer():
     return None
 
 
+def _names_any(config, custom_objects: dict) -> bool:
+    """Whether a model config names any of `custom_objects` (a class or function of the user's)."""
+    stack = [config]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            names = (item.get("class_name"), item.get("registered_name"))
+            if any(isinstance(name, str) and name in custom_objects for name in names):
+                return True
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 class Uninitialized:
     """The variables built over uninitialized memory, each with the initial value stock gives it."""
 
-    def __init__(self):
+    def __init__(self, enabled: bool):
+        self._enabled = enabled
         self._pending: dict[int, tuple] = {}  # id(variable) -> (variable, initial value callable)
 
     def create(self, next_creator, **kwargs):
@@ -79,7 +96,8 @@ class Uninitialized:
         initial_value, shape = kwargs.get("initial_value"), kwargs.get("shape")
         dtype = tf.as_dtype(kwargs["dtype"]) if kwargs.get("dtype") is not None else None
         if (
-            callable(initial_value)
+            self._enabled
+            and callable(initial_value)
             and shape is not None
             and shape.is_fully_defined()
             and dtype is not None
@@ -110,9 +128,18 @@ class Uninitialized:
 
 
 @contextlib.contextmanager
-def building():
-    """While a tf_keras model is built in this thread, the weights of listed layers start
-    uninitialized; the caller must call `initialize_leftovers()` once it has assigned the file's."""
-    uninitialized = Uninitialized()
+def building(config, custom_objects: dict | None):
+    """While the tf_keras model of `config` is built in this thread, the weights of listed layers
+    start uninitialized; the caller must call `initialize_leftovers()` once it has assigned the
+    file's. Not if the config names a custom object: the user's code (a layer tying its weights to
+    another's, a model's `from_config`) may read a weight while the model is built."""
+    from tf_keras.src.saving import object_registration
+
+    in_scope = {
+        **(custom_objects or {}),
+        **object_registration._THREAD_LOCAL_CUSTOM_OBJECTS.__dict__,
+        **object_registration._GLOBAL_CUSTOM_OBJECTS,
+    }
+    uninitialized = Uninitialized(enabled=not _names_any(config, in_scope))
     with tf.variable_creator_scope(uninitialized.create):
         yield uninitialized
