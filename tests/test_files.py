@@ -200,6 +200,25 @@ def test_a_file_a_mapped_model_reads_is_never_written_in_place(model, tmp_path, 
     assert_same_state(mapped, ksf.load_model(other))
 
 
+def test_a_save_handed_to_stock_never_rewrites_a_file_a_mapped_model_reads(model, tmp_path, monkeypatch):
+    """Stock's writers open their file "w", in place: truncating a mapped file kills the process
+    (SIGBUS) at the next read of a variable over it. Refused before stock is called."""
+    from kerassave_fast import api
+
+    path = tmp_path / "m.keras"
+    ksf.save_model(model, path, aligned=True)
+    saved = path.read_bytes()
+    mapped = ksf.load_model(path, mmap=True, verify=False)
+    called = []
+    monkeypatch.setattr(api, "stock", lambda module, name: lambda *a, **k: called.append(name))
+    with pytest.raises(ksf.KerasSaveError, match="mmap=True"):
+        ksf.save_model(mapped, path, zipped=False)  # a save ours hands to stock
+    assert called == [] and path.read_bytes() == saved
+    ksf.save_model(mapped, tmp_path / "other.keras", zipped=False)  # another path: stock's, as before
+    assert called == ["save_model"]
+    assert_same_state(model, mapped)
+
+
 def test_single_file_bind_mount_is_written_in_place(model, tmp_path):
     source, target = tmp_path / "host.keras", tmp_path / "app" / "m.keras"
     target.parent.mkdir()

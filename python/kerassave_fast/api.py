@@ -16,7 +16,7 @@ import warnings
 from . import asynchronous, mapped, progress
 from ._core import MAX_THREADS
 from .asynchronous import write_now
-from .files import durability, sync
+from .files import durability, refuse_stock_write_if_mapped, sync
 from .formats import legacy_h5, tensor_bundle, weights_h5
 from .keras3 import hooks as keras3_hooks
 from .overwrite import ask_to_replace, prompt_refusals
@@ -344,6 +344,7 @@ def _save_model(
                     write(legacy_h5.prepare_save(contents, path, threads, compression, alignment))
             return None
         _no_compression_here(compression, filepath, alignment)
+        refuse_stock_write_if_mapped(filepath)
         with prompt_refusals(filepath):
             return stock(TF_KERAS_SAVING_API, "save_model")(
                 model, filepath, overwrite=overwrite, save_format=save_format, **kwargs
@@ -363,6 +364,7 @@ def _save_model(
         _no_compression_here(compression, filepath, alignment)
         if save_format:
             kwargs["save_format"] = save_format
+        refuse_stock_write_if_mapped(filepath)
         with _compile_config_kept(model), prompt_refusals(filepath):
             return stock(KERAS3_SAVING_API, "save_model")(model, filepath, overwrite, **kwargs)
     if not path.endswith(".keras"):
@@ -583,6 +585,7 @@ def _save_weights(model, filepath, overwrite, threads, args, kwargs, compression
                     write(legacy_h5.prepare_save(contents, path, threads, compression, alignment))
             return None
         _no_compression_here(compression, filepath, alignment)
+        refuse_stock_write_if_mapped(filepath)
         with prompt_refusals(filepath):
             return stock(TF_KERAS_SAVING_API, "save_weights")(model, filepath, overwrite=overwrite, **kwargs)
     _positional("save_weights", ("max_shard_size",), args, kwargs)
@@ -593,6 +596,7 @@ def _save_weights(model, filepath, overwrite, threads, args, kwargs, compression
         _no_compression_here(compression, filepath, alignment)
         if max_shard_size is not None:
             kwargs["max_shard_size"] = max_shard_size
+        refuse_stock_write_if_mapped(filepath)
         with prompt_refusals(filepath):
             return stock(KERAS3_SAVING_API, "save_weights")(model, filepath, overwrite, **kwargs)
     if not _may_write(filepath, overwrite):

@@ -115,8 +115,12 @@ def note_mapped(fd: int, mapped) -> None:
         _MAPPED.append(((identity.st_dev, identity.st_ino), weakref.ref(mapped)))
 
 
-def _refuse_if_mapped(target: str, filepath: str) -> None:
-    """Refuses to write `target` in place while a model loaded from it with mmap=True reads its pages."""
+_NO_RENAME = "no new file can be renamed over it here"
+
+
+def _refuse_if_mapped(target: str, filepath: str, why: str = _NO_RENAME) -> None:
+    """Refuses to write `target` in place while a model loaded from it with mmap=True reads its pages
+    (truncating a mapped file takes its pages away: the next read of one kills the process, SIGBUS)."""
     identity = _stat_or_none(target)
     if identity is None:
         return
@@ -124,10 +128,16 @@ def _refuse_if_mapped(target: str, filepath: str) -> None:
         live = any(k == (identity.st_dev, identity.st_ino) and r() is not None for k, r in _MAPPED)
     if live:
         raise KerasSaveError(
-            f"{filepath}: cannot be written in place (no new file can be renamed over it here) while a "
-            "model loaded from it with mmap=True still reads its pages; save to another path, or load "
-            "it with mmap=False"
+            f"{filepath}: cannot be written in place ({why}) while a model loaded from it with mmap=True "
+            "still reads its pages; save to another path, or load it with mmap=False"
         )
+
+
+def refuse_stock_write_if_mapped(filepath) -> None:
+    """Before a save is handed to stock, which writes its file in place: refused if mapped."""
+    if isinstance(filepath, (str, bytes, os.PathLike)):
+        path = os.fsdecode(filepath)
+        _refuse_if_mapped(os.path.realpath(path), path, "stock's writer would rewrite it")
 
 
 @contextlib.contextmanager
