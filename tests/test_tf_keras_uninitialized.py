@@ -5,6 +5,7 @@ gets its initializer's value, and models built elsewhere meanwhile are stock's."
 
 from __future__ import annotations
 
+import random
 import threading
 
 import numpy as np
@@ -102,6 +103,44 @@ def test_a_model_naming_a_custom_object_is_initialized_as_stocks(tmp_path, monke
         assert np.array_equal(a.numpy(), b.numpy()), a.name
 
 
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_random_streams_after_a_load_are_where_stocks_load_leaves_them(tmp_path, suffix):
+    """Stock's build calls each initializer, which draws its seed from Keras' seed generator (or
+    Python's `random`): what is drawn next (a new model's weights, a Dropout) must not change."""
+    layers = tf_keras.layers
+    model = _trained(tf_keras.Sequential([layers.Dense(4, input_shape=(3,)), layers.Dropout(0.5), layers.Dense(2)]))
+    path = tmp_path / f"m{suffix}"
+    ksf.save_model(model, path)
+    drawn = {}
+    for who, load in (("stock", tf_keras.models.load_model), ("ours", lambda p: ksf.load_model_as("tf_keras", p))):
+        tf_keras.utils.set_random_seed(0)
+        loaded = load(path)
+        loaded.train_on_batch(np.ones((8, 3), np.float32), np.zeros((8, 2), np.float32))  # Dropout draws
+        fresh = tf_keras.Sequential([layers.Dense(3, input_shape=(3,))])
+        drawn[who] = ([v.numpy() for v in loaded.weights], fresh.layers[0].kernel.numpy(), random.random())
+    for a, b in zip(drawn["stock"][0], drawn["ours"][0], strict=True):
+        assert np.array_equal(a, b)
+    assert np.array_equal(drawn["stock"][1], drawn["ours"][1]) and drawn["stock"][2] == drawn["ours"][2]
+
+
+def test_a_compiled_untrained_model_with_ema_keeps_stocks_averages(tmp_path):
+    """Adam(use_ema=True) copies every trainable weight when stock builds it at compile time, which a
+    `.keras` load does before the weights are loaded; an untrained optimizer's file holds no averages."""
+    layers = tf_keras.layers
+    model = tf_keras.Sequential(
+        [layers.Dense(8, kernel_initializer="ones", input_shape=(4,)), layers.Dense(2, kernel_initializer="zeros")]
+    )
+    model.compile(optimizer=tf_keras.optimizers.Adam(use_ema=True), loss="mse")
+    path = tmp_path / "m.keras"
+    model.save(path)
+    stock, ours = tf_keras.models.load_model(path), ksf.load_model_as("tf_keras", path)
+    pairs = zip(stock.optimizer.variables, ours.optimizer.variables, strict=True)
+    averages = [(a, b) for a, b in pairs if "average" in a.name]
+    assert len(averages) == 4
+    for a, b in averages:
+        assert np.array_equal(a.numpy(), b.numpy()), a.name
+
+
 def _build_uninitialized(layers):
     """A model of `layers` built as a load builds it (its config names no custom object)."""
     with uninitialized.building({}, None) as built:
@@ -114,6 +153,18 @@ def test_a_subclass_reading_its_weights_while_built_sees_stocks_values():
     assert set(built._pending) == {id(v) for v in model.layers[0].weights}  # the stock Dense only
     assert np.array_equal(model.layers[1].kernel_at_build, np.ones((4, 3), np.float32))
     built.initialize_leftovers()
+
+
+def test_a_random_weight_no_one_assigned_gets_the_value_stocks_build_gives_it():
+    tf_keras.utils.set_random_seed(3)
+    stock = tf_keras.Sequential([tf_keras.Input((4,)), tf_keras.layers.Dense(5), tf_keras.layers.Dense(2)])
+    tf_keras.utils.set_random_seed(3)
+    model, built = _build_uninitialized([tf_keras.layers.Dense(5), tf_keras.layers.Dense(2)])
+    assert len(built._pending) == 4
+    model.layers[0].kernel.assign(stock.layers[0].kernel)  # its seed was drawn all the same
+    built.initialize_leftovers()
+    for a, b in zip(stock.weights, model.weights, strict=True):
+        assert np.array_equal(a.numpy(), b.numpy()), a.name
 
 
 def test_weights_no_one_assigned_get_their_initializers_values():

@@ -4,9 +4,12 @@ initial values: a Dense(4096)'s random kernel costs about as much as reading it 
 Keras 3 has deferred initialization of its own (keras3/state.py); tf_keras has none. Here a weight
 of one of the stock layers listed below starts over uninitialized memory (TensorFlow's `Empty`: its
 pages are never touched) and adopts the buffer of its first assignment; any weight the file did not
-assign gets its initializer's value before the load returns. Weights of other layers (subclasses,
-or stock layers whose `build` or `finalize_state` reads a weight), and all weights of a model
-whose config names a custom object, are initialized as stock does.
+assign gets its initializer's value before the load returns. The initializers' side effects (their
+seeds drawn from Keras' or Python's random streams, their reuse warnings) happen as the variables
+are made, as in stock's build. Weights of other layers (subclasses, or stock layers whose `build`
+or `finalize_state` reads a weight) or with other initializers, and all weights of a model whose
+config names a custom object or an optimizer with `use_ema` (whose build, at compile time, copies
+the weights), are initialized as stock does.
 """
 
 from __future__ import annotations
@@ -40,6 +43,25 @@ _LAYERS = (
     "SimpleRNNCell",
     "PReLU",
 )
+# Stock tf_keras initializers whose call has no side effect but these: a random one marks itself
+# used (`_warn_reuse`, which warns when an unseeded one is used twice) and draws its seed once,
+# from Keras' seed generator or Python's `random` (`RandomGenerator._maybe_init`), then computes
+# its values statelessly from that seed. Replaying both when the variable is created leaves every
+# random stream where stock's build leaves it; a leftover's values are then stock's, too.
+_PLAIN_INITIALIZERS = ("Zeros", "Ones")
+_RANDOM_INITIALIZERS = (
+    "RandomUniform",
+    "RandomNormal",
+    "TruncatedNormal",
+    "VarianceScaling",
+    "GlorotUniform",
+    "GlorotNormal",
+    "LecunUniform",
+    "LecunNormal",
+    "HeUniform",
+    "HeNormal",
+    "Orthogonal",
+)
 _FRAMES_TO_ADD_WEIGHT = 16  # add_weight -> Trackable -> make_variable -> tf.Variable's creator chain -> us
 
 
@@ -57,6 +79,42 @@ def _add_weight_code():
     return base_layer.Layer.add_weight.__code__
 
 
+@functools.cache
+def _initializer_types() -> tuple[frozenset, frozenset]:
+    from tf_keras.src.initializers import initializers
+
+    def types(names):
+        return frozenset(getattr(initializers, name) for name in names if hasattr(initializers, name))
+
+    return types(_PLAIN_INITIALIZERS), types(_RANDOM_INITIALIZERS)
+
+
+def _deferrable(initial_value, shape, dtype):
+    """The stock initializer `initial_value` calls, if its call can be put off (see
+    `_RANDOM_INITIALIZERS`) and would raise no error for this shape and dtype; else None."""
+    if not isinstance(initial_value, functools.partial) or set(initial_value.keywords) != {"dtype"}:
+        return None
+    initializer, (plain, random) = initial_value.func, _initializer_types()
+    if type(initializer) in plain:
+        return initializer
+    generator = getattr(initializer, "_random_generator", None)
+    if (
+        type(initializer) in random
+        and dtype.is_floating
+        and (shape.rank >= 2 or type(initializer).__name__ != "Orthogonal")
+        and getattr(generator, "_rng_type", None) == getattr(generator, "RNG_STATELESS", "")
+    ):
+        return initializer
+    return None
+
+
+def _replay_side_effects(initializer) -> None:
+    """What calling `initializer` does besides computing values: see `_RANDOM_INITIALIZERS`."""
+    if type(initializer) in _initializer_types()[1]:
+        initializer._warn_reuse()
+        initializer._random_generator._maybe_init()
+
+
 def _adding_layer():
     """The layer whose `add_weight` is creating the variable now, or None."""
     frame, code = sys._getframe(2), _add_weight_code()
@@ -69,19 +127,32 @@ def _adding_layer():
     return None
 
 
-def _names_any(config, custom_objects: dict) -> bool:
-    """Whether a model config names any of `custom_objects` (a class or function of the user's)."""
+def _dicts(config):
+    """Every dict in a model config (a JSON tree), iteratively: a config can be deep."""
     stack = [config]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
-            names = (item.get("class_name"), item.get("registered_name"))
-            if any(isinstance(name, str) and name in custom_objects for name in names):
-                return True
+            yield item
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
-    return False
+
+
+def _reads_weights_when_compiled(config) -> bool:
+    """Whether a model config's compile config asks for an optimizer with `use_ema`: building it
+    (stock does at compile time, before the weights are loaded) copies every trainable weight."""
+    compile_config = config.get("compile_config") if isinstance(config, dict) else None
+    return any(d.get("use_ema") is True for d in _dicts(compile_config))
+
+
+def _names_any(config, custom_objects: dict) -> bool:
+    """Whether a model config names any of `custom_objects` (a class or function of the user's)."""
+    return any(
+        isinstance(name, str) and name in custom_objects
+        for d in _dicts(config)
+        for name in (d.get("class_name"), d.get("registered_name"))
+    )
 
 
 class Uninitialized:
@@ -105,7 +176,9 @@ class Uninitialized:
             and tf.compat.v1.executing_eagerly_outside_functions()
             and not tf.distribute.has_strategy()
             and type(_adding_layer()) in _layer_types()
+            and (initializer := _deferrable(initial_value, shape, dtype)) is not None
         ):
+            _replay_side_effects(initializer)
             kwargs["initial_value"] = functools.partial(tf.raw_ops.Empty, shape=shape, dtype=dtype, init=False)
             variable = next_creator(**kwargs)
             self._pending[id(variable)] = (variable, initial_value)
@@ -124,6 +197,7 @@ class Uninitialized:
         pending, self._pending = self._pending, {}
         for variable, initial_value in pending.values():
             del variable.assign
+            initial_value.func._used = False  # its reuse warning was given (or not) when the variable was made
             variable.assign(initial_value())
 
 
@@ -140,6 +214,6 @@ def building(config, custom_objects: dict | None):
         **object_registration._THREAD_LOCAL_CUSTOM_OBJECTS.__dict__,
         **object_registration._GLOBAL_CUSTOM_OBJECTS,
     }
-    uninitialized = Uninitialized(enabled=not _names_any(config, in_scope))
+    uninitialized = Uninitialized(enabled=not _names_any(config, in_scope) and not _reads_weights_when_compiled(config))
     with tf.variable_creator_scope(uninitialized.create):
         yield uninitialized
