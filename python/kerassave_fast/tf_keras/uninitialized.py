@@ -188,6 +188,8 @@ class Uninitialized:
         return next_creator(**kwargs)
 
     def _first_assignment(self, variable, *args, **kwargs):
+        if not tf.executing_eagerly():  # traced while the model is built (a layer's call): no value yet
+            return type(variable).assign(variable, *args, **kwargs)
         del variable.assign
         self._pending.pop(id(variable), None)
         return variable.assign(*args, **kwargs)
@@ -197,7 +199,8 @@ class Uninitialized:
         pending, self._pending = self._pending, {}
         for variable, initial_value in pending.values():
             del variable.assign
-            initial_value.func._used = False  # its reuse warning was given (or not) when the variable was made
+            if type(initial_value.func) in _initializer_types()[1]:
+                initial_value.func._used = False  # its reuse warning was given (or not) when the variable was made
             variable.assign(initial_value())
 
 
