@@ -208,8 +208,9 @@ class Uninitialized:
 def building(config, custom_objects: dict | None):
     """While the tf_keras model of `config` is built in this thread, the weights of listed layers
     start uninitialized; the caller must call `initialize_leftovers()` once it has assigned the
-    file's. Not if the config names a custom object: the user's code (a layer tying its weights to
-    another's, a model's `from_config`) may read a weight while the model is built."""
+    file's. Not if the config names a custom object (the user's code -- a layer tying its weights to
+    another's, a model's `from_config` -- may read a weight while the model is built), nor if it
+    compiles an optimizer with `use_ema` (built at compile time, it copies the weights)."""
     from tf_keras.src.saving import object_registration
 
     in_scope = {
