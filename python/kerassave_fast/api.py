@@ -161,6 +161,15 @@ def _may_write(filepath, overwrite: bool) -> bool:
 
 
 @contextlib.contextmanager
+def _handed_to_stock(filepath):
+    """Around a save handed to stock, whose writers rewrite their file in place: refused while a
+    model loaded from that file with mmap=True reads its pages; stock's overwrite prompts as ours."""
+    refuse_stock_write_if_mapped(filepath)
+    with prompt_refusals(filepath):
+        yield
+
+
+@contextlib.contextmanager
 def _compile_config_kept(model):
     """Undoes a stock side effect: Keras 3's legacy `.h5` save pops "optimizer" out of the model's
     compile config in place (legacy/saving/saving_utils.py `model_metadata`), so every later save
@@ -344,8 +353,7 @@ def _save_model(
                     write(legacy_h5.prepare_save(contents, path, threads, compression, alignment))
             return None
         _no_compression_here(compression, filepath, alignment)
-        refuse_stock_write_if_mapped(filepath)
-        with prompt_refusals(filepath):
+        with _handed_to_stock(filepath):
             return stock(TF_KERAS_SAVING_API, "save_model")(
                 model, filepath, overwrite=overwrite, save_format=save_format, **kwargs
             )
@@ -364,8 +372,7 @@ def _save_model(
         _no_compression_here(compression, filepath, alignment)
         if save_format:
             kwargs["save_format"] = save_format
-        refuse_stock_write_if_mapped(filepath)
-        with _compile_config_kept(model), prompt_refusals(filepath):
+        with _compile_config_kept(model), _handed_to_stock(filepath):
             return stock(KERAS3_SAVING_API, "save_model")(model, filepath, overwrite, **kwargs)
     if not path.endswith(".keras"):
         from absl import logging
@@ -585,8 +592,7 @@ def _save_weights(model, filepath, overwrite, threads, args, kwargs, compression
                     write(legacy_h5.prepare_save(contents, path, threads, compression, alignment))
             return None
         _no_compression_here(compression, filepath, alignment)
-        refuse_stock_write_if_mapped(filepath)
-        with prompt_refusals(filepath):
+        with _handed_to_stock(filepath):
             return stock(TF_KERAS_SAVING_API, "save_weights")(model, filepath, overwrite=overwrite, **kwargs)
     _positional("save_weights", ("max_shard_size",), args, kwargs)
     max_shard_size = kwargs.pop("max_shard_size", None)
@@ -596,8 +602,7 @@ def _save_weights(model, filepath, overwrite, threads, args, kwargs, compression
         _no_compression_here(compression, filepath, alignment)
         if max_shard_size is not None:
             kwargs["max_shard_size"] = max_shard_size
-        refuse_stock_write_if_mapped(filepath)
-        with prompt_refusals(filepath):
+        with _handed_to_stock(filepath):
             return stock(KERAS3_SAVING_API, "save_weights")(model, filepath, overwrite, **kwargs)
     if not _may_write(filepath, overwrite):
         return None

@@ -219,16 +219,14 @@ class _PreloadedWeights:
 def load_model_state(built: BuiltModel, h5_file, arrays: dict, assets_store) -> None:
     """tf_keras' own `_load_state` walk; each variable is assigned its tensor as read."""
     with _v3_saving():
-        try:
-            saving_lib._load_state(
-                built.model,
-                weights_store=_PreloadedWeights(h5_file, arrays),
-                assets_store=assets_store,
-                inner_path="",
-                visited_trackables=set(),
-            )
-        finally:
-            built.uninitialized.initialize_leftovers()
+        saving_lib._load_state(
+            built.model,
+            weights_store=_PreloadedWeights(h5_file, arrays),
+            assets_store=assets_store,
+            inner_path="",
+            visited_trackables=set(),
+        )
+    built.uninitialized.initialize_leftovers()
 
 
 def stock_load_model(filepath: str, custom_objects, compile: bool, safe_mode: bool):

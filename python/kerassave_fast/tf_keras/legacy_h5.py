@@ -9,6 +9,7 @@ from ..formats import legacy_h5
 from ..formats.legacy_h5 import LegacyH5Contents, NamedVariables, encode_metadata
 from ..formats.weights_h5 import ReadAhead, consistent
 from ..tensors import BFLOAT16, adoptable, adoptable_tensor, bfloat16_bits, bfloat16_where_expected
+from . import custom_objects_in_scope
 
 SAVE_KWARGS = frozenset({"include_optimizer", "signatures", "options", "save_traces"})
 # Stock's deprecation message for `.h5` saves (tf_keras/src/saving/saving_api.py).
@@ -276,7 +277,6 @@ def _restore_optimizer(model, f, arrays: dict) -> None:
 def _load_model_from_hdf5(opened: ReadAhead, custom_objects: dict, compile: bool):
     """Stock's `load_model_from_hdf5`, the tensors read ahead while the model is built."""
     from absl import logging
-    from tf_keras.src.saving import object_registration
     from tf_keras.src.saving.legacy import model_config as model_config_lib
     from tf_keras.src.saving.legacy import saving_utils
     from tf_keras.src.saving.legacy.saved_model import json_utils
@@ -284,11 +284,7 @@ def _load_model_from_hdf5(opened: ReadAhead, custom_objects: dict, compile: bool
     from . import uninitialized
 
     f = opened.h5
-    custom_objects = {
-        **(custom_objects or {}),
-        **object_registration._THREAD_LOCAL_CUSTOM_OBJECTS.__dict__,
-        **object_registration._GLOBAL_CUSTOM_OBJECTS,
-    }
+    custom_objects = custom_objects_in_scope(custom_objects)
     model_config = legacy_h5.text_attribute(f, "model_config")
     if model_config is None:
         raise ValueError(f"No model config found in the file at {f}.")
@@ -296,10 +292,8 @@ def _load_model_from_hdf5(opened: ReadAhead, custom_objects: dict, compile: bool
     with uninitialized.building(config, custom_objects) as built_uninitialized:
         model = model_config_lib.model_from_config(config, custom_objects=custom_objects)
     arrays = opened.tensors  # each popped as it is served: no two variables share a buffer
-    try:
-        _load_weights(f["model_weights"], model, arrays)
-    finally:
-        built_uninitialized.initialize_leftovers()
+    _load_weights(f["model_weights"], model, arrays)
+    built_uninitialized.initialize_leftovers()
     if compile:
         training_config = legacy_h5.text_attribute(f, "training_config")
         if training_config is None:
@@ -329,11 +323,7 @@ def load_model(opened: ReadAhead, custom_objects=None, compile: bool = True):
     from tf_keras.src.saving.legacy.saved_model.utils import keras_option_scope
 
     with serialization.SharedObjectLoadingScope():
-        custom_objects = {
-            **(custom_objects or {}),
-            **object_registration._THREAD_LOCAL_CUSTOM_OBJECTS.__dict__,
-            **object_registration._GLOBAL_CUSTOM_OBJECTS,
-        }
+        custom_objects = custom_objects_in_scope(custom_objects)
         with (
             object_registration.CustomObjectScope(custom_objects),
             keras_option_scope(save_traces=False, in_tf_saved_model_scope=True),
