@@ -774,9 +774,10 @@ fn tensor_bytes_moved() -> u64 {
 /// a `TensorFile` holding the HDF5 file at `start..start+length`, or the file's bytes. `pages`, a
 /// dict, receives the file's pages the walk read ({index of the 4 KiB page from `start`: bytes}),
 /// so h5py can be served the same metadata without reading it again. `path` names the file of
-/// bytes in errors (a file's own path is named otherwise).
+/// bytes in errors (a file's own path is named otherwise). `left_to_libhdf5`, a list, receives
+/// what the walk does not account for: datasets it does not list, and the like (see `hdf5::Listing`).
 #[pyfunction]
-#[pyo3(signature = (source, start = 0, length = None, pages = None, path = None))]
+#[pyo3(signature = (source, start = 0, length = None, pages = None, path = None, left_to_libhdf5 = None))]
 fn hdf5_stored_datasets(
     py: Python<'_>,
     source: &Bound<'_, PyAny>,
@@ -784,6 +785,7 @@ fn hdf5_stored_datasets(
     length: Option<u64>,
     pages: Option<&Bound<'_, PyDict>>,
     path: Option<PathBuf>,
+    left_to_libhdf5: Option<&Bound<'_, PyList>>,
 ) -> PyResult<Option<Vec<StoredDatasetTuple>>> {
     let (source, path) = if let Ok(file) = source.cast::<TensorFile>() {
         let file = file.get();
@@ -815,12 +817,22 @@ fn hdf5_stored_datasets(
         }
     }
     Ok(match listing {
-        hdf5::Listing::Listed(found) => Some(
-            found
-                .into_iter()
-                .map(|d| (d.path, d.offset, d.shape, d.dtype, d.chunked.map(chunking_tuple)))
-                .collect(),
-        ),
+        hdf5::Listing::Listed {
+            datasets,
+            left_to_libhdf5: left,
+        } => {
+            if let Some(left_to_libhdf5) = left_to_libhdf5 {
+                for name in left {
+                    left_to_libhdf5.append(name)?;
+                }
+            }
+            Some(
+                datasets
+                    .into_iter()
+                    .map(|d| (d.path, d.offset, d.shape, d.dtype, d.chunked.map(chunking_tuple)))
+                    .collect(),
+            )
+        }
         hdf5::Listing::Unreadable(_) => None,
     })
 }

@@ -106,6 +106,60 @@ def test_verify_sound_files(files, name, capsys):
     assert capsys.readouterr().out.strip().endswith("OK")
 
 
+@pytest.mark.parametrize("name", ["ours.keras", "stock.keras"])
+def test_verify_of_a_keras_the_rust_core_walks_whole_imports_neither_h5py_nor_numpy(files, name):
+    """Their imports were most of `verify`'s time beside the CRC pass."""
+    script = (
+        "import sys, kerassave_fast.cli as c; code = c.main(['verify', sys.argv[1]]); "
+        "assert 'h5py' not in sys.modules and 'numpy' not in sys.modules, 'imported'; sys.exit(code)"
+    )
+    run = subprocess.run([sys.executable, "-c", script, files[name]], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr[-2000:]
+
+
+def _keras_holding(files, path, weights: bytes) -> str:
+    """A `.keras` of `weights` (its CRCs sound whatever they hold), beside ours' JSON members."""
+    import zipfile
+
+    with zipfile.ZipFile(files["ours.keras"]) as source:
+        members = {name: source.read(name) for name in ("metadata.json", "config.json")}
+    with zipfile.ZipFile(path, "w") as archive:
+        for member, content in {**members, "model.weights.h5": weights}.items():
+            archive.writestr(member, content)
+    return str(path)
+
+
+def _weights_h5(*dtypes: str) -> bytes:
+    import io
+
+    import h5py
+
+    weights = io.BytesIO()
+    with h5py.File(weights, "w") as h5:
+        for i, dtype in enumerate(dtypes):  # laid out in this order: the last one's bytes end the file
+            h5[f"layers/dense/vars/{i}"] = np.arange(1000, dtype=dtype)
+    return weights.getvalue()
+
+
+def test_verify_has_h5py_check_the_datasets_the_rust_core_leaves(files, tmp_path, capsys):
+    """A big-endian dataset is not the Rust walk's to read: its bytes cut off are found by h5py's
+    check, while a sound copy passes."""
+    weights = _weights_h5("<f4", ">f4")
+    assert cli.main(["verify", _keras_holding(files, tmp_path / "sound.keras", weights)]) == 0
+    assert cli.main(["verify", _keras_holding(files, tmp_path / "cut.keras", weights[:-100])]) == 1
+    assert "cut.keras: 'model.weights.h5'" in capsys.readouterr().out
+
+
+def test_verify_finds_weights_shorter_than_their_superblock_says(files, tmp_path, capsys):
+    """Every tensor in place, but libhdf5 refuses to open a file that ends before its end-of-file
+    address (stock could not load it): the walk leaves that to h5py, which finds it."""
+    weights = bytearray(_weights_h5("<f4", "<f4"))
+    assert weights[8] == 0, "superblock version 0: the end-of-file address at byte 40"
+    weights[40:48] = (len(weights) + 8).to_bytes(8, "little")
+    assert cli.main(["verify", _keras_holding(files, tmp_path / "long.keras", bytes(weights))]) == 1
+    assert "truncated" in capsys.readouterr().out
+
+
 def _flip(path: str, offset: int) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)

@@ -5,7 +5,7 @@ Files are laid out exactly as stock Keras lays them out: ours load in stock Kera
 `KERASSAVE_FAST=1` in the environment, at import).
 
 The API is imported on first use, so that the command line's `inspect` and `verify`, which need
-no model, start without importing Keras and TensorFlow.
+no model, start without importing Keras and TensorFlow (nor numpy, for `verify` of a `.keras`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 from ._core import BadKerasZipFile, KerasSaveError
 from .asynchronous import SaveHandle
 from .install import install, installed, uninstall
-from .mapped import Verification, verification
 from .overwrite import OverwriteRefused
 
 if TYPE_CHECKING:
@@ -30,6 +29,7 @@ if TYPE_CHECKING:
         save_model,
         save_weights,
     )
+    from .mapped import Verification, verification
 
 __all__ = [
     "BadKerasZipFile",
@@ -49,21 +49,23 @@ __all__ = [
     "uninstall",
     "verification",
 ]
-# The API, imported from `api` on first use: what `__all__` names and nothing above defined.
-_API = frozenset(name for name in __all__ if name not in globals())
+# What `__all__` names and nothing above defined, imported on first use from its module: the
+# mapped-load API from `mapped` (numpy), the rest from `api`.
+_MAPPED = ("Verification", "verification")
+_LAZY = {name: ".mapped" if name in _MAPPED else ".api" for name in __all__ if name not in globals()}
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    if name not in _API:
+    if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(".api", __name__), name)
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _API)
+    return sorted(set(globals()) | set(_LAZY))
 
 
 if _os.environ.get("KERASSAVE_FAST", "") in ("1", "true", "True"):

@@ -99,11 +99,14 @@ def hdf5_stored_datasets(
     length: int | None = None,
     pages: dict[int, bytes] | None = None,
     path: str | None = None,
+    left_to_libhdf5: list[str] | None = None,
 ) -> list[tuple[str, int, list[int], str, Chunking | None]] | None:
     """(h5py path, offset in the HDF5 file, shape, numpy dtype name, chunking) of each dataset
     readable here: plain little-endian numbers or Keras' bfloat16, allocated, and either contiguous
     and unfiltered (read by offset; chunking None) or chunked in a version 1 B-tree with shuffle,
-    deflate, zstd or Fletcher-32 filters, every chunk present (offset 0)."""
+    deflate, zstd or Fletcher-32 filters, every chunk present (offset 0). `left_to_libhdf5`
+    receives what the walk does not account for (datasets not listed, a file shorter than its
+    superblock says): empty, the listing is the whole file."""
 
 def hdf5_encode_chunks(
     chunks: Sequence[Buffer], filters: Sequence[int], level: int, itemsize: int, threads: int = 0

@@ -7,7 +7,8 @@
     bench [ARGS]            the benchmark suite (benches/run.py of a source checkout)
 
 `inspect` and `verify` read metadata and checksums only: no model is built, and neither Keras nor
-TensorFlow is imported.
+TensorFlow is imported. h5py and numpy are imported where needed: `verify` of a `.keras` whose
+weights the Rust core walks whole needs neither (their imports are a large share of its time).
 """
 
 from __future__ import annotations
@@ -22,15 +23,14 @@ import subprocess
 import sys
 import zipfile
 from dataclasses import asdict, dataclass, field
-
-import h5py
-import numpy as np
+from typing import TYPE_CHECKING
 
 from ._core import KerasSaveError, TensorBundleReader, TensorFile, ZipArchive, hdf5_stored_datasets
 from .files import FileRegion
-from .formats import sharded_weights
-from .formats.weights_h5 import listed_by_rust, read_chunked
 from .formats.zip_members import member_name
+
+if TYPE_CHECKING:
+    import h5py
 
 KERAS_ZIP, LEGACY_H5, WEIGHTS_H5, SHARDED_WEIGHTS, SAVED_MODEL, TF_CHECKPOINT = (
     "keras-v3-zip",
@@ -94,6 +94,8 @@ def file_format(path: str) -> str:
 
 def _shards(path: str) -> list[str]:
     """The shard files a `.weights.json` map names (paths beside it), as stock's reader finds them."""
+    from .formats import sharded_weights
+
     with open(path, "rb") as f:
         try:
             config = json.loads(f.read())
@@ -129,6 +131,8 @@ def _filters(dataset: h5py.Dataset) -> str | None:
 
 
 def _hdf5_variables(h5: h5py.File) -> list[Variable]:
+    import h5py
+
     found: list[Variable] = []
 
     def visit(name: str, obj) -> None:
@@ -164,6 +168,8 @@ def _open_keras(path: str) -> _OpenKeras:
 def _keras_weights(opened: _OpenKeras, path: str, walked: bool = False, inflated: bytes | None = None) -> h5py.File:
     """h5py's view of the weights member; `walked`: the Rust core's walk of it (which refuses what
     libhdf5 would hang on) already ran; `inflated`: a compressed member's bytes, already inflated."""
+    import h5py
+
     index = opened.names["model.weights.h5"]
     member = opened.archive.members()[index]
     if member.method == zipfile.ZIP_STORED:
@@ -179,6 +185,8 @@ def _keras_weights(opened: _OpenKeras, path: str, walked: bool = False, inflated
 
 def _open_hdf5(path: str) -> h5py.File:
     """h5py's file, once the Rust core's walk of it found nothing libhdf5 would loop forever on."""
+    import h5py
+
     source = TensorFile(path)
     hdf5_stored_datasets(source, 0, source.size())
     return h5py.File(path, "r")
@@ -250,11 +258,13 @@ def verify_file(path: str, threads: int = 0) -> list[str]:
         if kind == KERAS_ZIP:
             return _verify_keras(path, threads)
         if kind in (LEGACY_H5, WEIGHTS_H5):
+            import h5py
+
             source = TensorFile(path)
-            chunked = _chunked_datasets(source, 0, source.size(), path)  # before h5py, which may hang on damage
+            walked = _walk_hdf5(source, 0, source.size(), path, threads)  # before h5py, which may hang on damage
             with h5py.File(path, "r") as h5:
                 problems = _verify_json_attributes(h5)
-                return problems + _verify_hdf5(h5, source.size(), path, source, 0, chunked, threads)
+                return problems + walked.problems + _verify_hdf5(h5, source.size(), path, walked.checked)
         if kind == SHARDED_WEIGHTS:
             return [p for shard in _shards(path) for p in verify_file(shard, threads)]
         prefix = os.path.join(path, "variables", "variables") if kind == SAVED_MODEL else path
@@ -291,10 +301,12 @@ def _verify_keras(path: str, threads: int) -> list[str]:
                 source, start = opened.file, opened.archive.data_offset(index)
             else:  # inflated in memory (its CRC checked above)
                 source, start = opened.archive.read(index), 0
-            chunked = _chunked_datasets(source, start, member.size, where)
-            inflated = source if isinstance(source, bytes) else None
-            with _keras_weights(opened, path, walked=True, inflated=inflated) as h5:
-                problems += _verify_hdf5(h5, member.size, where, source, start, chunked, threads)
+            walked = _walk_hdf5(source, start, member.size, where, threads)
+            problems += walked.problems
+            if not walked.complete:
+                inflated = source if isinstance(source, bytes) else None
+                with _keras_weights(opened, path, walked=True, inflated=inflated) as h5:
+                    problems += _verify_hdf5(h5, member.size, where, walked.checked)
         except KerasSaveError as e:  # named once: the Rust core's errors name the file already
             problems.append(str(e) if str(e).startswith(path) else f"{where}: {e}")
         except OSError as e:
@@ -302,12 +314,37 @@ def _verify_keras(path: str, threads: int) -> list[str]:
     return problems
 
 
-def _chunked_datasets(source: TensorFile | bytes, start: int, size: int, where: str) -> dict[str, tuple]:
-    """The chunked datasets the Rust core decodes (without libhdf5's filters: zstd needs no plugin),
-    by their name in `visititems`: (chunking, shape, dtype). Its walk refuses, with `KerasSaveError`, a file damaged
-    in ways libhdf5 loops forever on."""
-    listed = listed_by_rust(source, start, size, path=where) or []
-    return {t.name.lstrip("/"): (t.chunking, t.shape, t.dtype) for t in listed if t.chunking is not None}
+@dataclass
+class _Walked:
+    """What the Rust core's walk of an HDF5 file checked, without libhdf5."""
+
+    problems: list[str]
+    checked: set[str]  # datasets checked, by their name in `visititems`
+    complete: bool  # every dataset reachable through hard links was checked: libhdf5 need not look
+
+
+def _walk_hdf5(source: TensorFile | bytes, start: int, size: int, where: str, threads: int) -> _Walked:
+    """The Rust core's walk of the HDF5 file at `start` of `source`: it parses every object header
+    and heap, refuses (`KerasSaveError`) damage libhdf5 loops forever on, and checks that each
+    listed dataset's bytes lie in the file, apart from the others and the metadata; chunked datasets
+    are then decoded here (zstd needs no plugin), one in memory at a time."""
+    left_to_libhdf5: list[str] = []
+    found = hdf5_stored_datasets(source, start, size, None, where, left_to_libhdf5)
+    walked = _Walked([], {name.lstrip("/") for name, *_ in found or []}, found is not None and not left_to_libhdf5)
+    chunked = [(name, shape, dtype, chunking) for name, _, shape, dtype, chunking in found or [] if chunking]
+    if chunked:
+        import numpy as np
+
+        from .formats.weights_h5 import read_chunked
+
+        for name, shape, dtype, chunking in chunked:
+            itemsize = 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
+            buffer = np.empty(math.prod(shape) * itemsize, np.uint8)
+            try:
+                read_chunked(source, start, [(name, chunking, shape, itemsize, buffer)], where, threads)
+            except (OSError, ValueError) as e:  # the Rust core's chunk errors name the file and the dataset
+                walked.problems.append(str(e))
+    return walked
 
 
 def _verify_json_attributes(h5: h5py.File) -> list[str]:
@@ -321,29 +358,17 @@ def _verify_json_attributes(h5: h5py.File) -> list[str]:
     return problems
 
 
-def _verify_hdf5(
-    h5: h5py.File,
-    size: int,
-    where: str,
-    source: TensorFile | bytes | None = None,
-    start: int = 0,
-    chunked: dict | None = None,
-    threads: int = 0,
-) -> list[str]:
-    """`chunked` (from `_chunked_datasets`): datasets whose chunks the Rust core reads from
-    `source` at `start`, one dataset in memory at a time; h5py decodes the others."""
+def _verify_hdf5(h5: h5py.File, size: int, where: str, checked: set[str]) -> list[str]:
+    """h5py's checks of the datasets not in `checked` (see `_walk_hdf5`)."""
+    import h5py
+
     problems = []
-    chunked = chunked or {}
 
     def visit(name: str, obj) -> None:
-        if not isinstance(obj, h5py.Dataset):
+        if not isinstance(obj, h5py.Dataset) or name in checked:
             return
         try:
-            if name in chunked:
-                chunking, shape, dtype = chunked[name]
-                buffer = np.empty(math.prod(shape) * dtype.itemsize, np.uint8)
-                read_chunked(source, start, [(name, chunking, shape, dtype.itemsize, buffer)], where, threads)
-            elif obj.chunks is None:
+            if obj.chunks is None:
                 offset = obj.id.get_offset()
                 nbytes = obj.id.get_storage_size()
                 if obj.size and offset is None:
@@ -355,8 +380,7 @@ def _verify_hdf5(
                 for block in obj.iter_chunks():  # decoded, Fletcher-32 checked: one chunk in memory at a time
                     obj[block]
         except (OSError, ValueError, KeyError) as e:
-            # The Rust core's chunk errors name the file and the dataset already
-            problems.append(str(e) if isinstance(e, KerasSaveError) else f"{where}: dataset {name!r}: {e}")
+            problems.append(f"{where}: dataset {name!r}: {e}")
 
     try:
         h5.visititems(visit)
@@ -366,6 +390,8 @@ def _verify_hdf5(
 
 
 def _verify_bundle(prefix: str, threads: int) -> list[str]:
+    import numpy as np
+
     reader = TensorBundleReader(prefix)  # the index parsed and validated
     entries = [(key, dtype, size) for key, dtype, _, size, partitioned, _, _ in reader.entries() if not partitioned]
     fixed = [(key, size) for key, dtype, size in entries if dtype != _STRING]

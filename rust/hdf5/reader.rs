@@ -83,7 +83,14 @@ pub fn chunks_in_proportion(chunk_bytes: u64, nbytes: u64) -> bool {
 /// crate does not read, or damage it cannot make sense of; h5py may still read it).
 #[derive(Debug)]
 pub enum Listing {
-    Listed(Vec<StoredDataset>),
+    /// `left_to_libhdf5`: what only libhdf5 can judge: the datasets the walk reached but does not
+    /// list (other layouts, types or filters; names not decoded exactly), groups nested too deep
+    /// to walk, a file shorter than its superblock says (libhdf5 refuses to open it). Empty when
+    /// the listing accounts for every object reachable through hard links.
+    Listed {
+        datasets: Vec<StoredDataset>,
+        left_to_libhdf5: Vec<String>,
+    },
     Unreadable(String),
 }
 
@@ -209,7 +216,10 @@ pub fn list_keeping_pages(source: Source, path: &Path) -> Result<(Listing, Pages
     #[cfg(not(fuzzing))]
     let walked = catch_unwind(AssertUnwindSafe(|| walk_source(source, &mut pages)));
     let listing = match walked {
-        Ok(Ok(found)) => Listing::Listed(found),
+        Ok(Ok(walk)) => Listing::Listed {
+            datasets: walk.found,
+            left_to_libhdf5: walk.left_to_libhdf5,
+        },
         Ok(Err(Failure::Unreadable(msg))) => Listing::Unreadable(msg),
         Ok(Err(Failure::Corrupt(msg))) => return Err(Error::format(path, format!("corrupted HDF5 file: {msg}"))),
         Err(_) => Listing::Unreadable("the HDF5 parser failed".to_string()),
@@ -217,7 +227,7 @@ pub fn list_keeping_pages(source: Source, path: &Path) -> Result<(Listing, Pages
     Ok((listing, pages))
 }
 
-fn walk_source(source: Source, pages: &mut Pages) -> std::result::Result<Vec<StoredDataset>, Failure> {
+fn walk_source(source: Source, pages: &mut Pages) -> std::result::Result<Walked, Failure> {
     let (opened, range) = match source {
         Source::File { file, start, len } => {
             let blocks = Mutex::new(HashMap::new());
@@ -241,7 +251,13 @@ fn walk_source(source: Source, pages: &mut Pages) -> std::result::Result<Vec<Sto
     walked
 }
 
-fn walk_file(file: &Hdf5File) -> std::result::Result<Vec<StoredDataset>, Failure> {
+/// What a walk found: the datasets it lists, and what it reached but does not (see `Listing`).
+struct Walked {
+    found: Vec<StoredDataset>,
+    left_to_libhdf5: Vec<String>,
+}
+
+fn walk_file(file: &Hdf5File) -> std::result::Result<Walked, Failure> {
     // Addresses count from the superblock: with a user block before it (never in Keras files) they
     // are not file offsets, and which base libhdf5 takes is its own business.
     let signature = file.storage().read_range(0, 8).map_err(|e| e.to_string())?;
@@ -255,6 +271,7 @@ fn walk_file(file: &Hdf5File) -> std::result::Result<Vec<StoredDataset>, Failure
         visited: HashSet::new(),
         heaps: HashSet::new(),
         found: Vec::new(),
+        left_to_libhdf5: Vec::new(),
         metadata: vec![(0, superblock_len(file))],
     };
     let root = file.root_group().map_err(|e| e.to_string())?;
@@ -266,7 +283,15 @@ fn walk_file(file: &Hdf5File) -> std::result::Result<Vec<StoredDataset>, Failure
         walk.metadata.push((address, size));
     }
     check_disjoint(&walk.found, walk.metadata)?;
-    Ok(walk.found)
+    let (eof, len) = (file.superblock().eof_address, file.storage().len());
+    if eof > len {
+        let what = format!("the file ends at byte {len}, its superblock says {eof} (truncated?)");
+        walk.left_to_libhdf5.push(what);
+    }
+    Ok(Walked {
+        found: walk.found,
+        left_to_libhdf5: walk.left_to_libhdf5,
+    })
 }
 
 /// Refuses a file whose tensors overlap each other or metadata the walk read: libhdf5 never lays
@@ -343,35 +368,48 @@ struct Walk<'a> {
     /// Global heap collections holding the variable-length values of the attributes seen.
     heaps: HashSet<u64>,
     found: Vec<StoredDataset>,
+    left_to_libhdf5: Vec<String>,
     /// (address, length) of the metadata read: headers, heaps, symbol table nodes.
     metadata: Vec<(u64, u64)>,
 }
 
 impl Walk<'_> {
     fn group(&mut self, group: &Group, path: &str, depth: usize) -> std::result::Result<(), Failure> {
-        if depth > MAX_DEPTH || !self.visited.insert(group.address()) {
-            return Ok(()); // a cycle, or nesting no Keras file has: nothing more is listed from here
+        if depth > MAX_DEPTH {
+            // Nesting no Keras file has: nothing more is listed from here.
+            self.left_to_libhdf5.push(path.to_string());
+            return Ok(());
+        }
+        if !self.visited.insert(group.address()) {
+            return Ok(()); // walked already, through another hard link (or a cycle)
         }
         self.note_heaps(group.address())?;
         let hard = hard_link_names(self.file, group.address(), &mut self.metadata)?;
         let (groups, datasets) = group.members().map_err(|e| e.to_string())?;
         for dataset in datasets {
+            let name = format!("{path}/{}", dataset.name());
             // Names decoded lossily could stand for another object's: only exact ones are listed.
-            if !hard.contains(dataset.name()) || dataset.name().contains('\u{fffd}') {
+            if dataset.name().contains('\u{fffd}') {
+                self.left_to_libhdf5.push(name);
                 continue;
+            }
+            if !hard.contains(dataset.name()) {
+                continue; // a soft or external link: no object of this file
             }
             if !self.visited.insert(dataset.address()) {
                 continue;
             }
             self.note_heaps(dataset.address())?;
-            let name = format!("{path}/{}", dataset.name());
-            if let Some(stored) = stored_dataset(self.file, &dataset, name)? {
-                self.found.push(stored);
+            match stored_dataset(self.file, &dataset, name.clone())? {
+                Some(stored) => self.found.push(stored),
+                None => self.left_to_libhdf5.push(name),
             }
         }
         for child in groups {
-            if hard.contains(child.name()) && !child.name().contains('\u{fffd}') {
-                let name = format!("{path}/{}", child.name());
+            let name = format!("{path}/{}", child.name());
+            if child.name().contains('\u{fffd}') {
+                self.left_to_libhdf5.push(name);
+            } else if hard.contains(child.name()) {
                 self.group(&child, &name, depth + 1)?;
             }
         }

@@ -11,7 +11,7 @@ use super::*;
 
 /// The walk alone, pages dropped (and panics not caught).
 fn list(source: Source) -> std::result::Result<Vec<StoredDataset>, Failure> {
-    walk_source(source, &mut Pages::new())
+    walk_source(source, &mut Pages::new()).map(|walked| walked.found)
 }
 
 fn fixture() -> Vec<u8> {
@@ -143,7 +143,7 @@ fn the_pages_a_walk_read_are_kept_as_the_file_has_them() {
     let (source, data) = fixture_in_a_file();
     let (listing, pages) = list_keeping_pages(source, Path::new("m.h5")).unwrap();
     assert!(
-        matches!(listing, Listing::Listed(ref found) if found.len() == 6),
+        matches!(listing, Listing::Listed { ref datasets, .. } if datasets.len() == 6),
         "{listing:?}"
     );
     assert!(pages.iter().any(|&(index, _)| index == 0), "the superblock's page");
@@ -276,4 +276,30 @@ fn number_types_with_reserved_bits_are_damaged() {
     assert!(!reserved_bits_set(&[0x10, 0x08, 0x00, 0x00])); // signed integer
     assert!(reserved_bits_set(&[0x11, 0x20, 0x1f, 0x01]));
     assert!(!reserved_bits_set(&[0x13, 0xff, 0xff, 0xff])); // a string: not checked here
+}
+
+#[test]
+fn the_datasets_left_to_h5py_are_named_and_a_soft_link_is_not() {
+    let (listing, _) = list_keeping_pages(bytes(&fixture()), Path::new("m.h5")).unwrap();
+    let Listing::Listed { left_to_libhdf5, .. } = listing else {
+        panic!("{listing:?}")
+    };
+    // Big-endian and a tagged opaque type are h5py's to read; /layers/low/vars/2 links to a listed one.
+    assert_eq!(left_to_libhdf5, ["/legacy/when", "/optimizer/vars/1"]);
+}
+
+#[test]
+fn a_file_shorter_than_its_superblock_says_is_left_to_libhdf5() {
+    let mut data = fixture();
+    assert_eq!(data[8], 0, "superblock version 0: the end-of-file address at byte 40");
+    let claimed = data.len() as u64 + 10;
+    data[40..48].copy_from_slice(&claimed.to_le_bytes());
+    let (listing, _) = list_keeping_pages(bytes(&data), Path::new("m.h5")).unwrap();
+    let Listing::Listed { left_to_libhdf5, .. } = listing else {
+        panic!("{listing:?}")
+    };
+    assert!(
+        left_to_libhdf5.iter().any(|what| what.contains("truncated")),
+        "{left_to_libhdf5:?}"
+    );
 }
