@@ -15,8 +15,7 @@ import os as _os
 from typing import TYPE_CHECKING
 
 from ._core import BadKerasZipFile, KerasSaveError
-from .asynchronous import SaveHandle
-from .install import install, installed, uninstall
+from .install import install, installed, uninstall  # not lazily: the submodule's name would shadow it
 from .overwrite import OverwriteRefused
 
 if TYPE_CHECKING:
@@ -29,6 +28,7 @@ if TYPE_CHECKING:
         save_model,
         save_weights,
     )
+    from .asynchronous import SaveHandle
     from .mapped import Verification, verification
 
 __all__ = [
@@ -49,10 +49,13 @@ __all__ = [
     "uninstall",
     "verification",
 ]
-# What `__all__` names and nothing above defined, imported on first use from its module: the
-# mapped-load API from `mapped` (numpy), the rest from `api`.
-_MAPPED = ("Verification", "verification")
-_LAZY = {name: ".mapped" if name in _MAPPED else ".api" for name in __all__ if name not in globals()}
+# What `__all__` names and nothing above defined, imported on first use from its module (`api`
+# unless listed here): each import is a share of the command line's start.
+_MODULES = {
+    **dict.fromkeys(("SaveHandle",), ".asynchronous"),
+    **dict.fromkeys(("Verification", "verification"), ".mapped"),
+}
+_LAZY = {name: _MODULES.get(name, ".api") for name in __all__ if name not in globals()}
 __version__ = "0.1.0"
 
 
