@@ -106,11 +106,27 @@ def test_verify_sound_files(files, name, capsys):
     assert capsys.readouterr().out.strip().endswith("OK")
 
 
+@pytest.mark.parametrize("model_name", ["low_precision", "convnet", "embedding_lstm"])
+@pytest.mark.parametrize("writer", ["ours", "stock"])
+def test_inspect_from_the_rust_walk_reports_the_variables_as_h5py_does(model_zoo, tmp_path, model_name, writer):
+    """A `.keras`'s variables from the Rust core's listing (no h5py): names in `visititems`' order
+    (vars/10 before vars/2), shapes, dtypes (bfloat16 too) and bytes, as h5py's visit reports them."""
+    path = str(tmp_path / "m.keras")
+    (ksf.save_model if writer == "ours" else keras.saving.save_model)(model_zoo(model_name), path)
+    weights = cli._weights_member(cli._open_keras(path), path)
+    listed = cli._listed_variables(cli._listed(weights))
+    assert listed is not None, "the walk left the file to h5py"
+    with cli._keras_weights(weights, path) as h5:
+        assert listed == cli._hdf5_variables(h5)
+    assert cli.inspect_file(path).variables == listed
+
+
 @pytest.mark.parametrize("name", ["ours.keras", "stock.keras"])
-def test_verify_of_a_keras_the_rust_core_walks_whole_imports_neither_h5py_nor_numpy(files, name):
-    """Their imports were most of `verify`'s time beside the CRC pass."""
+@pytest.mark.parametrize("command", ["verify", "inspect"])
+def test_a_keras_the_rust_core_walks_whole_is_answered_without_h5py_or_numpy(files, name, command):
+    """Their imports were most of `verify`'s and `inspect`'s time beside the CRC pass."""
     script = (
-        "import sys, kerassave_fast.cli as c; code = c.main(['verify', sys.argv[1]]); "
+        f"import sys, kerassave_fast.cli as c; code = c.main([{command!r}, sys.argv[1]]); "
         "assert 'h5py' not in sys.modules and 'numpy' not in sys.modules, 'imported'; sys.exit(code)"
     )
     run = subprocess.run([sys.executable, "-c", script, files[name]], capture_output=True, text=True, timeout=300)

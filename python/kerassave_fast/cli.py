@@ -7,8 +7,9 @@
     bench [ARGS]            the benchmark suite (benches/run.py of a source checkout)
 
 `inspect` and `verify` read metadata and checksums only: no model is built, and neither Keras nor
-TensorFlow is imported. h5py and numpy are imported where needed: `verify` of a `.keras` whose
-weights the Rust core walks whole needs neither (their imports are a large share of its time).
+TensorFlow is imported. h5py and numpy are imported where needed: `inspect` and `verify` of a
+`.keras` whose weights the Rust core walks whole need neither (their imports took most of
+`inspect`'s time and a large share of `verify`'s, whose CRC pass reads every byte).
 """
 
 from __future__ import annotations
@@ -165,22 +166,80 @@ def _open_keras(path: str) -> _OpenKeras:
     return _OpenKeras(archive, {member_name(m): m.index for m in archive.members()}, file)
 
 
-def _keras_weights(opened: _OpenKeras, path: str, walked: bool = False, inflated: bytes | None = None) -> h5py.File:
-    """h5py's view of the weights member; `walked`: the Rust core's walk of it (which refuses what
-    libhdf5 would hang on) already ran; `inflated`: a compressed member's bytes, already inflated."""
-    import h5py
+@dataclass
+class _HDF5In:
+    """An HDF5 file: `size` bytes at `start` of `source` (a file, or bytes), `where` in errors."""
 
+    source: TensorFile | bytes
+    start: int
+    size: int
+    where: str
+
+
+def _weights_member(opened: _OpenKeras, path: str) -> _HDF5In:
+    """The `.keras`'s weights member: in the file when stored, else inflated (its CRC checked)."""
     index = opened.names["model.weights.h5"]
     member = opened.archive.members()[index]
+    where = f"{path}: 'model.weights.h5'"
     if member.method == zipfile.ZIP_STORED:
-        start = opened.archive.data_offset(index)
-        if not walked:
-            hdf5_stored_datasets(opened.file, start, member.size)
-        return h5py.File(FileRegion(opened.file.fileno(), start, member.size, path), "r")
-    data = inflated if inflated is not None else opened.archive.read(index)
-    if not walked:
-        hdf5_stored_datasets(data, 0, len(data), None, f"{path}: 'model.weights.h5'")
-    return h5py.File(io.BytesIO(data), "r")
+        return _HDF5In(opened.file, opened.archive.data_offset(index), member.size, where)
+    data = opened.archive.read(index)
+    return _HDF5In(data, 0, len(data), where)
+
+
+def _keras_weights(weights: _HDF5In, path: str) -> h5py.File:
+    """h5py's view of the weights member, once the Rust core's walk of it (`_listed`) found nothing
+    libhdf5 would loop forever on."""
+    import h5py
+
+    if isinstance(weights.source, bytes):
+        return h5py.File(io.BytesIO(weights.source), "r")
+    return h5py.File(FileRegion(weights.source.fileno(), weights.start, weights.size, path), "r")
+
+
+@dataclass
+class _Listed:
+    """The Rust core's walk of an HDF5 file: `hdf5_stored_datasets`' tuples, names as `visititems`
+    gives them (no leading slash); `complete`: they are every dataset of the file, and libhdf5 would
+    open it (it need not look)."""
+
+    datasets: list[tuple]
+    complete: bool
+
+
+def _listed(hdf5: _HDF5In) -> _Listed:
+    """Walks the file's metadata without libhdf5: every object header and heap parsed, damage
+    libhdf5 loops forever on refused (`KerasSaveError`), each listed dataset's bytes checked to lie
+    in the file, apart from the others and the metadata."""
+    left_to_libhdf5: list[str] = []
+    found = hdf5_stored_datasets(hdf5.source, hdf5.start, hdf5.size, None, hdf5.where, left_to_libhdf5)
+    datasets = [(name.lstrip("/"), *rest) for name, *rest in found or []]
+    return _Listed(datasets, found is not None and not left_to_libhdf5)
+
+
+# numpy's names of the Rust listing's dtypes (what h5py reports); uint16 is left to h5py, which
+# reports a `dtype` attribute of "bfloat16" on any type as bfloat16.
+_NUMPY_NAMES = {
+    "<f2": "float16", "<f4": "float32", "<f8": "float64", "|i1": "int8", "<i2": "int16", "<i4": "int32",
+    "<i8": "int64", "|u1": "uint8", "<u4": "uint32", "<u8": "uint64", "bfloat16": "bfloat16",
+}  # fmt: skip
+
+
+def _itemsize(dtype: str) -> int:
+    """Bytes per element of a listed dtype: numpy's spelling ends with them ("<f4", "|V2")."""
+    return 2 if dtype == "bfloat16" else int(dtype[2:])
+
+
+def _listed_variables(listed: _Listed) -> list[Variable] | None:
+    """The variables as `_hdf5_variables` reports them, from the walk alone; None when h5py must
+    look (a dataset not listed, chunked: its filters' options, or of a type named otherwise)."""
+    if not listed.complete or any(chunking or dtype not in _NUMPY_NAMES for *_, dtype, chunking in listed.datasets):
+        return None
+    variables = [
+        Variable(name, list(shape), _NUMPY_NAMES[dtype], math.prod(shape) * _itemsize(dtype))
+        for name, _, shape, dtype, _ in listed.datasets
+    ]
+    return sorted(variables, key=lambda v: v.name.split("/"))  # `visititems`' order: by name, depth first
 
 
 def _open_hdf5(path: str) -> h5py.File:
@@ -206,8 +265,11 @@ def inspect_file(path: str) -> Report:
         optimizer = (config.get("compile_config") or {}).get("optimizer")
         report.optimizer = optimizer.get("class_name") if isinstance(optimizer, dict) else optimizer
         if "model.weights.h5" in opened.names:
-            with _keras_weights(opened, path) as h5:
-                report.variables = _hdf5_variables(h5)
+            weights = _weights_member(opened, path)
+            report.variables = _listed_variables(_listed(weights))
+            if report.variables is None:
+                with _keras_weights(weights, path) as h5:
+                    report.variables = _hdf5_variables(h5)
     elif report.format == SHARDED_WEIGHTS:
         for shard in _shards(path):  # each variable once, in the shard holding it (a group may span shards)
             with _open_hdf5(shard) as h5:
@@ -261,10 +323,11 @@ def verify_file(path: str, threads: int = 0) -> list[str]:
             import h5py
 
             source = TensorFile(path)
-            walked = _walk_hdf5(source, 0, source.size(), path, threads)  # before h5py, which may hang on damage
+            hdf5 = _HDF5In(source, 0, source.size(), path)
+            listed = _listed(hdf5)  # before h5py, which may hang on damage
             with h5py.File(path, "r") as h5:
-                problems = _verify_json_attributes(h5)
-                return problems + walked.problems + _verify_hdf5(h5, source.size(), path, walked.checked)
+                problems = _verify_json_attributes(h5) + _decode_chunked(hdf5, listed, threads)
+                return problems + _verify_hdf5(h5, hdf5.size, path, listed)
         if kind == SHARDED_WEIGHTS:
             return [p for shard in _shards(path) for p in verify_file(shard, threads)]
         prefix = os.path.join(path, "variables", "variables") if kind == SAVED_MODEL else path
@@ -293,20 +356,14 @@ def _verify_keras(path: str, threads: int) -> list[str]:
         except (ValueError, OSError) as e:
             problems.append(f"{path}: member {name!r} is not valid JSON: {e}")
     if "model.weights.h5" in opened.names and not problems:
-        index = opened.names["model.weights.h5"]
-        member = opened.archive.members()[index]
         where = f"{path}: 'model.weights.h5'"
         try:
-            if member.method == zipfile.ZIP_STORED:
-                source, start = opened.file, opened.archive.data_offset(index)
-            else:  # inflated in memory (its CRC checked above)
-                source, start = opened.archive.read(index), 0
-            walked = _walk_hdf5(source, start, member.size, where, threads)
-            problems += walked.problems
-            if not walked.complete:
-                inflated = source if isinstance(source, bytes) else None
-                with _keras_weights(opened, path, walked=True, inflated=inflated) as h5:
-                    problems += _verify_hdf5(h5, member.size, where, walked.checked)
+            weights = _weights_member(opened, path)
+            listed = _listed(weights)
+            problems += _decode_chunked(weights, listed, threads)
+            if not listed.complete:
+                with _keras_weights(weights, path) as h5:
+                    problems += _verify_hdf5(h5, weights.size, where, listed)
         except KerasSaveError as e:  # named once: the Rust core's errors name the file already
             problems.append(str(e) if str(e).startswith(path) else f"{where}: {e}")
         except OSError as e:
@@ -314,37 +371,24 @@ def _verify_keras(path: str, threads: int) -> list[str]:
     return problems
 
 
-@dataclass
-class _Walked:
-    """What the Rust core's walk of an HDF5 file checked, without libhdf5."""
+def _decode_chunked(hdf5: _HDF5In, listed: _Listed, threads: int) -> list[str]:
+    """Decodes the listed chunked datasets (zstd needs no plugin), one in memory at a time."""
+    chunked = [(name, shape, dtype, chunking) for name, _, shape, dtype, chunking in listed.datasets if chunking]
+    if not chunked:
+        return []
+    import numpy as np
 
-    problems: list[str]
-    checked: set[str]  # datasets checked, by their name in `visititems`
-    complete: bool  # every dataset reachable through hard links was checked: libhdf5 need not look
+    from .formats.weights_h5 import read_chunked
 
-
-def _walk_hdf5(source: TensorFile | bytes, start: int, size: int, where: str, threads: int) -> _Walked:
-    """The Rust core's walk of the HDF5 file at `start` of `source`: it parses every object header
-    and heap, refuses (`KerasSaveError`) damage libhdf5 loops forever on, and checks that each
-    listed dataset's bytes lie in the file, apart from the others and the metadata; chunked datasets
-    are then decoded here (zstd needs no plugin), one in memory at a time."""
-    left_to_libhdf5: list[str] = []
-    found = hdf5_stored_datasets(source, start, size, None, where, left_to_libhdf5)
-    walked = _Walked([], {name.lstrip("/") for name, *_ in found or []}, found is not None and not left_to_libhdf5)
-    chunked = [(name, shape, dtype, chunking) for name, _, shape, dtype, chunking in found or [] if chunking]
-    if chunked:
-        import numpy as np
-
-        from .formats.weights_h5 import read_chunked
-
-        for name, shape, dtype, chunking in chunked:
-            itemsize = 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
-            buffer = np.empty(math.prod(shape) * itemsize, np.uint8)
-            try:
-                read_chunked(source, start, [(name, chunking, shape, itemsize, buffer)], where, threads)
-            except (OSError, ValueError) as e:  # the Rust core's chunk errors name the file and the dataset
-                walked.problems.append(str(e))
-    return walked
+    problems = []
+    for name, shape, dtype, chunking in chunked:
+        buffer = np.empty(math.prod(shape) * _itemsize(dtype), np.uint8)
+        try:
+            items = [(name, chunking, shape, _itemsize(dtype), buffer)]
+            read_chunked(hdf5.source, hdf5.start, items, hdf5.where, threads)
+        except (OSError, ValueError) as e:  # the Rust core's chunk errors name the file and the dataset
+            problems.append(str(e))
+    return problems
 
 
 def _verify_json_attributes(h5: h5py.File) -> list[str]:
@@ -358,11 +402,12 @@ def _verify_json_attributes(h5: h5py.File) -> list[str]:
     return problems
 
 
-def _verify_hdf5(h5: h5py.File, size: int, where: str, checked: set[str]) -> list[str]:
-    """h5py's checks of the datasets not in `checked` (see `_walk_hdf5`)."""
+def _verify_hdf5(h5: h5py.File, size: int, where: str, listed: _Listed) -> list[str]:
+    """h5py's checks of the datasets the walk did not list."""
     import h5py
 
     problems = []
+    checked = {name for name, *_ in listed.datasets}
 
     def visit(name: str, obj) -> None:
         if not isinstance(obj, h5py.Dataset) or name in checked:
