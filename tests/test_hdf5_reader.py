@@ -415,3 +415,66 @@ def test_a_deflate_level_libhdf5_refuses_is_refused_as_stock_refuses_it(tmp_path
     with h5py.File(path, "r") as h5, pytest.raises(OSError):
         h5["x"][()]
     assert hdf5_stored_datasets(TensorFile(str(path))) == []
+
+
+def _h5(build) -> bytearray:
+    data = io.BytesIO()
+    with h5py.File(data, "w") as h5:
+        build(h5)
+    return bytearray(data.getvalue())
+
+
+def _left_to_libhdf5(data: bytes) -> list[str]:
+    left: list[str] = []
+    assert hdf5_stored_datasets(bytes(data), 0, len(data), None, "m.h5", left) is not None
+    return left
+
+
+def _plain(h5) -> None:
+    h5["layers/dense/vars/0"] = np.ones((2, 2), "f4")
+    h5["layers/dense/vars/1"] = np.ones(3, "f4")
+
+
+def _message(data: bytes, name: str, kind: int) -> int:
+    """Where the first message of type `kind` in `name`'s version 1 object header starts."""
+    with h5py.File(io.BytesIO(bytes(data)), "r") as h5:
+        address = h5py.h5o.get_info(h5[name].id).addr
+    version, _, _, _, size = struct.unpack_from("<BBHII", data, address)
+    assert version == 1
+    at = address + 16
+    while at + 8 <= address + 16 + size:
+        found, length = struct.unpack_from("<HH", data, at)
+        if found == kind:
+            return at
+        at += 8 + length
+    raise AssertionError(f"{name}: no message of type {kind}")
+
+
+def test_the_walk_leaves_to_libhdf5_what_h5py_may_see_otherwise():
+    """The listing is only the whole file (nothing left to libhdf5: the command line then needs no
+    h5py) when h5py would see the same: each departure below is reported."""
+    assert _left_to_libhdf5(_h5(_plain)) == []
+
+    def linked_twice(h5):  # h5py's visit names it a/x, the walk would meet z first
+        h5["a/x"] = np.arange(4, dtype="f4")
+        h5["z"] = h5["a/x"]
+
+    assert _left_to_libhdf5(_h5(linked_twice)) == ["/a/x"]
+
+    def tagged(h5):  # h5py's readers (ours, the CLI's) take a `dtype` attribute's word for the type
+        h5.create_dataset("w", data=np.ones(3, "f4")).attrs["dtype"] = "bfloat16"
+
+    assert _left_to_libhdf5(_h5(tagged)) == ["/w"]
+
+    short = _h5(_plain)  # an end-of-file address before the file's end: libhdf5 refuses what lies past it
+    struct.pack_into("<Q", short, 40, len(short) - 8)  # superblock version 0: the address at byte 40
+    assert any("superblock says" in what for what in _left_to_libhdf5(short))
+
+    unknown = _h5(_plain)  # the fill value message made a type unknown to the walk, "fail if unknown"
+    at = _message(unknown, "layers/dense/vars/0", 5)
+    struct.pack_into("<H", unknown, at, 0x2F)
+    unknown[at + 4] = 0x80
+    assert _left_to_libhdf5(unknown) == ["/layers/dense/vars/0"]
+    with pytest.raises(Exception, match="unknown message"):
+        with h5py.File(io.BytesIO(bytes(unknown)), "r") as h5:
+            h5["layers/dense/vars/0"]

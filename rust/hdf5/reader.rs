@@ -84,9 +84,10 @@ pub fn chunks_in_proportion(chunk_bytes: u64, nbytes: u64) -> bool {
 #[derive(Debug)]
 pub enum Listing {
     /// `left_to_libhdf5`: what only libhdf5 can judge: the datasets the walk reached but does not
-    /// list (other layouts, types or filters; names not decoded exactly), groups nested too deep
-    /// to walk, a file shorter than its superblock says (libhdf5 refuses to open it). Empty when
-    /// the listing accounts for every object reachable through hard links.
+    /// list (other layouts, types or filters; names not decoded exactly), listed ones carrying a
+    /// `dtype` attribute (but Keras' bfloat16), objects reached twice, holding a message the crate
+    /// does not know, or nested too deep to walk, an end-of-file address other than the file's
+    /// length. Empty when the listing accounts for every object as h5py would see it.
     Listed {
         datasets: Vec<StoredDataset>,
         left_to_libhdf5: Vec<String>,
@@ -283,8 +284,10 @@ fn walk_file(file: &Hdf5File) -> std::result::Result<Walked, Failure> {
         walk.metadata.push((address, size));
     }
     check_disjoint(&walk.found, walk.metadata)?;
+    // libhdf5 refuses a file shorter than this address, and anything lying past it; h5py
+    // writes it as the file's length.
     let (eof, len) = (file.superblock().eof_address, file.storage().len());
-    if eof > len {
+    if eof != len {
         let what = format!("the file ends at byte {len}, its superblock says {eof} (truncated?)");
         walk.left_to_libhdf5.push(what);
     }
@@ -381,9 +384,12 @@ impl Walk<'_> {
             return Ok(());
         }
         if !self.visited.insert(group.address()) {
-            return Ok(()); // walked already, through another hard link (or a cycle)
+            // Walked already, through another hard link (or a cycle): h5py names an object reached
+            // twice by the first of its names in its own order, which need not be the walk's.
+            self.left_to_libhdf5.push(path.to_string());
+            return Ok(());
         }
-        self.note_heaps(group.address())?;
+        self.note_header(group.address(), path)?;
         let hard = hard_link_names(self.file, group.address(), &mut self.metadata)?;
         let (groups, datasets) = group.members().map_err(|e| e.to_string())?;
         for dataset in datasets {
@@ -397,11 +403,19 @@ impl Walk<'_> {
                 continue; // a soft or external link: no object of this file
             }
             if !self.visited.insert(dataset.address()) {
+                self.left_to_libhdf5.push(name); // reached twice (see above)
                 continue;
             }
-            self.note_heaps(dataset.address())?;
+            let tagged = self.note_header(dataset.address(), &name)?;
             match stored_dataset(self.file, &dataset, name.clone())? {
-                Some(stored) => self.found.push(stored),
+                Some(stored) => {
+                    // A `dtype` attribute on anything but Keras' bfloat16 may say what h5py's
+                    // readers take the type to be: theirs to judge (Keras writes none).
+                    if tagged && stored.dtype != "bfloat16" {
+                        self.left_to_libhdf5.push(name);
+                    }
+                    self.found.push(stored)
+                }
                 None => self.left_to_libhdf5.push(name),
             }
         }
@@ -416,16 +430,31 @@ impl Walk<'_> {
         Ok(())
     }
 
-    /// Notes the global heap collections that the object's variable-length attributes point into
-    /// (h5py writes `str` attributes so: `model_config`, `keras_version`, Keras 3's `dtype`).
-    fn note_heaps(&mut self, address: u64) -> std::result::Result<(), Failure> {
+    /// Notes the object header at `address` (object `path`): its extent; the global heap
+    /// collections that its variable-length attributes point into (h5py writes `str` attributes
+    /// so: `model_config`, `keras_version`, Keras 3's `dtype`); a message the crate does not know
+    /// (libhdf5 may refuse the object: a message can say "fail if unknown") leaves the object to
+    /// libhdf5. Returns whether it has an attribute named `dtype`.
+    fn note_header(&mut self, address: u64, path: &str) -> std::result::Result<bool, Failure> {
         let header = self.file.get_or_parse_header(address).map_err(|e| e.to_string())?;
         self.metadata.push(header_extent(self.file.storage(), address)?);
         let os = usize::from(self.file.superblock().offset_size);
+        if header.messages.iter().any(|m| matches!(m, HdfMessage::Unknown { .. })) {
+            self.left_to_libhdf5.push(path.to_string());
+        }
+        let offset_size = self.file.superblock().offset_size;
+        let mut tagged = false;
         for message in &header.messages {
-            let HdfMessage::Attribute(attribute) = message else {
-                continue;
+            let attribute = match message {
+                HdfMessage::Attribute(attribute) => attribute,
+                // Attributes stored densely (a fractal heap) are not read here: any may be `dtype`.
+                HdfMessage::AttributeInfo(info) => {
+                    tagged |= !Cursor::is_undefined_offset(info.fractal_heap_address, offset_size);
+                    continue;
+                }
+                _ => continue,
             };
+            tagged |= attribute.name == "dtype";
             let Datatype::VarLen { kind, base, .. } = &attribute.datatype else {
                 continue;
             };
@@ -444,12 +473,12 @@ impl Walk<'_> {
                 address[..os.min(8)].copy_from_slice(&element[4..4 + os.min(8)]);
                 let address = u64::from_le_bytes(address);
                 let length = u32::from_le_bytes([element[0], element[1], element[2], element[3]]);
-                if length > 0 && !Cursor::is_undefined_offset(address, self.file.superblock().offset_size) {
+                if length > 0 && !Cursor::is_undefined_offset(address, offset_size) {
                     self.heaps.insert(address);
                 }
             }
         }
-        Ok(())
+        Ok(tagged)
     }
 }
 
