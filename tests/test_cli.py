@@ -166,6 +166,24 @@ def test_verify_has_h5py_check_the_datasets_the_rust_core_leaves(files, tmp_path
     assert "cut.keras: 'model.weights.h5'" in capsys.readouterr().out
 
 
+def test_a_keras_libhdf5_refuses_is_a_problem_named_not_a_traceback(files, tmp_path, capsys):
+    """A weights dataset holding a message libhdf5 must refuse ("fail if unknown"): h5py raises
+    RuntimeError, which `verify` reports and `inspect` turns into an error naming the file."""
+    import struct
+
+    from test_hdf5_reader import _message
+
+    weights = bytearray(_weights_h5("<f4", "<f4"))
+    at = _message(weights, "layers/dense/vars/0", 5)  # its fill value message, made an unknown one
+    struct.pack_into("<H", weights, at, 0x2F)
+    weights[at + 4] = 0x80
+    path = _keras_holding(files, tmp_path / "refused.keras", bytes(weights))
+    assert cli.main(["verify", path]) == 1
+    assert "refused.keras: 'model.weights.h5'" in capsys.readouterr().out
+    assert cli.main(["inspect", path]) == 1
+    assert "refused.keras" in capsys.readouterr().err
+
+
 def test_verify_finds_weights_shorter_than_their_superblock_says(files, tmp_path, capsys):
     """Every tensor in place, but libhdf5 refuses to open a file that ends before its end-of-file
     address (stock could not load it): the walk leaves that to h5py, which finds it."""

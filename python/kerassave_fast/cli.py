@@ -402,6 +402,10 @@ def _verify_json_attributes(h5: h5py.File) -> list[str]:
     return problems
 
 
+# What h5py raises for a file libhdf5 refuses (RuntimeError: "Object visitation failed", ...).
+_HDF5_ERRORS = (OSError, ValueError, KeyError, RuntimeError)
+
+
 def _verify_hdf5(h5: h5py.File, size: int, where: str, listed: _Listed) -> list[str]:
     """h5py's checks of the datasets the walk did not list."""
     import h5py
@@ -424,12 +428,12 @@ def _verify_hdf5(h5: h5py.File, size: int, where: str, listed: _Listed) -> list[
             else:
                 for block in obj.iter_chunks():  # decoded, Fletcher-32 checked: one chunk in memory at a time
                     obj[block]
-        except (OSError, ValueError, KeyError) as e:
+        except _HDF5_ERRORS as e:
             problems.append(f"{where}: dataset {name!r}: {e}")
 
     try:
         h5.visititems(visit)
-    except (OSError, ValueError, KeyError) as e:
+    except _HDF5_ERRORS as e:
         problems.append(f"{where}: {e}")
     return problems
 
@@ -558,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
             options["compression_level"] = args.compression_level
         convert(args.source, args.destination, **options)
         return 0
-    except (OSError, ValueError, KeyError) as e:
-        print(f"kerassave-fast {args.command}: {e}", file=sys.stderr)
+    except _HDF5_ERRORS as e:
+        named = getattr(args, "file", None) or args.source
+        print(f"kerassave-fast {args.command}: {e if named in str(e) else f'{named}: {e}'}", file=sys.stderr)
         return 1
