@@ -105,8 +105,9 @@ def hdf5_stored_datasets(
     readable here: plain little-endian numbers or Keras' bfloat16, allocated, and either contiguous
     and unfiltered (read by offset; chunking None) or chunked in a version 1 B-tree with shuffle,
     deflate, zstd or Fletcher-32 filters, every chunk present (offset 0). `left_to_libhdf5`
-    receives what the walk does not account for (datasets not listed, a file shorter than its
-    superblock says): empty, the listing is the whole file."""
+    receives what only libhdf5 can judge (datasets not listed or carrying a `dtype` attribute,
+    objects reached twice or holding unknown messages, an end-of-file address other than the
+    file's length): empty, the listing is the whole file as h5py sees it."""
 
 def hdf5_encode_chunks(
     chunks: Sequence[Buffer], filters: Sequence[int], level: int, itemsize: int, threads: int = 0
