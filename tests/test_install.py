@@ -111,14 +111,40 @@ def test_tf_keras_load_model_stays_tf_keras(tmp_path, routed, monkeypatch):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
-def test_environment_variable_installs_at_import():
-    code = (
-        "import kerassave_fast, keras; "
-        "print(kerassave_fast.installed(), hasattr(keras.Model.save, '__kerassave_fast_original__'))"
-    )
+def _with_environment_variable(code: str) -> list[str]:
     env = {**os.environ, "KERASSAVE_FAST": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.stdout.split() == ["True", "True"], out.stderr[-2000:]
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.split()
+
+
+def test_environment_variable_installs_at_import():
+    code = (
+        "import keras, kerassave_fast; "
+        "print(kerassave_fast.installed(), hasattr(keras.Model.save, '__kerassave_fast_original__'))"
+    )
+    assert _with_environment_variable(code) == ["True", "True"]
+
+
+def test_environment_variable_installs_once_keras_is_imported_and_not_before():
+    """A process that never imports Keras (the command line's `inspect` and `verify`) does not
+    import Keras and TensorFlow for the routing; the first `import keras` brings it, tf_keras too."""
+    code = (
+        "import sys, kerassave_fast\n"
+        "print(kerassave_fast.installed(), any(m in sys.modules for m in ('keras', 'tensorflow', 'tf_keras')))\n"
+        "import keras\n"
+        "print(kerassave_fast.installed(), hasattr(keras.Model.save, '__kerassave_fast_original__'))\n"
+        "print(keras.saving.save_model.__kerassave_fast_original__.__module__, type(keras.__loader__).__name__)\n"
+        "import tf_keras\n"
+        "print(hasattr(tf_keras.Model.save, '__kerassave_fast_original__'))"
+    )
+    expected = ["False", "False", "True", "True", "keras.src.saving.saving_api", "SourceFileLoader", "True"]
+    assert _with_environment_variable(code) == expected
+
+
+def test_uninstall_cancels_the_environment_variable_s_pending_install():
+    code = "import kerassave_fast; kerassave_fast.uninstall(); import keras; print(kerassave_fast.installed())"
+    assert _with_environment_variable(code) == ["False"]
 
 
 def test_keras_own_saving_tests_pass_with_install():

@@ -2,7 +2,7 @@
 
 Files are laid out exactly as stock Keras lays them out: ours load in stock Keras, stock's load here.
 `install()` routes Keras' own saving functions and `Model` methods through us (so does
-`KERASSAVE_FAST=1` in the environment, at import).
+`KERASSAVE_FAST=1` in the environment: at import, or when Keras is first imported after it).
 
 The API is imported on first use, so that the command line's `inspect` and `verify`, which need
 no model, start without importing Keras and TensorFlow (nor numpy, for `verify` of a `.keras`).
@@ -72,4 +72,6 @@ def __dir__() -> list[str]:
 
 
 if _os.environ.get("KERASSAVE_FAST", "") in ("1", "true", "True"):
-    install()
+    from .install import install_with_keras
+
+    install_with_keras()

@@ -9,16 +9,20 @@ Each replacement binds its arguments with the original's signature (a bad call r
 `TypeError`) and hands kerassave_fast exactly what the caller passed. While a kerassave_fast call
 runs on a thread, routed names called on that thread go straight to stock: what kerassave_fast
 delegates, and the stock code that runs under it, run as stock. `KERASSAVE_FAST=1` in the
-environment installs at import.
+environment installs at import, or, when neither Keras nor tf_keras is imported yet, right after
+the first of them is (`install_with_keras`): a process that never uses Keras, such as the
+command line's `inspect` and `verify`, does not import Keras and TensorFlow for it.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.abc
 import importlib.util
 import inspect
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 
 _LOCK = threading.RLock()
@@ -137,8 +141,71 @@ def _rebind_aliases(routes: dict[int, Callable]) -> None:
                 setattr(module, attribute, routed)
 
 
+_KERAS = ("keras", "tf_keras")
+
+
+class _InstallAfterKeras(importlib.abc.MetaPathFinder):
+    """In `sys.meta_path` until Keras or tf_keras is imported: its module's loader then runs
+    `install()` once the module has run, and the finder leaves."""
+
+    def find_spec(self, name, path, target=None):
+        if name not in _KERAS:
+            return None
+        for finder in sys.meta_path:  # the spec the finders after this one give
+            find_spec = getattr(finder, "find_spec", None)
+            spec = None if finder is self or find_spec is None else find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _ThenInstall(spec.loader)
+        return spec
+
+
+class _ThenInstall:
+    """A module loader that installs once the module has run (the real loader put back)."""
+
+    def __init__(self, loader) -> None:
+        self._loader = loader
+
+    def __getattr__(self, name: str):
+        return getattr(self._loader, name)
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        module.__loader__ = module.__spec__.loader = self._loader
+        self._loader.exec_module(module)
+        _forget_pending()
+        try:
+            install()
+        except Exception as e:  # a failed routing must not fail the user's `import keras`
+            message = f"KERASSAVE_FAST=1: kerassave_fast.install() failed, Keras left as stock: {e!r}"
+            warnings.warn(message, stacklevel=2)
+
+
+def _forget_pending() -> None:
+    with _LOCK:
+        sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _InstallAfterKeras)]
+
+
+def install_with_keras() -> None:
+    """`install()` now if Keras or tf_keras is imported already, else right after the first of
+    them is (what `KERASSAVE_FAST=1` asks at `import kerassave_fast`)."""
+    with _LOCK:
+        if not any(name in sys.modules for name in _KERAS):
+            if not any(isinstance(f, _InstallAfterKeras) for f in sys.meta_path):
+                sys.meta_path.insert(0, _InstallAfterKeras())
+            return
+    install()
+
+
 def uninstall() -> None:
-    """Puts back every function and method `install()` replaced."""
+    """Puts back every function and method `install()` replaced (and forgets a pending
+    `install_with_keras`)."""
+    _forget_pending()
     with _LOCK:
         while _UNDO:
             owner, attribute, value = _UNDO.pop()
