@@ -51,10 +51,7 @@ __all__ = [
 ]
 # What `__all__` names and nothing above defined, imported on first use from its module (`api`
 # unless listed here): each import is a share of the command line's start.
-_MODULES = {
-    **dict.fromkeys(("SaveHandle",), ".asynchronous"),
-    **dict.fromkeys(("Verification", "verification"), ".mapped"),
-}
+_MODULES = {"SaveHandle": ".asynchronous", "Verification": ".mapped", "verification": ".mapped"}
 _LAZY = {name: _MODULES.get(name, ".api") for name in __all__ if name not in globals()}
 __version__ = "0.1.0"
 
