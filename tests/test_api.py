@@ -355,11 +355,14 @@ def test_a_keras_without_a_hook_we_use_goes_to_stock_with_one_warning(model_zoo,
 
 @keras.saving.register_keras_serializable(package="kerassave_fast_tests")
 class CompilesItsOwnWay(keras.Model):
-    """A subclassed model with its own `compile` (as GANs have): our deferred build gives up and
-    builds the stock way, after a first attempt that already made its layers."""
+    """A subclassed model with its own `compile` (as GANs have), which may read its weights: our
+    build gives its variables their initial values before compiling it as stock does."""
+
+    inits = 0  # how many were made: a load makes one, as stock's does
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
+        CompilesItsOwnWay.inits += 1
         self.hidden = keras.layers.Dense(3)
         self.out = keras.layers.Dense(2)
 
@@ -370,36 +373,79 @@ class CompilesItsOwnWay(keras.Model):
         super().compile(*args, **kwargs)
 
 
-def test_a_build_that_falls_back_to_stocks_names_its_layers_as_stock(tmp_path):
-    model = CompilesItsOwnWay()
+def _trained_and_saved(model, tmp_path):
+    """`model` (5 inputs) compiled with Adam, one epoch on ones, saved: its `.keras` path."""
     model.compile(optimizer="adam", loss="mse")
-    model.fit(np.ones((4, 5)), np.ones((4, 2)), verbose=0)
+    model.fit(np.ones((4, 5)), np.ones((4, model(np.ones((1, 5))).shape[-1])), verbose=0)
     path = tmp_path / "m.keras"
     ksf.save_model(model, path)
-    names = {}
+    return path
+
+
+def test_a_model_that_compiles_its_own_way_is_built_once_and_named_as_stock(tmp_path):
+    model = CompilesItsOwnWay()
+    path = _trained_and_saved(model, tmp_path)
+    names, inits = {}, {}
     for name, load in (("stock", keras.saving.load_model), ("ours", ksf.load_model)):
         keras.backend.clear_session()
+        CompilesItsOwnWay.inits = 0
         with pytest.warns(UserWarning, match="`compile\\(\\)` was not called"):  # stock's, for its own compile
             loaded = load(path)
         names[name] = [layer.name for layer in loaded.layers] + [v.path for v in loaded.weights]
+        inits[name] = CompilesItsOwnWay.inits
     assert names["ours"] == names["stock"]
+    assert inits == {"stock": 1, "ours": 1}
     for expected, actual in zip(model.weights, loaded.weights, strict=True):
         assert np.array_equal(np.asarray(expected), np.asarray(actual))
+
+
+@keras.saving.register_keras_serializable(package="kerassave_fast_tests")
+class ReadsItsWeightsToCompile(keras.Model):
+    """Reads its weights in `compile_from_config`: they must hold what stock's build gives them."""
+
+    seen = None
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(3)
+
+    def call(self, x):
+        return self.dense(x)
+
+    def compile_from_config(self, config):
+        ReadsItsWeightsToCompile.seen = [np.array(w) for w in self.weights]
+        super().compile_from_config(config)
+
+
+def test_a_model_reading_its_weights_to_compile_sees_stocks_initial_values(tmp_path):
+    model = ReadsItsWeightsToCompile()
+    path = _trained_and_saved(model, tmp_path)
+    seen = {}
+    for name, load in (("stock", keras.saving.load_model), ("ours", ksf.load_model)):
+        keras.backend.clear_session()
+        keras.utils.set_random_seed(7)
+        loaded = load(path)
+        seen[name] = ReadsItsWeightsToCompile.seen
+        assert_same_state(model, loaded)
+    assert len(seen["ours"]) == 2 and not np.array_equal(seen["ours"][0], np.asarray(model.weights[0]))
+    for ours, stock in zip(seen["ours"], seen["stock"], strict=True):
+        assert np.array_equal(ours, stock)
 
 
 def test_a_child_forked_during_a_save_has_the_garbage_collector_on():
     """The GC pause of a save or load in progress is the parent's: a forked child has none running."""
     from kerassave_fast import api
 
-    assert gc.isenabled()
+    was = gc.get_threshold()
+    assert gc.isenabled() and was[0] > 0
     with api._no_gc_pauses():
         pid = os.fork()
         if pid == 0:
-            os._exit(0 if gc.isenabled() and api._gc_pausers == 0 else 1)
-        assert not gc.isenabled()
+            os._exit(0 if gc.get_threshold() == was and api._gc_pausers == 0 else 1)
+        assert gc.get_threshold() == (0, *was[1:])
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert gc.isenabled()
+    assert gc.isenabled() and gc.get_threshold() == was
 
 
 class _SavesText(keras.layers.Layer):

@@ -16,22 +16,19 @@ from kerassave_fast.keras3 import state
 
 
 def test_gc_pause_is_counted_across_threads(monkeypatch):
-    """B enters while A holds the GC off and A leaves while B is between asking and switching:
-    the GC must end up on, as it was before either began."""
-    gc_state = {"enabled": True}
+    """B enters while A holds collections off and A leaves while B is between asking and switching:
+    the thresholds must end up as they were before either began."""
+    thresholds = {"now": (700, 10, 10)}
     a_left = threading.Event()
 
     class RecordingGC:
-        def isenabled(self):
-            return gc_state["enabled"]
+        def get_threshold(self):
+            return thresholds["now"]
 
-        def enable(self):
-            gc_state["enabled"] = True
-
-        def disable(self):
-            if threading.current_thread().name == "B":
+        def set_threshold(self, *values):
+            if threading.current_thread().name == "B" and values[0] == 0:
                 a_left.wait(2)
-            gc_state["enabled"] = False
+            thresholds["now"] = values
 
     monkeypatch.setattr(api, "gc", RecordingGC())
     a_inside, a_may_leave = threading.Event(), threading.Event()
@@ -54,7 +51,44 @@ def test_gc_pause_is_counted_across_threads(monkeypatch):
     a_may_leave.set()
     for t in threads:
         t.join(10)
-    assert gc_state["enabled"], "the cyclic GC was left off"
+    assert thresholds["now"] == (700, 10, 10), "the cyclic GC's collections were left off"
+
+
+_MEANWHILE = {  # what another thread of the application does to the GC, and how it is then
+    "disable": (lambda gc: gc.disable(), lambda gc, was: (False, was)),
+    "enable": (lambda gc: gc.enable(), lambda gc, was: (True, was)),
+    "set_threshold": (lambda gc: gc.set_threshold(500, 5, 5), lambda gc, was: (True, (500, 5, 5))),
+}
+
+
+@pytest.mark.parametrize("meanwhile", list(_MEANWHILE))
+def test_the_applications_gc_choice_made_during_a_save_is_kept(model_zoo, tmp_path, monkeypatch, meanwhile):
+    """Another thread of the application turns the GC off or on, or sets its thresholds, while a
+    save runs: the save's end leaves that choice as it is."""
+    import gc
+
+    model, path = model_zoo("seed_example"), tmp_path / "m.keras"
+    was_enabled, was = gc.isenabled(), gc.get_threshold()
+    change, expected = _MEANWHILE[meanwhile]
+    real_serialize, changed = state.serialize_model_as_json, []
+
+    def serialize_model_as_json(*args, **kwargs):
+        other = threading.Thread(target=lambda: changed.append(change(gc)))
+        other.start()
+        other.join(5)
+        return real_serialize(*args, **kwargs)
+
+    monkeypatch.setattr(state, "serialize_model_as_json", serialize_model_as_json)
+    if meanwhile == "enable":
+        gc.disable()
+    try:
+        ksf.save_model(model, path)
+        assert changed
+        assert (gc.isenabled(), gc.get_threshold()) == expected(gc, was)
+    finally:
+        gc.set_threshold(*was)
+        (gc.enable if was_enabled else gc.disable)()
+    assert_same_state(model, ksf.load_model(path))
 
 
 def test_two_threads_planning_one_model_both_record_by_reference(model_zoo, monkeypatch):
@@ -124,7 +158,7 @@ def test_concurrent_saves_and_loads(model_zoo, tmp_path):
     assert not errors, errors
     import gc
 
-    assert gc.isenabled()
+    assert gc.isenabled() and gc.get_threshold()[0] > 0
 
 
 @pytest.mark.parametrize("threads", [0, -1, 257, 10**5, 2.0, True])

@@ -80,37 +80,44 @@ def _local_path(filepath, flavour: str) -> str | None:
 
 _gc_lock = threading.Lock()
 _gc_pausers = 0
-_gc_was_enabled = False
+_gc_thresholds = gc.get_threshold()  # the application's, while a save or load pauses collections
+
+
+def _paused(thresholds: tuple[int, ...]) -> tuple[int, ...]:
+    return (0, *thresholds[1:])  # a first threshold of 0 stops automatic collections
 
 
 @contextlib.contextmanager
 def _no_gc_pauses():
     """Keeps Python's cyclic GC from pausing inside a save or load (a full collection of a process
-    holding TensorFlow and a big model can cost more than a ResNet50 load). Saves and loads running
-    at once on several threads are counted: the last one out turns it back on, if it was on."""
-    global _gc_pausers, _gc_was_enabled
+    holding TensorFlow and a big model can cost more than a ResNet50 load). It zeroes the first
+    collection threshold rather than calling `gc.disable()`, so an application that disables or
+    enables the GC meanwhile (on another thread) keeps its choice. Saves and loads running at once
+    on several threads are counted: the last one out puts the thresholds back, unless the
+    application set others meanwhile."""
+    global _gc_pausers, _gc_thresholds
     with _gc_lock:
         if _gc_pausers == 0:
-            _gc_was_enabled = gc.isenabled()
-            gc.disable()
+            _gc_thresholds = gc.get_threshold()
+            gc.set_threshold(*_paused(_gc_thresholds))
         _gc_pausers += 1
     try:
         yield
     finally:
         with _gc_lock:
             _gc_pausers -= 1
-            if _gc_pausers == 0 and _gc_was_enabled:
-                gc.enable()
+            if _gc_pausers == 0 and gc.get_threshold() == _paused(_gc_thresholds):
+                gc.set_threshold(*_gc_thresholds)
 
 
 def _gc_in_child() -> None:
-    """A child forked while a save or load ran has none running: GC back as it was, the count reset."""
+    """A child forked while a save or load ran has none running: collections back as they were, the count reset."""
     global _gc_lock, _gc_pausers
     _gc_lock = threading.Lock()  # it may have been held by a thread the child does not have
     if _gc_pausers:
         _gc_pausers = 0
-        if _gc_was_enabled:
-            gc.enable()
+        if gc.get_threshold() == _paused(_gc_thresholds):
+            gc.set_threshold(*_gc_thresholds)
 
 
 os.register_at_fork(after_in_child=_gc_in_child)

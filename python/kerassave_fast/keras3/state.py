@@ -479,17 +479,22 @@ def _uninitialized_registry() -> list:
     return global_state.get_global_attribute("uninitialized_variables", [], set_to_default=True)
 
 
-def _compile_without_optimizer_build(model, compile_config: dict):
+def _compile_without_optimizer_build(model, compile_config: dict, initialize_built: Callable[[], None]):
     """`Trainer.compile_from_config` minus its last step, `optimizer.build(...)`.
 
     TensorFlow's optimizer keys its slots by the model's `tf.Variable`s, which do not exist until
     the weights are loaded; the loader builds it then. Returns the optimizer still to build, if any.
+    A model that compiles its own way may read its weights there: `initialize_built()` first gives
+    them the values stock's build would have, then it compiles as stock does (building it again
+    would run its `__init__` a second time).
     """
     from keras.src.trainers.trainer import Trainer
 
     cls = type(model)
     if cls.compile is not Trainer.compile or cls.compile_from_config is not Trainer.compile_from_config:
-        raise _CannotDefer("the model compiles its own way, which may need its weights")
+        initialize_built()
+        model.compile_from_config(compile_config)
+        return None
     model.compile(**deserialize_keras_object(compile_config))
     optimizer = getattr(model, "optimizer", None)
     return optimizer if model.built and isinstance(optimizer, BaseOptimizer) and not optimizer.built else None
@@ -506,15 +511,22 @@ class BuiltModel:
     optimizer_to_build: BaseOptimizer | None = None
 
 
-def _build_deferred(build: Callable[[], BuiltModel], stock_build: Callable[[], object]) -> BuiltModel:
-    """`build()` with the variables it creates left uninitialized (recorded in the result); when
-    that cannot be done, `stock_build()`, which initializes everything."""
+def _build_deferred(build: Callable[[Callable[[], None]], BuiltModel], stock_build: Callable[[], object]) -> BuiltModel:
+    """`build(initialize_built)` with the variables it creates left uninitialized (recorded in the
+    result) unless it calls `initialize_built()`, which initializes those made so far; when that
+    cannot be done, `stock_build()`, which initializes everything."""
     if not _can_defer_initialization():
         return BuiltModel(stock_build())
     first_new = len(_uninitialized_registry())
     names_used = copy.copy(global_state.get_global_attribute("object_name_uids"))
+
+    def initialize_built() -> None:
+        registry = _uninitialized_registry()
+        made, registry[first_new:] = registry[first_new:], []
+        _initialize_leftovers(BuiltModel(None, made))
+
     try:
-        built = build()
+        built = build(initialize_built)
     except Exception:
         del _uninitialized_registry()[first_new:]
         # The stock build names its objects as if the first attempt had not been made (`dense`, not `dense_2`).
@@ -540,7 +552,7 @@ def build_model(config_json: bytes | str, custom_objects, compile: bool, safe_mo
     Anything this cannot do falls back to stock's build, which initializes everything.
     """
 
-    def build() -> BuiltModel:
+    def build(initialize_built: Callable[[], None]) -> BuiltModel:
         config = json.loads(config_json)
         compile_config = config.get("compile_config") if compile else None
         config["compile_config"] = None
@@ -551,7 +563,7 @@ def build_model(config_json: bytes | str, custom_objects, compile: bool, safe_mo
             )
             if compile_config:
                 with CustomObjectScope(custom_objects), SafeModeScope(safe_mode):
-                    optimizer = _compile_without_optimizer_build(model, compile_config)
+                    optimizer = _compile_without_optimizer_build(model, compile_config, initialize_built)
                 model.compiled = True
         return BuiltModel(model, optimizer_to_build=optimizer)
 
@@ -563,7 +575,7 @@ def build_model(config_json: bytes | str, custom_objects, compile: bool, safe_mo
 
 def build_model_with(deserialize: Callable[[], object]) -> BuiltModel:
     """`deserialize()` (a stock model build from a config), its variables left uninitialized when possible."""
-    return _build_deferred(lambda: BuiltModel(_deserialize_uninitialized(deserialize)), deserialize)
+    return _build_deferred(lambda _: BuiltModel(_deserialize_uninitialized(deserialize)), deserialize)
 
 
 @contextlib.contextmanager
