@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -155,6 +156,17 @@ def _weights_h5(*dtypes: str) -> bytes:
         for i, dtype in enumerate(dtypes):  # laid out in this order: the last one's bytes end the file
             h5[f"layers/dense/vars/{i}"] = np.arange(1000, dtype=dtype)
     return weights.getvalue()
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+def test_a_name_that_is_not_utf8_is_printed_as_its_bytes_on_a_strict_stdout(files, tmp_path, command):
+    """Any UTF-8 locale's stdout is strict: the file's name, not UTF-8, is printed as its bytes."""
+    path = os.path.join(os.fsencode(tmp_path), b"w\xe9\xff.keras")
+    shutil.copyfile(files["ours.keras"], path)
+    env = dict(os.environ, PYTHONIOENCODING="utf-8:strict")
+    run = subprocess.run([sys.executable, "-m", "kerassave_fast", command, path], capture_output=True, env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(path + b": ")
 
 
 def test_verify_has_h5py_check_the_datasets_the_rust_core_leaves(files, tmp_path, capsys):

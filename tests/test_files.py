@@ -56,6 +56,34 @@ def test_non_utf8_path_is_written_exactly_there(model, tmp_path, suffix):
                 np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
+LONG_MULTIBYTE = "\u00e9" * 118  # 236 bytes: a valid name, its first 120 characters more than NAME_MAX allows
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".weights.h5", ".h5"])
+def test_a_long_multibyte_name_is_saved_over_as_stock_saves_it(model, tmp_path, suffix):
+    """Our temporary file's name, made from the target's, stays within 255 bytes however many
+    bytes its characters take."""
+    path = os.path.join(tmp_path, LONG_MULTIBYTE + suffix)
+    save = ksf.save_weights if suffix == ".weights.h5" else ksf.save_model
+    for _ in range(2):  # a new file, then one replaced
+        save(model, path)
+        assert os.listdir(tmp_path) == [LONG_MULTIBYTE + suffix]
+    if suffix == ".weights.h5":
+        fresh = keras.models.clone_model(model)
+        keras.saving.load_weights(fresh, path)
+        for a, b in zip(model.weights, fresh.weights, strict=True):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+    else:  # stock Keras 3 cannot load a `.h5` of a model compiled with loss="mse"; ours can
+        assert_same_state(model, (ksf.load_model if suffix == ".h5" else keras.saving.load_model)(path))
+
+
+def test_a_temporary_name_is_cut_between_characters_within_120_bytes():
+    for name in (LONG_MULTIBYTE, "a" * 300, "\U0001f600" * 40, NON_UTF8 * 100, "ab\u00e9"):
+        kept = files._temporary_prefix(name)[1:-1]
+        assert name.startswith(kept) and len(os.fsencode(kept)) <= 120
+        assert kept == name or len(os.fsencode(name[: len(kept) + 1])) > 120  # no character more fits
+
+
 def _stock_saved(model, path) -> os.stat_result:
     keras.saving.save_model(model, path)
     return os.stat(path)

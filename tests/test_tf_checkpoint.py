@@ -190,6 +190,27 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
         assert (tmp_path / name).read_bytes() == data
 
 
+def test_a_prefix_tensorflow_cannot_encode_is_refused_as_stock_before_anything_is_written(tmp_path):
+    """TensorFlow refuses a prefix that is not UTF-8: the save fails as stock's does, and the files
+    already at that prefix are left as they were."""
+    model = trained(dense_adam)
+    prefix = os.path.join(tmp_path, os.fsdecode(b"w\xe9\xff"))
+    previous = {name: os.urandom(64) for name in (".index", ".data-00000-of-00001")}
+    for name, data in previous.items():
+        with open(prefix + name, "wb") as f:
+            f.write(data)
+    errors = {}
+    for who, save in (("stock", model.save_weights), ("ours", lambda p: ksf.save_weights(model, p))):
+        with pytest.raises(Exception) as raised:
+            save(prefix)
+        errors[who] = (type(raised.value), str(raised.value))
+        assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(prefix) + n for n in previous)
+        for name, data in previous.items():
+            with open(prefix + name, "rb") as f:
+                assert f.read() == data
+    assert errors["ours"] == errors["stock"]
+
+
 def test_options_and_stock_only_cases_go_to_stock(tmp_path):
     model = trained(dense_adam)
     ksf.save_weights(model, tmp_path / "opt" / "w", options=tf.train.CheckpointOptions())

@@ -15,6 +15,7 @@ TensorFlow is imported. h5py and numpy are imported where needed: `inspect` and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import json
@@ -543,6 +544,25 @@ def main(argv: list[str] | None = None) -> int:
         return _bench(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    with _paths_printable(sys.stdout):
+        return _run(args)
+
+
+@contextlib.contextmanager
+def _paths_printable(stream):
+    """A path's bytes that are not UTF-8 (kept by Python as surrogates) printed as those bytes, as
+    `ls` does, where a strict stream would raise UnicodeEncodeError (any UTF-8 locale's stdout)."""
+    if not isinstance(stream, io.TextIOWrapper) or stream.errors != "strict":
+        yield
+        return
+    stream.reconfigure(errors="surrogateescape")
+    try:
+        yield
+    finally:
+        stream.reconfigure(errors="strict")
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "inspect":
             report = inspect_file(args.file)

@@ -266,8 +266,14 @@ _HOST = "".join(c for c in socket.gethostname() if c.isalnum())[:32]
 
 
 def _temporary_prefix(name: str) -> str:
-    """`.<name>.`, cut so that the temporary file's name stays within NAME_MAX."""
-    return f".{name[:120]}."
+    """`.<name>.`, cut to at most 120 bytes, between characters (TensorFlow refuses a path that is
+    not UTF-8), so that the temporary file's name stays within NAME_MAX, 255 bytes."""
+    size = 0
+    for cut, character in enumerate(name):
+        size += len(os.fsencode(character))
+        if size > 120:
+            return f".{name[:cut]}."
+    return f".{name}."
 
 
 def _our_temporary_prefix(target: str) -> str:

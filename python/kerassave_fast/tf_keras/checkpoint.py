@@ -20,10 +20,20 @@ def is_tf_format_path(path: str) -> bool:
     return not path.endswith((".h5", ".keras", ".hdf5"))
 
 
+def _is_utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def can_save_fast(model, path: str | None, save_format, options) -> bool:
     import tensorflow as tf
 
     if path is None or not is_tf_format_path(path) or path.endswith(".weights.h5"):
+        return False
+    if not path.isascii() and not _is_utf8(path):  # stock's TensorFlow refuses it before writing anything
         return False
     if save_format is not None and (
         not isinstance(save_format, str) or save_format.lower().strip() not in ("tf", "tensorflow")
