@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import io
 import os
+import random
 import stat
 import sys
 import threading
@@ -432,6 +433,57 @@ def test_a_model_reading_its_weights_to_compile_sees_stocks_initial_values(tmp_p
         assert np.array_equal(ours, stock)
 
 
+@keras.saving.register_keras_serializable(package="kerassave_fast_tests")
+class FailsToCompile(keras.Model):
+    """Its `compile_from_config` raises: a load fails as stock's does, having run it once."""
+
+    calls = 0
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(2)
+
+    def call(self, x):
+        return self.dense(x)
+
+    def compile_from_config(self, config):
+        FailsToCompile.calls += 1
+        raise RuntimeError("this model cannot compile")
+
+
+def test_a_model_failing_its_own_compile_fails_the_load_as_stock_having_run_it_once(tmp_path):
+    path = _trained_and_saved(FailsToCompile(), tmp_path)
+    for load in (keras.saving.load_model, ksf.load_model):
+        FailsToCompile.calls = 0
+        with pytest.raises(RuntimeError, match="this model cannot compile"):
+            load(path)
+        assert FailsToCompile.calls == 1
+
+
+def test_a_rebuilt_model_draws_stocks_seeds(tmp_path):
+    """A compiled model inside the saved one makes our build give up and build the stock way: that
+    build draws the seeds stock's draws (Dropout's), so the next training step equals stock's."""
+    x, y = np.random.default_rng(0).random((16, 3), np.float32), np.random.default_rng(1).random((16, 2), np.float32)
+    keras.utils.set_random_seed(0)
+    layers = [keras.layers.Dense(8), keras.layers.Dropout(0.5), keras.layers.Dense(2)]
+    inner = keras.Sequential([keras.Input((3,)), *layers])
+    inner.compile(optimizer="adam", loss="mse")
+    outer = keras.Sequential([keras.Input((3,)), inner])
+    outer.compile(optimizer="adam", loss="mse")
+    outer.fit(x, y, verbose=0)
+    path = tmp_path / "m.keras"
+    ksf.save_model(outer, path)
+    stepped = {}
+    for name, load in (("stock", keras.saving.load_model), ("ours", ksf.load_model)):
+        keras.backend.clear_session()
+        keras.utils.set_random_seed(5)
+        loaded = load(path)
+        loaded.train_on_batch(x, y)
+        stepped[name] = [np.asarray(w) for w in loaded.weights] + [random.random()]
+    for ours, stock in zip(stepped["ours"], stepped["stock"], strict=True):
+        np.testing.assert_array_equal(ours, stock)
+
+
 def test_a_child_forked_during_a_save_has_the_garbage_collector_on():
     """The GC pause of a save or load in progress is the parent's: a forked child has none running."""
     from kerassave_fast import api
@@ -446,6 +498,20 @@ def test_a_child_forked_during_a_save_has_the_garbage_collector_on():
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert gc.isenabled() and gc.get_threshold() == was
+
+
+def test_a_child_forked_inside_a_save_counts_only_its_own_pauses():
+    from kerassave_fast import api
+
+    with api._no_gc_pauses():
+        pid = os.fork()
+    if pid == 0:
+        left = api._gc_pausers
+        with api._no_gc_pauses():
+            inside = gc.get_threshold()[0]
+        os._exit(0 if left == 0 and inside == 0 and gc.get_threshold()[0] > 0 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 class _SavesText(keras.layers.Layer):

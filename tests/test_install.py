@@ -147,6 +147,29 @@ def test_uninstall_cancels_the_environment_variable_s_pending_install():
     assert _with_environment_variable(code) == ["False"]
 
 
+@pytest.mark.parametrize(
+    "first_use",
+    ["kerassave_fast.load_model(sys.argv[1])", "from kerassave_fast import save_model", "kerassave_fast.install()"],
+)
+def test_the_environment_variable_s_install_when_kerassave_fast_imports_keras_first(tmp_path, first_use):
+    """kerassave_fast's own first import of Keras (its API's, or `install()`'s) runs the pending
+    install inside it: it completes, routes once (no wrapper of a wrapper), and warns of nothing."""
+    path = tmp_path / "m.keras"
+    keras.saving.save_model(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]), path)
+    code = (
+        "import sys, warnings; warnings.simplefilter('error')\n"
+        "import kerassave_fast\n"
+        f"{first_use}\n"
+        "import keras\n"
+        "original = keras.Model.save.__kerassave_fast_original__\n"
+        "print(kerassave_fast.installed(), original.__module__, hasattr(original, '__kerassave_fast_original__'))"
+    )
+    env = {**os.environ, "KERASSAVE_FAST": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    out = subprocess.run([sys.executable, "-c", code, path], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "keras.src.models.model", "False"]
+
+
 def test_keras_own_saving_tests_pass_with_install():
     """Keras 3's own `saving_api_test.py` (a copy of the installed release's), with `install()` in effect."""
     env = {**os.environ, "KSF_ROUTE": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}

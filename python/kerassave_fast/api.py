@@ -80,6 +80,7 @@ def _local_path(filepath, flavour: str) -> str | None:
 
 _gc_lock = threading.Lock()
 _gc_pausers = 0
+_gc_forks = 0  # in a child forked during pauses: how many times (the ends of those pauses are not counted)
 _gc_thresholds = gc.get_threshold()  # the application's, while a save or load pauses collections
 
 
@@ -101,21 +102,24 @@ def _no_gc_pauses():
             _gc_thresholds = gc.get_threshold()
             gc.set_threshold(*_paused(_gc_thresholds))
         _gc_pausers += 1
+        forks = _gc_forks
     try:
         yield
     finally:
         with _gc_lock:
-            _gc_pausers -= 1
-            if _gc_pausers == 0 and gc.get_threshold() == _paused(_gc_thresholds):
-                gc.set_threshold(*_gc_thresholds)
+            if forks == _gc_forks:  # else a child forked inside: its count began at 0 without this pause
+                _gc_pausers -= 1
+                if _gc_pausers == 0 and gc.get_threshold() == _paused(_gc_thresholds):
+                    gc.set_threshold(*_gc_thresholds)
 
 
 def _gc_in_child() -> None:
     """A child forked while a save or load ran has none running: collections back as they were, the count reset."""
-    global _gc_lock, _gc_pausers
+    global _gc_lock, _gc_pausers, _gc_forks
     _gc_lock = threading.Lock()  # it may have been held by a thread the child does not have
     if _gc_pausers:
         _gc_pausers = 0
+        _gc_forks += 1
         if gc.get_threshold() == _paused(_gc_thresholds):
             gc.set_threshold(*_gc_thresholds)
 

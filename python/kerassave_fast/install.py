@@ -61,28 +61,30 @@ def _route(original: Callable, ours: Callable, model_first: bool) -> Callable:
     return routed
 
 
-def _load_model_as(flavour: str) -> Callable:
-    def load_model(filepath, **kwargs):
+def _api(name: str, *first) -> Callable:
+    """`api.<name>`, called with `first` before the caller's arguments, looked up at each call: with
+    KERASSAVE_FAST=1, `install()` may run while `api` is being imported (its import of Keras)."""
+
+    def call(*args, **kwargs):
         from . import api
 
-        return api.load_model_as(flavour, filepath, **kwargs)
+        return getattr(api, name)(*first, *args, **kwargs)
 
-    return load_model
+    return call
 
 
 def _flavour_entry_points(flavour: str, saving_api, *model_classes) -> list[tuple[object, str, Callable, bool]]:
     """(owner, attribute, ours, model_first) of a flavour's saving functions and `Model` methods."""
-    from . import api
-
+    save_model, save_weights, load_weights = _api("save_model"), _api("save_weights"), _api("load_weights")
     points = [
-        (saving_api, "save_model", api.save_model, True),
-        (saving_api, "load_model", _load_model_as(flavour), False),
-        (saving_api, "save_weights", api.save_weights, True),
-        (saving_api, "load_weights", api.load_weights, True),
-        (model_classes[0], "save", api.save_model, True),
-        (model_classes[0], "save_weights", api.save_weights, True),
+        (saving_api, "save_model", save_model, True),
+        (saving_api, "load_model", _api("load_model_as", flavour), False),
+        (saving_api, "save_weights", save_weights, True),
+        (saving_api, "load_weights", load_weights, True),
+        (model_classes[0], "save", save_model, True),
+        (model_classes[0], "save_weights", save_weights, True),
     ]
-    return points + [(cls, "load_weights", api.load_weights, True) for cls in model_classes]
+    return points + [(cls, "load_weights", load_weights, True) for cls in model_classes]
 
 
 def _entry_points() -> list[tuple[object, str, Callable, bool]]:
@@ -110,10 +112,11 @@ def install() -> None:
     Idempotent (a second call changes nothing), undone by `uninstall()`, safe to call from any thread.
     """
     with _LOCK:
+        points = _entry_points()  # imports Keras: a pending `install_with_keras` may install in it
         if _UNDO:
             return
         routes: dict[int, Callable] = {}  # id(original function) -> its replacement
-        for owner, attribute, ours, model_first in _entry_points():
+        for owner, attribute, ours, model_first in points:
             original = vars(owner)[attribute]
             routed = _route(original, ours, model_first)
             _UNDO.append((owner, attribute, original))

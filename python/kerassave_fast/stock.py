@@ -22,8 +22,12 @@ def stock(module: str, name: str) -> Callable:
     key = (module, name)
     with _LOCK:
         function = _ORIGINALS.get(key)
-        if function is None:
-            function = _ORIGINALS[key] = getattr(importlib.import_module(module), name)
+    if function is None:
+        # Imported without the lock: with KERASSAVE_FAST=1, a first import of Keras runs `install()`,
+        # which pins (so takes the lock) before it routes anything; what it pinned is kept.
+        imported = importlib.import_module(module)
+        with _LOCK:
+            function = _ORIGINALS.setdefault(key, getattr(imported, name))
     return function
 
 

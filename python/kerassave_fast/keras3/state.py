@@ -15,6 +15,7 @@ import inspect
 import json
 import math
 import pathlib
+import random
 import sys
 import threading
 import weakref
@@ -467,6 +468,15 @@ class _CannotDefer(Exception):
     """The model's build did something that needs real variable values: build it the stock way."""
 
 
+class _StockError(Exception):
+    """`error`, raised by code run as stock's build runs it (the model's own `compile_from_config`,
+    its variables initialized): stock's build would raise it too, so it is not built again."""
+
+    def __init__(self, error: Exception):
+        super().__init__(error)
+        self.error = error
+
+
 def _can_defer_initialization() -> bool:
     return (
         backend.backend() == "tensorflow"
@@ -493,7 +503,10 @@ def _compile_without_optimizer_build(model, compile_config: dict, initialize_bui
     cls = type(model)
     if cls.compile is not Trainer.compile or cls.compile_from_config is not Trainer.compile_from_config:
         initialize_built()
-        model.compile_from_config(compile_config)
+        try:
+            model.compile_from_config(compile_config)
+        except Exception as e:
+            raise _StockError(e) from e
         return None
     model.compile(**deserialize_keras_object(compile_config))
     optimizer = getattr(model, "optimizer", None)
@@ -525,17 +538,26 @@ def _build_deferred(build: Callable[[Callable[[], None]], BuiltModel], stock_bui
         made, registry[first_new:] = registry[first_new:], []
         _initialize_leftovers(BuiltModel(None, made))
 
+    # Keras draws a seed for each initializer or SeedGenerator made without one (from Python's
+    # process-wide `random`: a thread drawing from it during a failed first attempt draws again after).
+    seeds = random.getstate()
     try:
         built = build(initialize_built)
+    except _StockError as e:
+        stock_error = e.error
     except Exception:
         del _uninitialized_registry()[first_new:]
-        # The stock build names its objects as if the first attempt had not been made (`dense`, not `dense_2`).
+        # The stock build names its objects and draws their seeds as if the first attempt had not
+        # been made (`dense`, not `dense_2`).
         global_state.set_global_attribute("object_name_uids", names_used)
+        random.setstate(seeds)
         return BuiltModel(stock_build())
-    registry = _uninitialized_registry()
-    built.uninitialized = registry[first_new:]
-    del registry[first_new:]
-    return built
+    else:
+        registry = _uninitialized_registry()
+        built.uninitialized = registry[first_new:]
+        del registry[first_new:]
+        return built
+    raise stock_error  # outside the handler: it keeps its own context
 
 
 def _deserialize_uninitialized(deserialize: Callable[[], object]):
