@@ -264,8 +264,55 @@ def test_async_model_checkpoint_raises_a_failed_write(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("kerassave_fast.formats.keras_zip.write_layout", broken_layout)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="No space left") as raised:
         _fit_with(AsyncModelCheckpoint, tmp_path, filepath=str(tmp_path / "ckpt-{epoch}.keras"))
+    failed = [p for p in ("ckpt-1.keras", "ckpt-2.keras") if repr(str(tmp_path / p)) in raised.value.__notes__[-1]]
+    assert failed and not (tmp_path / failed[0]).exists()  # the note names the save that failed
+
+
+@pytest.mark.parametrize("flavour", ["keras3", "tf_keras"])
+def test_a_checkpoint_path_that_is_a_directory_is_refused_at_its_save_as_stock(flavour, tmp_path):
+    """Stock's callback raises at the save whose path is a directory, naming it; so does ours,
+    rather than at the next save, through the background write's error."""
+    if flavour == "keras3":
+        stock_class = keras.callbacks.ModelCheckpoint
+        from kerassave_fast.callbacks import AsyncModelCheckpoint as ours_class
+    else:
+        import tf_keras
+
+        from kerassave_fast.callbacks import TFKerasAsyncModelCheckpoint as ours_class
+
+        stock_class = tf_keras.callbacks.ModelCheckpoint
+    messages = {}
+    for name, callback_class in (("stock", stock_class), ("ours", ours_class)):
+        (tmp_path / name / "ckpt-2.keras").mkdir(parents=True)
+        with pytest.raises(OSError) as raised:
+            _fit_with(callback_class, tmp_path, flavour, filepath=str(tmp_path / name / "ckpt-{epoch}.keras"))
+        messages[name] = str(raised.value).replace(f"/{name}/", "/")
+        assert sorted(os.listdir(tmp_path / name)) == ["ckpt-1.keras", "ckpt-2.keras"]
+    assert messages["ours"] == messages["stock"]
+
+
+class _SavesItsTokenizerToo(keras.Sequential):
+    """A model whose own `save` writes a file beside the model (as models with a tokenizer do)."""
+
+    def save(self, filepath, *args, **kwargs):
+        super().save(filepath, *args, **kwargs)
+        with open(f"{filepath}.tokenizer", "w") as f:
+            f.write("vocabulary")
+
+
+def test_a_model_s_own_save_is_what_the_checkpoint_calls_as_in_stock(tmp_path):
+    from kerassave_fast.callbacks import AsyncModelCheckpoint
+
+    x, y = np.ones((8, 4), np.float32), np.ones((8, 1), np.float32)
+    for name, callback_class in (("stock", keras.callbacks.ModelCheckpoint), ("ours", AsyncModelCheckpoint)):
+        model = _SavesItsTokenizerToo([keras.Input((4,)), keras.layers.Dense(1)], name="net")
+        model.compile("sgd", "mse")
+        model.fit(x, y, epochs=2, verbose=0, callbacks=[callback_class(str(tmp_path / name / "ckpt-{epoch}.keras"))])
+    written = sorted(os.listdir(tmp_path / "stock"))
+    assert written == ["ckpt-1.keras", "ckpt-1.keras.tokenizer", "ckpt-2.keras", "ckpt-2.keras.tokenizer"]
+    assert sorted(os.listdir(tmp_path / "ours")) == written
 
 
 @pytest.mark.parametrize("template", ["ckpt-{epoch:02d}.keras", "ckpt-{epoch:02d}.h5"])

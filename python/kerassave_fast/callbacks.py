@@ -3,13 +3,15 @@
 Stock's callback decides when and where to save (`save_freq`, `save_best_only`, filepath
 templates, `save_weights_only`); each save snapshots the model and returns while the file is
 written, so the next training steps run during the write. At most one save is in flight: the next
-one, and the end of `fit()`, wait for it, and a failed write raises there. `wait()` waits for it
-at any other time. `AsyncModelCheckpoint` is Keras 3's (`keras.callbacks.ModelCheckpoint`);
+one, and the end of `fit()`, wait for it, and a failed write raises there, naming its file; `wait()`
+waits for it at any other time. A model with its own `save` or `save_weights` is saved by that, as
+stock's callback saves it, and waited for. `AsyncModelCheckpoint` is Keras 3's (`keras.callbacks.ModelCheckpoint`);
 `TFKerasAsyncModelCheckpoint` is tf_keras' (`tf.keras` under `TF_USE_LEGACY_KERAS=1`).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 
 import keras
@@ -24,15 +26,26 @@ class _OneSaveInFlight:
 
     _in_flight: SaveHandle | None = None
     threads: int | None = None
+    _model_class: type  # the flavour's `Model`, whose `save`/`save_weights` a model may override
 
     def wait(self) -> None:
         """Waits for the save in flight, if any; raises what its write raised."""
         handle, self._in_flight = self._in_flight, None
         if handle is not None:
-            handle.result()
+            try:
+                handle.result()
+            except Exception as e:
+                e.add_note(f"(the checkpoint being written in the background to {handle.path!r})")
+                raise
 
     def _start_save(self, filepath: str, **kwargs) -> None:
         self.wait()
+        if os.path.isdir(filepath):  # raised now, as stock's save raises it, not by the write
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), filepath)
+        method = "save_weights" if self.save_weights_only else "save"
+        if getattr(type(self.model), method) is not getattr(self._model_class, method):
+            getattr(self.model, method)(filepath, overwrite=True, **kwargs)  # the model's own, as stock calls it
+            return
         save = api.save_weights if self.save_weights_only else api.save_model
         self._in_flight = save(self.model, filepath, overwrite=True, blocking=False, threads=self.threads, **kwargs)
 
@@ -44,6 +57,8 @@ class _OneSaveInFlight:
 class AsyncModelCheckpoint(_OneSaveInFlight, keras.callbacks.ModelCheckpoint):
     """`keras.callbacks.ModelCheckpoint`, with the same arguments plus `threads` (I/O threads of
     each save), writing each checkpoint in the background."""
+
+    _model_class = keras.Model
 
     def __init__(self, *args, threads: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -74,6 +89,8 @@ def _tf_keras_callback() -> type:
     class TFKerasAsyncModelCheckpoint(_OneSaveInFlight, tf_keras.callbacks.ModelCheckpoint):
         """tf_keras' `ModelCheckpoint`, with the same arguments plus `threads`, writing each
         checkpoint in the background (`.keras` and `.h5` files; other formats save as stock)."""
+
+        _model_class = tf_keras.Model
 
         def __init__(self, *args, threads: int | None = None, **kwargs):
             super().__init__(*args, **kwargs)
