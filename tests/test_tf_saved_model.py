@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import filecmp
+import functools
 import io
 import os
 import sys
@@ -161,9 +162,13 @@ def test_resave_replaces_the_directory_and_keeps_foreign_ones(tmp_path):
     (target / "assets.extra").mkdir()  # TF Serving's warm-up requests: stock's save leaves them
     (target / "assets.extra" / "tf_serving_warmup_requests").write_bytes(b"requests")
     model.train_on_batch(*batch(model, seed=6))
+    (target / "assets" / "labels.txt").write_text("cat")  # a user's file inside an entry the save writes
+    (target / "variables" / "README").write_text("mine")
     ksf.save_model(model, target)
     assert not (target / "variables" / "variables.data-00000-of-00002").exists()
     assert (target / "assets.extra" / "tf_serving_warmup_requests").read_bytes() == b"requests"
+    assert (target / "assets" / "labels.txt").read_text() == "cat"
+    assert (target / "variables" / "README").read_text() == "mine"
     assert sorted(os.listdir(tmp_path)) == ["sm"]  # nothing left beside it
     loaded = tf_keras.models.load_model(str(target))
     for a, b in zip(model.weights, loaded.weights, strict=True):
@@ -174,6 +179,25 @@ def test_resave_replaces_the_directory_and_keeps_foreign_ones(tmp_path):
     ksf.save_model(model, tmp_path / "project")
     assert (tmp_path / "project" / "notes.txt").read_text() == "mine"
     assert (tmp_path / "project" / "saved_model.pb").exists()
+
+
+@pytest.mark.parametrize("loader", ["stock", "ours"])
+def test_a_revived_model_saved_over_its_own_directory_keeps_its_file_assets(tmp_path, loader):
+    """A model loaded from a SavedModel no longer tracks its vocabulary file, which the graph still
+    names in the directory's `assets/`: saved back over it, stock keeps the file (it writes in
+    place), and so must we."""
+    (tmp_path / "vocab.txt").write_text("a\nb\nc\n")
+    inputs = tf_keras.Input((1,), dtype=tf.string)
+    indices = tf_keras.layers.StringLookup(vocabulary=str(tmp_path / "vocab.txt"))(inputs)
+    model = tf_keras.Model(inputs, tf_keras.layers.Dense(1)(tf.cast(indices, tf.float32)))
+    target = str(tmp_path / "sm")
+    tf_keras.models.save_model(model, target, save_format="tf")
+    load = tf_keras.models.load_model if loader == "stock" else functools.partial(ksf.load_model_as, "tf_keras")
+    revived = load(target)
+    ksf.save_model(revived, target, save_format="tf")
+    assert (tmp_path / "sm" / "assets" / "vocab.txt").read_text() == "a\nb\nc\n"
+    words = tf.constant([["b"], ["z"]])
+    np.testing.assert_array_equal(tf_keras.models.load_model(target)(words), model(words))
 
 
 def test_a_failed_save_leaves_the_previous_saved_model(tmp_path, monkeypatch):

@@ -292,16 +292,32 @@ def staged_directory(filepath: str) -> Iterator[str]:
 
 
 def _carry_over_unwritten(target: str, staging: str) -> None:
-    """Copies into the new SavedModel the entries of the previous one that this save did not write
-    (`assets.extra`: TF Serving's warm-up requests, `debug`): stock writes into the directory, so
-    they stay. Entries the save wrote replace the previous ones whole (no stale variable shards)."""
-    written = set(os.listdir(staging))
-    for name in sorted(set(os.listdir(target)) - written):
-        source, destination = os.path.join(target, name), os.path.join(staging, name)
-        if os.path.isdir(source) and not os.path.islink(source):
-            shutil.copytree(source, destination, symlinks=True)
-        else:
-            shutil.copy2(source, destination, follow_symlinks=False)
+    """Puts into the new SavedModel what the previous one holds and this save did not write, at any
+    depth: stock writes into the directory, so those stay (`assets.extra`, TF Serving's warm-up
+    requests; a file in `assets/` that the graph still names though the model, revived from this
+    directory, no longer tracks it; a user's file). Only the data shards of the previous
+    checkpoint are left behind: the new index names none of them."""
+    stale_shards = os.path.join(target, "variables")
+    for root, directories, files in os.walk(target):
+        into = os.path.join(staging, os.path.relpath(root, target))
+        links = [name for name in directories if os.path.islink(os.path.join(root, name))]  # kept as links
+        for name in list(directories):
+            source, destination = os.path.join(root, name), os.path.join(into, name)
+            if name in links:
+                directories.remove(name)
+            elif not os.path.lexists(destination):
+                os.mkdir(destination)
+                shutil.copystat(source, destination)
+            elif not os.path.isdir(destination) or os.path.islink(destination):
+                directories.remove(name)  # this save wrote a file there: the old directory goes
+        for name in files + links:
+            source, destination = os.path.join(root, name), os.path.join(into, name)
+            if os.path.lexists(destination) or (root == stale_shards and name.startswith("variables.data-")):
+                continue
+            try:
+                os.link(source, destination, follow_symlinks=False)  # the old directory is removed next
+            except OSError:
+                shutil.copy2(source, destination, follow_symlinks=False)
 
 
 def _entries_or_none(path: str) -> set[str] | None:
