@@ -125,6 +125,33 @@ def test_a_failed_background_write_raises_from_result_and_keeps_the_old_file(tmp
     assert sorted(os.listdir(tmp_path)) == ["m.keras"]  # no temporary left
 
 
+def test_a_failed_background_write_no_one_asks_about_is_warned_of(tmp_path):
+    """A blocking save would have raised it: a handle let go, or held at exit, without `.result()`,
+    warns of it once; a handle asked does not."""
+    script = f"""
+import gc, sys, warnings, keras, kerassave_fast
+warnings.simplefilter("always")
+model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+missing = {str(tmp_path / "missing")!r}
+asked = kerassave_fast.save_model(model, missing + "/asked.keras", blocking=False)
+try:
+    asked.result()
+except OSError:
+    print("raised", flush=True)
+del asked
+kerassave_fast.save_model(model, missing + "/dropped.keras", blocking=False)  # the handle let go at once
+kerassave_fast.save_model(model, {str(tmp_path / "ok.keras")!r})  # waits for it
+gc.collect()
+held = kerassave_fast.save_model(model, missing + "/held.keras", blocking=False)  # still held at exit
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["raised"]
+    warned = [line for line in run.stderr.splitlines() if "RuntimeWarning: kerassave_fast: the background save" in line]
+    assert len(warned) == 2 and "dropped.keras" in warned[0] and "held.keras" in warned[1], run.stderr[-3000:]
+    assert (tmp_path / "ok.keras").exists()
+
+
 def test_errors_before_the_write_raise_at_the_call(tmp_path):
     model = MODELS["seed_example"]()
     with pytest.raises(ValueError, match="`blocking` must be True or False"):

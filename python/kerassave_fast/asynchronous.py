@@ -15,6 +15,8 @@ import contextvars
 import os
 import queue
 import threading
+import warnings
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 
@@ -35,6 +37,10 @@ class SaveHandle:
         self.path = path
         self.asynchronous = asynchronous
         self._future = future
+        future.unseen = True  # its error, if it fails, until `result()` or a callback is given it
+
+    def __del__(self) -> None:
+        _warn_if_unseen(self._future, self.path)
 
     def done(self) -> bool:
         """Whether the save has finished, successfully or not."""
@@ -51,11 +57,13 @@ class SaveHandle:
     def result(self, timeout: float | None = None):
         """Waits for the save; returns what the blocking save returns (None), or raises what it
         raised. `TimeoutError` if it is not done within `timeout` seconds."""
+        self._future.unseen = False
         return self._future.result(timeout)
 
     def add_done_callback(self, callback: Callable[[SaveHandle], object]) -> None:
         """Calls `callback(handle)` once the save has finished (at once if it has), on the thread
         that finished it."""
+        self._future.unseen = False
         self._future.add_done_callback(lambda _: callback(self))
 
     def __repr__(self) -> str:
@@ -68,6 +76,27 @@ def wait_for_previous() -> None:
     future = _in_flight
     if future is not None:
         future.exception()
+
+
+def _warn_if_unseen(future: Future, path) -> None:
+    """Warns, once, of a failed background save whose error no one asked its handle for (a handle
+    let go, or held at exit): a blocking save would have raised it."""
+    if getattr(future, "unseen", False) and future.done() and future.exception() is not None:
+        future.unseen = False
+        warnings.warn(
+            f"kerassave_fast: the background save to {path!r} failed, and its handle was not asked "
+            f"(`.result()`): {future.exception()!r}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+def _wait_at_exit() -> None:
+    """The process does not end before the save in flight is written, nor with its failure unsaid."""
+    wait_for_previous()
+    future = _in_flight
+    if future is not None:
+        _warn_if_unseen(future, getattr(future, "path", None))
 
 
 class Deferred:
@@ -107,12 +136,15 @@ class Deferred:
             finally:
                 write = None  # the views, and the buffers they keep alive, go now
 
+        handle = SaveHandle(path, future, asynchronous=True)
+        future.path, handle_alive = path, weakref.ref(handle)
+        future.add_done_callback(lambda f: None if handle_alive() is not None else _warn_if_unseen(f, path))
         with _LOCK:
             wait_for_previous()
             _in_flight = future
             future.set_running_or_notify_cancel()
             _writer_jobs().put(run)
-        return SaveHandle(path, future, asynchronous=True)
+        return handle
 
 
 _jobs: queue.SimpleQueue | None = None  # the writer thread's, once it runs
@@ -143,7 +175,7 @@ def _forget_in_child() -> None:
     _jobs, _in_flight = None, None
 
 
-atexit.register(wait_for_previous)
+atexit.register(_wait_at_exit)
 os.register_at_fork(after_in_child=_forget_in_child)
 
 
