@@ -222,6 +222,52 @@ def _copy(files, name: str, tmp_path) -> str:
     return target
 
 
+@pytest.mark.parametrize("damage", ["truncated", "a name changed"])
+def test_verify_finds_a_damaged_saved_model_graph(files, tmp_path, capsys, damage):
+    """saved_model.pb must parse, and equal what fingerprint.pb's hashes say of it."""
+    target = _copy(files, "saved_model", tmp_path)
+    graph = os.path.join(target, "saved_model.pb")
+    with open(graph, "rb") as f:
+        data = bytearray(f.read())
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        at = data.find(b"dense")
+        data[at + 1] = ord("x")
+    with open(graph, "wb") as f:
+        f.write(data)
+    assert cli.main(["verify", target]) == 1
+    out = capsys.readouterr().out
+    assert ("does not parse" if damage == "truncated" else "saved_model_checksum does not match") in out
+
+
+def test_a_keras_whose_json_member_is_not_an_object_is_a_named_problem(files, tmp_path, capsys):
+    import zipfile
+
+    path = tmp_path / "m.keras"
+    with zipfile.ZipFile(files["ours.keras"]) as source, zipfile.ZipFile(path, "w") as archive:
+        for name in source.namelist():
+            archive.writestr(name, b"[1, 2]" if name == "metadata.json" else source.read(name))
+    assert cli.main(["verify", str(path)]) == 1
+    assert "'metadata.json' is not a JSON object" in capsys.readouterr().out
+    assert cli.main(["inspect", str(path)]) == 1
+    expected = f"kerassave-fast inspect: {path}: member 'metadata.json' is not a JSON object"
+    assert capsys.readouterr().err.strip() == expected
+
+
+@pytest.mark.parametrize("threads", ["-1", "300", "two"])
+def test_verify_refuses_a_thread_count_out_of_range(files, threads, capsys):
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["verify", "--threads", threads, files["ours.keras"]])
+    assert raised.value.code == 2 and "--threads" in capsys.readouterr().err
+
+
+def test_convert_to_sharded_weights_is_refused_naming_the_file(files, tmp_path, capsys):
+    destination = str(tmp_path / "m.weights.json")
+    assert cli.main(["convert", files["ours.keras"], destination]) == 1
+    assert destination in capsys.readouterr().err and not os.path.exists(destination)
+
+
 def test_verify_finds_a_flipped_tensor_byte_in_a_keras_zip(files, tmp_path, capsys):
     path = _copy(files, "ours.keras", tmp_path)
     archive = KerasArchive(path)

@@ -95,6 +95,13 @@ def test_tf_keras_export_is_stocks_with_identical_variables(tmp_path, monkeypatc
     np.testing.assert_array_equal(served.serve(x).numpy(), model(x).numpy())
 
 
+@pytest.mark.parametrize("option", [{"compression": "gzip"}, {"checksum": True}])
+def test_compression_options_are_refused_rather_than_dropped(tmp_path, option):
+    with pytest.raises(ValueError, match="apply to local"):
+        ksf.export_saved_model(keras3_model(), tmp_path / "sm", verbose=False, **option)
+    assert not (tmp_path / "sm").exists()
+
+
 def test_keras3_save_format_tf_keeps_stocks_error(tmp_path):
     model = keras3_model()
     with pytest.raises(ValueError) as stock:

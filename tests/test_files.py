@@ -90,6 +90,15 @@ def _stock_saved(model, path) -> os.stat_result:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another owner needs root")
+@pytest.mark.parametrize("suffix", [".keras", ".weights.h5"])
+def test_a_save_into_a_missing_directory_names_the_target_as_stock(model, tmp_path, suffix):
+    path = str(tmp_path / "missing" / f"m{suffix}")
+    save = ksf.save_weights if suffix == ".weights.h5" else ksf.save_model
+    with pytest.raises(FileNotFoundError) as raised:
+        save(model, path)
+    assert raised.value.filename == path
+
+
 def test_owner_group_and_mode_carry_over_like_stock(model, tmp_path):
     theirs, ours = tmp_path / "stock.keras", tmp_path / "ours.keras"
     for p in (theirs, ours):

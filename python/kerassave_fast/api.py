@@ -543,6 +543,7 @@ def export_saved_model(model, filepath, **kwargs):
     Remote paths and other formats go to `model.export` unchanged."""
     threads = _threads(kwargs.pop("threads", None))
     max_shard_bytes = tensor_bundle.max_shard_bytes(kwargs.pop("max_shard_size", None))
+    _no_compression_here(_compression(kwargs), filepath)  # (`export` would take and drop them)
     path = _local_path(filepath, _flavour(model))
     asynchronous.wait_for_previous()
     if path is None or kwargs.get("format", "tf_saved_model") != "tf_saved_model":

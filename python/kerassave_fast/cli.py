@@ -27,7 +27,7 @@ import zipfile
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from ._core import KerasSaveError, TensorBundleReader, TensorFile, ZipArchive, hdf5_stored_datasets
+from ._core import MAX_THREADS, KerasSaveError, TensorBundleReader, TensorFile, ZipArchive, hdf5_stored_datasets
 from .files import FileRegion
 from .formats.zip_members import member_name
 
@@ -167,6 +167,19 @@ def _open_keras(path: str) -> _OpenKeras:
     return _OpenKeras(archive, {member_name(m): m.index for m in archive.members()}, file)
 
 
+def _json_member(opened: _OpenKeras, name: str, path: str) -> dict:
+    """A `.keras`'s JSON member, which stock reads as an object."""
+    if name not in opened.names:
+        raise KerasSaveError(f"{path}: member {name!r} is missing")
+    try:
+        value = json.loads(opened.archive.read(opened.names[name]))
+    except ValueError as e:
+        raise KerasSaveError(f"{path}: member {name!r} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise KerasSaveError(f"{path}: member {name!r} is not a JSON object")
+    return value
+
+
 @dataclass
 class _HDF5In:
     """An HDF5 file: `size` bytes at `start` of `source` (a file, or bytes), `where` in errors."""
@@ -258,8 +271,7 @@ def inspect_file(path: str) -> Report:
     report = Report(path, file_format(path))
     if report.format == KERAS_ZIP:
         opened = _open_keras(path)
-        metadata = json.loads(opened.archive.read(opened.names["metadata.json"]))
-        config = json.loads(opened.archive.read(opened.names["config.json"]))
+        metadata, config = _json_member(opened, "metadata.json", path), _json_member(opened, "config.json", path)
         report.keras_version = metadata.get("keras_version")
         report.flavour = _flavour_of(report.keras_version)
         _model_summary(report, config)
@@ -331,10 +343,11 @@ def verify_file(path: str, threads: int = 0) -> list[str]:
                 return problems + _verify_hdf5(h5, hdf5.size, path, listed)
         if kind == SHARDED_WEIGHTS:
             return [p for shard in _shards(path) for p in verify_file(shard, threads)]
-        prefix = os.path.join(path, "variables", "variables") if kind == SAVED_MODEL else path
-        return _verify_bundle(prefix, threads)
+        if kind == SAVED_MODEL:
+            return _verify_saved_model(path) + _verify_bundle(os.path.join(path, "variables", "variables"), threads)
+        return _verify_bundle(path, threads)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        return [f"{path}: {e}"]
+        return [str(e) if path in str(e) else f"{path}: {e}"]
 
 
 def _verify_keras(path: str, threads: int) -> list[str]:
@@ -349,13 +362,10 @@ def _verify_keras(path: str, threads: int) -> list[str]:
         except (OSError, ValueError) as e:
             problems.append(str(e))
     for name in ("metadata.json", "config.json"):
-        if name not in opened.names:
-            problems.append(f"{path}: member {name!r} is missing")
-            continue
         try:
-            json.loads(opened.archive.read(opened.names[name]))
-        except (ValueError, OSError) as e:
-            problems.append(f"{path}: member {name!r} is not valid JSON: {e}")
+            _json_member(opened, name, path)
+        except (KerasSaveError, OSError) as e:
+            problems.append(str(e))
     if "model.weights.h5" in opened.names and not problems:
         where = f"{path}: 'model.weights.h5'"
         try:
@@ -477,6 +487,51 @@ def _verify_bundle(prefix: str, threads: int) -> list[str]:
     return problems
 
 
+# What TensorFlow's fingerprint.pb holds of a SavedModel's files (hashes of their content).
+_FINGERPRINTED = (
+    "saved_model_checksum", "graph_def_program_hash", "signature_def_hash", "saved_object_graph_hash", "checkpoint_hash"
+)  # fmt: skip
+
+
+def _verify_saved_model(path: str) -> list[str]:
+    """The SavedModel's protocol buffers parse, and TensorFlow's hashes of its files, recomputed,
+    equal those its fingerprint.pb recorded at the save (a changed byte in the graph is found)."""
+    from google.protobuf.message import DecodeError
+    from tensorflow.core.protobuf import fingerprint_pb2
+    from tensorflow.python.saved_model import loader_impl
+    from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting
+
+    try:
+        loader_impl.parse_saved_model(path)
+    except (OSError, DecodeError) as e:
+        return [f"{path}: saved_model.pb does not parse: {e}"]
+    problems = []
+    metadata = os.path.join(path, "keras_metadata.pb")
+    if os.path.exists(metadata):
+        from tf_keras.protobuf import saved_metadata_pb2
+
+        with open(metadata, "rb") as f:
+            try:
+                saved_metadata_pb2.SavedMetadata().ParseFromString(f.read())
+            except DecodeError as e:
+                problems.append(f"{metadata} does not parse: {e}")
+    recorded = os.path.join(path, "fingerprint.pb")
+    if os.path.exists(recorded):  # (TensorFlow before 2.12 wrote none)
+        stored, fresh = fingerprint_pb2.FingerprintDef(), fingerprint_pb2.FingerprintDef()
+        try:
+            with open(recorded, "rb") as f:
+                stored.ParseFromString(f.read())
+            fresh.ParseFromString(fingerprinting.CreateFingerprintDef(path))
+        except (OSError, DecodeError, fingerprinting.FingerprintException) as e:
+            return [*problems, f"{recorded}: {e}"]
+        problems += [
+            f"{recorded}: its {name} does not match the files (changed or damaged since the save)"
+            for name in _FINGERPRINTED
+            if getattr(stored, name) != getattr(fresh, name)
+        ]
+    return problems
+
+
 def convert(source: str, destination: str, **save_kwargs) -> None:
     """Loads `source` (its own flavour) and saves it as `destination` says (`.keras`, `.h5`,
     `.weights.h5`, else a SavedModel: tf_keras' `save_format="tf"`, Keras 3's `export`)."""
@@ -486,6 +541,8 @@ def convert(source: str, destination: str, **save_kwargs) -> None:
     weights_only = report.format in (WEIGHTS_H5, SHARDED_WEIGHTS, TF_CHECKPOINT)
     if weights_only or (report.format == LEGACY_H5 and report.model is None):
         raise KerasSaveError(f"{source}: holds weights only, no model to convert")
+    if destination.endswith(".json"):
+        raise KerasSaveError(f"{destination}: sharded weights need `max_shard_size`, which convert does not take")
     flavour = report.flavour or ("tf_keras" if api.legacy_keras_requested() else "keras3")
     model = api.load_model_as(flavour, source)
     if destination.endswith(".weights.h5"):
@@ -524,6 +581,13 @@ def _bench(args: list[str]) -> int:
     return subprocess.call([sys.executable, os.path.abspath(script), *args])
 
 
+def _thread_count(text: str) -> int:
+    count = int(text)
+    if not 0 <= count <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be from 0 (all cores) to {MAX_THREADS}")
+    return count
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kerassave-fast", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -532,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("--json", action="store_true", help="print JSON")
     verify = commands.add_parser("verify", help="check CRCs and structure (exit code 1 if anything is wrong)")
     verify.add_argument("file")
-    verify.add_argument("--threads", type=int, default=0)
+    verify.add_argument("--threads", type=_thread_count, default=0, help=f"0 (all cores) to {MAX_THREADS}")
     conv = commands.add_parser("convert", help="load SRC, save DST")
     conv.add_argument("source")
     conv.add_argument("destination")
@@ -582,7 +646,8 @@ def _run(args: argparse.Namespace) -> int:
             options["compression_level"] = args.compression_level
         convert(args.source, args.destination, **options)
         return 0
-    except _HDF5_ERRORS as e:
+    except Exception as e:  # one line naming the file, not a traceback (a model stock cannot load, ...)
         named = getattr(args, "file", None) or args.source
-        print(f"kerassave-fast {args.command}: {e if named in str(e) else f'{named}: {e}'}", file=sys.stderr)
+        what = str(e) if isinstance(e, _HDF5_ERRORS) else f"{type(e).__name__}: {e}"
+        print(f"kerassave-fast {args.command}: {what if named in what else f'{named}: {what}'}", file=sys.stderr)
         return 1

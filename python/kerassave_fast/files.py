@@ -160,9 +160,9 @@ def atomic_replace(filepath: str) -> Iterator[Destination]:
     if previous is None or previous.st_dev == os.stat(directory).st_dev:
         try:
             fd, tmp_path = tempfile.mkstemp(prefix=_our_temporary_prefix(target), suffix=".tmp", dir=directory)
-        except PermissionError:
-            if previous is None:  # stock could not create it either
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), filepath) from None
+        except OSError as e:
+            if previous is None or not isinstance(e, PermissionError):  # stock could not create it either
+                raise type(e)(e.errno, e.strerror, filepath) from None  # named as stock names it
     if tmp_path is None:
         _refuse_if_mapped(target, filepath)
         yield from _in_place(target)
