@@ -320,6 +320,17 @@ def test_a_checkpoint_path_that_is_a_directory_is_refused_at_its_save_as_stock(f
     assert messages["ours"] == messages["stock"]
 
 
+def test_a_tf_keras_saved_model_checkpoint_is_saved_over_as_stock(tmp_path):
+    """A SavedModel checkpoint is a directory: saved again to the same path, as stock's callback does."""
+    import tf_keras
+
+    from kerassave_fast.callbacks import TFKerasAsyncModelCheckpoint
+
+    for name, callback_class in (("stock", tf_keras.callbacks.ModelCheckpoint), ("ours", TFKerasAsyncModelCheckpoint)):
+        _fit_with(callback_class, tmp_path, "tf_keras", filepath=str(tmp_path / name / "ckpt"))
+    assert sorted(os.listdir(tmp_path / "ours" / "ckpt")) == sorted(os.listdir(tmp_path / "stock" / "ckpt"))
+
+
 class _SavesItsTokenizerToo(keras.Sequential):
     """A model whose own `save` writes a file beside the model (as models with a tokenizer do)."""
 

@@ -241,6 +241,15 @@ def test_verify_finds_a_damaged_saved_model_graph(files, tmp_path, capsys, damag
     assert ("does not parse" if damage == "truncated" else "saved_model_checksum does not match") in out
 
 
+def test_verify_of_a_tf_keras_saved_model_needs_no_tf_keras(files):
+    """tf_keras is optional: without it, the SavedModel's graph and hashes are still checked."""
+    hidden = "import sys; sys.modules['tf_keras'] = None"
+    script = f"{hidden}; import kerassave_fast.cli as c; sys.exit(c.main(sys.argv[1:]))"
+    command = [sys.executable, "-c", script, "verify", files["saved_model"]]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith(": OK"), run.stderr[-2000:]
+
+
 def test_a_keras_whose_json_member_is_not_an_object_is_a_named_problem(files, tmp_path, capsys):
     import zipfile
 

@@ -8,6 +8,7 @@ import filecmp
 import functools
 import io
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -198,6 +199,39 @@ def test_a_revived_model_saved_over_its_own_directory_keeps_its_file_assets(tmp_
     assert (tmp_path / "sm" / "assets" / "vocab.txt").read_text() == "a\nb\nc\n"
     words = tf.constant([["b"], ["z"]])
     np.testing.assert_array_equal(tf_keras.models.load_model(target)(words), model(words))
+
+
+_CARRY_OVER = """
+import os, sys
+from kerassave_fast.formats.saved_model import _carry_over_unwritten
+old, new = sys.argv[1], sys.argv[2]
+try:
+    _carry_over_unwritten(old, new)
+except PermissionError:
+    sys.exit("refused")
+print(oct(os.stat(os.path.join(new, "assets", "ro")).st_mode & 0o777), os.listdir(os.path.join(new, "assets", "ro")))
+"""
+
+
+@pytest.mark.parametrize("mode", [0o555, 0o300])
+def test_the_previous_directory_s_read_only_or_unlistable_directories_are_carried_whole(tmp_path, mode):
+    """Run without root's right to ignore permissions: a read-only directory is filled before its
+    mode is copied; one that cannot be listed fails the save rather than losing its files."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    (old / "assets" / "ro").mkdir(parents=True)
+    (old / "assets" / "ro" / "vocab.txt").write_text("a")
+    (new / "assets").mkdir(parents=True)
+    os.chmod(old / "assets" / "ro", mode)
+    command = [sys.executable, "-c", _CARRY_OVER, str(old), str(new)]
+    if os.geteuid() == 0:  # root ignores permissions: drop that power for the check
+        command = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search", *command]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    os.chmod(old / "assets" / "ro", 0o755)
+    if mode == 0o555:
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout.split() == ["0o555", "['vocab.txt']"]
+    else:
+        assert run.returncode == 1 and run.stderr.strip().endswith("refused"), run.stderr[-2000:]
 
 
 def test_a_failed_save_leaves_the_previous_saved_model(tmp_path, monkeypatch):

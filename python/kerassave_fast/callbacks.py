@@ -40,7 +40,8 @@ class _OneSaveInFlight:
 
     def _start_save(self, filepath: str, **kwargs) -> None:
         self.wait()
-        if os.path.isdir(filepath):  # raised now, as stock's save raises it, not by the write
+        if filepath.endswith((".keras", ".h5", ".hdf5")) and os.path.isdir(filepath):  # (a SavedModel is one)
+            # raised now, as stock's save raises it, not by the background write
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), filepath)
         method = "save_weights" if self.save_weights_only else "save"
         if getattr(type(self.model), method) is not getattr(self._model_class, method):

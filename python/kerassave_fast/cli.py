@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import io
 import json
 import math
@@ -507,7 +508,7 @@ def _verify_saved_model(path: str) -> list[str]:
         return [f"{path}: saved_model.pb does not parse: {e}"]
     problems = []
     metadata = os.path.join(path, "keras_metadata.pb")
-    if os.path.exists(metadata):
+    if os.path.exists(metadata) and importlib.util.find_spec("tf_keras") is not None:  # (tf_keras' own format)
         from tf_keras.protobuf import saved_metadata_pb2
 
         with open(metadata, "rb") as f:

@@ -298,7 +298,12 @@ def _carry_over_unwritten(target: str, staging: str) -> None:
     directory, no longer tracks it; a user's file). Only the data shards of the previous
     checkpoint are left behind: the new index names none of them."""
     stale_shards = os.path.join(target, "variables")
-    for root, directories, files in os.walk(target):
+    made: list[tuple[str, str]] = []  # directories made here: their modes are copied once they are filled
+
+    def unreadable(error: OSError) -> None:
+        raise error  # (`os.walk` would skip it: its files would be lost with the old directory)
+
+    for root, directories, files in os.walk(target, onerror=unreadable):
         into = os.path.join(staging, os.path.relpath(root, target))
         links = [name for name in directories if os.path.islink(os.path.join(root, name))]  # kept as links
         for name in list(directories):
@@ -307,7 +312,7 @@ def _carry_over_unwritten(target: str, staging: str) -> None:
                 directories.remove(name)
             elif not os.path.lexists(destination):
                 os.mkdir(destination)
-                shutil.copystat(source, destination)
+                made.append((source, destination))
             elif not os.path.isdir(destination) or os.path.islink(destination):
                 directories.remove(name)  # this save wrote a file there: the old directory goes
         for name in files + links:
@@ -318,6 +323,8 @@ def _carry_over_unwritten(target: str, staging: str) -> None:
                 os.link(source, destination, follow_symlinks=False)  # the old directory is removed next
             except OSError:
                 shutil.copy2(source, destination, follow_symlinks=False)
+    for source, destination in reversed(made):  # deepest first: a read-only one is filled already
+        shutil.copystat(source, destination)
 
 
 def _entries_or_none(path: str) -> set[str] | None:
