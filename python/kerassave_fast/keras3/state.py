@@ -536,7 +536,7 @@ def _build_deferred(build: Callable[[Callable[[], None]], BuiltModel], stock_bui
     def initialize_built() -> None:
         registry = _uninitialized_registry()
         made, registry[first_new:] = registry[first_new:], []
-        _initialize_leftovers(BuiltModel(None, made))
+        _initialize_leftovers(made)
 
     # Keras draws a seed for each initializer or SeedGenerator made without one (from Python's
     # process-wide `random`: a thread drawing from it during a failed first attempt draws again after).
@@ -609,7 +609,7 @@ def initializing(built: BuiltModel, arrays=()):
         with _adopting(_variables_of(built), arrays):
             yield
     finally:
-        _initialize_leftovers(built)
+        _initialize_leftovers(built.uninitialized)
 
 
 class _PreloadedWeights(saving_lib.H5IOStore):
@@ -733,9 +733,9 @@ def _variables_of(built: BuiltModel) -> list:
     return found
 
 
-def _initialize_leftovers(built: BuiltModel) -> None:
+def _initialize_leftovers(variables: list) -> None:
     """Variables the file did not provide get their initializers' values, as in a stock build."""
-    for v in built.uninitialized:
+    for v in variables:
         if v._value is None:
             v._deferred_initialize()
 
@@ -832,12 +832,12 @@ def _load_from(built: BuiltModel, store, arrays_left: Callable[[], list], assets
                     failed_saveables=failed,
                     error_msgs=errors,
                 )
-            _initialize_leftovers(built)
+            _initialize_leftovers(built.uninitialized)
             if saveable is model and optimizer is not None:
                 _build_optimizer(built)
                 visited.discard(id(optimizer))
                 walks.append((optimizer, _path_of(model, optimizer)))
     finally:
-        _initialize_leftovers(built)
+        _initialize_leftovers(built.uninitialized)
     if failed:
         saving_lib._raise_loading_failure(errors, warn_only=skip_mismatch)
