@@ -109,8 +109,14 @@ def _no_gc_pauses():
         with _gc_lock:
             if forks == _gc_forks:  # else a child forked inside: its count began at 0 without this pause
                 _gc_pausers -= 1
-                if _gc_pausers == 0 and gc.get_threshold() == _paused(_gc_thresholds):
-                    gc.set_threshold(*_gc_thresholds)
+                if _gc_pausers == 0:
+                    _unpause()
+
+
+def _unpause() -> None:
+    """Collections back at the application's thresholds, unless it set others meanwhile."""
+    if gc.get_threshold() == _paused(_gc_thresholds):
+        gc.set_threshold(*_gc_thresholds)
 
 
 def _gc_in_child() -> None:
@@ -120,8 +126,7 @@ def _gc_in_child() -> None:
     if _gc_pausers:
         _gc_pausers = 0
         _gc_forks += 1
-        if gc.get_threshold() == _paused(_gc_thresholds):
-            gc.set_threshold(*_gc_thresholds)
+        _unpause()
 
 
 os.register_at_fork(after_in_child=_gc_in_child)
