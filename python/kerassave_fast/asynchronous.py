@@ -34,13 +34,17 @@ class SaveHandle:
     """
 
     def __init__(self, path, future: Future, asynchronous: bool):
-        self.path = path
         self.asynchronous = asynchronous
         self._future = future
+        future.path = path  # the future's, so its failure can be named once the handle is gone
         future.unseen = True  # its error, if it fails, until `result()` or a callback is given it
 
+    @property
+    def path(self):
+        return self._future.path
+
     def __del__(self) -> None:
-        _warn_if_unseen(self._future, self.path)
+        _warn_if_unseen(self._future)
 
     def done(self) -> bool:
         """Whether the save has finished, successfully or not."""
@@ -78,13 +82,13 @@ def wait_for_previous() -> None:
         future.exception()
 
 
-def _warn_if_unseen(future: Future, path) -> None:
+def _warn_if_unseen(future: Future) -> None:
     """Warns, once, of a failed background save whose error no one asked its handle for (a handle
     let go, or held at exit): a blocking save would have raised it."""
     if getattr(future, "unseen", False) and future.done() and future.exception() is not None:
         future.unseen = False
         warnings.warn(
-            f"kerassave_fast: the background save to {path!r} failed, and its handle was not asked "
+            f"kerassave_fast: the background save to {future.path!r} failed, and its handle was not asked "
             f"(`.result()`): {future.exception()!r}",
             RuntimeWarning,
             stacklevel=2,
@@ -96,7 +100,7 @@ def _wait_at_exit() -> None:
     wait_for_previous()
     future = _in_flight
     if future is not None:
-        _warn_if_unseen(future, getattr(future, "path", None))
+        _warn_if_unseen(future)
 
 
 class Deferred:
@@ -137,8 +141,8 @@ class Deferred:
                 write = None  # the views, and the buffers they keep alive, go now
 
         handle = SaveHandle(path, future, asynchronous=True)
-        future.path, handle_alive = path, weakref.ref(handle)
-        future.add_done_callback(lambda f: None if handle_alive() is not None else _warn_if_unseen(f, path))
+        handle_alive = weakref.ref(handle)
+        future.add_done_callback(lambda f: None if handle_alive() is not None else _warn_if_unseen(f))
         with _LOCK:
             wait_for_previous()
             _in_flight = future
