@@ -8,6 +8,7 @@ import json
 import os
 import random
 import statistics
+import threading
 import time
 import zipfile
 from collections.abc import Callable
@@ -131,6 +132,31 @@ def raw_write(arrays: list[np.ndarray], path: str) -> None:
     with open(path, "wb") as f:
         for a in arrays:
             f.write(a.reshape(-1).view(np.uint8))
+
+
+def raw_write_threads(arrays: list[np.ndarray], path: str, threads: int = 2) -> None:
+    """The same bytes written to a new file by `threads` threads, each its contiguous share, 16 MiB
+    per `pwrite`: how fast this machine takes them from several cores (what a parallel writer can hope for)."""
+    views = [a.reshape(-1).view(np.uint8) for a in arrays]
+    starts = np.cumsum([0] + [v.nbytes for v in views]).tolist()
+    total = starts[-1]
+
+    def write_share(fd: int, begin: int, end: int) -> None:
+        for view, start in zip(views, starts, strict=False):
+            lo, hi = max(begin, start), min(end, start + view.nbytes)
+            for at in range(lo, hi, 16 << 20):
+                os.pwrite(fd, view[at - start : min(hi, at + (16 << 20)) - start], at)
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        shares = [(fd, total * i // threads, total * (i + 1) // threads) for i in range(threads)]
+        workers = [threading.Thread(target=write_share, args=share) for share in shares]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        os.close(fd)
 
 
 def raw_write_atomic(arrays: list[np.ndarray], path: str) -> None:
