@@ -477,3 +477,49 @@ def test_keras3_h5_of_many_layers_first_save_runs_no_h5py_and_is_stocks(tmp_path
     stock_save(model, str(tmp_path / "stock.h5"))
     assert not _laid_out_by_h5py(lambda p: ksf.save_model(model, p), str(tmp_path / "ours.h5"), monkeypatch)
     assert _read(tmp_path / "ours.h5") == _read(tmp_path / "stock.h5")
+
+
+def _objects_moved_past_the_end(path) -> list[bytes]:
+    """The file once per symbol-table node, its first entry's object header address moved past the
+    end of the file: a file the Rust walk cannot list and libhdf5 cannot visit whole."""
+    data = _read(path)
+    nodes = [at for at in range(len(data)) if data[at : at + 4] == b"SNOD"]
+    assert nodes
+    moved = []
+    for at in nodes:
+        broken = bytearray(data)
+        past_the_end = (len(data) + (1 << 20)).to_bytes(8, "little")
+        broken[at + 16 : at + 24] = past_the_end  # after the node's 8-byte prefix and entry 0's name offset
+        moved.append(bytes(broken))
+    return moved
+
+
+def _error_of(load, path):
+    try:
+        load(path)
+    except Exception as e:  # what each side raises is the point
+        return e
+    return None
+
+
+@pytest.mark.parametrize("flavour", ["keras3", "tf_keras"])
+def test_an_object_past_the_end_fails_the_load_as_in_stock(tmp_path, flavour):
+    """A file libhdf5 cannot visit whole is read by h5py dataset by dataset, as stock reads it: the
+    same error type (stock's `KeyError`, not the `RuntimeError` of a visit), naming the file."""
+    if flavour == "tf_keras":
+        model = tf_keras_models.trained(tf_keras_models.dense_adam)
+        model.save(tmp_path / "stock.h5")
+        stock_load, our_load = tf_keras.models.load_model, lambda p: ksf.load_model_as("tf_keras", p)
+    else:
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(2)])
+        model.compile(optimizer="adam", loss=keras.losses.MeanSquaredError())  # stock cannot load loss="mse"
+        model.train_on_batch(np.ones((2, 3)), np.ones((2, 2)))
+        keras.saving.save_model(model, tmp_path / "stock.h5")
+        stock_load, our_load = keras.saving.load_model, ksf.load_model
+    for i, data in enumerate(_objects_moved_past_the_end(tmp_path / "stock.h5")):
+        path = tmp_path / f"broken{i}.h5"
+        path.write_bytes(data)
+        stock_error, our_error = _error_of(stock_load, path), _error_of(our_load, path)
+        assert type(our_error) is type(stock_error), (i, our_error, stock_error)
+        if our_error is not None:
+            assert str(path) in str(our_error) + " ".join(getattr(our_error, "__notes__", []))

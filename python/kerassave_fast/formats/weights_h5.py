@@ -892,7 +892,10 @@ def _listed_by_h5py(h5: h5py.File) -> list[StoredTensor]:
         if info.type == h5o.TYPE_DATASET:
             names.append(name)
 
-    h5o.visit(h5.id, visit, info=True)  # each object once, through hard links only
+    try:
+        h5o.visit(h5.id, visit, info=True)  # each object once, through hard links only
+    except (RuntimeError, KeyError, ValueError, OSError):
+        return []  # libhdf5 cannot walk it: h5py reads every dataset, failing where stock's load fails
     return [t for t in (_as_stored_tensor(h5, n) for n in names) if t is not None and t.nbytes]
 
 
