@@ -291,6 +291,9 @@ def test_a_compressed_keras_member_is_checked_and_read(model_zoo, tmp_path):
         {"compression_level": 3},
         {"chunk_bytes": 4096},
         {"compression": "gzip", "chunk_bytes": 0},
+        {"compression": "gzip", "compression_level": 4.0},
+        {"compression": "zstd", "compression_level": 3.0},
+        {"compression": "gzip", "chunk_bytes": 4096.0},
         {"checksum": "yes"},
     ],
     ids=str,
@@ -455,3 +458,16 @@ def test_tensors_left_uncompressed_are_written_whole(tmp_path):
             assert f["g/kernel"].chunks is not None and f["g/flags"].chunks is None
             for name, array in arrays.items():
                 assert np.asarray(f["g"][name][()]).tobytes() == np.asarray(array).tobytes(), (codec, name)
+
+
+def test_numpy_integers_are_taken_as_integers(model_zoo, tmp_path):
+    model = model_zoo("seed_example")
+    ksf.save_weights(
+        model, tmp_path / "w.weights.h5", compression="gzip", compression_level=np.int64(5), chunk_bytes=np.int64(4096)
+    )
+    with h5py.File(tmp_path / "w.weights.h5") as f:
+        chunked = []
+        f.visititems(
+            lambda _, d: chunked.append(d.compression_opts) if isinstance(d, h5py.Dataset) and d.chunks else None
+        )
+    assert chunked and set(chunked) == {5}

@@ -3,6 +3,7 @@ previous file survives whole and loadable, and nothing is left that a later save
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -121,33 +122,36 @@ def _worker_model() -> keras.Model:
 
 FULL_DISK = textwrap.dedent(
     """
-    import os, resource, signal, sys
+    import json, os, resource, signal, sys
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     import keras, numpy as np
     import kerassave_fast as ksf
-    path = sys.argv[1]
+    path, settings = sys.argv[1], json.loads(sys.argv[2])
     m = keras.Sequential([keras.Input((512,)), keras.layers.Dense(512), keras.layers.Dense(512)])
     ksf.save_model(m, path)  # a previous, complete file
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
     resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
     for save in (ksf.save_model, ksf.save_weights):
         try:
-            save(m, path if save is ksf.save_model else path.replace(".keras", ".weights.h5"))
+            save(m, path if save is ksf.save_model else path.replace(".keras", ".weights.h5"), **settings)
         except OSError as e:
-            print(type(e).__name__, e.errno)
+            print(type(e).__name__, e.errno, os.path.dirname(path) in str(e))  # naming the file it wrote
         else:
             print("saved")
     """
 )
 
 
-def test_file_size_limit_gives_a_clean_os_error(tmp_path):
+@pytest.mark.parametrize("settings", [{}, {"compression": "gzip", "compression_level": 0}], ids=str)
+def test_file_size_limit_gives_a_clean_os_error(tmp_path, settings):
     path = tmp_path / "m.keras"
-    run = subprocess.run([sys.executable, "-c", FULL_DISK, str(path)], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(path), json.dumps(settings)], capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     import errno
 
-    assert run.stdout.split() == ["OSError", str(errno.EFBIG)] * 2, run.stdout + run.stderr[-2000:]
+    assert run.stdout.split() == ["OSError", str(errno.EFBIG), "True"] * 2, run.stdout + run.stderr[-2000:]
     assert sorted(os.listdir(tmp_path)) == ["m.keras"], "a partial or temporary file was left"
     ksf.load_model(path)
 

@@ -596,10 +596,12 @@ class FileWindow(_Seekable):
     compressed HDF5 file (whose size its data decides) goes straight where it belongs, a
     `.weights.h5` file or the member of a `.keras` zip, through the descriptor of the save."""
 
-    def __init__(self, fd: int, start: int):
+    def __init__(self, fd: int, start: int, path: str):
         super().__init__()
         self._fd = fd
         self._start = start
+        self._path = path  # named in errors, as the Rust core's writes name it
+        self.failure: OSError | None = None  # the write that failed: h5py raises only its errno
 
     def writable(self) -> bool:
         return True
@@ -608,7 +610,11 @@ class FileWindow(_Seekable):
         view = memoryview(buffer).cast("B")
         done = 0
         while done < len(view):
-            done += os.pwrite(self._fd, view[done:], self._start + self._pos + done)
+            try:
+                done += os.pwrite(self._fd, view[done:], self._start + self._pos + done)
+            except OSError as e:  # a full disk, a file size limit: say which file, as OSError(errno, text, path)
+                self.failure = OSError(e.errno, f"{self._path}: write failed: {e.strerror}", self._path)
+                raise self.failure from e
         self._pos += done
         self._size = max(self._size, self._pos)
         return done

@@ -12,6 +12,7 @@ import bisect
 import contextlib
 import errno
 import math
+import numbers
 import os
 import queue
 import resource
@@ -179,6 +180,11 @@ _DEFLATE, _SHUFFLE, _FLETCHER32, _ZSTD = 1, 2, 3, 32015
 _LEVELS = {GZIP: (range(10), 4), ZSTD: (range(1, 23), 3)}  # allowed, default (h5py's, zstd's)
 
 
+def _is_integer(value) -> bool:
+    """An int or numpy integer, not a bool (nor a float that happens to be whole)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
 @dataclass(frozen=True)
 class Compression:
     """Chunked, filtered datasets (`save_model(..., compression=...)`): shuffle, then deflate or
@@ -205,12 +211,12 @@ class Compression:
             return None
         allowed, default = _LEVELS.get(compression, (range(1), 0))
         level = default if compression_level is None else compression_level
-        if isinstance(level, bool) or level not in allowed:
+        if not _is_integer(level) or level not in allowed:
             raise ValueError(f"`compression_level` for {compression!r} must be in {allowed}. Received: {level!r}")
         chunk_bytes = 1 << 20 if chunk_bytes is None else chunk_bytes
-        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or not 0 < chunk_bytes < 1 << 32:
+        if not _is_integer(chunk_bytes) or not 0 < chunk_bytes < 1 << 32:
             raise ValueError(f"`chunk_bytes` must be an integer from 1 to 2**32 - 1. Received: {chunk_bytes!r}")
-        return cls(compression, level, chunk_bytes, checksum)
+        return cls(compression, int(level), int(chunk_bytes), checksum)
 
     @property
     def filters(self) -> list[int]:
@@ -833,10 +839,15 @@ def write_compressed(
 ) -> int:
     """Writes the plan as an HDF5 file with chunked, filtered tensors at `start` of `file`, through
     h5py's file-object driver (its size depends on the data: no layout is remembered); returns its size."""
-    window = FileWindow(file.fileno(), start)
+    window = FileWindow(file.fileno(), start, file.path)
     # What stays contiguous (scalars, booleans, complex numbers) HDF5 only reserved, writing each
     # one's first element: the rest of their bytes are written here.
-    placed = write_skeleton(window, plan, compression, threads, alignment)
+    try:
+        placed = write_skeleton(window, plan, compression, threads, alignment)
+    except OSError as e:
+        if window.failure is None:
+            raise
+        raise window.failure from e
     if placed:
         file.write_tensors([start + offset for offset, _ in placed], [as_bytes(a) for _, a in placed], threads)
     return window.size
