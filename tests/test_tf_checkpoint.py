@@ -211,6 +211,19 @@ def test_a_prefix_tensorflow_cannot_encode_is_refused_as_stock_before_anything_i
     assert errors["ours"] == errors["stock"]
 
 
+def test_a_prefix_under_a_regular_file_fails_as_stocks(tmp_path):
+    model = trained(dense_adam)
+    errors = {}
+    for who, save in (("stock", model.save_weights), ("ours", lambda p: ksf.save_weights(model, p))):
+        (tmp_path / who).mkdir()
+        (tmp_path / who / "afile").write_text("x")
+        with pytest.raises(Exception) as raised:
+            save(str(tmp_path / who / "afile" / "ckpt"))
+        errors[who] = (type(raised.value), str(raised.value).replace(f"/{who}/", "/"))
+    assert errors["ours"] == errors["stock"]
+    assert errors["ours"][0] is tf.errors.FailedPreconditionError
+
+
 def test_options_and_stock_only_cases_go_to_stock(tmp_path):
     model = trained(dense_adam)
     ksf.save_weights(model, tmp_path / "opt" / "w", options=tf.train.CheckpointOptions())

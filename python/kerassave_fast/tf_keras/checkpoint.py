@@ -60,7 +60,7 @@ def save_weights(
         return False
     directory = os.path.dirname(filepath)
     if directory:
-        os.makedirs(directory, exist_ok=True)  # TrackableSaver.save: file_io.recursive_create_dir
+        tf.io.gfile.makedirs(directory)  # as TrackableSaver.save makes it (and fails: FailedPreconditionError)
     tensor_bundle.write(filepath, tensors, threads, max_shard_bytes)
     tf.__internal__.train.update_checkpoint_state(
         save_dir=directory,
