@@ -257,6 +257,43 @@ def test_a_later_load_into_the_model_ends_what_the_last_check_speaks_for(
         assert np.array_equal(np.asarray(expected), np.asarray(actual))
 
 
+def test_a_partial_mapped_load_keeps_the_earlier_check_speaking_for_the_weights_it_left(tmp_path):
+    """A mapped `load_weights` that skips a layer (`skip_mismatch`) after a mapped load of a damaged
+    file: the model's check is then the newer one and the damaged file's, which still speaks for the
+    skipped layer's weights; its failure shows in `result()` and poisons the model if asked."""
+
+    def model_of(units):
+        return keras.Sequential(
+            [keras.Input((64,)), keras.layers.Dense(64, name="a"), keras.layers.Dense(units, name="b")]
+        )
+
+    damaged, other = tmp_path / "damaged.keras", tmp_path / "other.keras"
+    ksf.save_model(model_of(4), damaged, aligned=True)
+    ksf.save_model(model_of(5), other, aligned=True)  # layer b of another shape: skipped
+    kept = _weights_start(damaged) + _dataset_offset(damaged, "layers/dense_1/vars/0") + 8  # in layer b's kernel
+    _flip_in_first_tensor(damaged)  # layer a's kernel, which the partial load replaces...
+    with open(damaged, "r+b") as f:  # ...and a byte of layer b's, which it keeps
+        f.seek(kept)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x55]))
+    model = ksf.load_model(damaged, mmap=True)
+    earlier = ksf.verification(model)
+    with pytest.warns(UserWarning, match="could not be loaded"):
+        ksf.load_weights(model, other, skip_mismatch=True, mmap=True)
+    newest = ksf.verification(model)
+    assert newest is not earlier
+    with pytest.raises(zipfile.BadZipFile, match=f"{damaged}.*Bad CRC-32"):
+        newest.result(60)
+    newest.poison_on_failure()
+    assert np.isnan(model.get_layer("b").kernel.numpy()).all()
+
+
+def _dataset_offset(path, name: str) -> int:
+    with zipfile.ZipFile(path) as zf, h5py.File(io.BytesIO(zf.read(keras_zip.WEIGHTS))) as h5:
+        return h5[name].id.get_offset()
+
+
 def _replacing_during_build(monkeypatch, action):
     real_build = keras_zip.keras3_state.build_model
 

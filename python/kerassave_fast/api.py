@@ -654,6 +654,8 @@ def load_weights(model, filepath, skip_mismatch=False, **kwargs):
         loaded = _load_weights(model, flavour, filepath, skip_mismatch, reading, kwargs)
     if earlier_check is not None and not partial:  # every weight replaced: the check no longer speaks for them
         mapped.forget_verification(model, earlier_check)
+    elif earlier_check is not None:  # some weights kept: the check still speaks for them, beside any newer one
+        mapped.keep_verification(model, earlier_check)
     return loaded
 
 

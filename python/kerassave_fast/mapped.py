@@ -14,6 +14,7 @@ import math
 import mmap
 import os
 import threading
+import time
 import weakref
 
 import numpy as np
@@ -82,6 +83,7 @@ class Verification:
         self._lock = threading.Lock()
         self._poison = False
         self._finished = False  # the check's result is known (`done` comes once poisoning is over)
+        self._earlier: Verification | None = None  # a check a partial load left speaking for some weights
 
     def poison_on_failure(self) -> None:
         """If the check finds the file damaged (now or already), every floating-point variable of the
@@ -91,12 +93,18 @@ class Verification:
             failed = self._finished and self._error is not None
         if failed and self._current():
             _poison(self._model())
+        if self._earlier is not None:
+            self._earlier.poison_on_failure()
 
     def _current(self) -> bool:
-        """Whether the model's weights are still those of the load this checks (no load since)."""
+        """Whether some of the model's weights are still those of the load this checks (no load since
+        replaced them all)."""
         model = self._model()
         with _VERIFICATIONS_LOCK:
-            return model is not None and _VERIFICATIONS.get(model) is self
+            check = _VERIFICATIONS.get(model) if model is not None else None
+            while check is not None and check is not self:
+                check = check._earlier
+            return check is self
 
     def _finish(self, error: BaseException | None) -> None:
         with self._lock:
@@ -109,18 +117,32 @@ class Verification:
         finally:
             self._done.set()
 
+    def _chain(self) -> list[Verification]:
+        """This check and those of earlier loads whose weights a partial load left in place."""
+        chain, check = [], self
+        while check is not None:
+            chain.append(check)
+            check = check._earlier
+        return chain
+
     def done(self) -> bool:
-        return self._done.is_set()
+        return all(c._done.is_set() for c in self._chain())
 
     def wait(self, timeout: float | None = None) -> bool:
-        return self._done.wait(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for c in self._chain():
+            if not c._done.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
+                return False
+        return True
 
     def result(self, timeout: float | None = None) -> None:
-        """Waits for the check; raises `BadKerasZipFile` if the file's bytes are not the ones saved."""
-        if not self._done.wait(timeout):
+        """Waits for the check (and those of earlier loads whose weights a partial load kept); raises
+        `BadKerasZipFile` if a file's bytes are not the ones saved."""
+        if not self.wait(timeout):
             raise TimeoutError(f"{self.path}: verification still running after {timeout} s")
-        if self._error is not None:
-            raise self._error
+        for c in self._chain():
+            if c._error is not None:
+                raise c._error
 
 
 _VERIFICATIONS_LOCK = threading.Lock()
@@ -157,6 +179,15 @@ def _poison(model) -> None:
         dtype = tf.as_dtype(variable.dtype)
         if dtype.is_floating:
             variable.assign(tf.cast(tf.fill(variable.shape, float("nan")), dtype))
+
+
+def keep_verification(model, earlier: Verification) -> None:
+    """A partial load (`skip_mismatch`, `by_name`) left some of `model`'s weights from the load
+    `earlier` checks: a newer mapped load's check answers for both."""
+    with _VERIFICATIONS_LOCK:
+        newest = _VERIFICATIONS.get(model)
+        if newest is not None and newest._earlier is None and earlier not in newest._chain():
+            newest._earlier = earlier
 
 
 def forget_verification(model, check: Verification) -> None:
