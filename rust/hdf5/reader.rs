@@ -319,13 +319,15 @@ fn check_disjoint(found: &[StoredDataset], metadata: Vec<(u64, u64)>) -> std::re
     for (start, end, tensor) in extents {
         if let Some((before_end, before)) = reach.filter(|&(e, _)| e > start) {
             if let Some(name) = tensor.or(before) {
-                let other = match (tensor, before) {
-                    (Some(_), Some(b)) => format!("dataset '{b}'"),
-                    _ => "the file's metadata".to_string(),
-                };
-                return Err(Failure::Corrupt(format!(
-                    "the bytes of dataset '{name}' overlap {other} (a damaged data address?)"
-                )));
+                return Err(Failure::Corrupt(match (tensor, before) {
+                    (Some(t), Some(b)) if t == b => {
+                        format!("two chunks of dataset '{name}' overlap (a damaged chunk index?)")
+                    }
+                    (Some(_), Some(b)) => {
+                        format!("the bytes of dataset '{name}' overlap dataset '{b}' (a damaged data address?)")
+                    }
+                    _ => format!("the bytes of dataset '{name}' overlap the file's metadata (a damaged data address?)"),
+                }));
             }
             if end <= before_end {
                 continue;

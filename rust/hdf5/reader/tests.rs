@@ -233,6 +233,41 @@ fn a_tensor_lying_over_metadata_or_another_tensor_is_corrupt() {
 }
 
 #[test]
+fn chunks_of_one_dataset_lying_over_each_other_are_named_as_such() {
+    let chunk = |offset| Chunk {
+        offset,
+        size: 100,
+        skipped: 0,
+        coords: vec![0],
+    };
+    let dataset = |path: &str, chunks| StoredDataset {
+        path: path.to_string(),
+        offset: 0,
+        shape: vec![50],
+        dtype: "<f4",
+        nbytes: 200,
+        chunked: Some(Chunked {
+            chunk_shape: vec![25],
+            filters: vec![1],
+            chunks,
+        }),
+    };
+    let message = |found: &[StoredDataset]| match check_disjoint(found, vec![(0, 1000)]) {
+        Err(Failure::Corrupt(message)) => message,
+        other => panic!("{other:?}"),
+    };
+    let x = dataset("/x", vec![chunk(1000), chunk(1050)]);
+    assert_eq!(
+        message(&[x]),
+        "two chunks of dataset '/x' overlap (a damaged chunk index?)"
+    );
+    let (x, y) = (dataset("/x", vec![chunk(1000)]), dataset("/y", vec![chunk(1050)]));
+    assert!(message(&[x, y]).contains("dataset '/y' overlap dataset '/x'"));
+    let x = dataset("/x", vec![chunk(900)]);
+    assert!(message(&[x]).contains("dataset '/x' overlap the file's metadata"));
+}
+
+#[test]
 fn every_truncation_is_refused_or_lists_inside_the_file() {
     let data = fixture();
     for end in (0..data.len()).step_by(7) {
