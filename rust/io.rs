@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -171,6 +171,15 @@ fn combine_per_tensor<C: Checksum>(
 }
 
 /// Writes each `(offset, bytes)` at its offset and returns each tensor's CRC-32.
+/// Renames each `(from, to)` in order, stopping at the first that fails; returns how many were
+/// renamed. One call for files that make one whole: nothing of the caller's runs between them.
+pub fn rename_all(pairs: &[(PathBuf, PathBuf)]) -> usize {
+    pairs
+        .iter()
+        .take_while(|(from, to)| std::fs::rename(from, to).is_ok())
+        .count()
+}
+
 pub fn write_tensors(file: &File, path: &Path, tensors: &[(u64, &[u8])], threads: usize) -> Result<Vec<u32>> {
     write_tensors_with::<Hasher>(file, path, tensors, threads)
 }
@@ -339,6 +348,23 @@ mod tests {
         (0..len)
             .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
             .collect()
+    }
+
+    #[test]
+    fn rename_all_renames_in_order_up_to_the_first_failure() {
+        let dir = std::env::temp_dir().join(format!("ksf-rename-all-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b, c) = (dir.join("a"), dir.join("b"), dir.join("c"));
+        std::fs::write(&a, b"1").unwrap();
+        std::fs::write(&b, b"2").unwrap();
+        let pairs = [
+            (a.clone(), dir.join("x")),
+            (c.clone(), dir.join("y")), // missing: stops here
+            (b.clone(), dir.join("z")),
+        ];
+        assert_eq!(rename_all(&pairs), 1);
+        assert!(dir.join("x").exists() && !a.exists() && b.exists() && !dir.join("z").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -1071,6 +1071,14 @@ fn attribute_state<'py>(
     Ok(state)
 }
 
+/// Renames each `(from, to)` in order in one call, the GIL released: no Python code of this thread
+/// (a signal handler raising `KeyboardInterrupt`) runs between the renames. Returns how many were
+/// renamed, stopping at the first that fails (the caller renames that one again to see why).
+#[pyfunction]
+fn rename_all(py: Python<'_>, pairs: Vec<(PathBuf, PathBuf)>) -> usize {
+    py.detach(|| io::rename_all(&pairs))
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("KerasSaveError", m.py().get_type::<KerasSaveError>())?;
@@ -1092,5 +1100,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("HDF5_LAID_OUT_VERSION", hdf5::layout::HDF5_VERSION)?;
     m.add_function(wrap_pyfunction!(tensor_bytes_moved, m)?)?;
     m.add_function(wrap_pyfunction!(attribute_state, m)?)?;
+    m.add_function(wrap_pyfunction!(rename_all, m)?)?;
     Ok(())
 }

@@ -8,13 +8,15 @@ import filecmp
 import io
 import os
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import kerassave_fast as ksf
-from kerassave_fast import KerasSaveError
+from kerassave_fast import KerasSaveError, _core
 
 tf_keras = pytest.importorskip("tf_keras")
 
@@ -188,6 +190,70 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == sorted(FILES)  # no temporary files left behind
     for name, data in previous.items():
         assert (tmp_path / name).read_bytes() == data
+
+
+def _checkpoint_values(prefix) -> dict[str, bytes]:
+    reader = tf.train.load_checkpoint(str(prefix))  # TensorFlow checks each tensor's CRC against the index
+    return {k: reader.get_tensor(k).tobytes() for k in reader.get_variable_to_shape_map() if "OBJECT_GRAPH" not in k}
+
+
+@pytest.mark.parametrize("shards", [None, 100], ids=["one data shard", "data shards of 100 bytes"])
+def test_an_interrupt_as_the_files_are_renamed_leaves_one_whole_checkpoint(tmp_path, shards):
+    """A `KeyboardInterrupt` raised as soon as a rename returns (by a profile hook, where a signal's
+    handler would run) finds the checkpoint whole: all the new files, not a new data shard beside
+    the old index."""
+    model = trained(dense_adam)
+    ksf.save_weights(model, tmp_path / "w", max_shard_size=shards)
+    before = _checkpoint_values(tmp_path / "w")
+    model.train_on_batch(*batch(model, seed=5))
+
+    def interrupt_after_a_rename(frame, event, arg):
+        if event == "c_return" and (arg is os.replace or arg is _core.rename_all):
+            sys.setprofile(None)
+            raise KeyboardInterrupt
+
+    sys.setprofile(interrupt_after_a_rename)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ksf.save_weights(model, tmp_path / "w", max_shard_size=shards)
+    finally:
+        sys.setprofile(None)
+    after = _checkpoint_values(tmp_path / "w")
+    ksf.save_weights(model, tmp_path / "ref" / "w", max_shard_size=shards)
+    assert after == _checkpoint_values(tmp_path / "ref" / "w") != before  # renamed before the interrupt
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+
+
+def test_saves_to_one_prefix_on_two_threads_leave_one_whole_checkpoint(tmp_path):
+    """Each save renames its data shard and index under a lock: the other's cannot come between,
+    even when a thread is held up right after a rename (by a profile hook)."""
+    models = [trained(dense_adam) for _ in range(2)]
+    models[1].train_on_batch(*batch(models[1], seed=7))
+    barrier, errors = threading.Barrier(2), []
+
+    def held_up_after_a_rename(frame, event, arg):
+        if event == "c_return" and (arg is os.replace or arg is _core.rename_all):
+            time.sleep(0.05)
+
+    def save(model):
+        barrier.wait()
+        try:
+            ksf.save_weights(model, tmp_path / "w")
+        except BaseException as e:
+            errors.append(e)
+
+    for _ in range(3):
+        threads = [threading.Thread(target=save, args=(m,)) for m in models]
+        threading.setprofile(held_up_after_a_rename)
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            threading.setprofile(None)
+        assert not errors
+        _checkpoint_values(tmp_path / "w")  # raises on a data shard of one save beside the other's index
 
 
 def test_a_prefix_tensorflow_cannot_encode_is_refused_as_stock_before_anything_is_written(tmp_path):

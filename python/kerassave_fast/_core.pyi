@@ -131,6 +131,10 @@ def hdf5_lay_out(
 def tensor_bytes_moved() -> int:
     """Tensor bytes the core has written, read or compressed in this process so far (for progress bars)."""
 
+def rename_all(pairs: Sequence[tuple[str | bytes, str | bytes]]) -> int:
+    """Renames each (from, to) in order in one call, no Python code running between them; returns
+    how many were renamed (it stops at the first that fails)."""
+
 def attribute_state(
     model: object, kinds: dict[type, int], kind_of: Callable[[object], int], plain: tuple[type, ...]
 ) -> list:

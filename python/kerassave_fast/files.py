@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from ._core import KerasSaveError, TensorFile
+from ._core import KerasSaveError, TensorFile, rename_all
 
 
 @dataclass
@@ -141,7 +141,7 @@ def refuse_stock_write_if_mapped(filepath) -> None:
 
 
 @contextlib.contextmanager
-def atomic_replace(filepath: str) -> Iterator[Destination]:
+def atomic_replace(filepath: str, staged: list[_Staged] | None = None) -> Iterator[Destination]:
     """Yields where to write `filepath`'s new content: a temporary file beside it, renamed over it
     only on success, so a failed save leaves the previous file untouched and nothing behind.
 
@@ -150,6 +150,9 @@ def atomic_replace(filepath: str) -> Iterator[Destination]:
     included) carry over, where the OS allows. Where a rename cannot work -- the target is a
     single-file bind mount, or its directory is not writable -- the target is written in place, as
     stock does (then a failed save can leave it broken).
+
+    With `staged`, the complete temporary file is not renamed but added to it, for
+    `atomic_replace_all` to rename with the others.
     """
     target = os.path.realpath(filepath)
     directory = os.path.dirname(target)
@@ -174,23 +177,15 @@ def atomic_replace(filepath: str) -> Iterator[Destination]:
             _fsync(fd)  # the data first: a rename must never name a file whose bytes may be lost
         os.close(fd)
         fd = -1
-        held = _hold(target) if previous is not None else -1
+        if staged is not None:
+            staged.append(_Staged(tmp_path, target, filepath))
+            tmp_path = None  # the caller's now
+            return
+        placing = _Staged(tmp_path, target, filepath)
         try:
-            os.replace(tmp_path, target)
-        except OSError as e:
-            if e.errno not in _RENAME_IMPOSSIBLE:
-                raise
-            _refuse_if_mapped(target, filepath)
-            try:
-                shutil.copyfile(tmp_path, target)  # in place, as stock writes
-            except BaseException as failed:
-                failed.add_note(f"{filepath} may be incomplete; the new file is whole at {tmp_path} (copy it there)")
-                tmp_path = None  # kept: the only complete copy
-                raise
-            os.unlink(tmp_path)
-            sync(target)
+            _put_in_place(placing)
         finally:
-            _release_later(held)
+            tmp_path = None if placing.kept else tmp_path
         if _FSYNC.get():
             _sync_directory(directory)  # then the name
     except BaseException as e:
@@ -207,18 +202,78 @@ def atomic_replace(filepath: str) -> Iterator[Destination]:
         raise
 
 
+@dataclass
+class _Staged:
+    """A complete temporary file and the target it replaces (`filepath` as the caller named it)."""
+
+    tmp_path: str
+    target: str
+    filepath: str
+    kept: bool = False  # the only complete copy, once a copy in place failed: not to be removed
+
+
+def _put_in_place(staged: _Staged) -> None:
+    """Renames the temporary file over its target, or, where no rename can work, copies it there
+    in place, as stock writes."""
+    held = _hold(staged.target)
+    try:
+        os.replace(staged.tmp_path, staged.target)
+    except OSError as e:
+        if e.errno not in _RENAME_IMPOSSIBLE:
+            raise
+        _refuse_if_mapped(staged.target, staged.filepath)
+        try:
+            shutil.copyfile(staged.tmp_path, staged.target)
+        except BaseException as failed:
+            staged.kept = True
+            failed.add_note(
+                f"{staged.filepath} may be incomplete; the new file is whole at {staged.tmp_path} (copy it there)"
+            )
+            raise
+        os.unlink(staged.tmp_path)
+        sync(staged.target)
+    finally:
+        _release_later(held)
+
+
+# Files that make one whole are renamed under it: another thread's save to the same targets would
+# interleave its renames with these (a checkpoint's new data shard beside the other save's index).
+_RENAMES_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def atomic_replace_all(filepaths: Sequence[str]) -> Iterator[list[Destination]]:
     """`atomic_replace` for files that make one whole (a tensor bundle's data shard and index): each
     is written beside its target, and only once all are complete are they renamed over their
-    targets, in the order given. A failed save leaves every previous file untouched; put last the
-    file readers open first (a bundle's `.index`), so it is the last to change. Two renames are
-    not one atomic step: a crash between them leaves the new files before it beside the old after.
+    targets, in the order given, in one call of the Rust core: an exception (`KeyboardInterrupt`)
+    cannot come between two renames, nor another thread's save to the same targets. A failed save
+    leaves every previous file untouched; put last the file readers open first (a bundle's
+    `.index`), so it is the last to change. The renames are still not one atomic step for the
+    system: a crash between them leaves the new files before it beside the old after.
     """
-    with contextlib.ExitStack() as stack:
-        # Contexts exit last-in first-out: enter in reverse so the renames happen in the given order.
-        destinations = [stack.enter_context(atomic_replace(path)) for path in reversed(filepaths)]
-        yield destinations[::-1]
+    staged: list[_Staged] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            # Contexts exit last-in first-out: entered in reverse, they are staged in the given order.
+            destinations = [stack.enter_context(atomic_replace(path, staged)) for path in reversed(filepaths)]
+            yield destinations[::-1]
+        held = [_hold(s.target) for s in staged]
+        try:
+            with _RENAMES_LOCK:
+                renamed = rename_all([(s.tmp_path, s.target) for s in staged])
+                for s in staged[renamed:]:  # one failed: renamed again here, to raise its error or copy in place
+                    _put_in_place(s)
+        finally:
+            for fd in held:
+                _release_later(fd)
+        if _FSYNC.get():
+            for directory in dict.fromkeys(os.path.dirname(s.target) for s in staged):
+                _sync_directory(directory)
+    finally:
+        for s in staged:  # those not renamed (a failure); a renamed one's name is gone
+            if not s.kept:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(s.tmp_path)
 
 
 def _hold(path: str) -> int:
