@@ -5,6 +5,7 @@ training goes on during the write."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -233,6 +234,34 @@ print("returned", handle.done())
     assert len(list(tmp_path.glob("w_*.weights.h5"))) > 1
     model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(512), keras.layers.Dense(512)])
     model.load_weights(path)  # stock's reader: every shard complete
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_while_the_process_waits_at_exit_for_a_background_save(tmp_path, signal_name):
+    """Ctrl-C (or a SIGTERM handler's `SystemExit`) during the exit's wait for a background save:
+    the save still ends, its file complete and no temporary file left (the interpreter went on
+    finalizing under the writer thread: a segfault), and the process says why it waits."""
+    path = tmp_path / "m.keras"
+    script = f"""
+import signal, sys
+import keras, numpy as np, kerassave_fast
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(3))
+m = keras.Sequential([keras.Input((2048,)), keras.layers.Dense(4096), keras.layers.Dense(4096)])
+kerassave_fast.save_model(m, {str(path)!r}, blocking=False, compression="gzip", compression_level=6, threads=1)
+np.save({str(tmp_path / "expected.npy")!r}, m.layers[-1].kernel.numpy())
+print("started", flush=True)
+"""
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "started"
+    time.sleep(0.3)
+    assert child.poll() is None, "the save ended before the signal: nothing tested"
+    child.send_signal(getattr(signal, signal_name))
+    _, err = child.communicate(timeout=300)
+    assert child.returncode == 0, err[-3000:]
+    assert "finishing the background save" in err
+    assert sorted(os.listdir(tmp_path)) == ["expected.npy", "m.keras"]
+    loaded = keras.saving.load_model(path)  # stock's reader
+    np.testing.assert_array_equal(loaded.layers[-1].kernel.numpy(), np.load(tmp_path / "expected.npy"))
 
 
 def _fit_with(callback_class, tmp_path, flavour="keras3", **callback_kwargs):

@@ -14,6 +14,7 @@ import atexit
 import contextvars
 import os
 import queue
+import sys
 import threading
 import warnings
 import weakref
@@ -96,8 +97,19 @@ def _warn_if_unseen(future: Future) -> None:
 
 
 def _wait_at_exit() -> None:
-    """The process does not end before the save in flight is written, nor with its failure unsaid."""
-    wait_for_previous()
+    """The process does not end before the save in flight is written, nor with its failure unsaid.
+    A Ctrl-C or a SIGTERM handler's `SystemExit` does not cut the wait short: the interpreter would
+    go on finalizing under the writer thread (a crash, and the temporary file left behind)."""
+    told = False
+    while True:
+        try:
+            wait_for_previous()
+            break
+        except (KeyboardInterrupt, SystemExit):
+            if not told and _in_flight is not None:
+                path = _in_flight.path
+                print(f"kerassave_fast: finishing the background save to {path!r} before exiting", file=sys.stderr)
+                told = True
     future = _in_flight
     if future is not None:
         _warn_if_unseen(future)
