@@ -110,8 +110,8 @@ def _shards(path: str) -> list[str]:
     return [os.path.join(os.path.dirname(path), name) for name in names]
 
 
-def _flavour_of(keras_version: str | None) -> str | None:
-    if not keras_version:
+def _flavour_of(keras_version) -> str | None:
+    if not isinstance(keras_version, str) or not keras_version:
         return None
     return "tf_keras" if keras_version.startswith("2.") else "keras3"
 
@@ -127,7 +127,11 @@ def _filters(dataset: h5py.Dataset) -> str | None:
     if dataset.compression:
         level = dataset.compression_opts
         parts.append(f"{dataset.compression}({level})" if level is not None else dataset.compression)
-    parts += [f"filter {f}" for f in dataset._filters if f not in ("shuffle", "gzip", "fletcher32", "lzf", "szip")]
+    for f, options in dataset._filters.items():
+        if f == "32015":  # zstd, the filter id hdf5plugin registers
+            parts.append(f"zstd({options[0]})" if options else "zstd")
+        elif f not in ("shuffle", "gzip", "fletcher32", "lzf", "szip"):
+            parts.append(f"filter {f}")
     if dataset.fletcher32:
         parts.append("fletcher32")
     return "+".join(parts) or "chunked"
@@ -166,6 +170,14 @@ def _open_keras(path: str) -> _OpenKeras:
     file = TensorFile(path)
     archive = ZipArchive(file)
     return _OpenKeras(archive, {member_name(m): m.index for m in archive.members()}, file)
+
+
+def _metadata(opened: _OpenKeras, path: str) -> dict:
+    """A `.keras`'s `metadata.json`, or {} where it is missing or not an object (stock's loads never read it)."""
+    try:
+        return _json_member(opened, "metadata.json", path)
+    except KerasSaveError:
+        return {}
 
 
 def _json_member(opened: _OpenKeras, name: str, path: str) -> dict:
@@ -272,8 +284,8 @@ def inspect_file(path: str) -> Report:
     report = Report(path, file_format(path))
     if report.format == KERAS_ZIP:
         opened = _open_keras(path)
-        metadata, config = _json_member(opened, "metadata.json", path), _json_member(opened, "config.json", path)
-        report.keras_version = metadata.get("keras_version")
+        config = _json_member(opened, "config.json", path)
+        report.keras_version = _metadata(opened, path).get("keras_version")
         report.flavour = _flavour_of(report.keras_version)
         _model_summary(report, config)
         optimizer = (config.get("compile_config") or {}).get("optimizer")
@@ -362,11 +374,10 @@ def _verify_keras(path: str, threads: int) -> list[str]:
                 opened.archive.read(member.index)  # inflated, size and CRC checked
         except (OSError, ValueError) as e:
             problems.append(str(e))
-    for name in ("metadata.json", "config.json"):
-        try:
-            _json_member(opened, name, path)
-        except (KerasSaveError, OSError) as e:
-            problems.append(str(e))
+    try:  # (stock's loads never read metadata.json: it is not checked here beyond its CRC)
+        _json_member(opened, "config.json", path)
+    except (KerasSaveError, OSError) as e:
+        problems.append(str(e))
     if "model.weights.h5" in opened.names and not problems:
         where = f"{path}: 'model.weights.h5'"
         try:
@@ -545,6 +556,13 @@ def convert(source: str, destination: str, **save_kwargs) -> None:
     if destination.endswith(".json"):
         raise KerasSaveError(f"{destination}: sharded weights need `max_shard_size`, which convert does not take")
     flavour = report.flavour or ("tf_keras" if api.legacy_keras_requested() else "keras3")
+    suffix = os.path.splitext(os.path.basename(destination.rstrip(os.sep)))[1]
+    if flavour == "keras3" and suffix and not destination.endswith((".keras", ".h5", ".hdf5")):
+        if not os.path.isdir(destination):  # as Keras 3's `model.save` refuses it (tf_keras saves a SavedModel)
+            raise ValueError(
+                f"{destination}: {suffix!r} names no format: give `.keras`, `.h5` or `.weights.h5`, or a "
+                "name without a suffix for a SavedModel export"
+            )
     model = api.load_model_as(flavour, source)
     if destination.endswith(".weights.h5"):
         api.save_weights(model, destination, **save_kwargs)
@@ -627,6 +645,13 @@ def _paths_printable(stream):
         stream.reconfigure(errors="strict")
 
 
+def _one_line(text: str, limit: int = 500) -> str:
+    """An error's first line, at most `limit` characters (Keras puts whole model configs in some)."""
+    lines = text.strip().splitlines() or [""]
+    first = lines[0]
+    return first if len(lines) == 1 and len(first) <= limit else first[:limit].rstrip() + " [...]"
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "inspect":
@@ -649,6 +674,6 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     except Exception as e:  # one line naming the file, not a traceback (a model stock cannot load, ...)
         named = getattr(args, "file", None) or args.source
-        what = str(e) if isinstance(e, _HDF5_ERRORS) else f"{type(e).__name__}: {e}"
+        what = _one_line(str(e) if isinstance(e, _HDF5_ERRORS) else f"{type(e).__name__}: {e}")
         print(f"kerassave-fast {args.command}: {what if named in what else f'{named}: {what}'}", file=sys.stderr)
         return 1
