@@ -547,3 +547,28 @@ def test_variables_no_checkpoint_restores_get_stocks_initial_values(tmp_path):
     for a, b in zip(loaded["stock"].weights, loaded["ours"].weights, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
     assert not np.array_equal(loaded["ours"].weights[0].numpy(), model.weights[0].numpy())
+
+
+def test_a_graph_of_another_model_is_refused_as_stock_refuses_it(tmp_path):
+    """`saved_model.pb` from another model beside this one's variables: stock's restore of the revived
+    optimizer finds a slot of another shape and refuses; ours, which does not read those slots,
+    checks their shapes and refuses the same way."""
+    layers = tf_keras.layers
+
+    def model_with_outputs(n):
+        x = tf_keras.Input((4,))
+        model = tf_keras.Model(x, layers.Dense(n)(layers.Dense(3)(x)))
+        model.compile("adam", "mse")
+        model.train_on_batch(np.ones((2, 4), "float32"), np.ones((2, n), "float32"))
+        return model
+
+    ksf.save_model(model_with_outputs(2), tmp_path / "a", save_format="tf")
+    ksf.save_model(model_with_outputs(5), tmp_path / "b", save_format="tf")
+    shutil.copy(tmp_path / "b" / "saved_model.pb", tmp_path / "a" / "saved_model.pb")
+    errors = []
+    for load in (tf_keras.models.load_model, lambda p: ksf.load_model_as("tf_keras", p)):
+        with pytest.raises(ValueError) as raised:
+            load(str(tmp_path / "a"))
+        errors.append(str(raised.value))
+    assert errors[0].startswith("Received incompatible tensor with shape (3, 2)")
+    assert errors[1] == errors[0]

@@ -234,6 +234,9 @@ def _restore_coordinator_class():
                 unused_fns = {
                     fn for fn, keys in saver._restore_fn_to_keys.items() if all(self.unused(k) for k, _ in keys)
                 }
+                skipped = [st for st in shard if restore_fn_of[(st.checkpoint_key, st.slice_spec)] in unused_fns]
+                if not all(_fits(st, restore_fn_of[(st.checkpoint_key, st.slice_spec)], entries) for st in skipped):
+                    return False  # stock's restore reads them, and refuses what does not fit as it does
                 shard = [st for st in shard if restore_fn_of[(st.checkpoint_key, st.slice_spec)] not in unused_fns]
             names, dtypes, strings = [], [], {}
             for st in shard:
@@ -275,6 +278,27 @@ def _restore_coordinator_class():
             return True
 
     return FastRestoreCoordinator
+
+
+def _fits(shardable, restore_fn, entries) -> bool:
+    """Whether the checkpoint holds a tensor of the right dtype for it, and of the variable's shape
+    where it restores a variable (what stock's restore checks as it reads it), without reading it."""
+    from tensorflow.python.framework import tensor_shape
+    from tensorflow.python.training.saving import saveable_object_util
+
+    save_spec = shardable._tensor_save_spec
+    entry = entries.get(save_spec.name if save_spec else shardable.checkpoint_key)
+    if entry is None or entry.dtype != shardable.dtype.as_datatype_enum:
+        return False
+    owner = getattr(restore_fn, "__self__", None)  # a variable's `_restore_from_tensors`, or a revived one's
+    if isinstance(owner, saveable_object_util.SaveableCompatibilityConverter):
+        owner = owner.obj  # (revived by a SavedModel load: a converter of the variable's saveable)
+    if isinstance(owner, saveable_object_util.TrackableSaveable):
+        owner = owner._trackable
+    shape = getattr(owner, "shape", None)
+    if not isinstance(shape, tensor_shape.TensorShape) or not shape.is_fully_defined():
+        return True  # (a saveable's: its shape is not known here)
+    return tuple(entry.shape) == tuple(shape.as_list())
 
 
 def restore(tf_checkpoint, save_path: str, threads: int = 0, bundle: BundleReader | None = None):
