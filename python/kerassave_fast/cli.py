@@ -317,7 +317,8 @@ def inspect_file(path: str) -> Report:
         if report.format == SAVED_MODEL and os.path.exists(os.path.join(path, "keras_metadata.pb")):
             report.flavour = "tf_keras"
         for key, dtype, shape, size, _, _, _ in TensorBundleReader(prefix).entries():
-            report.variables.append(Variable(key, list(shape), _bundle_dtype_name(dtype), size))
+            if key != "_CHECKPOINTABLE_OBJECT_GRAPH":  # the object graph TensorFlow keeps beside the variables
+                report.variables.append(Variable(key, list(shape), _bundle_dtype_name(dtype), size))
     return report
 
 
