@@ -236,11 +236,12 @@ print("returned", handle.done())
     model.load_weights(path)  # stock's reader: every shard complete
 
 
-@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM", "SIGINT, stderr closed"])
 def test_an_interrupt_while_the_process_waits_at_exit_for_a_background_save(tmp_path, signal_name):
     """Ctrl-C (or a SIGTERM handler's `SystemExit`) during the exit's wait for a background save:
     the save still ends, its file complete and no temporary file left (the interpreter went on
-    finalizing under the writer thread: a segfault), and the process says why it waits."""
+    finalizing under the writer thread: a segfault), and the process says why it waits -- or
+    cannot say it, its stderr a closed pipe (`| tee` interrupted too), and waits all the same."""
     path = tmp_path / "m.keras"
     script = f"""
 import signal, sys
@@ -251,17 +252,65 @@ kerassave_fast.save_model(m, {str(path)!r}, blocking=False, compression="gzip", 
 np.save({str(tmp_path / "expected.npy")!r}, m.layers[-1].kernel.numpy())
 print("started", flush=True)
 """
+    child = _started_child(script)
+    if "stderr closed" in signal_name:
+        child.stderr.close()
+    child.send_signal(getattr(signal, signal_name.split(",")[0]))
+    _, err = child.communicate(timeout=300)
+    assert child.returncode == 0, err[-3000:]
+    assert "stderr closed" in signal_name or "finishing the background save" in err
+    assert sorted(os.listdir(tmp_path)) == ["expected.npy", "m.keras"]
+    loaded = keras.saving.load_model(path)  # stock's reader
+    np.testing.assert_array_equal(loaded.layers[-1].kernel.numpy(), np.load(tmp_path / "expected.npy"))
+
+
+def _started_child(script: str) -> subprocess.Popen:
+    """`script` running, past its line printing "started" (a background save begun just before)."""
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "started"
     time.sleep(0.3)
     assert child.poll() is None, "the save ended before the signal: nothing tested"
-    child.send_signal(getattr(signal, signal_name))
+    return child
+
+
+def test_a_second_interrupt_leaves_the_background_save_unfinished(tmp_path):
+    """Asked twice, the exit does not wait (a write that never ends would hold the process): it
+    ends at once, without the finalization that would crash under the writer thread; the previous
+    file is whole."""
+    path = tmp_path / "m.keras"
+    script = f"""
+import keras, kerassave_fast
+m = keras.Sequential([keras.Input((2048,)), keras.layers.Dense(4096), keras.layers.Dense(4096)])
+kerassave_fast.save_model(m, {str(path)!r})
+kerassave_fast.save_model(m, {str(path)!r}, blocking=False, compression="gzip", compression_level=9, threads=1)
+print("started", flush=True)
+"""
+    child = _started_child(script)
+    child.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    child.send_signal(signal.SIGINT)
     _, err = child.communicate(timeout=300)
-    assert child.returncode == 0, err[-3000:]
-    assert "finishing the background save" in err
-    assert sorted(os.listdir(tmp_path)) == ["expected.npy", "m.keras"]
-    loaded = keras.saving.load_model(path)  # stock's reader
-    np.testing.assert_array_equal(loaded.layers[-1].kernel.numpy(), np.load(tmp_path / "expected.npy"))
+    assert child.returncode == 1 and "leaving the background save" in err, err[-3000:]
+    assert len(keras.saving.load_model(path).weights) == 4  # the previous file
+
+
+def test_no_writer_thread_fails_the_background_save_and_the_exit_does_not_wait(tmp_path):
+    """A writer thread that cannot start (a process at its thread limit) fails the save at once;
+    the exit then has nothing to wait for."""
+    script = f"""
+import threading, keras, kerassave_fast
+m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4)])
+start = threading.Thread.start
+def refused(self):
+    raise RuntimeError("can't start new thread")
+threading.Thread.start = refused
+try:
+    kerassave_fast.save_model(m, {str(tmp_path / "m.keras")!r}, blocking=False)
+except RuntimeError as e:
+    print("refused:", e)
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "refused: can't start new thread" in run.stdout, run.stderr[-3000:]
 
 
 def _fit_with(callback_class, tmp_path, flavour="keras3", **callback_kwargs):

@@ -531,3 +531,37 @@ def test_the_replaced_file_is_freed_off_the_save_and_not_leaked(model, tmp_path,
     while still_open() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not still_open()
+
+
+def test_a_rename_failing_in_atomic_replace_all_says_the_targets_are_unchanged(tmp_path, monkeypatch):
+    """As `atomic_replace` says it: the error names the temporary file, which is gone."""
+    targets = [str(tmp_path / "w.data-00000-of-00001"), str(tmp_path / "w.index")]
+    for target in targets:
+        with open(target, "wb") as f:
+            f.write(b"old")
+    monkeypatch.setattr(files, "rename_all", lambda pairs: 0)
+
+    def refused(src, dst):
+        raise PermissionError(errno.EPERM, "Operation not permitted", src, None, dst)
+
+    monkeypatch.setattr(os, "replace", refused)
+    with pytest.raises(PermissionError) as raised:
+        with files.atomic_replace_all(targets) as destinations:
+            for d in destinations:
+                d.file.write_tensors([0], [np.frombuffer(b"new", np.uint8)])
+    assert f"{targets[0]} was not saved; its previous content is unchanged" in " ".join(raised.value.__notes__)
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(t) for t in targets)
+    for target in targets:
+        with open(target, "rb") as f:
+            assert f.read() == b"old"
+
+
+def test_a_child_forked_while_files_are_renamed_can_rename(tmp_path):
+    """The renames' lock, held by a thread of the parent at the fork, is the child's to take."""
+    with files._RENAMES_LOCK:
+        pid = os.fork()
+        if pid == 0:  # the child: a save of files that make one whole must not wait forever
+            code = 0 if files._RENAMES_LOCK.acquire(timeout=5) else 1
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

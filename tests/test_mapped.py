@@ -9,7 +9,9 @@ import gc
 import io
 import os
 import struct
+import sys
 import threading
+import warnings
 import zipfile
 
 import h5py
@@ -257,19 +259,19 @@ def test_a_later_load_into_the_model_ends_what_the_last_check_speaks_for(
         assert np.array_equal(np.asarray(expected), np.asarray(actual))
 
 
+def _layers_a_and_b(units: int) -> keras.Model:
+    """Dense layer a (64 x 64), then b (64 x `units`): a file with another `units` has only a in common."""
+    return keras.Sequential([keras.Input((64,)), keras.layers.Dense(64, name="a"), keras.layers.Dense(units, name="b")])
+
+
 def test_a_partial_mapped_load_keeps_the_earlier_check_speaking_for_the_weights_it_left(tmp_path):
     """A mapped `load_weights` that skips a layer (`skip_mismatch`) after a mapped load of a damaged
     file: the model's check is then the newer one and the damaged file's, which still speaks for the
     skipped layer's weights; its failure shows in `result()` and poisons the model if asked."""
 
-    def model_of(units):
-        return keras.Sequential(
-            [keras.Input((64,)), keras.layers.Dense(64, name="a"), keras.layers.Dense(units, name="b")]
-        )
-
     damaged, other = tmp_path / "damaged.keras", tmp_path / "other.keras"
-    ksf.save_model(model_of(4), damaged, aligned=True)
-    ksf.save_model(model_of(5), other, aligned=True)  # layer b of another shape: skipped
+    ksf.save_model(_layers_a_and_b(4), damaged, aligned=True)
+    ksf.save_model(_layers_a_and_b(5), other, aligned=True)  # layer b of another shape: skipped
     kept = _weights_start(damaged) + _dataset_offset(damaged, "layers/dense_1/vars/0") + 8  # in layer b's kernel
     _flip_in_first_tensor(damaged)  # layer a's kernel, which the partial load replaces...
     with open(damaged, "r+b") as f:  # ...and a byte of layer b's, which it keeps
@@ -286,6 +288,32 @@ def test_a_partial_mapped_load_keeps_the_earlier_check_speaking_for_the_weights_
     with pytest.raises(zipfile.BadZipFile, match=f"{damaged}.*Bad CRC-32"):
         newest.result(60)
     newest.poison_on_failure()
+    assert np.isnan(model.get_layer("b").kernel.numpy()).all()
+
+
+def test_checks_that_passed_leave_the_chain_of_partial_loads(tmp_path):
+    """Many partial mapped loads of sound files after one of a damaged file: the model's check is
+    the newest one with the damaged file's (those that passed are dropped), and asking it to poison
+    works however many loads came before (it recursed once per load)."""
+
+    damaged, sound = tmp_path / "damaged.keras", tmp_path / "sound.keras"
+    ksf.save_model(_layers_a_and_b(4), damaged, aligned=True)
+    ksf.save_model(_layers_a_and_b(5), sound, aligned=True)  # layer b of another shape: skipped, so kept from damaged
+    _flip_in_first_tensor(damaged)
+    model = ksf.load_model(damaged, mmap=True)
+    assert ksf.verification(model).wait(60)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # stock's warning of the skipped layer, once per load
+        for _ in range(300):
+            ksf.load_weights(model, sound, skip_mismatch=True, mmap=True)
+            assert ksf.verification(model).wait(60)
+    assert len(ksf.verification(model)._chain()) == 2
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(250)  # below the 300 loads
+    try:
+        ksf.verification(model).poison_on_failure()
+    finally:
+        sys.setrecursionlimit(limit)
     assert np.isnan(model.get_layer("b").kernel.numpy()).all()
 
 

@@ -1,5 +1,6 @@
 """Typed stubs of the Rust core (rust/lib.rs)."""
 
+import os
 from collections.abc import Buffer, Callable, Sequence
 
 ZIP64_LIMIT: int
@@ -131,7 +132,7 @@ def hdf5_lay_out(
 def tensor_bytes_moved() -> int:
     """Tensor bytes the core has written, read or compressed in this process so far (for progress bars)."""
 
-def rename_all(pairs: Sequence[tuple[str | bytes, str | bytes]]) -> int:
+def rename_all(pairs: Sequence[tuple[str | os.PathLike[str], str | os.PathLike[str]]]) -> int:
     """Renames each (from, to) in order in one call, no Python code running between them; returns
     how many were renamed (it stops at the first that fails)."""
 

@@ -11,6 +11,7 @@ does not exit before it is done (an `atexit` wait).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import contextvars
 import os
 import queue
@@ -96,20 +97,36 @@ def _warn_if_unseen(future: Future) -> None:
         )
 
 
+def _exit_now(message: str) -> None:
+    """Ends the process at once: finalizing the interpreter under a writer thread still inside
+    h5py or the Rust core crashes it."""
+    with contextlib.suppress(Exception):
+        print(message, file=sys.stderr, flush=True)
+        sys.stdout.flush()
+    os._exit(1)
+
+
 def _wait_at_exit() -> None:
     """The process does not end before the save in flight is written, nor with its failure unsaid.
     A Ctrl-C or a SIGTERM handler's `SystemExit` does not cut the wait short: the interpreter would
     go on finalizing under the writer thread (a crash, and the temporary file left behind)."""
-    told = False
-    while True:
+    interrupted = False
+    while _in_flight is not None and _writer is not None and _writer.is_alive():
         try:
             wait_for_previous()
             break
         except (KeyboardInterrupt, SystemExit):
-            if not told and _in_flight is not None:
+            if interrupted:  # asked twice: gone without the file (its previous content stays)
+                _exit_now(f"kerassave_fast: leaving the background save to {_in_flight.path!r} unfinished")
+            interrupted = True
+            with contextlib.suppress(Exception):  # (stderr may be a closed pipe: the wait goes on)
                 path = _in_flight.path
-                print(f"kerassave_fast: finishing the background save to {path!r} before exiting", file=sys.stderr)
-                told = True
+                print(
+                    f"kerassave_fast: finishing the background save to {path!r} before exiting "
+                    "(interrupt again to leave it unfinished)",
+                    file=sys.stderr,
+                    flush=True,
+                )
     future = _in_flight
     if future is not None:
         _warn_if_unseen(future)
@@ -157,13 +174,19 @@ class Deferred:
         future.add_done_callback(lambda f: None if handle_alive() is not None else _warn_if_unseen(f))
         with _LOCK:
             wait_for_previous()
-            _in_flight = future
             future.set_running_or_notify_cancel()
-            _writer_jobs().put(run)
+            try:
+                _writer_jobs().put(run)
+            except BaseException as e:  # no writer thread (none could be started): nothing will run it
+                future.set_exception(e)
+                future.unseen = False
+                raise
+            _in_flight = future
         return handle
 
 
 _jobs: queue.SimpleQueue | None = None  # the writer thread's, once it runs
+_writer: threading.Thread | None = None
 
 
 def _writer_jobs() -> queue.SimpleQueue:
@@ -171,10 +194,12 @@ def _writer_jobs() -> queue.SimpleQueue:
     waiting costs the caller a `put`, where starting one costs a GIL hand-over or two, which a
     busy machine turns into milliseconds. It is a daemon, so it never holds up the interpreter's
     exit; what does is the `atexit` wait for the save in flight."""
-    global _jobs
+    global _jobs, _writer
     if _jobs is None:
-        _jobs = queue.SimpleQueue()
-        threading.Thread(target=_write_forever, args=(_jobs,), name="kerassave_fast writer", daemon=True).start()
+        jobs = queue.SimpleQueue()
+        writer = threading.Thread(target=_write_forever, args=(jobs,), name="kerassave_fast writer", daemon=True)
+        writer.start()
+        _jobs, _writer = jobs, writer
     return _jobs
 
 
@@ -187,8 +212,8 @@ def _write_forever(jobs: queue.SimpleQueue) -> None:
 
 def _forget_in_child() -> None:
     """A forked child has no writer thread, and the parent's save in flight is not its own."""
-    global _jobs, _in_flight
-    _jobs, _in_flight = None, None
+    global _jobs, _writer, _in_flight
+    _jobs, _writer, _in_flight = None, None, None
 
 
 atexit.register(_wait_at_exit)

@@ -192,14 +192,19 @@ def atomic_replace(filepath: str, staged: list[_Staged] | None = None) -> Iterat
         if fd >= 0:
             os.close(fd)
         if tmp_path is not None:
-            if isinstance(e, OSError) and e.filename is not None and os.fsencode(e.filename) == os.fsencode(tmp_path):
-                e.add_note(
-                    f"{filepath} was not saved; its previous content is unchanged (the error names the "
-                    "temporary file it was written to, now removed)"
-                )
+            _note_not_saved(e, filepath, tmp_path)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_path)
         raise
+
+
+def _note_not_saved(e: BaseException, filepath: str, tmp_path: str) -> None:
+    """An error naming the temporary file, about to be removed, says what became of the target."""
+    if isinstance(e, OSError) and e.filename is not None and os.fsencode(e.filename) == os.fsencode(tmp_path):
+        e.add_note(
+            f"{filepath} was not saved; its previous content is unchanged (the error names the "
+            "temporary file it was written to, now removed)"
+        )
 
 
 @dataclass
@@ -262,7 +267,12 @@ def atomic_replace_all(filepaths: Sequence[str]) -> Iterator[list[Destination]]:
             with _RENAMES_LOCK:
                 renamed = rename_all([(s.tmp_path, s.target) for s in staged])
                 for s in staged[renamed:]:  # one failed: renamed again here, to raise its error or copy in place
-                    _put_in_place(s)
+                    try:
+                        _put_in_place(s)
+                    except BaseException as e:
+                        if not s.kept:
+                            _note_not_saved(e, s.filepath, s.tmp_path)
+                        raise
         finally:
             for fd in held:
                 _release_later(fd)
@@ -309,9 +319,11 @@ def _close_forever(fds: queue.SimpleQueue) -> None:
 
 
 def _forget_closer_in_child() -> None:
-    """A forked child has no closing thread (the descriptors it inherited close at its exit)."""
-    global _to_close
+    """A forked child has no closing thread (the descriptors it inherited close at its exit), and
+    no renames running (a thread of the parent may have held their lock)."""
+    global _to_close, _RENAMES_LOCK
     _to_close = None
+    _RENAMES_LOCK = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_closer_in_child)

@@ -83,28 +83,26 @@ class Verification:
         self._lock = threading.Lock()
         self._poison = False
         self._finished = False  # the check's result is known (`done` comes once poisoning is over)
-        self._earlier: Verification | None = None  # a check a partial load left speaking for some weights
+        # Checks of earlier loads whose weights partial loads left in place (none passed when linked).
+        self._earlier: list[Verification] = []
 
     def poison_on_failure(self) -> None:
         """If the check finds the file damaged (now or already), every floating-point variable of the
         model and its optimizer is set to NaN, so that nothing goes on silently with wrong weights."""
-        with self._lock:
-            self._poison = True
-            failed = self._finished and self._error is not None
-        if failed and self._current():
-            _poison(self._model())
-        if self._earlier is not None:
-            self._earlier.poison_on_failure()
+        for check in self._chain():
+            with check._lock:
+                check._poison = True
+                failed = check._finished and check._error is not None
+            if failed and check._current():
+                _poison(check._model())
 
     def _current(self) -> bool:
         """Whether some of the model's weights are still those of the load this checks (no load since
         replaced them all)."""
         model = self._model()
         with _VERIFICATIONS_LOCK:
-            check = _VERIFICATIONS.get(model) if model is not None else None
-            while check is not None and check is not self:
-                check = check._earlier
-            return check is self
+            newest = _VERIFICATIONS.get(model) if model is not None else None
+        return newest is not None and self in newest._chain()
 
     def _finish(self, error: BaseException | None) -> None:
         with self._lock:
@@ -119,11 +117,10 @@ class Verification:
 
     def _chain(self) -> list[Verification]:
         """This check and those of earlier loads whose weights a partial load left in place."""
-        chain, check = [], self
-        while check is not None:
-            chain.append(check)
-            check = check._earlier
-        return chain
+        return [self, *self._earlier]
+
+    def _passed(self) -> bool:
+        return self._finished and self._error is None
 
     def done(self) -> bool:
         return all(c._done.is_set() for c in self._chain())
@@ -186,8 +183,9 @@ def keep_verification(model, earlier: Verification) -> None:
     `earlier` checks: a newer mapped load's check answers for both."""
     with _VERIFICATIONS_LOCK:
         newest = _VERIFICATIONS.get(model)
-        if newest is not None and newest._earlier is None and earlier not in newest._chain():
-            newest._earlier = earlier
+        if newest is not None and newest is not earlier and not newest._earlier:
+            # (those that passed no longer speak: the chain stays as long as the checks that have not)
+            newest._earlier = [c for c in earlier._chain() if not c._passed()]
 
 
 def forget_verification(model, check: Verification) -> None:
