@@ -903,10 +903,10 @@ def _listed_by_h5py(h5: h5py.File) -> list[StoredTensor]:
         if info.type == h5o.TYPE_DATASET:
             names.append(name)
 
-    try:
-        h5o.visit(h5.id, visit, info=True)  # each object once, through hard links only
-    except (RuntimeError, KeyError, ValueError, OSError):
-        return []  # libhdf5 cannot walk it: h5py reads every dataset, failing where stock's load fails
+    # Each object once, through hard links only. A file libhdf5 cannot visit whole is refused here
+    # (its `RuntimeError`), where stock, reading by path, may fail otherwise or load it: its datasets
+    # would go unchecked for overlaps and bounds, and a damaged address would load other bytes.
+    h5o.visit(h5.id, visit, info=True)
     return [t for t in (_as_stored_tensor(h5, n) for n in names) if t is not None and t.nbytes]
 
 
