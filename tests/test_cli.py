@@ -460,12 +460,16 @@ def test_a_multi_line_error_is_printed_as_one_line(files, tmp_path, capsys, monk
     assert len(err) < 1000
 
 
-@pytest.mark.parametrize("destination", ["m.kears", "m.KERAS"])
-def test_convert_of_a_keras3_model_to_a_suffix_naming_no_format_is_refused_as_stocks_save(files, tmp_path, destination):
+@pytest.mark.parametrize("destination", ["m.kears", "m.KERAS", "m.keras/"])
+def test_convert_of_a_keras3_model_to_a_suffix_naming_no_format_is_refused_as_stocks_save(
+    files, tmp_path, destination, capsys
+):
     with pytest.raises(ValueError):
-        files["model"].save(tmp_path / destination)  # stock
-    assert cli.main(["convert", files["ours.keras"], str(tmp_path / destination)]) == 1
+        files["model"].save(os.path.join(tmp_path, destination))  # stock
+    assert cli.main(["convert", files["ours.keras"], os.path.join(tmp_path, destination)]) == 1
     assert os.listdir(tmp_path) == []
+    why = "after which a separator asks for a directory" if destination.endswith("/") else "names no format"
+    assert why in capsys.readouterr().err
 
 
 def test_inspect_names_the_zstd_level(files, tmp_path):

@@ -557,13 +557,17 @@ def convert(source: str, destination: str, **save_kwargs) -> None:
     if destination.endswith(".json"):
         raise KerasSaveError(f"{destination}: sharded weights need `max_shard_size`, which convert does not take")
     flavour = report.flavour or ("tf_keras" if api.legacy_keras_requested() else "keras3")
+    formats = (".keras", ".h5", ".hdf5")
     suffix = os.path.splitext(os.path.basename(destination.rstrip(os.sep)))[1]
-    if flavour == "keras3" and suffix and not destination.endswith((".keras", ".h5", ".hdf5")):
-        if not os.path.isdir(destination):  # as Keras 3's `model.save` refuses it (tf_keras saves a SavedModel)
-            raise ValueError(
-                f"{destination}: {suffix!r} names no format: give `.keras`, `.h5` or `.weights.h5`, or a "
-                "name without a suffix for a SavedModel export"
-            )
+    if flavour == "keras3" and suffix and not destination.endswith(formats) and not os.path.isdir(destination):
+        # as Keras 3's `model.save` refuses it (tf_keras saves a SavedModel)
+        why = "names no format"
+        if suffix in formats:
+            why = "is a file's suffix, after which a separator asks for a directory"
+        raise ValueError(
+            f"{destination}: {suffix!r} {why}: give `.keras`, `.h5` or `.weights.h5`, or a name without a "
+            "suffix for a SavedModel export"
+        )
     model = api.load_model_as(flavour, source)
     if destination.endswith(".weights.h5"):
         api.save_weights(model, destination, **save_kwargs)
