@@ -247,6 +247,7 @@ def test_an_interrupt_while_the_process_waits_at_exit_for_a_background_save(tmp_
 import signal, sys
 import keras, numpy as np, kerassave_fast
 signal.signal(signal.SIGTERM, lambda *a: sys.exit(3))
+signal.signal(signal.SIGINT, signal.default_int_handler)  # (a shell starting a job in the background ignores it)
 m = keras.Sequential([keras.Input((2048,)), keras.layers.Dense(4096), keras.layers.Dense(4096)])
 kerassave_fast.save_model(m, {str(path)!r}, blocking=False, compression="gzip", compression_level=6, threads=1)
 np.save({str(tmp_path / "expected.npy")!r}, m.layers[-1].kernel.numpy())
@@ -279,7 +280,8 @@ def test_a_second_interrupt_leaves_the_background_save_unfinished(tmp_path):
     file is whole."""
     path = tmp_path / "m.keras"
     script = f"""
-import keras, kerassave_fast
+import signal, keras, kerassave_fast
+signal.signal(signal.SIGINT, signal.default_int_handler)  # (a shell starting a job in the background ignores it)
 m = keras.Sequential([keras.Input((2048,)), keras.layers.Dense(4096), keras.layers.Dense(4096)])
 kerassave_fast.save_model(m, {str(path)!r})
 kerassave_fast.save_model(m, {str(path)!r}, blocking=False, compression="gzip", compression_level=9, threads=1)
