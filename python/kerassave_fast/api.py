@@ -16,7 +16,7 @@ import warnings
 from . import asynchronous, mapped, progress
 from ._core import MAX_THREADS
 from .asynchronous import write_now
-from .files import durability, refuse_stock_write_if_mapped, sync
+from .files import MODEL_FILE_SUFFIXES, durability, refuse_stock_write_if_mapped, sync
 from .formats import legacy_h5, tensor_bundle, weights_h5
 from .keras3 import hooks as keras3_hooks
 from .overwrite import ask_to_replace, prompt_refusals
@@ -379,7 +379,7 @@ def _save_model(
     include_optimizer = kwargs.get("include_optimizer", True)
     fast = (
         path is not None
-        and path.endswith((".keras", ".h5", ".hdf5"))
+        and path.endswith(MODEL_FILE_SUFFIXES)
         and kwargs.get("zipped", True) in (None, True)
         and not save_format
         and set(kwargs) <= {"include_optimizer", "zipped"}

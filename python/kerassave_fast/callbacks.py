@@ -19,6 +19,7 @@ from keras.src.utils import file_utils, io_utils
 
 from . import api
 from .asynchronous import SaveHandle
+from .files import MODEL_FILE_SUFFIXES
 
 
 class _OneSaveInFlight:
@@ -40,7 +41,7 @@ class _OneSaveInFlight:
 
     def _start_save(self, filepath: str, **kwargs) -> None:
         self.wait()
-        if filepath.endswith((".keras", ".h5", ".hdf5")) and os.path.isdir(filepath):  # (a SavedModel is one)
+        if filepath.endswith(MODEL_FILE_SUFFIXES) and os.path.isdir(filepath):  # (a SavedModel is one)
             # raised now, as stock's save raises it, not by the background write
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), filepath)
         method = "save_weights" if self.save_weights_only else "save"

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from ._core import MAX_THREADS, KerasSaveError, TensorBundleReader, TensorFile, ZipArchive, hdf5_stored_datasets
-from .files import FileRegion
+from .files import MODEL_FILE_SUFFIXES, FileRegion
 from .formats.zip_members import member_name
 
 if TYPE_CHECKING:
@@ -557,12 +557,12 @@ def convert(source: str, destination: str, **save_kwargs) -> None:
     if destination.endswith(".json"):
         raise KerasSaveError(f"{destination}: sharded weights need `max_shard_size`, which convert does not take")
     flavour = report.flavour or ("tf_keras" if api.legacy_keras_requested() else "keras3")
-    formats = (".keras", ".h5", ".hdf5")
     suffix = os.path.splitext(os.path.basename(destination.rstrip(os.sep)))[1]
-    if flavour == "keras3" and suffix and not destination.endswith(formats) and not os.path.isdir(destination):
+    a_file = destination.endswith(MODEL_FILE_SUFFIXES)
+    if flavour == "keras3" and suffix and not a_file and not os.path.isdir(destination):
         # as Keras 3's `model.save` refuses it (tf_keras saves a SavedModel)
         why = "names no format"
-        if suffix in formats:
+        if suffix in MODEL_FILE_SUFFIXES:
             why = "is a file's suffix, after which a separator asks for a directory"
         raise ValueError(
             f"{destination}: {suffix!r} {why}: give `.keras`, `.h5` or `.weights.h5`, or a name without a "
@@ -571,7 +571,7 @@ def convert(source: str, destination: str, **save_kwargs) -> None:
     model = api.load_model_as(flavour, source)
     if destination.endswith(".weights.h5"):
         api.save_weights(model, destination, **save_kwargs)
-    elif destination.endswith((".keras", ".h5", ".hdf5")):
+    elif a_file:
         api.save_model(model, destination, **save_kwargs)
     elif flavour == "tf_keras":
         api.save_model(model, destination, save_format="tf", **save_kwargs)

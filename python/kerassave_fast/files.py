@@ -357,6 +357,10 @@ def staging_directory(target: str, suffix: str = ".tmp") -> str:
     return tempfile.mkdtemp(prefix=_our_temporary_prefix(target), suffix=suffix, dir=os.path.dirname(target))
 
 
+# The suffixes that make Keras 3's `model.save` write a model file (anything else: refused, or a
+# SavedModel directory for tf_keras).
+MODEL_FILE_SUFFIXES = (".keras", ".h5", ".hdf5")
+
 _TEMPORARY_SUFFIXES = (".tmp", ".old")  # being written; a previous SavedModel moved aside to be removed
 
 
