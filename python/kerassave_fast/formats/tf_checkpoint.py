@@ -234,10 +234,14 @@ def _restore_coordinator_class():
                 unused_fns = {
                     fn for fn, keys in saver._restore_fn_to_keys.items() if all(self.unused(k) for k, _ in keys)
                 }
-                skipped = [st for st in shard if restore_fn_of[(st.checkpoint_key, st.slice_spec)] in unused_fns]
-                if not all(_fits(st, restore_fn_of[(st.checkpoint_key, st.slice_spec)], entries) for st in skipped):
-                    return False  # stock's restore reads them, and refuses what does not fit as it does
-                shard = [st for st in shard if restore_fn_of[(st.checkpoint_key, st.slice_spec)] not in unused_fns]
+                read = []
+                for st in shard:
+                    restore_fn = restore_fn_of[(st.checkpoint_key, st.slice_spec)]
+                    if restore_fn not in unused_fns:
+                        read.append(st)
+                    elif not _fits(st, restore_fn, entries):
+                        return False  # stock's restore reads them, and refuses what does not fit as it does
+                shard = read
             names, dtypes, strings = [], [], {}
             for st in shard:
                 save_spec = st._tensor_save_spec
