@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import zipfile
+import zlib
 from pathlib import Path
 
 import h5py
@@ -471,3 +472,49 @@ def test_numpy_integers_are_taken_as_integers(model_zoo, tmp_path):
             lambda _, d: chunked.append(d.compression_opts) if isinstance(d, h5py.Dataset) and d.chunks else None
         )
     assert chunked and set(chunked) == {5}
+
+
+def _decoded_chunk(stored: bytes, itemsize: int) -> bytes:
+    """A chunk stored with shuffle + deflate, as libhdf5 undoes the two filters."""
+    shuffled = np.frombuffer(zlib.decompress(stored), np.uint8)
+    return shuffled.reshape(itemsize, -1).T.tobytes()
+
+
+def _compressed_ahead(arrays: list[np.ndarray], chunk_bytes: int = 1 << 20):
+    from kerassave_fast.formats.weights_h5 import Compression, _ChunksAhead
+
+    return _ChunksAhead(arrays, Compression(codec="gzip", level=1, chunk_bytes=chunk_bytes), threads=1)
+
+
+def test_the_compressor_runs_ahead_past_tensor_ends_and_small_tensors():
+    # Bounded in batches, it stopped two items ahead (a tensor's end counted as one), idle while
+    # HDF5 stored a large batch: here it must compress every small tensor with nothing taken.
+    arrays = [np.full((64, 16), i, np.float32) for i in range(12)]
+    ahead = _compressed_ahead(arrays)
+    try:
+        ahead._thread.join(timeout=60)
+        assert not ahead._thread.is_alive(), "the compressor waited for the writer with little ahead"
+        for i, array in enumerate(arrays):
+            (offsets, stored), *more = list(ahead.batches())
+            assert not more and offsets == [(0, 0)]
+            decoded = np.frombuffer(_decoded_chunk(bytes(stored[0]), array.dtype.itemsize), np.float32)
+            np.testing.assert_array_equal(decoded.reshape(array.shape), array, err_msg=f"tensor {i}")
+    finally:
+        ahead.close()
+
+
+def test_the_compressor_holds_at_most_its_byte_bound_ahead(monkeypatch):
+    from kerassave_fast.formats import weights_h5
+
+    monkeypatch.setattr(weights_h5, "_COMPRESS_BATCH", 1 << 16)
+    monkeypatch.setattr(weights_h5, "_BYTES_AHEAD", 3 << 16)
+    noise = np.random.default_rng(0).integers(0, 2**32, (1024, 256), np.uint32).view(np.float32)  # incompressible
+    ahead = _compressed_ahead([noise], chunk_bytes=1 << 14)
+    try:
+        ahead._thread.join(timeout=2)  # it waits for the writer, holding no more than the bound
+        assert ahead._thread.is_alive()
+        assert (1 << 16) < ahead._ahead <= (3 << 16) + 1024  # + deflate's overhead on incompressible batches
+        taken = b"".join(_decoded_chunk(bytes(s), 4) for _, stored in ahead.batches() for s in stored)
+        assert taken == noise.tobytes()
+    finally:
+        ahead.close()

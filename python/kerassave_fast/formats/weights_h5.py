@@ -18,7 +18,7 @@ import queue
 import resource
 import tempfile
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -252,10 +252,10 @@ class Compression:
         return (max(1, min(shape[0], self.chunk_bytes // max(row, 1))), *shape[1:])
 
 
-# Raw bytes handed to the Rust core per call when compressing, and how many such batches may wait
+# Raw bytes handed to the Rust core per call when compressing, and how many stored bytes may wait
 # compressed for HDF5: what a save holds at most besides the model.
 _COMPRESS_BATCH = 16 << 20
-_BATCHES_AHEAD = 2
+_BYTES_AHEAD = 2 * _COMPRESS_BATCH
 
 
 def _encoded_batches(array: np.ndarray, compression: Compression, threads: int):
@@ -277,11 +277,16 @@ def _encoded_batches(array: np.ndarray, compression: Compression, threads: int):
 class _ChunksAhead:
     """Compresses every chunked tensor of a plan, in plan order, on one background thread (the Rust
     core, GIL released, on `threads` cores) while HDF5 stores the chunks compressed before them: the
-    serial part of a compressed save (h5py, one chunk at a time) overlaps the compression."""
+    serial part of a compressed save (h5py, one chunk at a time) overlaps the compression.
+
+    What waits for HDF5 is bounded in bytes, not batches: a tensor's end or a small tensor's one
+    batch would otherwise hold the compressor back while HDF5 stores a large batch."""
 
     def __init__(self, arrays: list[np.ndarray], compression: Compression, threads: int):
-        self._ready: queue.Queue = queue.Queue(_BATCHES_AHEAD)
-        self._stop = threading.Event()
+        self._ready: deque = deque()  # (item, its stored bytes): a batch, None (a tensor's end) or an error
+        self._ahead = 0  # stored bytes in `_ready`
+        self._changed = threading.Condition()
+        self._stopped = False
         self._thread = threading.Thread(
             target=self._compress, args=(arrays, compression, threads), name="kerassave-compress", daemon=True
         )
@@ -291,29 +296,44 @@ class _ChunksAhead:
         try:
             for array in arrays:
                 for batch in _encoded_batches(array, compression, threads):
-                    if not self._put(batch):
+                    if not self._put(batch, sum(memoryview(s).nbytes for s in batch[1])):
                         return
                 if not self._put(None):  # the tensor's end
                     return
         except BaseException as e:  # handed to the writer, which raises it
             self._put(e)
 
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            with contextlib.suppress(queue.Full):
-                self._ready.put(item, timeout=0.1)
-                return True
-        return False
+    def _put(self, item, size: int = 0) -> bool:
+        with self._changed:
+            while self._ahead and self._ahead + size > _BYTES_AHEAD and not self._stopped:
+                self._changed.wait()
+            if self._stopped:
+                return False
+            self._ready.append((item, size))
+            self._ahead += size
+            self._changed.notify_all()
+            return True
+
+    def _take(self):
+        with self._changed:
+            while not self._ready:
+                self._changed.wait()
+            item, size = self._ready.popleft()
+            self._ahead -= size
+            self._changed.notify_all()
+            return item
 
     def batches(self) -> Iterator[tuple[list[tuple[int, ...]], list[bytes]]]:
         """The next tensor's chunks, batch by batch: (chunk offsets, what HDF5 stores for each)."""
-        while (item := self._ready.get()) is not None:
+        while (item := self._take()) is not None:
             if isinstance(item, BaseException):
                 raise item
             yield item
 
     def close(self) -> None:
-        self._stop.set()
+        with self._changed:
+            self._stopped = True
+            self._changed.notify_all()
         self._thread.join()
 
 
