@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import importlib
 import os as _os
-from typing import TYPE_CHECKING
 
 from ._core import BadKerasZipFile, KerasSaveError
 from .install import install, installed, uninstall  # not lazily: the submodule's name would shadow it
 from .overwrite import OverwriteRefused
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (the command line's start-up)
 if TYPE_CHECKING:
     from .api import (
         export_saved_model,

@@ -22,16 +22,15 @@ import io
 import json
 import math
 import os
-import subprocess
 import sys
 import zipfile
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
 
 from ._core import MAX_THREADS, KerasSaveError, TensorBundleReader, TensorFile, ZipArchive, hdf5_stored_datasets
 from .files import MODEL_FILE_SUFFIXES, FileRegion
 from .formats.zip_members import member_name
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (the command line's start-up)
 if TYPE_CHECKING:
     import h5py
 
@@ -602,6 +601,8 @@ def _bench(args: list[str]) -> int:
     if not os.path.exists(script):
         print("kerassave-fast bench: needs a source checkout (benches/run.py); not found", file=sys.stderr)
         return 2
+    import subprocess
+
     return subprocess.call([sys.executable, os.path.abspath(script), *args])
 
 

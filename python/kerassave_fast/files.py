@@ -10,7 +10,6 @@ import io
 import os
 import queue
 import shutil
-import socket
 import tempfile
 import threading
 import weakref
@@ -329,7 +328,7 @@ def _forget_closer_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_closer_in_child)
 
 # Tags our temporary files: a later save removes those whose process is gone (killed mid-save).
-_HOST = "".join(c for c in socket.gethostname() if c.isalnum())[:32]
+_HOST = "".join(c for c in os.uname().nodename if c.isalnum())[:32]  # gethostname(2), without importing socket
 
 
 def _temporary_prefix(name: str) -> str:

@@ -17,7 +17,6 @@ command line's `inspect` and `verify`, does not import Keras and TensorFlow for 
 from __future__ import annotations
 
 import functools
-import importlib.abc
 import importlib.util
 import inspect
 import sys
@@ -147,7 +146,7 @@ def _rebind_aliases(routes: dict[int, Callable]) -> None:
 _KERAS = ("keras", "tf_keras")
 
 
-class _InstallAfterKeras(importlib.abc.MetaPathFinder):
+class _InstallAfterKeras:  # an importlib.abc.MetaPathFinder (importing that module slows the start-up)
     """In `sys.meta_path` until Keras or tf_keras is imported: its module's loader then runs
     `install()` once the module has run, and the finder leaves."""
 
