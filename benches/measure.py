@@ -134,27 +134,53 @@ def raw_write(arrays: list[np.ndarray], path: str) -> None:
             f.write(a.reshape(-1).view(np.uint8))
 
 
+def on_threads(total: int, threads: int, share: Callable[[int, int], None]) -> None:
+    """Runs `share(begin, end)` on `threads` threads, each its contiguous share of `total` bytes."""
+    workers = [
+        threading.Thread(target=share, args=(total * i // threads, total * (i + 1) // threads)) for i in range(threads)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+
+
 def raw_write_threads(arrays: list[np.ndarray], path: str, threads: int = 2) -> None:
     """The same bytes written to a new file by `threads` threads, each its contiguous share, 16 MiB
     per `pwrite`: how fast this machine takes them from several cores (what a parallel writer can hope for)."""
     views = [a.reshape(-1).view(np.uint8) for a in arrays]
     starts = np.cumsum([0] + [v.nbytes for v in views]).tolist()
-    total = starts[-1]
-
-    def write_share(fd: int, begin: int, end: int) -> None:
-        for view, start in zip(views, starts, strict=False):
-            lo, hi = max(begin, start), min(end, start + view.nbytes)
-            for at in range(lo, hi, 16 << 20):
-                os.pwrite(fd, view[at - start : min(hi, at + (16 << 20)) - start], at)
 
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        shares = [(fd, total * i // threads, total * (i + 1) // threads) for i in range(threads)]
-        workers = [threading.Thread(target=write_share, args=share) for share in shares]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
+
+        def write_share(begin: int, end: int) -> None:
+            for view, start in zip(views, starts, strict=False):
+                lo, hi = max(begin, start), min(end, start + view.nbytes)
+                for at in range(lo, hi, 16 << 20):
+                    os.pwrite(fd, view[at - start : min(hi, at + (16 << 20)) - start], at)
+
+        on_threads(starts[-1], threads, write_share)
+    finally:
+        os.close(fd)
+
+
+def raw_read_threads(path: str, threads: int = 2) -> None:
+    """Every byte of the file read by `threads` threads, each its contiguous share into one reused
+    1 MiB buffer, nothing kept: what any check of every byte must at least do (short of mapping the file)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+
+        def read_share(begin: int, end: int) -> None:
+            buffer = np.empty(1 << 20, np.uint8)
+            at = begin
+            while at < end:
+                n = os.preadv(fd, [buffer[: min(end - at, len(buffer))]], at)
+                if n == 0:
+                    raise EOFError(f"{path}: shorter than {end} bytes")
+                at += n
+
+        on_threads(os.fstat(fd).st_size, threads, read_share)
     finally:
         os.close(fd)
 

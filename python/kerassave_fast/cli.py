@@ -315,8 +315,10 @@ def inspect_file(path: str) -> Report:
         prefix = os.path.join(path, "variables", "variables") if report.format == SAVED_MODEL else path
         if report.format == SAVED_MODEL and os.path.exists(os.path.join(path, "keras_metadata.pb")):
             report.flavour = "tf_keras"
+        from .formats.tensor_bundle import OBJECT_GRAPH_KEY  # (here: it imports numpy)
+
         for key, dtype, shape, size, _, _, _ in TensorBundleReader(prefix).entries():
-            if key != "_CHECKPOINTABLE_OBJECT_GRAPH":  # the object graph TensorFlow keeps beside the variables
+            if key != OBJECT_GRAPH_KEY:  # the object graph TensorFlow keeps beside the variables
                 report.variables.append(Variable(key, list(shape), _bundle_dtype_name(dtype), size))
     return report
 
