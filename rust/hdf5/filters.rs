@@ -46,6 +46,7 @@ impl Pipeline {
                 FLETCHER32 => {
                     let sum = fletcher32(&data);
                     let mut data = data.into_owned();
+                    data.reserve_exact(4); // not the doubling `extend` would make of a shrunk buffer
                     data.extend_from_slice(&sum.to_le_bytes());
                     data
                 }
@@ -175,6 +176,7 @@ fn deflate(data: &[u8], level: i32) -> Result<Vec<u8>> {
         .zlib_compress(data, &mut out)
         .map_err(|e| format!("deflate: {e}"))?;
     out.truncate(n);
+    out.shrink_to_fit(); // as above: a compressible chunk would hold its raw size
     Ok(out)
 }
 
@@ -267,6 +269,33 @@ mod tests {
             let mut stored = bare.encode(&raw).unwrap();
             stored.truncate(stored.len() / 2);
             assert!(bare.decode(stored, 0, raw.len()).is_err());
+        }
+    }
+
+    #[test]
+    fn a_stored_chunk_holds_no_more_memory_than_its_bytes() {
+        // Held until HDF5 stores it: a chunk of zeros stored in ~1 KiB kept its 1 MiB buffer
+        // at the deflate levels libdeflate runs (0, 4-9), and Fletcher-32 doubled a shrunk one.
+        let zeros = vec![0u8; 1 << 20];
+        for (codec, levels) in [(DEFLATE, 0..=9), (ZSTD, 1..=9)] {
+            for level in levels {
+                for checksum in [false, true] {
+                    let mut filters = vec![SHUFFLE, codec];
+                    filters.extend(checksum.then_some(FLETCHER32));
+                    let pipeline = Pipeline {
+                        filters,
+                        level,
+                        itemsize: 4,
+                    };
+                    let stored = pipeline.encode(&zeros).unwrap();
+                    assert!(
+                        stored.capacity() <= stored.len() + 64,
+                        "codec {codec} level {level} checksum {checksum}: {} bytes in {}",
+                        stored.len(),
+                        stored.capacity()
+                    );
+                }
+            }
         }
     }
 

@@ -252,15 +252,15 @@ class Compression:
         return (max(1, min(shape[0], self.chunk_bytes // max(row, 1))), *shape[1:])
 
 
-# Raw bytes handed to the Rust core per call when compressing, and how many stored bytes may wait
-# compressed for HDF5: what a save holds at most besides the model.
+# Raw bytes handed to the Rust core per call when compressing, and how many raw bytes may wait
+# compressed for HDF5 (besides a batch being compressed and one being stored).
 _COMPRESS_BATCH = 16 << 20
 _BYTES_AHEAD = 2 * _COMPRESS_BATCH
 
 
 def _encoded_batches(array: np.ndarray, compression: Compression, threads: int):
     """One tensor's chunks as HDF5 stores them, `_COMPRESS_BATCH` raw bytes per call of the Rust
-    core: (each chunk's offset in the dataset, its stored bytes)."""
+    core: ((each chunk's offset in the dataset, its stored bytes), the raw bytes compressed)."""
     chunks = compression.chunk_shape(array.shape, array.dtype.itemsize)
     flat, chunk_len = as_bytes(array), math.prod(chunks) * array.dtype.itemsize
     starts = list(range(0, flat.nbytes, chunk_len))
@@ -271,7 +271,8 @@ def _encoded_batches(array: np.ndarray, compression: Compression, threads: int):
         if len(raw[-1]) < chunk_len:  # HDF5 stores an edge chunk whole; its tail is never read
             raw[-1] = np.concatenate([raw[-1], np.zeros(chunk_len - len(raw[-1]), np.uint8)])
         offsets = [(b // chunk_len * chunks[0],) + (0,) * (array.ndim - 1) for b in batch]
-        yield offsets, hdf5_encode_chunks(raw, compression.filters, compression.level, array.dtype.itemsize, threads)
+        stored = hdf5_encode_chunks(raw, compression.filters, compression.level, array.dtype.itemsize, threads)
+        yield (offsets, stored), len(raw) * chunk_len
 
 
 class _ChunksAhead:
@@ -279,12 +280,14 @@ class _ChunksAhead:
     core, GIL released, on `threads` cores) while HDF5 stores the chunks compressed before them: the
     serial part of a compressed save (h5py, one chunk at a time) overlaps the compression.
 
-    What waits for HDF5 is bounded in bytes, not batches: a tensor's end or a small tensor's one
-    batch would otherwise hold the compressor back while HDF5 stores a large batch."""
+    What waits for HDF5 is bounded by the raw bytes it holds compressed (a stored chunk may be far
+    smaller than what it was compressed from, but never much larger), not by batches: a tensor's
+    end or a small tensor's one batch would otherwise hold the compressor back while HDF5 stores a
+    large batch."""
 
     def __init__(self, arrays: list[np.ndarray], compression: Compression, threads: int):
-        self._ready: deque = deque()  # (item, its stored bytes): a batch, None (a tensor's end) or an error
-        self._ahead = 0  # stored bytes in `_ready`
+        self._ready: deque = deque()  # (item, its raw bytes): a batch, None (a tensor's end) or an error
+        self._ahead = 0  # raw bytes of the batches in `_ready`
         self._changed = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(
@@ -295,8 +298,8 @@ class _ChunksAhead:
     def _compress(self, arrays: list[np.ndarray], compression: Compression, threads: int) -> None:
         try:
             for array in arrays:
-                for batch in _encoded_batches(array, compression, threads):
-                    if not self._put(batch, sum(memoryview(s).nbytes for s in batch[1])):
+                for batch, raw_bytes in _encoded_batches(array, compression, threads):
+                    if not self._put(batch, raw_bytes):
                         return
                 if not self._put(None):  # the tensor's end
                     return
@@ -333,6 +336,7 @@ class _ChunksAhead:
     def close(self) -> None:
         with self._changed:
             self._stopped = True
+            self._ready.clear()  # let go of now, not with this object (a failed save's traceback may keep it)
             self._changed.notify_all()
         self._thread.join()
 
