@@ -1085,6 +1085,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("BadKerasZipFile", bad_keras_zip_file(m.py())?)?;
     m.add("ZIP64_LIMIT", zip::ZIP64_LIMIT)?;
     m.add("MAX_THREADS", io::MAX_THREADS)?;
+    // tensorflow/python/trackable/base.py OBJECT_GRAPH_PROTO_KEY: ASCII
+    m.add(
+        "OBJECT_GRAPH_KEY",
+        String::from_utf8_lossy(bundle::OBJECT_GRAPH_KEY).into_owned(),
+    )?;
     m.add_class::<TensorFile>()?;
     m.add_class::<ZipWriter>()?;
     m.add_class::<ZipArchive>()?;

@@ -141,6 +141,18 @@ def test_a_keras_the_rust_core_walks_whole_is_answered_without_h5py_or_numpy(fil
     assert run.returncode == 0, run.stdout + run.stderr[-2000:]
 
 
+@pytest.mark.parametrize("name", ["saved_model", "ckpt"])
+def test_a_tensor_bundle_is_inspected_without_numpy(files, name):
+    """The Rust core lists the bundle: nothing of the package that imports numpy is needed."""
+    script = (
+        "import sys, kerassave_fast.cli as c; code = c.main(['inspect', sys.argv[1]]); "
+        "assert 'numpy' not in sys.modules, 'imported'; sys.exit(code)"
+    )
+    run = subprocess.run([sys.executable, "-c", script, files[name]], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr[-2000:]
+    assert "_CHECKPOINTABLE_OBJECT_GRAPH" not in run.stdout and "variables" in run.stdout
+
+
 def _keras_holding(files, path, weights: bytes) -> str:
     """A `.keras` of `weights` (its CRCs sound whatever they hold), beside ours' JSON members."""
     import zipfile

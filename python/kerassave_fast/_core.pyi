@@ -5,6 +5,7 @@ from collections.abc import Buffer, Callable, Sequence
 
 ZIP64_LIMIT: int
 MAX_THREADS: int
+OBJECT_GRAPH_KEY: str  # the bundle key of TensorFlow's object graph
 
 class KerasSaveError(ValueError):
     """A saved-model file is malformed: truncated, corrupted, hostile or not the format its name says."""

@@ -26,7 +26,15 @@ import sys
 import zipfile
 from dataclasses import asdict, dataclass, field
 
-from ._core import MAX_THREADS, KerasSaveError, TensorBundleReader, TensorFile, ZipArchive, hdf5_stored_datasets
+from ._core import (
+    MAX_THREADS,
+    OBJECT_GRAPH_KEY,
+    KerasSaveError,
+    TensorBundleReader,
+    TensorFile,
+    ZipArchive,
+    hdf5_stored_datasets,
+)
 from .files import MODEL_FILE_SUFFIXES, FileRegion
 from .formats.zip_members import member_name
 
@@ -315,8 +323,6 @@ def inspect_file(path: str) -> Report:
         prefix = os.path.join(path, "variables", "variables") if report.format == SAVED_MODEL else path
         if report.format == SAVED_MODEL and os.path.exists(os.path.join(path, "keras_metadata.pb")):
             report.flavour = "tf_keras"
-        from .formats.tensor_bundle import OBJECT_GRAPH_KEY  # (here: it imports numpy)
-
         for key, dtype, shape, size, _, _, _ in TensorBundleReader(prefix).entries():
             if key != OBJECT_GRAPH_KEY:  # the object graph TensorFlow keeps beside the variables
                 report.variables.append(Variable(key, list(shape), _bundle_dtype_name(dtype), size))

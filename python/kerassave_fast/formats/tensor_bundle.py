@@ -20,7 +20,6 @@ from ..asynchronous import side_by_side
 from ..files import atomic_replace_all
 from ..tensors import aligned_empty, as_bytes
 
-OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"  # tensorflow/python/trackable/base.py OBJECT_GRAPH_PROTO_KEY
 DT_STRING = 7
 
 

@@ -23,8 +23,9 @@ import warnings
 
 import numpy as np
 
+from .._core import OBJECT_GRAPH_KEY
 from ..tensors import adoptable, adoptable_tensor
-from .tensor_bundle import DT_STRING, OBJECT_GRAPH_KEY, BundleReader, BundleTensor
+from .tensor_bundle import DT_STRING, BundleReader, BundleTensor
 
 # TensorFlow versions whose checkpoint internals this module was checked against.
 CHECKED_TF_VERSIONS = ((2, 21),)
