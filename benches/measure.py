@@ -135,14 +135,28 @@ def raw_write(arrays: list[np.ndarray], path: str) -> None:
 
 
 def on_threads(total: int, threads: int, share: Callable[[int, int], None]) -> None:
-    """Runs `share(begin, end)` on `threads` threads, each its contiguous share of `total` bytes."""
+    """Runs `share(begin, end)` on `threads` threads, each its contiguous share of `total` bytes;
+    raises what a share raised (a share cut short must not pass for a fast one)."""
+    errors: list[BaseException] = []
+
+    def run(begin: int, end: int) -> None:
+        try:
+            share(begin, end)
+        except BaseException as e:
+            errors.append(e)
+
     workers = [
-        threading.Thread(target=share, args=(total * i // threads, total * (i + 1) // threads)) for i in range(threads)
+        threading.Thread(target=run, args=(total * i // threads, total * (i + 1) // threads)) for i in range(threads)
     ]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
+    try:
+        for w in workers:
+            w.start()
+    finally:  # also when interrupted: the caller closes the file they use once this returns
+        for w in workers:
+            if w.ident is not None:
+                w.join()
+    if errors:
+        raise errors[0]
 
 
 def raw_write_threads(arrays: list[np.ndarray], path: str, threads: int = 2) -> None:
