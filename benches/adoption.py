@@ -153,7 +153,8 @@ def measure_directory(model, batch, directory: str, repeats: int, log) -> dict:
 def compile_package() -> None:
     """Compiles kerassave_fast's bytecode, as pip does when it installs a package: where
     PYTHONDONTWRITEBYTECODE is set (this machine's environment), each command would compile it again."""
-    compileall.compile_dir(os.path.dirname(ksf.__file__), quiet=1)
+    if not compileall.compile_dir(os.path.dirname(ksf.__file__), quiet=1):
+        raise RuntimeError("kerassave_fast's bytecode could not be compiled (a read-only install?)")
 
 
 def measure_cli(model, directory: str, repeats: int, log) -> dict:
