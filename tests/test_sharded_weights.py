@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import warnings
 
 import h5py
 import keras
@@ -166,3 +168,79 @@ def test_a_repeated_save_of_many_shards_reuses_every_shards_layout(model_zoo, tm
     monkeypatch.undo()
     keras.saving.save_weights(model, tmp_path / "stock" / "m.weights.json", max_shard_size=size)
     assert _files(tmp_path / "ours") == _files(tmp_path / "stock")
+
+
+def test_a_model_with_no_weights_gets_stocks_map(tmp_path):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Flatten()])
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "stock").mkdir()
+    ksf.save_weights(model, tmp_path / "ours" / "m.weights.json", max_shard_size=1)
+    keras.saving.save_weights(model, tmp_path / "stock" / "m.weights.json", max_shard_size=1)
+    assert _files(tmp_path / "ours") == _files(tmp_path / "stock")  # "total_size": 0, not 0.0
+
+
+def _twins(model):
+    """Two fresh copies of `model` in the same state (what a load leaves alone stays equal)."""
+    a, b = _fresh_copy(model), _fresh_copy(model)
+    for x, y in zip(a.weights + a.optimizer.variables, b.weights + b.optimizer.variables, strict=True):
+        y.assign(x)
+    return a, b
+
+
+@pytest.mark.parametrize("skip_mismatch", [False, True])
+@pytest.mark.parametrize("damage", ["truncated", "unneeded"])
+def test_a_damaged_shard_is_answered_as_stock_answers_it(model_zoo, tmp_path, damage, skip_mismatch):
+    """Ours opened every shard the map names first, and raised libhdf5's `OSError` for a damaged
+    one; stock opens a shard when a layer asks for it (and loads a model whose map names a damaged
+    file no layer of it needs)."""
+    model = model_zoo("convnet")
+    path = tmp_path / "m.weights.json"
+    ksf.save_weights(model, path, max_shard_size=_largest_tensor_gb(model) * 2)
+    if damage == "truncated":
+        shard = tmp_path / "m_00001.weights.h5"
+        shard.write_bytes(shard.read_bytes()[:3000])
+    else:
+        (tmp_path / "junk.weights.h5").write_bytes(b"not hdf5" * 100)
+        config = json.loads(path.read_text())
+        config["weight_map"]["/layers/gone/vars"] = "junk.weights.h5"
+        path.write_text(json.dumps(config))
+
+    def outcome(load, target):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                load(target, path, skip_mismatch=skip_mismatch)
+            except Exception as e:
+                return type(e), re.sub(r"0x[0-9a-f]+", "", str(e))
+        return None, [re.sub(r"0x[0-9a-f]+", "", str(w.message)) for w in caught]
+
+    ours_target, stock_target = _twins(model)
+    stock = outcome(keras.saving.load_weights, stock_target)
+    if damage == "unneeded":
+        assert stock[0] is None
+    assert outcome(ksf.load_weights, ours_target) == stock
+    assert_same_state(stock_target, ours_target)
+
+
+def test_a_sharded_save_handed_to_stock_never_rewrites_a_shard_a_mapped_model_reads(model_zoo, tmp_path, monkeypatch):
+    """Stock writes the shards in place: truncating one a mapped model reads kills the process
+    (SIGBUS). Refused before stock is called, for the map's path and for stock's `.weights.h5` one."""
+    from kerassave_fast import api
+
+    model = model_zoo("convnet")
+    path = tmp_path / "m.weights.json"
+    size = _largest_tensor_gb(model) * 2
+    ksf.save_weights(model, path, max_shard_size=size, aligned=True)
+    saved = _files(tmp_path)
+    target = _fresh_copy(model)
+    ksf.load_weights(target, path, mmap=True)
+    called = []
+    monkeypatch.setattr(api, "stock", lambda module, name: lambda *a, **k: called.append(name))
+    for where in (path, tmp_path / "m.weights.h5"):  # `objects_to_skip`, or the renaming: stock's
+        with pytest.raises(ksf.KerasSaveError, match="mmap=True"):
+            ksf.save_weights(target, where, max_shard_size=size, objects_to_skip=[])
+    assert called == [] and _files(tmp_path) == saved
+    ksf.save_weights(target, tmp_path / "other.weights.json", max_shard_size=size, objects_to_skip=[])
+    assert called == ["save_weights"]
+    monkeypatch.undo()
+    assert_same_state(model, target)

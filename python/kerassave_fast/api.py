@@ -17,7 +17,7 @@ from . import asynchronous, mapped, progress
 from ._core import MAX_THREADS
 from .asynchronous import write_now
 from .files import MODEL_FILE_SUFFIXES, durability, refuse_stock_write_if_mapped, sync
-from .formats import legacy_h5, tensor_bundle, weights_h5
+from .formats import legacy_h5, sharded_weights, tensor_bundle, weights_h5
 from .keras3 import hooks as keras3_hooks
 from .overwrite import ask_to_replace, prompt_refusals
 from .stock import KERAS3_SAVING_API, TF_KERAS_SAVING_API, stock
@@ -177,10 +177,12 @@ def _may_write(filepath, overwrite: bool) -> bool:
 
 
 @contextlib.contextmanager
-def _handed_to_stock(filepath):
-    """Around a save handed to stock, whose writers rewrite their file in place: refused while a
-    model loaded from that file with mmap=True reads its pages; stock's overwrite prompts as ours."""
-    refuse_stock_write_if_mapped(filepath)
+def _handed_to_stock(filepath, rewritten: list[str] | tuple = ()):
+    """Around a save handed to stock, whose writers rewrite their file in place (and the files
+    `rewritten`): refused while a model loaded from one with mmap=True reads its pages; stock's
+    overwrite prompts as ours."""
+    for path in (filepath, *rewritten):
+        refuse_stock_write_if_mapped(path)
     with prompt_refusals(filepath):
         yield
 
@@ -617,9 +619,11 @@ def _save_weights(model, filepath, overwrite, threads, args, kwargs, compression
     ours = ".weights.h5" if max_shard_size is None else ".weights.json"  # else stock's error or renaming
     if path is None or not path.endswith(ours) or kwargs:
         _no_compression_here(compression, filepath, alignment)
+        shards = ()
         if max_shard_size is not None:
             kwargs["max_shard_size"] = max_shard_size
-        with _handed_to_stock(filepath):
+            shards = sharded_weights.shards_there(path) if path is not None else ()
+        with _handed_to_stock(filepath, shards):
             return stock(KERAS3_SAVING_API, "save_weights")(model, filepath, overwrite, **kwargs)
     if not _may_write(filepath, overwrite):
         return None

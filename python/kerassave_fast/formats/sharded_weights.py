@@ -43,6 +43,21 @@ def base_name(filepath: str) -> str:
     return pathlib.Path(filepath).stem.replace(".weights", "")
 
 
+def shards_there(filepath: str) -> list[str]:
+    """The files beside `filepath` named as its shards (whatever their number): what a sharded save
+    of it may rewrite."""
+    directory, prefix, suffix = os.path.dirname(filepath) or ".", base_name(filepath) + "_", ".weights.h5"
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return [
+        os.path.join(directory, n)
+        for n in names
+        if n.startswith(prefix) and n.endswith(suffix) and n[len(prefix) : -len(suffix)].isdigit()
+    ]
+
+
 def split(
     plan: WeightsPlan,
     filepath: str,
@@ -60,7 +75,7 @@ def split(
     base = base_name(filepath)
     shards, names = [WeightsPlan()], [shard_name(base, 0)]
     weight_map: dict[str, str | list[str]] = {}
-    current = total = 0.0
+    current, total = 0.0, 0  # (stock's total: an int until a tensor is added, `0` in a map of none)
     made = None  # the variables group made in the current shard
     for step in plan.steps:
         if isinstance(step, PlannedGroup):

@@ -76,7 +76,10 @@ def _load_sharded(model, filepath: str, skip_mismatch: bool, threads: int, mmap:
     if names is None or not all(os.path.isfile(os.path.join(directory, n)) for n in names):
         return False
     with contextlib.ExitStack() as stack:
-        opened = {n: stack.enter_context(read_ahead(os.path.join(directory, n), threads, mmap)) for n in names}
+        try:
+            opened = {n: stack.enter_context(read_ahead(os.path.join(directory, n), threads, mmap)) for n in names}
+        except OSError:  # one libhdf5 cannot open: stock warns (skip_mismatch), raises, or never opens it
+            return False
         shards = {n: (o.h5, o.tensors) for n, o in opened.items()}
         state.load_sharded_state(state.BuiltModel(model), filepath, shards, skip_mismatch=skip_mismatch)
     return True
