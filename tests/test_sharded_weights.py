@@ -4,6 +4,7 @@ mismatched model: test_weights_file.py)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -187,12 +188,14 @@ def _twins(model):
     return a, b
 
 
+@pytest.mark.parametrize("mmap", [False, True])
 @pytest.mark.parametrize("skip_mismatch", [False, True])
 @pytest.mark.parametrize("damage", ["truncated", "unneeded"])
-def test_a_damaged_shard_is_answered_as_stock_answers_it(model_zoo, tmp_path, damage, skip_mismatch):
+def test_a_damaged_shard_is_answered_as_stock_answers_it(model_zoo, tmp_path, damage, skip_mismatch, mmap):
     """Ours opened every shard the map names first, and raised libhdf5's `OSError` for a damaged
     one; stock opens a shard when a layer asks for it (and loads a model whose map names a damaged
-    file no layer of it needs)."""
+    file no layer of it needs). With mmap=True too: stock's answer (its error, or a copying load),
+    not a refusal of mmap=True for `.weights.json` files."""
     model = model_zoo("convnet")
     path = tmp_path / "m.weights.json"
     ksf.save_weights(model, path, max_shard_size=_largest_tensor_gb(model) * 2)
@@ -218,7 +221,7 @@ def test_a_damaged_shard_is_answered_as_stock_answers_it(model_zoo, tmp_path, da
     stock = outcome(keras.saving.load_weights, stock_target)
     if damage == "unneeded":
         assert stock[0] is None
-    assert outcome(ksf.load_weights, ours_target) == stock
+    assert outcome(functools.partial(ksf.load_weights, mmap=mmap), ours_target) == stock
     assert_same_state(stock_target, ours_target)
 
 

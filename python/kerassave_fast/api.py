@@ -622,7 +622,8 @@ def _save_weights(model, filepath, overwrite, threads, args, kwargs, compression
         shards = ()
         if max_shard_size is not None:
             kwargs["max_shard_size"] = max_shard_size
-            shards = sharded_weights.shards_there(path) if path is not None else ()
+            if path is not None and path.endswith((".weights.h5", ".weights.json")):  # else stock's error
+                shards = sharded_weights.shards_there(path)
         with _handed_to_stock(filepath, shards):
             return stock(KERAS3_SAVING_API, "save_weights")(model, filepath, overwrite, **kwargs)
     if not _may_write(filepath, overwrite):
@@ -682,16 +683,19 @@ def _load_weights(model, flavour, filepath, skip_mismatch, reading: _Reading, kw
                 return tf_checkpoint.load_weights(model, path, threads)
         return stock(TF_KERAS_SAVING_API, "load_weights")(model, filepath, skip_mismatch=skip_mismatch, **kwargs)
     path = _local_path(filepath, "keras3")
+    declined_map = False  # a sharded map ours leaves to stock: its error, or its (copying) load, mmap or not
     if path is not None and not kwargs and path.endswith((".keras", ".weights.h5", ".weights.json")):
         from .formats import weights_file
 
         with _no_gc_pauses(), _naming(path):
             if weights_file.load(model, path, skip_mismatch, threads, reading.mmap, reading.verify):
                 return None
+        declined_map = path.endswith(".weights.json")
     elif path is not None and not kwargs and path.endswith((".h5", ".hdf5")) and os.path.isfile(path):
         from .keras3 import legacy_h5 as keras3_legacy_h5
 
         with _no_gc_pauses(), _naming(path), weights_h5.read_ahead(path, threads, reading.mmap) as opened:
             return keras3_legacy_h5.load_weights(opened, model, skip_mismatch)
-    reading.not_here(filepath)
+    if not declined_map:
+        reading.not_here(filepath)
     return stock(KERAS3_SAVING_API, "load_weights")(model, filepath, skip_mismatch=skip_mismatch, **kwargs)

@@ -51,11 +51,8 @@ def shards_there(filepath: str) -> list[str]:
         names = os.listdir(directory)
     except OSError:
         return []
-    return [
-        os.path.join(directory, n)
-        for n in names
-        if n.startswith(prefix) and n.endswith(suffix) and n[len(prefix) : -len(suffix)].isdigit()
-    ]
+    numbers = {n: n[len(prefix) : -len(suffix)] for n in names if n.startswith(prefix) and n.endswith(suffix)}
+    return [os.path.join(directory, n) for n, k in numbers.items() if len(k) >= 5 and k.isascii() and k.isdigit()]
 
 
 def split(
