@@ -48,6 +48,21 @@ def h5py_gzip(arrays: list[np.ndarray], path: str) -> None:
                 f.create_dataset(str(i), data=a)
 
 
+def timed_cpu(call, cpu: list[float]) -> float:
+    """Seconds `call()` took; the CPU seconds the whole process spent meanwhile (every thread,
+    user + system) go to `cpu`: how many of the cores a save kept busy."""
+    before, start = time.process_time(), time.perf_counter()
+    call()
+    elapsed, after = time.perf_counter() - start, time.process_time()
+    cpu.append(after - before)
+    return elapsed
+
+
+def busy(cpu: list[float], seconds: float) -> str:
+    used = statistics.median(cpu)
+    return f"{used:.3f} ({used / seconds:.2f})"
+
+
 def compressor_alone(arrays: list[np.ndarray], repeats: int, raw: int) -> dict[tuple[str, int], float]:
     """Medians of the Rust core's compression alone (shuffle + codec at level 1 on the tensors'
     1 MiB chunks, 16 per call as a save hands them over, each call's results dropped: no file, no
@@ -91,9 +106,9 @@ def main() -> None:
         f"Medians of {args.repeats} repeats, interleaved in a shuffled order, all in one run; `{args.dir}`. "
         + report.BACKED,
         "",
-        "| dtype | what | threads | save s | raw MB/s | ×1 thread | vs h5py gzip-1 | load s | file MB | "
-        "of raw | extra RSS MiB |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| dtype | what | threads | save s | CPU s (cores busy) | raw MB/s | ×1 thread | vs h5py gzip-1 | "
+        "load s | file MB | of raw | extra RSS MiB |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     alone: dict[str, tuple[dict[tuple[str, int], float], int]] = {}
     for dtype in ("float32", "bfloat16"):
@@ -115,6 +130,7 @@ def main() -> None:
         path = {case: os.path.join(args.dir, f"ksf-compression-{i}.weights.h5") for i, case in enumerate(cases)}
         h5py_path = os.path.join(args.dir, "ksf-compression-h5py.h5")
         saves = {case: [] for case in cases} | {"h5py": []}
+        cpu = {case: [] for case in cases} | {"h5py": []}  # the process's user + system seconds while saving
         loads = {case: [] for case in cases}
         rss: dict = {}
         order = [(c, k) for c in [*cases, "h5py"] for k in ("save", "load") if not (c == "h5py" and k == "load")]
@@ -123,15 +139,12 @@ def main() -> None:
             for case, kind in order:
                 measure.back_memory(measure.backed_for(raw))
                 if case == "h5py":
-                    start = time.perf_counter()
-                    h5py_gzip(arrays, h5py_path)
-                    saves["h5py"].append(time.perf_counter() - start)
+                    saves["h5py"].append(timed_cpu(functools.partial(h5py_gzip, arrays, h5py_path), cpu["h5py"]))
                     continue
                 settings, threads = cases[case], case[1]
                 if kind == "save" or not os.path.exists(path[case]):
-                    start = time.perf_counter()
-                    ksf.save_weights(model, path[case], threads=threads, **settings)
-                    saves[case].append(time.perf_counter() - start)
+                    save = functools.partial(ksf.save_weights, model, path[case], threads=threads, **settings)
+                    saves[case].append(timed_cpu(save, cpu[case]))
                 else:
                     start = time.perf_counter()
                     ksf.load_weights(fresh, path[case], threads=threads)
@@ -148,13 +161,15 @@ def main() -> None:
             speedup = f"{one / save_s:.2f}×" if one else "--"
             load_s = statistics.median(loads[case])
             lines.append(
-                f"| {dtype} | {case[0]} | {case[1]} | {save_s:.3f} | {raw / save_s / 1e6:.0f} | {speedup} | "
+                f"| {dtype} | {case[0]} | {case[1]} | {save_s:.3f} | {busy(cpu[case], save_s)} | "
+                f"{raw / save_s / 1e6:.0f} | {speedup} | "
                 f"{h5py_s / save_s:.1f}× | {load_s:.3f} | {size / 1e6:.1f} | {size / raw:.3f} | "
                 f"{rss[case] / 2**20:.0f} |"
             )
         size = os.path.getsize(h5py_path)
         lines.append(
-            f"| {dtype} | h5py gzip-1 + shuffle | 1 | {h5py_s:.3f} | {raw / h5py_s / 1e6:.0f} | -- | 1.0× | -- | "
+            f"| {dtype} | h5py gzip-1 + shuffle | 1 | {h5py_s:.3f} | {busy(cpu['h5py'], h5py_s)} | "
+            f"{raw / h5py_s / 1e6:.0f} | -- | 1.0× | -- | "
             f"{size / 1e6:.1f} | {size / raw:.3f} | {rss['h5py'] / 2**20:.0f} |"
         )
         for p in [*path.values(), h5py_path]:
@@ -177,7 +192,11 @@ def main() -> None:
     lines += [
         "",
         f"Model: 4 × Dense({args.units}) + Adam after one step (weights and both moments), per dtype. "
-        "Raw MB/s: the tensors' bytes over the save time. Load: `load_weights` into a built model.",
+        "Raw MB/s: the tensors' bytes over the save time. CPU s: the process's user + system time while "
+        "saving, every thread (median), and that over the save time: how many cores the save kept busy. "
+        "With `threads=1` one thread compresses while the calling thread hands HDF5 what it compressed and "
+        "HDF5 writes it, so a save on 1 thread may keep more than one core busy. "
+        "Load: `load_weights` into a built model.",
         report.versions_line(info),
     ]
     text = "\n".join(lines) + "\n"

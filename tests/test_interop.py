@@ -193,6 +193,45 @@ def test_repeated_saves_reuse_the_layout_and_stay_stocks(tmp_path, monkeypatch):
     assert_same_state(renamed, ksf.load_model(tmp_path / "renamed.keras"))
 
 
+def test_a_replayed_walk_whose_layout_was_forgotten_writes_each_snapshot_as_it_is_taken(tmp_path, monkeypatch):
+    """A model saved before whose layout is no longer remembered (the cache let it go): the layout is
+    made from the shapes and dtypes its remembered walk recorded, before any snapshot is taken, so
+    each snapshot is written as it is taken, as when the layout is remembered; still stock's file."""
+    from conftest import low_precision
+    from kerassave_fast.formats import keras_zip, weights_h5
+    from kerassave_fast.keras3 import state
+
+    model = low_precision()
+    ours, stock = tmp_path / "ours.keras", tmp_path / "stock.keras"
+    ksf.save_model(model, ours)
+    events = []
+    taken = state.snapshots
+
+    def recorded_snapshots(values):
+        for array in taken(values):
+            events.append("snapshot")
+            yield array
+
+    class RecordedStreamedWrite(keras_zip.StreamedWrite):
+        def place(self, offset, array):
+            events.append("write")
+            super().place(offset, array)
+
+    monkeypatch.setattr(state, "snapshots", recorded_snapshots)
+    monkeypatch.setattr(keras_zip, "StreamedWrite", RecordedStreamedWrite)
+    for step in range(2):
+        model.train_on_batch(*_batch(model, seed=step))
+        weights_h5._LAYOUTS.clear()
+        events.clear()
+        ksf.save_model(model, ours)
+        keras.saving.save_model(model, stock)
+        assert events.count("snapshot") == events.count("write") == len(model.weights) + len(model.optimizer.variables)
+        assert events[:3] == ["snapshot", "write", "snapshot"]  # the first written before the second is taken
+        assert len(weights_h5._LAYOUTS) == 1
+        assert member(ours, WEIGHTS) == member(stock, WEIGHTS)
+        assert_same_state(model, ksf.load_model(ours))
+
+
 def test_registered_custom_layer_loads_with_or_without_custom_objects(tmp_path):
     from conftest import Scale
 

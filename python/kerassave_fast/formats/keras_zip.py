@@ -98,7 +98,8 @@ def prepare_save(
     while the tensors are already being written where the weights member started at the model's
     last save (the members before it are the config and metadata: the same lengths put it there
     again; if they changed, the tensors are written again where it starts now). A model whose
-    walk is remembered (`flavour.replay_walk`) has each snapshot written as soon as it is taken,
+    walk is remembered (`flavour.replay_walk`) has each snapshot written as soon as it is taken
+    (the layout, when not remembered, made first from the shapes and dtypes the walk recorded),
     and the walk is checked to still hold only then, while they are written: if it does not, the
     save walks the model and writes the file again. When h5py must lay the weights member out
     (the first save of an architecture), each tensor is written as soon as HDF5 has placed it,
@@ -133,6 +134,10 @@ def prepare_save(
             early = None  # the weights member being written (a StreamedWrite) before its start is certain
             if compression is None:
                 layout = remembered_layout(replay.template if plan is None else plan, alignment=alignment)
+                if layout is None and plan is None and last is not None:
+                    # A replayed walk knows its snapshots' shapes and dtypes before taking any: laid out
+                    # from them, each snapshot is written as it is taken, as when the layout is remembered.
+                    layout, _ = make_layout(replay.template, alignment=alignment)
                 if layout is not None and last is not None and last[0] == (layout.size, alignment, zip64_limit):
                     # Where it started last time, while the config is serialized (and a replayed walk checked)
                     early = joins.enter_context(StreamedWrite(file, last[1], threads))
