@@ -35,6 +35,7 @@ from .weights_h5 import (
     ReadTensors,
     StreamedWrite,
     WeightsPlan,
+    laid_out_by_shapes,
     list_before_opening,
     make_layout,
     placing,
@@ -134,7 +135,7 @@ def prepare_save(
             early = None  # the weights member being written (a StreamedWrite) before its start is certain
             if compression is None:
                 layout = remembered_layout(replay.template if plan is None else plan, alignment=alignment)
-                if layout is None and plan is None and last is not None:
+                if layout is None and plan is None and last is not None and laid_out_by_shapes(replay.template):
                     # A replayed walk knows its snapshots' shapes and dtypes before taking any: laid out
                     # from them, each snapshot is written as it is taken, as when the layout is remembered.
                     layout, _ = make_layout(replay.template, alignment=alignment)

@@ -679,6 +679,13 @@ def remembered_layout(plan: WeightsPlan, driver: str = FILE_OBJECT, alignment: i
     return layout
 
 
+def laid_out_by_shapes(plan: WeightsPlan) -> bool:
+    """Whether the plan's layout depends on its tensors' shapes and dtypes alone: HDF5 only reserves
+    room for each (a plan of stand-ins of the same shapes lays the file out the same; h5py writes
+    the bytes of any other dataset itself, into the metadata)."""
+    return all(d.reserved for d in plan.datasets)
+
+
 def reserved_tensors(plan: WeightsPlan) -> list[np.ndarray]:
     """The tensors whose bytes the Rust core writes, in the layout's order."""
     return [d.array for d in plan.datasets if d.reserved and d.array.nbytes]
