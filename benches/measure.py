@@ -45,19 +45,11 @@ def extra_peak_rss(action: Callable[[], object]) -> int:
     return max(0, peak - before)
 
 
-def _read_so_far() -> int:
-    """Bytes this process has read with read calls (`/proc/self/io`'s rchar; mapped pages do not count)."""
+def read_so_far() -> int:
+    """Bytes this process has read with read calls, from every file (`/proc/self/io`'s rchar;
+    mapped pages do not count)."""
     with open("/proc/self/io") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
-
-
-def bytes_read(action: Callable[[], object]) -> int:
-    """Bytes the process read while `action` ran: every file, so a load counts what it reads twice."""
-    before = _read_so_far()
-    result = action()
-    read = _read_so_far() - before
-    del result
-    return read
 
 
 # The most memory a call is made ready for (see back_memory).
@@ -351,7 +343,7 @@ class Result:
     samples: dict[str, list[float]] = field(default_factory=dict)  # every timed call, in the order run
     extra_rss: dict[str, int] = field(default_factory=dict)
     file_size: dict[str, int] = field(default_factory=dict)
-    bytes_read: dict[str, int] = field(default_factory=dict)  # by one load, stock's and ours
+    bytes_read: dict[str, int] = field(default_factory=dict)  # by each call `extra_rss` measured
 
     def ratio(self, op: str, floor: str) -> float:
         return self.times[op] / self.floor(floor)
@@ -402,9 +394,9 @@ def run(
             result.times[name] = statistics.median(values)
             result.spread[name] = (min(values), max(values))
         for name in ("stock_save", "ours_save", "stock_load", "ours_load"):
+            before = read_so_far()  # a load's bytes read, counted over the same call (a few KiB of /proc too)
             result.extra_rss[name] = extra_peak_rss(ops[name])
-        for name in ("stock_load", "ours_load"):
-            result.bytes_read[name] = bytes_read(ops[name])
+            result.bytes_read[name] = read_so_far() - before
         result.file_size = {n: sum(map(os.path.getsize, fmt.files(paths[n]))) for n in ("stock", "ours")}
     finally:
         for path in paths.values():
